@@ -1,0 +1,51 @@
+"""fxmpq: mixed-precision quantization on torch.fx with learned layer-wise importance (LIMPQ)."""
+
+from __future__ import annotations
+
+import logging
+
+from .analysis import Analysis, analyze
+from .errors import (
+    CheckpointError,
+    DataError,
+    ExportError,
+    FxmpqError,
+    HardwareSpecError,
+    IndicatorError,
+    InfeasibleBudget,
+    PassError,
+    PolicyError,
+    TraceError,
+)
+from .graph import trace
+from .hardware import HardwareSpec, LayerKind, Pins, builtin_hardware, load_hardware
+from .indicators import Indicators
+from .policy import Policy
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Analysis",
+    "CheckpointError",
+    "DataError",
+    "ExportError",
+    "FxmpqError",
+    "HardwareSpec",
+    "HardwareSpecError",
+    "IndicatorError",
+    "Indicators",
+    "InfeasibleBudget",
+    "LayerKind",
+    "PassError",
+    "Pins",
+    "Policy",
+    "PolicyError",
+    "TraceError",
+    "__version__",
+    "analyze",
+    "builtin_hardware",
+    "load_hardware",
+    "trace",
+]

@@ -1,0 +1,43 @@
+"""The exception hierarchy: every error fxmpq raises derives from FxmpqError."""
+
+from __future__ import annotations
+
+
+class FxmpqError(Exception):
+    """Base class of every error raised by fxmpq."""
+
+
+class TraceError(FxmpqError):
+    """torch.fx could not capture the model (data-dependent control flow, unsupported calls, ...)."""
+
+
+class HardwareSpecError(FxmpqError):
+    """A hardware description file is malformed; the message names the file and the key path."""
+
+
+class PolicyError(FxmpqError):
+    """A bit-width policy does not fit the model or the hardware (unknown layers, unsupported bits)."""
+
+
+class IndicatorError(FxmpqError):
+    """Importance indicators do not match the analysis (missing layers, missing bit-widths) or are malformed."""
+
+
+class InfeasibleBudget(FxmpqError):
+    """No policy meets the budget; the message states the smallest achievable value of each metric."""
+
+
+class PassError(FxmpqError):
+    """A graph pass failed; the message names the pass and the passes that ran before it."""
+
+
+class DataError(FxmpqError):
+    """A dataset or batch does not fit the model (wrong shapes, wrong types)."""
+
+
+class ExportError(FxmpqError):
+    """Lowering to ONNX failed or the exported model does not match the PyTorch model."""
+
+
+class CheckpointError(FxmpqError):
+    """A checkpoint or work-directory file is missing, corrupt or was not written by fxmpq."""

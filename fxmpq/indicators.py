@@ -1,0 +1,162 @@
+"""Indicators: the learned step size of every layer at every candidate bit (weights and activations), as JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .errors import IndicatorError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Indicators"]
+
+FORMAT = "fxmpq.indicators/1"
+
+
+@dataclass(frozen=True)
+class Indicators:
+    """Per layer and candidate bit: the learned weight and activation step sizes (the importance indicators).
+
+    `act` may be empty for a weight-only search. The JSON form is the one of the paper's released indicators
+    (keys "candidate_bits", "layers", "weight", "act"; bits as string keys), so those files load as they are.
+    """
+
+    layers: tuple[str, ...]
+    bits: tuple[int, ...]
+    weight: Mapping[str, Mapping[int, float]]
+    act: Mapping[str, Mapping[int, float]] = field(default_factory=lambda: MappingProxyType({}))
+    meta: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "bits", tuple(sorted(set(self.bits))))
+        for kind, table in (("weight", self.weight), ("act", self.act)):
+            frozen = {}
+            for layer, per_bit in table.items():
+                if layer not in self.layers:
+                    raise IndicatorError(f"{kind} indicators name layer {layer!r}, which is not in layers")
+                row = {}
+                for b, v in per_bit.items():
+                    if b not in self.bits:
+                        raise IndicatorError(f"{kind}[{layer!r}] has bit-width {b}, not a candidate {self.bits}")
+                    if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+                        raise IndicatorError(f"{kind}[{layer!r}][{b}] must be a positive finite step size, found {v!r}")
+                    row[int(b)] = float(v)
+                frozen[layer] = MappingProxyType(row)
+            object.__setattr__(self, kind, MappingProxyType(frozen))
+        missing = [n for n in self.layers if n not in self.weight]
+        if missing:
+            raise IndicatorError(f"no weight indicators for layer(s): {', '.join(missing)}")
+
+    @property
+    def has_act(self) -> bool:
+        """Whether activation indicators are present (absent for a weight-only search)."""
+        return bool(self.act)
+
+    def check_covers(self, layers: Sequence[str], w_bits: Sequence[int], a_bits: Sequence[int] = ()) -> None:
+        """Raise IndicatorError listing every layer and bit that `layers`/`bits` need but these lack."""
+        problems = []
+        missing = [n for n in layers if n not in self.weight]
+        if missing:
+            problems.append(f"no indicators for layer(s) {', '.join(missing)}")
+        for kind, table, bits in (("weight", self.weight, w_bits), ("activation", self.act, a_bits)):
+            holes = [f"{n}@{b}" for n in layers if n in table for b in bits if b not in table[n]]
+            if a_bits and kind == "activation":
+                holes += [f"{n}" for n in layers if n in self.weight and n not in table]
+            if holes:
+                problems.append(f"{kind} indicators missing for {', '.join(holes[:20])}"
+                                + (f" ... ({len(holes) - 20} more)" if len(holes) > 20 else ""))
+        if problems:
+            raise IndicatorError("indicators do not match the analysis: " + "; ".join(problems)
+                                 + f" (indicators have bits {list(self.bits)} for {len(self.layers)} layers)")
+
+    # ---------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready form (the paper's released layout plus a format tag)."""
+        desc = sorted(self.bits, reverse=True)
+        out: dict[str, Any] = {"format": FORMAT, **dict(self.meta), "candidate_bits": desc,
+                               "layers": list(self.layers)}
+        out["weight"] = {n: {str(b): self.weight[n][b] for b in desc if b in self.weight[n]} for n in self.layers}
+        out["act"] = {n: {str(b): self.act[n][b] for b in desc if b in self.act[n]}
+                      for n in self.layers if n in self.act}
+        return out
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialise to JSON; also write it to `path` when given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, source: str | Path) -> Indicators:
+        """Read indicators from a JSON file path or JSON text (the paper's released format included)."""
+        where, text = "<text>", str(source)
+        if isinstance(source, Path) or not text.lstrip().startswith("{"):
+            where = text
+            try:
+                text = Path(source).read_text()
+            except OSError as e:
+                raise IndicatorError(f"cannot read indicators file {where}: {e.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise IndicatorError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(data, where)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "<dict>") -> Indicators:
+        """Build from the dict form; errors name `where` and the offending key."""
+        if not isinstance(data, dict):
+            raise IndicatorError(f"{where}: expected a JSON object")
+        for key in ("candidate_bits", "layers", "weight"):
+            if key not in data:
+                raise IndicatorError(f"{where}: missing key {key!r}")
+
+        def table(key: str) -> dict[str, dict[int, float]]:
+            raw = data.get(key, {})
+            if not isinstance(raw, dict):
+                raise IndicatorError(f"{where}: {key}: expected an object of layer -> {{bit: step}}")
+            out = {}
+            for layer, row in raw.items():
+                if not isinstance(row, dict):
+                    raise IndicatorError(f"{where}: {key}.{layer}: expected an object of bit -> step size")
+                try:
+                    out[layer] = {int(b): v for b, v in row.items()}
+                except ValueError:
+                    raise IndicatorError(f"{where}: {key}.{layer}: bit keys must be integers, found "
+                                         f"{list(row)}") from None
+            return out
+
+        meta = {k: v for k, v in data.items()
+                if k not in ("format", "candidate_bits", "layers", "weight", "act") and isinstance(v, str)}
+        try:
+            return cls(layers=tuple(data["layers"]), bits=tuple(int(b) for b in data["candidate_bits"]),
+                       weight=table("weight"), act=table("act"), meta=meta)
+        except IndicatorError as e:
+            raise IndicatorError(f"{where}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise IndicatorError(f"{where}: malformed indicators ({e})") from None
+
+    def table(self) -> str:
+        """A printable table: one row per layer, weight and activation step sizes per bit."""
+        desc = sorted(self.bits, reverse=True)
+        header = ["layer"] + [f"w@{b}" for b in desc] + ([f"a@{b}" for b in desc] if self.has_act else [])
+        rows = []
+        for n in self.layers:
+            r = [n] + [f"{self.weight[n][b]:.4g}" if b in self.weight[n] else "-" for b in desc]
+            if self.has_act:
+                r += [f"{self.act[n][b]:.4g}" if n in self.act and b in self.act[n] else "-" for b in desc]
+            rows.append(r)
+        widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in [header, *rows]]
+        lines.insert(1, "-" * len(lines[0]))
+        return "\n".join(lines)

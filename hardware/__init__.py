@@ -1,0 +1,1 @@
+"""The hardware descriptions shipped with fxmpq (TOML package data, installed as fxmpq.hardware_specs)."""
