@@ -1,0 +1,244 @@
+"""Tests of fxmpq.graph: tracing, TraceError messages, quantizable-layer discovery, MACs and metadata accessors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.fx as fx
+from models import (
+    Conv1dNet,
+    FunctionalNet,
+    Gate,
+    GroupedNet,
+    PlainCNN,
+    ResidualNet,
+    SharedLinearNet,
+    UntraceableNet,
+)
+from torch import nn
+
+from fxmpq import LayerKind, TraceError, trace
+from fxmpq.graph import (
+    LayerMeta,
+    find_quantizable_nodes,
+    layer_macs,
+    layer_meta,
+    layer_params,
+    node_shapes,
+    set_layer_meta,
+)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_trace_records_shapes_and_matches_the_model():
+    model = PlainCNN().eval()
+    x = torch.randn(2, 3, 16, 16)
+    gm = trace(model, x)
+    assert isinstance(gm, fx.GraphModule)
+    shapes = {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if "tensor_meta" in n.meta}
+    assert shapes["conv1"] == (2, 8, 16, 16)
+    assert shapes["conv2"] == (2, 16, 8, 8)
+    assert shapes["fc"] == (2, 10)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_trace_does_not_mutate_the_model(training):
+    model = PlainCNN().train(training)
+    before = _snapshot(model)
+    modules_before = [name for name, _ in model.named_modules()]
+    x = torch.randn(4, 3, 16, 16) * 5 + 3  # would move BatchNorm's running stats if run in train mode
+    gm = trace(model, x)
+    after = _snapshot(model)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"{k} changed"
+    assert model.training is training
+    assert [name for name, _ in model.named_modules()] == modules_before
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    # the graph module is a copy: changing it leaves the user's model alone
+    with torch.no_grad():
+        gm.conv1.weight.add_(1.0)
+    assert torch.equal(model.conv1.weight, before["conv1.weight"])
+    assert gm.training is training
+
+
+def test_trace_error_names_module_reason_line_and_leaf_hint():
+    with pytest.raises(TraceError) as exc:
+        trace(UntraceableNet(), torch.randn(1, 3, 8, 8))
+    msg = str(exc.value)
+    pattern = (
+        r"torch\.fx cannot trace UntraceableNet in module 'gate' \(Gate\) at forward\(\) at .*tests/models\.py:\d+: "
+        r"TraceError: symbolically traced variables cannot be used as inputs to control flow\. "
+        r"Mark the offending submodule a leaf so it is kept as one opaque call \(its layers are then not "
+        r"quantized\): fxmpq\.trace\(model, inputs, leaf_modules=\['gate'\]\), or make the code traceable "
+        r"\(no Python control flow on tensor values\)\."
+    )
+    assert re.fullmatch(pattern, msg), msg
+    assert exc.value.__cause__ is not None
+
+
+def test_trace_error_at_top_level_suggests_a_placeholder_name():
+    class TopLevelBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.mean() > 0:
+                return self.fc(x)
+            return x
+
+    with pytest.raises(TraceError) as exc:
+        trace(TopLevelBranch(), torch.randn(1, 4))
+    msg = str(exc.value)
+    assert msg.startswith("torch.fx cannot trace TopLevelBranch at forward() at ")
+    assert "leaf_modules=[<SubmoduleName>]" in msg
+
+
+@pytest.mark.parametrize("leaf", ["gate", Gate])
+def test_leaf_modules_make_untraceable_code_opaque(leaf):
+    model = UntraceableNet().eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = trace(model, x, leaf_modules=[leaf])
+    names = [q.name for q in find_quantizable_nodes(gm)]
+    assert names == ["conv", "fc"]  # gate.proj sits inside the opaque leaf
+    assert any(n.op == "call_module" and n.target == "gate" for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_trace_rejects_bad_arguments_with_clear_messages():
+    with pytest.raises(TraceError, match=r"^expected an nn\.Module to trace, found int$"):
+        trace(3, torch.randn(1))  # type: ignore[arg-type]
+    with pytest.raises(TraceError, match=r"^example_inputs must be a tensor or a tuple of positional inputs, "
+                                         r"found dict$"):
+        trace(PlainCNN(), {"x": torch.randn(1, 3, 16, 16)})
+
+
+def test_trace_error_on_inputs_of_the_wrong_shape():
+    with pytest.raises(TraceError) as exc:
+        trace(PlainCNN(), torch.randn(1, 5, 16, 16))
+    msg = str(exc.value)
+    assert msg.startswith("running the traced PlainCNN on the example inputs failed")
+    assert msg.endswith("Check that example_inputs have the shape and dtype the model expects "
+                        "(got ['Tensor(1, 5, 16, 16) torch.float32']).")
+
+
+def test_trace_accepts_a_tuple_of_inputs():
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, a, b):
+            return self.fc(a + b)
+
+    gm = trace(Two(), (torch.randn(1, 3), torch.randn(1, 3)))
+    assert [q.name for q in find_quantizable_nodes(gm)] == ["fc"]
+
+
+# ------------------------------------------------------------------------------------------- discovery
+
+
+def _found(model, x):
+    gm = trace(model, x)
+    return {q.name: q for q in find_quantizable_nodes(gm)}
+
+
+def test_discovery_plain_cnn_macs_params_shapes():
+    found = _found(PlainCNN(), torch.randn(1, 3, 16, 16))
+    assert list(found) == ["conv1", "conv2", "fc"]
+    assert [q.kind for q in found.values()] == [LayerKind.CONV, LayerKind.CONV, LayerKind.LINEAR]
+    c1, c2, fc = found.values()
+    assert layer_macs(c1) == 16 * 16 * 8 * 3 * 3 * 3
+    assert layer_macs(c2) == 8 * 8 * 16 * 8 * 3 * 3
+    assert layer_macs(fc) == 16 * 10
+    assert (layer_params(c1), layer_params(c2), layer_params(fc)) == (8 * 27 + 8, 16 * 72, 170)
+    assert node_shapes(c2) == ((1, 8, 16, 16), (1, 16, 8, 8))
+    assert c1.module is not None and c1.weight_attr == "conv1.weight"
+
+
+def test_discovery_macs_are_per_sample():
+    one = _found(PlainCNN(), torch.randn(1, 3, 16, 16))
+    four = _found(PlainCNN(), torch.randn(4, 3, 16, 16))
+    assert [layer_macs(q) for q in one.values()] == [layer_macs(q) for q in four.values()]
+
+
+def test_discovery_grouped_and_depthwise():
+    found = _found(GroupedNet(), torch.randn(1, 3, 8, 8))
+    assert {n: (q.kind, q.groups) for n, q in found.items()} == {
+        "conv": (LayerKind.CONV, 1),
+        "grouped": (LayerKind.CONV, 2),
+        "depthwise": (LayerKind.DEPTHWISE_CONV, 8),
+        "pointwise": (LayerKind.CONV, 1),
+        "fc": (LayerKind.LINEAR, 1),
+    }
+    assert layer_macs(found["grouped"]) == 8 * 8 * 8 * (4 * 3 * 3)
+    assert layer_macs(found["depthwise"]) == 8 * 8 * 8 * 9
+
+
+def test_discovery_functional_calls_with_parameter_weights_only():
+    found = _found(FunctionalNet(), torch.randn(1, 3, 8, 8))
+    assert list(found) == ["conv_weight", "fc_weight"]  # the buffer-weight conv (blur) is not a layer
+    conv, fc = found["conv_weight"], found["fc_weight"]
+    assert conv.module is None and conv.kind is LayerKind.CONV and conv.bias is not None
+    assert fc.kind is LayerKind.LINEAR and fc.bias is None and fc.weight_attr == "fc_weight"
+    assert layer_macs(conv) == 8 * 8 * 8 * 27
+    assert layer_params(conv) == 8 * 27 + 8
+
+
+def test_discovery_functional_names_strip_the_weight_suffix():
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 6))
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = Inner()
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.proj.weight)
+
+    found = _found(Outer(), torch.randn(1, 6))
+    assert list(found) == ["proj"]
+    assert found["proj"].weight_attr == "proj.weight"
+
+
+def test_discovery_conv1d():
+    found = _found(Conv1dNet(), torch.randn(1, 4, 32))
+    assert list(found) == ["conv1", "conv2", "fc"]
+    assert layer_macs(found["conv1"]) == 32 * 8 * 4 * 3
+    assert layer_macs(found["conv2"]) == 16 * 8 * 8 * 5
+    assert found["conv2"].kind is LayerKind.CONV
+
+
+def test_discovery_module_called_twice_gets_two_names():
+    found = _found(SharedLinearNet(), torch.randn(1, 6))
+    assert list(found) == ["fc", "fc#1", "head"]
+    assert found["fc"].weight is found["fc#1"].weight
+
+
+def test_discovery_residual_graph_order():
+    found = _found(ResidualNet(), torch.randn(1, 3, 16, 16))
+    assert list(found) == ["stem", "conv1", "conv2", "shortcut", "fc"]
+
+
+def test_layer_meta_accessors():
+    gm = trace(PlainCNN(), torch.randn(1, 3, 16, 16))
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv2")
+    assert layer_meta(node) is None
+    meta = LayerMeta(name="conv2", kind=LayerKind.CONV, macs=1, params=2, in_shape=(1,), out_shape=(1,))
+    set_layer_meta(node, meta)
+    assert layer_meta(node) is meta
+    assert meta.searchable
+    with pytest.raises(AttributeError):
+        meta.macs = 3  # type: ignore[misc]
+    node.meta["fxmpq"] = {"not": "a LayerMeta"}
+    assert layer_meta(node) is None
