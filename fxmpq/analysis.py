@@ -78,11 +78,18 @@ class Analysis:
         return totals
 
     def fp32_cost(self) -> dict[str, float]:
-        """Every metric at 32-bit weights and activations (the reference for compression ratios)."""
+        """Every metric at 32-bit weights and activations (the reference for compression ratios).
+
+        A metric built on a lookup table has no value at 32 bits (its table lists the target's pairs only);
+        its total is NaN.
+        """
         totals = dict.fromkeys(self.hardware.metrics, 0.0)
-        for m in self.layers:
-            for k, v in self.hardware.layer_cost(m.kind, m.macs, m.params, 32, 32).items():
-                totals[k] += v
+        for name, metric in self.hardware.metrics.items():
+            if not metric.defined_at(32, 32):
+                totals[name] = float("nan")
+                continue
+            for m in self.layers:
+                totals[name] += metric.evaluate(m.kind, m.macs, m.params, 32, 32)
         return totals
 
     def cost_matrix(self, metric: str, layers: Sequence[LayerMeta] | None = None) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -97,6 +98,10 @@ class Metric:
     unit: str
     description: str
     terms: tuple[Term, ...]
+
+    def defined_at(self, w: int, a: int) -> bool:
+        """Whether every term has a value at (w, a) (a lookup table covers only the pairs it lists)."""
+        return all(t.type is not TermType.TABLE or (w, a) in t.values for t in self.terms)
 
     def evaluate(self, kind: LayerKind, macs: float, params: float, w: int, a: int) -> float:
         """This metric's value for one layer at (w, a)."""
@@ -221,10 +226,10 @@ def _check_bits(t: _Table, key: str, b: Any) -> int:
 
 
 def _parse_pair_key(t: _Table, key: str) -> tuple[int, int]:
-    parts = key.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+    match = re.fullmatch(r"([0-9]+)[xX]([0-9]+)", key)  # ASCII digits only: "²x4".isdigit() is True
+    if match is None:
         raise t.fail(key, 'expected a pair key "WxA" such as "4x8" (weight bits x activation bits)')
-    w, a = int(parts[0]), int(parts[1])
+    w, a = int(match[1]), int(match[2])
     _check_bits(t, key, w)
     _check_bits(t, key, a)
     return w, a
@@ -326,6 +331,10 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
         if not isinstance(layer, str):
             raise pt.fail(f"layers[{i}]", f"expected a layer name (string), found {layer!r}")
     pt.finish()
+    pins_anything = pins.first_layer or pins.last_layer or bool(pins.layers)
+    if pins_anything and pins.bits not in pairs:
+        raise pt.fail(None, f"pinned bits w_bits = {pins.w_bits}, a_bits = {pins.a_bits} are not a supported "
+                      f"pair; supported pairs: {', '.join(pair_name(p) for p in pairs)}")
 
     mt = top.table("metrics")
     if not mt.data:

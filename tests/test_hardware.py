@@ -1,0 +1,405 @@
+"""Tests of the hardware schema: the shipped targets, every HardwareSpecError message, and a TOML fuzz test."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fxmpq import HardwareSpec, HardwareSpecError, LayerKind, builtin_hardware, load_hardware
+from fxmpq.hardware import TermType, loads_hardware, parse_hardware
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "hardware.md"
+
+BASE: dict[str, Any] = {
+    "target": {
+        "name": "toy",
+        "description": "a toy target",
+        "sources": ["made up"],
+        "weight_bits": [4, 8],
+        "act_bits": [4, 8],
+    },
+    "pins": {"first_layer": True, "last_layer": True, "w_bits": 8, "a_bits": 8, "layers": []},
+    "metrics": {
+        "bitops": {"unit": "BitOps", "terms": [{"type": "bitops"}]},
+        "lat": {"unit": "us", "terms": [{"type": "table", "per": "mac", "scale": 2.0,
+                                         "values": {"4x4": 0.25, "4x8": 0.5, "8x4": 0.5, "8x8": 1.0}}]},
+    },
+}
+
+
+def _load(doc: dict[str, Any]) -> HardwareSpec:
+    return loads_hardware(tomli_w.dumps(doc), "t.toml")
+
+
+def _with(path: str, value: Any) -> dict[str, Any]:
+    """BASE with the value at dotted `path` replaced (or removed when value is DROP)."""
+    doc = copy.deepcopy(BASE)
+    *parents, last = _split(path)
+    node = doc
+    for p in parents:
+        node = node[p]
+    if value is DROP:
+        del node[last]
+    else:
+        node[last] = value
+    return doc
+
+
+def _split(path: str) -> list[Any]:
+    out: list[Any] = []
+    for part in path.split("."):
+        m = re.fullmatch(r"(\w+)\[(\d+)\]", part)
+        out.extend([m[1], int(m[2])] if m else [part])
+    return out
+
+
+DROP = object()
+
+
+# ------------------------------------------------------------------------------------------ shipped targets
+
+
+def test_builtin_targets_are_listed_and_load():
+    names = builtin_hardware()
+    assert {"bitops", "bitfusion", "a100_int", "cortex_m"} <= set(names)
+    for name in names:
+        hw = load_hardware(name)
+        assert hw.name == name
+        assert hw.sources, f"{name} cites no sources"
+        assert hw.path == f"{name}.toml (shipped)"
+        assert hw.supports(*hw.pins.bits)
+
+
+def test_bitops_target():
+    hw = load_hardware("bitops")
+    assert hw.weight_bits == hw.act_bits == (2, 3, 4, 5, 6, 7, 8)
+    assert len(hw.pairs) == 49
+    assert hw.layer_cost(LayerKind.CONV, 1000, 10, 3, 5) == {"bitops": 15000, "size": 30}
+
+
+def test_bitfusion_target_follows_power_of_two_fusion():
+    hw = load_hardware("bitfusion")
+    us_per_mac = 1 / (512 * 500e6) * 1e6  # 512 Fusion Units at 500 MHz, one 8x8 MAC per unit per cycle
+    lat = {pair: hw.layer_cost(LayerKind.CONV, 1, 0, *pair)["latency"] for pair in hw.pairs}
+    assert lat[(8, 8)] == pytest.approx(us_per_mac)
+    for w, a in hw.pairs:  # the authors' simulator: perf factor int(8 / w) * int(8 / a)
+        assert lat[(w, a)] == pytest.approx(us_per_mac / (int(8 / w) * int(8 / a)))
+    assert lat[(2, 2)] == pytest.approx(us_per_mac / 16)
+    assert lat[(3, 3)] == lat[(4, 4)] and lat[(5, 8)] == lat[(8, 8)]
+    bricks = hw.layer_cost(LayerKind.LINEAR, 10, 0, 3, 5)["bricks"]
+    assert bricks == 10 * 2 * 3  # ceil(3/2) x ceil(5/2)
+    assert hw.share_input_quantizer
+
+
+def test_a100_target_runs_int4_and_int8_only():
+    hw = load_hardware("a100_int")
+    assert hw.pairs == ((4, 4), (8, 8))
+    assert not hw.supports(4, 8) and not hw.supports(8, 4)
+    c8 = hw.layer_cost(LayerKind.CONV, 1e9, 1000, 8, 8)
+    c4 = hw.layer_cost(LayerKind.CONV, 1e9, 1000, 4, 4)
+    assert c8["latency"] == pytest.approx(1e9 * 2 / 624e12 * 1e6)  # 624 dense INT8 TOPS
+    assert c4["latency"] == pytest.approx(1e9 * 2 / 1248e12 * 1e6)  # 1248 dense INT4 TOPS
+    assert c8["size"] == 1000 and c4["size"] == 500  # bytes
+
+
+def test_cortex_m_target_is_weight_only():
+    hw = load_hardware("cortex_m")
+    assert hw.act_bits == (8,)
+    assert hw.pairs == ((4, 8), (8, 8))
+    assert hw.layer_cost(LayerKind.DEPTHWISE_CONV, 5000, 1001, 4, 8) == {"flash": 1001 * 4 / 8, "macs": 5000}
+
+
+def test_docs_examples_parse():
+    text = DOCS.read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, flags=re.S)
+    assert blocks, "docs/hardware.md has no ```toml example"
+    for i, block in enumerate(blocks):
+        hw = loads_hardware(block, f"docs/hardware.md example {i}")
+        assert hw.metrics
+
+
+def test_base_document_is_valid():
+    hw = _load(BASE)
+    assert hw.pairs == ((4, 4), (4, 8), (8, 4), (8, 8))
+    assert hw.layer_cost(LayerKind.CONV, 10, 3, 4, 8) == {"bitops": 320, "lat": 10.0}
+    assert hw.path == "t.toml"
+
+
+def test_kinds_restrict_a_term_and_table_per_param_and_layer():
+    doc = _with("metrics", {"m": {"terms": [
+        {"type": "macs", "kinds": ["depthwise_conv"], "scale": 3},
+        {"type": "params", "kinds": ["linear"]},
+        {"type": "table", "per": "layer", "values": {"4x4": 1, "4x8": 2, "8x4": 3, "8x8": 4}},
+        {"type": "table", "per": "param", "values": {"4x4": 0, "4x8": 0, "8x4": 0, "8x8": 10}},
+    ]}})
+    hw = _load(doc)
+    assert hw.layer_cost(LayerKind.DEPTHWISE_CONV, 100, 7, 4, 8)["m"] == 300 + 2
+    assert hw.layer_cost(LayerKind.LINEAR, 100, 7, 8, 8)["m"] == 7 + 4 + 70
+    assert hw.layer_cost(LayerKind.CONV, 100, 7, 4, 4)["m"] == 1
+
+
+def test_explicit_pairs_and_pins_off():
+    doc = _with("target.pairs", [[8, 8], [4, 8]])
+    doc["pins"] = {"first_layer": False, "last_layer": False, "w_bits": 2, "a_bits": 2}
+    del doc["metrics"]["lat"]
+    hw = _load(doc)
+    assert hw.pairs == ((4, 8), (8, 8))  # sorted
+    assert not hw.pins.first_layer and hw.pins.bits == (2, 2)  # pins unused, so any bits are accepted
+
+
+# ------------------------------------------------------------------------------------------ every message
+
+ALLOWED_TARGET = "act_bits, description, name, pairs, share_input_quantizer, sources, weight_bits"
+
+CASES = [
+    ("target", DROP, "t.toml: target: missing required field"),
+    ("target.name", DROP, "t.toml: target.name: missing required field"),
+    ("target.name", 3, "t.toml: target.name: expected a string, found an integer 3"),
+    ("target.weight_bits", "4", "t.toml: target.weight_bits: expected an array, found a string '4'"),
+    ("target.share_input_quantizer", 1,
+     "t.toml: target.share_input_quantizer: expected a boolean, found an integer 1"),
+    ("target.colour", "red",
+     f"t.toml: target: unknown key(s) 'colour'; allowed: {ALLOWED_TARGET}"),
+    ("extra", {"a": 1}, "t.toml: <top level>: unknown key(s) 'extra'; allowed: metrics, pins, target"),
+    ("target.weight_bits", [], "t.toml: target.weight_bits: expected a non-empty array of bit-widths"),
+    ("target.act_bits", [4, 4], "t.toml: target.act_bits: duplicate bit-widths in [4, 4]"),
+    ("target.weight_bits", [4, 2.5], "t.toml: target.weight_bits[1]: expected an integer bit-width, found 2.5"),
+    ("target.weight_bits", [4, True], "t.toml: target.weight_bits[1]: expected an integer bit-width, found True"),
+    ("target.weight_bits", [4, 9], "t.toml: target.weight_bits[1]: bit-width 9 outside 1..8"),
+    ("target.act_bits", [0, 8], "t.toml: target.act_bits[0]: bit-width 0 outside 1..8"),
+    ("target.sources", ["ok", 5], "t.toml: target.sources[1]: expected a string, found 5"),
+    ("target.pairs", [[4, 4], [8]], "t.toml: target.pairs[1]: expected a [w_bits, a_bits] array, found [8]"),
+    ("target.pairs", [[4, 4], 8], "t.toml: target.pairs[1]: expected a [w_bits, a_bits] array, found 8"),
+    ("target.pairs", [[4, 4], [8, 16]], "t.toml: target.pairs[1]: bit-width 16 outside 1..8"),
+    ("target.pairs", [[4, 4], [2, 8]],
+     "t.toml: target.pairs[1]: unsupported pair [2, 8]: weight bits must be in [4, 8] and activation bits in [4, 8]"),
+    ("target.pairs", [], "t.toml: target.pairs: expected at least one [w_bits, a_bits] pair"),
+    ("target.pairs", [[4, 4], [4, 4], [8, 8]], "t.toml: target.pairs: duplicate pairs"),
+    ("pins", "yes", "t.toml: pins: expected a table, found a string 'yes'"),
+    ("pins.w_bits", 12, "t.toml: pins.w_bits: bit-width 12 outside 1..8"),
+    ("pins.a_bits", "8", "t.toml: pins.a_bits: expected an integer, found a string '8'"),
+    ("pins.first_layer", "true", "t.toml: pins.first_layer: expected a boolean, found a string 'true'"),
+    ("pins.layers", ["conv1", 2], "t.toml: pins.layers[1]: expected a layer name (string), found 2"),
+    ("pins.last", True,
+     "t.toml: pins: unknown key(s) 'last'; allowed: a_bits, first_layer, last_layer, layers, w_bits"),
+    ("pins.w_bits", 2,
+     "t.toml: pins: pinned bits w_bits = 2, a_bits = 8 are not a supported pair; supported pairs: "
+     "4x4, 4x8, 8x4, 8x8"),
+    ("metrics", DROP, "t.toml: metrics: missing required field"),
+    ("metrics", {}, "t.toml: metrics: expected at least one metric, e.g. [metrics.bitops]"),
+    ("metrics", {"my-metric": {"terms": [{"type": "macs"}]}},
+     "t.toml: metrics.my-metric: a metric name must be an identifier (letters, digits, underscores), "
+     "since budgets name it: Budget(<metric>=...)"),
+    ("metrics.bitops", 5, "t.toml: metrics.bitops: expected a table, found an integer 5"),
+    ("metrics.bitops.terms", DROP, "t.toml: metrics.bitops.terms: missing required field"),
+    ("metrics.bitops.terms", [], "t.toml: metrics.bitops.terms: expected a non-empty array of terms"),
+    ("metrics.bitops.terms", ["bitops"],
+     't.toml: metrics.bitops.terms[0]: expected a table such as { type = "bitops" }, found \'bitops\''),
+    ("metrics.bitops.formula", "w*a",
+     "t.toml: metrics.bitops: unknown key(s) 'formula'; allowed: description, terms, unit"),
+    ("metrics.bitops.unit", 1, "t.toml: metrics.bitops.unit: expected a string, found an integer 1"),
+    ("metrics.bitops.terms[0].type", "w*a*macs",
+     "t.toml: metrics.bitops.terms[0].type: unknown term type 'w*a*macs'; expected one of "
+     "bitops, weight_bits, bricks, table, macs, params"),
+    ("metrics.bitops.terms[0].type", DROP, "t.toml: metrics.bitops.terms[0].type: missing required field"),
+    ("metrics.bitops.terms[0].scale", -1, "t.toml: metrics.bitops.terms[0].scale: expected a finite "
+                                          "non-negative number, found -1.0"),
+    ("metrics.bitops.terms[0].scale", math.inf, "t.toml: metrics.bitops.terms[0].scale: expected a finite "
+                                                "non-negative number, found inf"),
+    ("metrics.bitops.terms[0].scale", "2", "t.toml: metrics.bitops.terms[0].scale: expected a number, "
+                                           "found a string '2'"),
+    ("metrics.bitops.terms[0].kinds", ["conv", "lstm"],
+     "t.toml: metrics.bitops.terms[0].kinds[1]: unknown layer kind 'lstm'; expected one of "
+     "conv, depthwise_conv, linear"),
+    ("metrics.bitops.terms[0].eval", "1+1",
+     "t.toml: metrics.bitops.terms[0]: unknown key(s) 'eval'; allowed: kinds, scale, type"),
+    ("metrics.bitops.terms[0]", {"type": "bricks"},
+     "t.toml: metrics.bitops.terms[0].brick_bits: missing required field"),
+    ("metrics.bitops.terms[0]", {"type": "bricks", "brick_bits": 0},
+     "t.toml: metrics.bitops.terms[0].brick_bits: brick width 0 outside 1..8"),
+    ("metrics.bitops.terms[0]", {"type": "bitops", "brick_bits": 2},
+     "t.toml: metrics.bitops.terms[0]: unknown key(s) 'brick_bits'; allowed: kinds, scale, type"),
+    ("metrics.lat.terms[0].per", "tile",
+     "t.toml: metrics.lat.terms[0].per: expected one of mac, param, layer, found 'tile'"),
+    ("metrics.lat.terms[0].values", DROP, "t.toml: metrics.lat.terms[0].values: missing required field"),
+    ("metrics.lat.terms[0].values", {"4x4": 1, "4x8": 1, "8x4": 1, "8by8": 1},
+     't.toml: metrics.lat.terms[0].values.8by8: expected a pair key "WxA" such as "4x8" '
+     "(weight bits x activation bits)"),
+    ("metrics.lat.terms[0].values", {"4x4": 1, "4x8": 1, "8x4": 1, "²x8": 1},
+     't.toml: metrics.lat.terms[0].values.²x8: expected a pair key "WxA" such as "4x8" '
+     "(weight bits x activation bits)"),
+    ("metrics.lat.terms[0].values", {"4x4": 1, "4x8": 1, "8x4": 1, "8x8": 1, "16x8": 1},
+     "t.toml: metrics.lat.terms[0].values.16x8: bit-width 16 outside 1..8"),
+    ("metrics.lat.terms[0].values", {"4x4": 1, "4x8": 1, "8x4": 1, "8x8": -2},
+     "t.toml: metrics.lat.terms[0].values.8x8: expected a finite non-negative number, found -2.0"),
+    ("metrics.lat.terms[0].values", {"4x4": 1, "4x8": 1, "8x4": 1, "8x8": "fast"},
+     "t.toml: metrics.lat.terms[0].values.8x8: expected a number, found a string 'fast'"),
+    ("metrics.lat.terms[0].values", {"4x4": 1, "8x8": 1},
+     "t.toml: metrics.lat.terms[0].values: no value for supported pair(s) 4x8, 8x4"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), CASES, ids=[c[2][7:60] for c in CASES])
+def test_every_schema_error_names_file_and_key_path(path, value, message):
+    with pytest.raises(HardwareSpecError) as exc:
+        _load(_with(path, value))
+    assert str(exc.value) == message
+
+
+def test_invalid_toml_and_encoding():
+    with pytest.raises(HardwareSpecError, match=r"^t\.toml: invalid TOML: Expected '=' after a key"):
+        loads_hardware("[target]\nname 'x'\n", "t.toml")
+    with pytest.raises(HardwareSpecError) as exc:
+        loads_hardware(b"\xff\xfe[target]", "t.toml")
+    assert str(exc.value) == "t.toml: not UTF-8 text (invalid start byte at byte 0)"
+
+
+def test_load_hardware_by_path_and_errors(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text(tomli_w.dumps(BASE))
+    assert load_hardware(f).name == "toy"
+    assert load_hardware(str(f)).path == str(f)
+    hw = load_hardware("bitops")
+    assert load_hardware(hw) is hw
+    with pytest.raises(HardwareSpecError) as exc:
+        load_hardware(tmp_path / "missing.toml")
+    assert str(exc.value) == f"{tmp_path / 'missing.toml'}: no such hardware description file"
+    with pytest.raises(HardwareSpecError) as exc:
+        load_hardware("tpu9000")
+    assert str(exc.value) == (f"unknown hardware 'tpu9000': shipped targets are {', '.join(builtin_hardware())}; "
+                              f"or give the path of a .toml file")
+    with pytest.raises(HardwareSpecError) as exc:
+        load_hardware(42)  # type: ignore[arg-type]
+    assert str(exc.value) == "hardware must be a name, a path or a HardwareSpec, found int"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(tomli_w.dumps(_with("target.act_bits", [9])))
+    with pytest.raises(HardwareSpecError) as exc:
+        load_hardware(bad)
+    assert str(exc.value) == f"{bad}: target.act_bits[0]: bit-width 9 outside 1..8"
+
+
+def test_spec_is_frozen():
+    hw = load_hardware("bitops")
+    with pytest.raises(AttributeError):
+        hw.name = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        hw.metrics["x"] = None  # type: ignore[index]
+    assert hw.metrics["bitops"].terms[0].type is TermType.BITOPS
+
+
+def test_metric_defined_at_tables_only_for_listed_pairs():
+    hw = _load(BASE)
+    assert hw.metrics["bitops"].defined_at(32, 32)
+    assert hw.metrics["lat"].defined_at(4, 8)
+    assert not hw.metrics["lat"].defined_at(32, 32)
+
+
+# ------------------------------------------------------------------------------------------ fuzzing
+
+SCALARS = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-3, max_value=40),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.sampled_from(["conv", "linear", "depthwise_conv", "bitops", "bricks", "table", "mac", "param", "layer",
+                     "4x8", "8x8", "x", "weight_bits", "macs", "params"]),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=5), inner, max_size=4)),
+    max_leaves=8,
+)
+KEYS = st.one_of(
+    st.sampled_from(["name", "weight_bits", "act_bits", "pairs", "pins", "metrics", "terms", "type", "scale",
+                     "kinds", "brick_bits", "per", "values", "w_bits", "a_bits", "layers", "first_layer",
+                     "unit", "4x4", "8x8", "2x2"]),
+    st.text(max_size=6),
+)
+SHIPPED = Path(__file__).resolve().parents[1] / "hardware"
+SEEDS = [BASE, *(tomllib.loads(f.read_text()) for f in sorted(SHIPPED.glob("*.toml")))]
+
+
+def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+@st.composite
+def mutated_documents(draw) -> dict[str, Any]:
+    doc = copy.deepcopy(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 4))):
+        paths = _paths(doc)
+        path = draw(st.sampled_from(paths))
+        parent: Any = doc
+        for p in path[:-1]:
+            parent = parent[p]
+        node = parent[path[-1]] if path else doc
+        action = draw(st.sampled_from(["drop", "replace", "add", "bits"]))
+        if action == "drop" and path:
+            del parent[path[-1]]
+        elif action == "replace" and path:
+            parent[path[-1]] = draw(VALUES)
+        elif action == "add" and isinstance(node, dict):
+            node[draw(KEYS)] = draw(VALUES)
+        elif action == "add" and isinstance(node, list):
+            node.append(draw(VALUES))
+        elif action == "bits" and path:
+            parent[path[-1]] = draw(st.one_of(st.integers(-2, 12), st.lists(st.integers(-2, 12), max_size=4),
+                                              st.lists(st.lists(st.integers(-2, 12), max_size=3), max_size=3)))
+    return doc
+
+
+def _render(doc: dict[str, Any]) -> str | None:
+    try:
+        return tomli_w.dumps(doc)
+    except (TypeError, ValueError):  # e.g. a top-level value that TOML cannot express
+        return None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_documents())
+def test_fuzz_mutated_documents_load_or_raise_hardware_spec_error(doc):
+    text = _render(doc)
+    if text is None:
+        result = None
+        try:
+            result = parse_hardware(doc, "fuzz.toml")
+        except HardwareSpecError:
+            return
+        assert isinstance(result, HardwareSpec)
+        return
+    try:
+        hw = loads_hardware(text, "fuzz.toml")
+    except HardwareSpecError as e:
+        assert str(e).startswith("fuzz.toml: ")
+        return
+    assert isinstance(hw, HardwareSpec)
+    for w, a in hw.pairs:  # a valid spec prices every pair it claims to support
+        for name, value in hw.layer_cost(LayerKind.CONV, 100, 10, w, a).items():
+            assert value >= 0 and math.isfinite(value), name
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.binary(max_size=64), st.text(max_size=64)))
+def test_fuzz_raw_text_loads_or_raises_hardware_spec_error(raw):
+    try:
+        hw = loads_hardware(raw, "raw.toml")
+    except HardwareSpecError:
+        return
+    assert isinstance(hw, HardwareSpec)
