@@ -1,0 +1,384 @@
+"""lower(): a fixed QuantModel to a QDQ ONNX model (opset 21), checked and compared against PyTorch in ORT."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import ExportError
+from .graph import as_input_tuple
+
+if TYPE_CHECKING:
+    from .quant import QuantModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OPSET", "LowerReport", "export_fp32", "lower", "qlinear_counts"]
+
+OPSET = 21
+_TWO_GB = 2**31 - 2**20
+_QLINEAR = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger")
+
+
+@dataclass(frozen=True)
+class LowerReport:
+    """The result of lower(): where the model went and how closely ONNX Runtime matches PyTorch."""
+
+    path: Path
+    samples: int
+    max_abs_diff: float
+    output_step: float | None  # the output quantizer's step; None when the output is not quantized
+    max_diff_steps: float | None
+    rel_l2: float
+    top1_agreement: float | None
+    passed: bool
+    onnx_bytes: int
+    packed_weight_bytes: int  # sum over quantized layers of params * w_bits / 8
+    fp32_weight_bytes: int
+    quantized_layers: int
+    fused_layers: int  # QLinear*/QGemm nodes in ONNX Runtime's optimized graph
+    op_counts: dict[str, int] = field(default_factory=dict)
+    diverging: str | None = None
+    tolerance: dict[str, float] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """A short human-readable summary."""
+        steps = f"{self.max_diff_steps:.3f} output steps" if self.max_diff_steps is not None else "output float"
+        top1 = f"{100 * self.top1_agreement:.2f} %" if self.top1_agreement is not None else "n/a"
+        lines = [
+            f"ONNX model     {self.path} ({self.onnx_bytes / 1e6:.3f} MB)",
+            f"parity         {'PASS' if self.passed else 'FAIL'} on {self.samples} inputs: max |diff| "
+            f"{self.max_abs_diff:.3g} ({steps}), relative L2 {self.rel_l2:.3g}, top-1 agreement {top1}",
+            f"weights        packed {self.packed_weight_bytes / 1e6:.3f} MB vs FP32 {self.fp32_weight_bytes / 1e6:.3f} MB "
+            f"({self.fp32_weight_bytes / max(self.packed_weight_bytes, 1):.2f}x smaller)",
+            f"integer kernels {self.fused_layers}/{self.quantized_layers} quantized layers fused by ONNX Runtime",
+        ]
+        if self.diverging:
+            lines.append(f"first divergence {self.diverging}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- translation
+def _translation_table() -> dict[Any, Any]:
+    import onnx
+    from onnxscript import opset21 as op
+
+    from fxmpq.passes.lower_qdq import dequantize, quantize_dequantize
+
+    def u8(name: str, v: int) -> Any:
+        return op.Constant(value=onnx.helper.make_tensor(name, onnx.TensorProto.UINT8, [], [int(v)]))
+
+    def qdq(x: Any, scale: Any, zero_point: int, qmin: int, qmax: int) -> Any:
+        zp = u8("zp", zero_point)
+        q = op.QuantizeLinear(x, scale, zp)
+        if qmin > 0 or qmax < 255:
+            q = op.Clip(q, u8("lo", qmin), u8("hi", qmax))
+        return op.DequantizeLinear(q, scale, zp)
+
+    def dq(q: Any, scale: Any, axis: int) -> Any:
+        return op.DequantizeLinear(q, scale, axis=axis)
+
+    del dequantize, quantize_dequantize  # imported to register the ops
+    return {torch.ops.fxmpq_qdq.quantize_dequantize.default: qdq, torch.ops.fxmpq_qdq.dequantize.default: dq}
+
+
+def _export(module: nn.Module, inputs: tuple[Any, ...], table: dict[Any, Any] | None) -> Any:
+    """torch.onnx (dynamo) export with a dynamic batch dimension; returns the ModelProto."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dyn = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+    names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
+    try:
+        prog = torch.onnx.export(module, inputs, dynamo=True, opset_version=OPSET, optimize=True,
+                                 custom_translation_table=table or None, dynamic_shapes=dyn, input_names=names,
+                                 output_names=["output"], verbose=False, report=False)
+    except Exception as e:
+        raise ExportError(f"torch.onnx could not express the lowered graph: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    return prog.model_proto
+
+
+def _write_atomic(model: Any, path: Path) -> None:
+    """Write `model` to `path` via a temp file and rename; external data beside it when over 2 GB."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    big = model.ByteSize() > _TWO_GB
+    data_name = f"{path.name}.data"
+    try:
+        if big:
+            tmp_data = Path(tmp).parent / f"{Path(tmp).name}.data"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp_data.name)
+            # the model refers to tmp_data's name: rewrite to the final name and save again
+            m2 = onnx.load(tmp, load_external_data=False)
+            for t in m2.graph.initializer:
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = data_name
+            onnx.save_model(m2, tmp)
+            os.replace(tmp_data, path.parent / data_name)
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_fp32(model: nn.Module, path: str | Path, example_inputs: Any) -> Path:
+    """Export a float model to ONNX (opset 21, dynamic batch), atomically; for size and latency comparisons."""
+    model = copy.deepcopy(model).eval()
+    proto = _export(model, as_input_tuple(example_inputs), None)
+    path = Path(path)
+    _write_atomic(proto, path)
+    return path
+
+
+def qlinear_counts(path: str | Path) -> Counter[str]:
+    """Op counts of ONNX Runtime's optimized graph (CPU EP, all optimizations) of the model at `path`."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(Path(d) / "opt.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+# ----------------------------------------------------------------------------------------------- parity
+def _session(path: Path, extra_outputs: Sequence[str] = ()) -> Any:
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not extra_outputs:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    m = onnx.load(str(path))
+    for name in extra_outputs:
+        m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _run_ort(sess: Any, inputs: tuple[torch.Tensor, ...], batch: int, outputs: Sequence[str] | None = None
+             ) -> list[np.ndarray]:
+    names = [i.name for i in sess.get_inputs()]
+    n = inputs[0].shape[0]
+    chunks: list[list[np.ndarray]] = []
+    for i in range(0, n, batch):
+        feed = {k: x[i: i + batch].numpy() for k, x in zip(names, inputs)}
+        chunks.append(sess.run(outputs, feed))
+    return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+
+
+def _run_torch(module: nn.Module, inputs: tuple[torch.Tensor, ...], batch: int) -> np.ndarray:
+    outs = []
+    with torch.no_grad():
+        for i in range(0, inputs[0].shape[0], batch):
+            y = module(*(x[i: i + batch] for x in inputs))
+            if not isinstance(y, torch.Tensor):
+                raise ExportError(f"lower() supports models with one tensor output, found {type(y).__name__}")
+            outs.append(y.float().numpy())
+    return np.concatenate(outs)
+
+
+def _output_step(lowered: fx.GraphModule) -> float | None:
+    """The step of the quantizer that produces the graph output (through flatten/reshape), if any."""
+    from fxmpq.passes.lower_qdq import QDQ_OP
+
+    out = next(n for n in lowered.graph.nodes if n.op == "output").args[0]
+    node = out
+    while isinstance(node, fx.Node):
+        if node.op == "call_function" and node.target is QDQ_OP:
+            s = node.args[1]
+            return float(lowered.get_buffer(s.target)) if isinstance(s, fx.Node) else None
+        if node.op == "call_method" and node.target in ("flatten", "reshape", "view"):
+            node = node.args[0]
+            continue
+        return None
+    return None
+
+
+def _qdq_nodes(lowered: fx.GraphModule) -> list[fx.Node]:
+    from fxmpq.passes.lower_qdq import QDQ_META
+
+    return [n for n in lowered.graph.nodes if QDQ_META in n.meta]
+
+
+def _first_divergence(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Tensor, ...], batch: int
+                      ) -> str | None:
+    """Compare every activation quantizer's output, PyTorch (lowered graph) vs ONNX Runtime, in graph order."""
+    import onnx
+
+    from fxmpq.passes.lower_qdq import QDQ_META
+
+    qnodes = _qdq_nodes(lowered)
+    m = onnx.load(str(path))
+    # activation QDQs in the ONNX graph: DequantizeLinear nodes fed (maybe via Clip) by a QuantizeLinear
+    producer = {o: n for n in m.graph.node for o in n.output}
+    names = []
+    for n in m.graph.node:
+        if n.op_type != "DequantizeLinear":
+            continue
+        src = producer.get(n.input[0])
+        if src is not None and src.op_type == "Clip":
+            src = producer.get(src.input[0])
+        if src is not None and src.op_type == "QuantizeLinear":
+            names.append(n.output[0])
+    if len(names) != len(qnodes):
+        return (f"cannot align intermediate outputs ({len(qnodes)} quantizers in PyTorch, {len(names)} "
+                f"QDQ pairs in ONNX)")
+    seen: dict[str, torch.Tensor] = {}
+
+    class Rec(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            r = super().run_node(n)
+            if QDQ_META in n.meta:
+                seen.setdefault(n.name, []).append(r.detach())
+            return r
+
+    x = tuple(t[:batch] for t in inputs)
+    with torch.no_grad():
+        Rec(lowered).run(*x)
+    ys = _run_ort(_session(path, names), x, batch, names)
+    for n, y in zip(qnodes, ys):
+        ref = torch.cat(seen[n.name]).numpy()
+        step = float(lowered.get_buffer(n.args[1].target))
+        if ref.shape != y.shape:
+            y = y.reshape(ref.shape) if y.size == ref.size else y
+        d = float(np.abs(ref - y).max()) / step if ref.shape == y.shape else float("inf")
+        if d > 1.0 + 1e-3:
+            return f"quantizer {n.meta[QDQ_META]} (node {n.name}): max |diff| {d:.2f} steps"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- lower
+def lower(
+    qmodel: QuantModel,
+    path: str | Path,
+    example_inputs: Any,
+    *,
+    inputs: Any = None,
+    samples: int = 64,
+    max_steps: float = 1.0,
+    min_top1: float = 0.995,
+    rtol: float = 1e-4,
+    batch: int = 64,
+    check: bool = True,
+    seed: int = 0,
+) -> LowerReport:
+    """Lower `qmodel` (policy applied and fixed) to a QDQ ONNX model at `path` and check it.
+
+    The model is written atomically, checked with onnx.checker (full check), run in ONNX Runtime (CPU) on
+    `inputs` (or `samples` random normal inputs shaped like `example_inputs`) and compared with `qmodel` in
+    eval mode: max |diff| in units of the output quantizer's step (or relative to max |y| when the output is
+    not quantized), relative L2 error, top-1 agreement. When `check` and a tolerance is exceeded, raises
+    ExportError naming the first diverging quantizer; the file is then left in place for inspection.
+    """
+    import onnx
+
+    from fxmpq.passes.base import run_passes
+    from fxmpq.passes.lower_qdq import LowerToQDQPass
+
+    path = Path(path)
+    ex = as_input_tuple(example_inputs)
+    if not all(isinstance(x, torch.Tensor) for x in ex):
+        raise ExportError("lower() needs tensor example inputs")
+    was = qmodel.training
+    qmodel.eval()
+    try:
+        with torch.no_grad():
+            qmodel(*ex)  # initialises any quantizer that has not seen data yet
+        gm = copy.deepcopy(qmodel.graph_module).eval()
+        lp = LowerToQDQPass(example_inputs=ex)
+        lowered = run_passes(gm, [lp]).graph_module
+        proto = _export(lowered, ex, _translation_table())
+        bns = [n.name for n in proto.graph.node if n.op_type == "BatchNormalization"]
+        if bns:
+            log.warning("exported model keeps %d BatchNormalization nodes (after unquantized layers)", len(bns))
+        policy = qmodel.policy
+        meta = {
+            "fxmpq.policy": json.dumps({k: list(v) for k, v in (policy or {}).items()}),
+            "fxmpq.bits": json.dumps({L.name: [L.w_bits, L.a_bits] for L in lp.layers}),
+            "fxmpq.steps": json.dumps({n.meta.get("fxmpq_qdq"): float(lowered.get_buffer(n.args[1].target))
+                                       for n in _qdq_nodes(lowered)}),
+            "fxmpq.weight_qrange": json.dumps({L.weight_buffer: list(L.qrange) for L in lp.layers if L.qrange}),
+        }
+        for k, v in meta.items():
+            p = proto.metadata_props.add()
+            p.key, p.value = k, v
+        proto.producer_name = "fxmpq"
+        _write_atomic(proto, path)
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except Exception as e:
+            raise ExportError(f"{path}: onnx.checker rejected the exported model: {e}") from e
+
+        # parity
+        if inputs is None:
+            g = torch.Generator().manual_seed(seed)
+            inputs = tuple(torch.randn((samples, *x.shape[1:]), generator=g, dtype=x.dtype) for x in ex)
+        inputs = tuple(x.detach().cpu().float() for x in as_input_tuple(inputs))
+        y_pt = _run_torch(qmodel, inputs, batch)
+        try:
+            y_ort = _run_ort(_session(path), inputs, batch)[0]
+        except Exception as e:
+            raise ExportError(f"{path}: ONNX Runtime could not run the exported model: {e}") from e
+        y_ort = y_ort.reshape(y_pt.shape)
+        diff = np.abs(y_pt.astype(np.float64) - y_ort.astype(np.float64))
+        max_abs = float(diff.max()) if diff.size else 0.0
+        step = _output_step(lowered)
+        steps = max_abs / step if step else None
+        rel_l2 = float(np.linalg.norm(diff) / max(np.linalg.norm(y_pt.astype(np.float64)), 1e-30))
+        top1 = None
+        if y_pt.ndim == 2 and y_pt.shape[1] > 1:
+            top1 = float((y_pt.argmax(1) == y_ort.argmax(1)).mean())
+        if step:
+            ok = steps <= max_steps * (1 + 1e-4)
+        else:
+            ok = max_abs <= rtol * max(float(np.abs(y_pt).max()), 1e-12)
+        if top1 is not None:
+            ok = ok and top1 >= min_top1
+        counts = qlinear_counts(path)
+        fused = sum(counts.get(k, 0) for k in _QLINEAR)
+        quantized = [L for L in lp.layers if L.w_bits is not None]
+        diverging = None
+        if not ok:
+            diverging = _first_divergence(lowered, path, inputs, batch) or "every quantizer agrees within 1 step"
+        report = LowerReport(
+            path=path, samples=int(inputs[0].shape[0]), max_abs_diff=max_abs, output_step=step,
+            max_diff_steps=steps, rel_l2=rel_l2, top1_agreement=top1, passed=ok,
+            onnx_bytes=path.stat().st_size,
+            packed_weight_bytes=int(sum(L.params * L.w_bits for L in quantized) // 8),
+            fp32_weight_bytes=int(sum(L.params for L in lp.layers) * 4),
+            quantized_layers=len(quantized), fused_layers=fused, op_counts=dict(counts), diverging=diverging,
+            tolerance={"max_steps": max_steps, "min_top1": min_top1, "rtol": rtol},
+        )
+    finally:
+        qmodel.train(was)
+    log.info("lowered to %s\n%s", path, report.table())
+    if check and not ok:
+        raise ExportError(
+            f"{path}: ONNX Runtime does not match PyTorch: max |diff| {max_abs:.3g}"
+            f"{f' ({steps:.2f} output steps, limit {max_steps})' if steps is not None else ''}, top-1 agreement "
+            f"{top1 if top1 is None else f'{100 * top1:.2f} %'}, relative L2 {rel_l2:.3g}; first divergence: "
+            f"{diverging}")
+    return report
