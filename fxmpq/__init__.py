@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from . import models
 from .analysis import Analysis, analyze
 from .errors import (
     CheckpointError,
@@ -47,5 +48,6 @@ __all__ = [
     "analyze",
     "builtin_hardware",
     "load_hardware",
+    "models",
     "trace",
 ]
