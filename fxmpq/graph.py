@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -108,12 +111,19 @@ class _Tracer(fx.Tracer):
         return out
 
 
+_LIBRARY_DIRS = tuple(str(Path(m.__file__).resolve().parent) + os.sep for m in (torch, sys.modules[__package__]))
+
+
 def _user_frame(exc: BaseException) -> str:
-    """The innermost traceback frame outside torch, where the untraceable code lives."""
+    """The innermost traceback frame outside torch and fxmpq, where the untraceable code lives.
+
+    Frames are matched by the installed package directories (not by a "/fxmpq/" substring, which would also hide
+    user code in a checkout or project folder that happens to be called fxmpq).
+    """
     frames = traceback.extract_tb(exc.__traceback__)
     for fr in reversed(frames):
-        f = fr.filename.replace("\\", "/")
-        if "/torch/" not in f and "/fxmpq/" not in f:
+        f = str(Path(fr.filename).resolve()) if not fr.filename.startswith("<") else fr.filename
+        if not f.startswith(_LIBRARY_DIRS) and not f.startswith("<"):
             return f"{fr.name}() at {fr.filename}:{fr.lineno}"
     return ""
 
