@@ -20,6 +20,8 @@ from torch import nn
 import fxmpq
 from fxmpq.models import mobilenet_v1
 
+pytestmark = pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")
+
 NAMED = [
     "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "regnet_x_400mf",
     "shufflenet_v2_x1_0", "squeezenet1_0", "densenet121", "googlenet", "vgg11_bn", "convnext_tiny", "vit_b_16",
