@@ -302,6 +302,8 @@ def lower(
     ex = as_input_tuple(example_inputs)
     if not all(isinstance(x, torch.Tensor) for x in ex):
         raise ExportError("lower() needs tensor example inputs")
+    if qmodel.policy is None:
+        raise ExportError("lower() needs a quantized model: apply a policy first (fxmpq.apply_policy(qmodel, policy))")
     was = qmodel.training
     qmodel.eval()
     try:

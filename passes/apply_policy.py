@@ -64,6 +64,10 @@ def _is_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(m, _BN_TYPES) or hasattr(m, "bns")
 
 
+def _is_bias_rounding(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), BiasRounding)
+
+
 def _is_quantizer(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), LSQQuantizer)
 
@@ -96,8 +100,8 @@ class BiasRounding(nn.Module):
         self.channel_axis = channel_axis
         self.eps = eps
 
-    def forward(self, y: torch.Tensor, s_x: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None = None,
-                gamma: torch.Tensor | None = None, beta: torch.Tensor | None = None,
+    def forward(self, y: torch.Tensor, s_x: torch.Tensor, s_w: torch.Tensor, s_out: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, gamma: torch.Tensor | None = None, beta: torch.Tensor | None = None,
                 mean: torch.Tensor | None = None, var: torch.Tensor | None = None) -> torch.Tensor:
         if self.training:
             return y
@@ -112,11 +116,20 @@ class BiasRounding(nn.Module):
                     f = f * gamma.detach().float()
                 b = (b - mean.float()) * f + (beta.detach().float() if beta is not None else 0.0)
                 scale = scale * f
-            b_scale = scale * s_x.detach().float().reshape(())
-            delta = torch.round(b / b_scale) * b_scale - b
+            sx = s_x.detach().float().reshape(())
+            b_scale = scale * sx
+            b_int = torch.round(b / b_scale)
             shape = [1] * y.dim()
             shape[self.channel_axis] = ch
-        return y + delta.reshape(shape).to(y.dtype)
+            if s_out is None:
+                return y + (b_int * b_scale - b).reshape(shape).to(y.dtype)
+            # the integer kernel: acc (exact integer sum + int32 bias) * M, M = s_x * s_w / s_out (float32),
+            # rounded half to even; the following quantizer recovers n exactly from n * s_out
+            acc = torch.round((y.float() - b.reshape(shape)) / b_scale.reshape(shape)) + b_int.reshape(shape)
+            so = s_out.detach().float().reshape(())
+            m = (sx * scale) / so
+            n = torch.round(acc * m.reshape(shape))
+        return (n * so).to(y.dtype)
 
 
 class ApplyPolicyPass(PassBase):
@@ -150,6 +163,8 @@ class ApplyPolicyPass(PassBase):
             node = layer_node(gm, site)
             end = node
             if len(end.users) == 1 and _is_bn(gm, next(iter(end.users))):
+                end = next(iter(end.users))
+            if len(end.users) == 1 and _is_bias_rounding(gm, next(iter(end.users))):
                 end = next(iter(end.users))
             unsigned = False
             if len(end.users) == 1:
@@ -200,8 +215,7 @@ class ApplyPolicyPass(PassBase):
             after = next(iter(node.users))
             bn_mod = gm.get_submodule(after.target)
             bn_path = after.target + (".bns.0" if hasattr(bn_mod, "bns") else "")
-        if any(u.op == "call_module" and isinstance(gm.get_submodule(u.target), BiasRounding)
-               for u in after.users):
+        if any(_is_bias_rounding(gm, u) for u in after.users):
             return
         owner = site.weight_quantizer.rpartition(".")[0]
         bias_target = None
@@ -219,11 +233,22 @@ class ApplyPolicyPass(PassBase):
         mod.train(gm.training)
         parent = gm.get_submodule(owner)
         parent.add_module("bias_rounding", mod)
+        # the single quantizer this output reaches (maybe through a ReLU): its step defines the requantization
+        out_q = None
+        nxt = after
+        if len(nxt.users) == 1 and relu_bounds(gm, next(iter(nxt.users))) is not None:
+            nxt = next(iter(nxt.users))
+        if len(nxt.users) == 1 and _is_quantizer(gm, next(iter(nxt.users))):
+            cand = next(iter(nxt.users))
+            qmod = gm.get_submodule(cand.target)
+            if qmod.active_bits is not None and not qmod.channels:
+                out_q = cand.target
         users = list(after.users)
         order = {n: i for i, n in enumerate(g.nodes)}
         first = min(users, key=order.__getitem__) if users else None
         with g.inserting_before(first) if first is not None else g.inserting_after(after):
             args = [after, g.get_attr(f"{site.act_quantizer}.step"), g.get_attr(f"{site.weight_quantizer}.step"),
+                    g.get_attr(f"{out_q}.step") if out_q else None,
                     g.get_attr(bias_target) if bias_target else None]
             if bn is not None:
                 args += [g.get_attr(f"{bn_path}.{k}") if getattr(bn, k) is not None else None

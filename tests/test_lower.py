@@ -1,0 +1,161 @@
+"""Lowering to QDQ ONNX: ONNX Runtime matches PyTorch, integer weights in range, no BN, integer kernels."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+from fxmpq.passes.apply_policy import apply_policy
+from models import GroupedNet, PlainCNN, ResidualNet
+from onnx import numpy_helper
+
+from fxmpq.errors import ExportError
+from fxmpq.export import LowerReport, lower, qlinear_counts
+from fxmpq.prepare import prepare
+
+BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def _random_policy(q, seed=0):
+    rng = random.Random(seed)
+    return {n: (rng.randint(2, 8), rng.randint(2, 8)) for n in q.searchable_names}
+
+
+def _quantized(model, shape, per_channel, seed=0):
+    x = torch.randn(*shape)
+    q = prepare(model.eval(), x, bits=BITS, per_channel=per_channel)
+    pol = _random_policy(q, seed)
+    apply_policy(q, pol, torch.randn(16, *shape[1:]))
+    q.eval()
+    return q, x, pol
+
+
+def _check_model_file(path: Path, q, pol) -> onnx.ModelProto:
+    m = onnx.load(str(path))
+    assert m.opset_import[0].version == 21
+    ops = [n.op_type for n in m.graph.node]
+    assert "BatchNormalization" not in ops
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    ranges = json.loads(next(p.value for p in m.metadata_props if p.key == "fxmpq.weight_qrange"))
+    checked = 0
+    for n in m.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        w = inits[n.input[0]]
+        if w.dtype == np.int8:  # a weight: integers inside the layer's b-bit range
+            lo, hi = next(r for name, r in ranges.items() if name.replace(".", "_") in n.input[0].replace(".", "_"))
+            assert w.min() >= lo and w.max() <= hi, n.input[0]
+            checked += 1
+        else:
+            assert w.dtype == np.int32  # biases
+    assert checked == len([L for L in q.layer_names])
+    meta = {p.key: p.value for p in m.metadata_props}
+    stored = json.loads(meta["fxmpq.policy"])
+    for name, (w, a) in pol.items():
+        assert stored[name] == [w, a]
+    return m
+
+
+@pytest.mark.parametrize("model_cls,per_channel", [(PlainCNN, False), (PlainCNN, True), (ResidualNet, True),
+                                                   (GroupedNet, False)])
+def test_tiny_models_match_bit_for_bit(tmp_path, model_cls, per_channel):
+    shape = (2, 3, 8, 8) if model_cls is GroupedNet else (2, 3, 16, 16)
+    q, x, pol = _quantized(model_cls(), shape, per_channel)
+    rep = lower(q, tmp_path / "m.onnx", x, samples=512)
+    assert isinstance(rep, LowerReport) and rep.passed
+    assert rep.top1_agreement == 1.0 and rep.max_diff_steps == 0.0
+    assert rep.fused_layers == rep.quantized_layers == len(q.layer_names)
+    _check_model_file(tmp_path / "m.onnx", q, pol)
+    assert "parity" in rep.table()
+
+
+def _torchvision(tmp_path, name, per_channel, samples):
+    model = getattr(torchvision.models, name)(num_classes=100)
+    q, x, pol = _quantized(model, (2, 3, 32, 32), per_channel, seed=1)
+    path = tmp_path / f"{name}.onnx"
+    rep = lower(q, path, x, samples=samples, check=False)
+    _check_model_file(path, q, pol)
+    # every quantized conv/linear became an integer kernel in ONNX Runtime's optimized graph
+    counts = qlinear_counts(path)
+    assert counts["QLinearConv"] + counts["QLinearMatMul"] == len(q.layer_names)
+    assert counts["Conv"] == 0 and counts["FusedConv"] == 0 and counts["Gemm"] == 0
+    assert rep.passed and rep.top1_agreement >= 0.995 and rep.max_diff_steps <= 1.0
+    assert rep.samples == samples
+
+
+@pytest.mark.parametrize("name,per_channel", [("mobilenet_v2", False), ("resnet18", True)])
+def test_torchvision_models_fused_and_matching(tmp_path, name, per_channel):
+    _torchvision(tmp_path, name, per_channel, samples=32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,per_channel", [("mobilenet_v2", False), ("mobilenet_v2", True),
+                                              ("resnet18", True), ("resnet18", False)])
+def test_torchvision_models_512_inputs(tmp_path, name, per_channel):
+    _torchvision(tmp_path, name, per_channel, samples=512)
+
+
+def test_integer_kernels_even_with_plain_relu_and_linear(tmp_path):
+    q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
+    path = tmp_path / "m.onnx"
+    lower(q, path, x, samples=8)
+    counts = qlinear_counts(path)
+    assert counts["QLinearConv"] == 3 and counts["Conv"] == 0 and counts["Relu"] == 0
+
+
+def test_unquantized_model_is_refused(tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    q = prepare(PlainCNN().eval(), x, bits=BITS)
+    with pytest.raises(ExportError, match="apply a policy"):
+        lower(q, tmp_path / "m.onnx", x)
+
+
+class _Reflect(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv0 = torch.nn.Conv2d(3, 4, 3)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(self.conv0(x)).mean((2, 3)))
+
+
+def test_unsupported_layer_names_the_node(tmp_path):
+    q, x, _ = _quantized(_Reflect(), (2, 3, 8, 8), False)
+    with pytest.raises(ExportError, match=r"node .*conv.*padding_mode='reflect'"):
+        lower(q, tmp_path / "m.onnx", x)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_mismatch_fails_loudly_and_names_a_layer(tmp_path, monkeypatch):
+    import fxmpq.export as E
+
+    q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
+    real = E._run_torch
+    monkeypatch.setattr(E, "_run_torch", lambda *a: real(*a) + 1.0)
+    with pytest.raises(ExportError, match=r"does not match PyTorch.*first divergence"):
+        lower(q, tmp_path / "m.onnx", x, samples=16)
+    rep = lower(q, tmp_path / "m2.onnx", x, samples=16, check=False)
+    assert not rep.passed and rep.max_diff_steps > 1
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save_model", boom)
+    with pytest.raises(OSError, match="disk full"):
+        lower(q, path, x, samples=8)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
