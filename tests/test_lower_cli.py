@@ -1,0 +1,81 @@
+"""tools/lower.py: from a checkpoint to a checked ONNX model; one-line errors on corrupt or foreign files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fxmpq.passes.apply_policy import apply_policy
+from models import PlainCNN
+
+from fxmpq.checkpoint import save_checkpoint, split_state
+from fxmpq.prepare import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "lower.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def _checkpoint(path: Path) -> Path:
+    x = torch.randn(4, 3, 16, 16)
+    q = prepare(PlainCNN().eval(), x, bits=BITS)
+    policy = {n: (3, 4) for n in q.searchable_names}
+    apply_policy(q, policy, x)
+    tensors, skeleton = split_state(q.state_dict(), "model")
+    meta = {"model_factory": "models:PlainCNN", "example_shape": [1, 3, 16, 16], "bits": list(BITS),
+            "hardware": "bitops", "per_channel": False,
+            "policy": {k: list(v) for k, v in q.policy.items()}, "state": skeleton}
+    return save_checkpoint(path, tensors, meta)
+
+
+def test_lowers_a_checkpoint(tmp_path):
+    ckpt = _checkpoint(tmp_path / "ckpt.pt")
+    out = tmp_path / "m.onnx"
+    r = _run(str(ckpt), "--out", str(out), "--samples", "32")
+    assert r.returncode == 0, r.stderr
+    assert out.is_file()
+    assert "PASS" in r.stdout and "FP32 ONNX" in r.stdout and "3/3" in r.stdout
+
+
+def test_work_directory_and_model_override(tmp_path):
+    _checkpoint(tmp_path / "checkpoint.pt")
+    r = _run(str(tmp_path), "--out", str(tmp_path / "m.onnx"), "--model", "models:PlainCNN",
+             "--input", "2x3x16x16", "--samples", "8")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", b""])
+def test_corrupt_checkpoint_one_line_error(tmp_path, content):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    r = _run(str(bad), "--out", str(tmp_path / "m.onnx"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "bad.pt" in lines[0]
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_foreign_checkpoint_one_line_error(tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(3)}, foreign)
+    r = _run(str(foreign), "--out", str(tmp_path / "m.onnx"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not an fxmpq checkpoint" in lines[0]
+
+
+def test_wrong_model_is_refused(tmp_path):
+    ckpt = _checkpoint(tmp_path / "ckpt.pt")
+    r = _run(str(ckpt), "--out", str(tmp_path / "m.onnx"), "--model", "models:ResidualNet")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")

@@ -1,0 +1,179 @@
+"""Lower a quantized checkpoint written by fxmpq to a QDQ ONNX model and print its parity report.
+
+    python tools/lower.py CHECKPOINT_OR_WORKDIR --out model.onnx [--model pkg.mod:factory] [--input 1x3x224x224]
+
+The checkpoint is self-describing (model factory, input shape, candidate bits, hardware, policy, weights) and is
+loaded with torch.load(weights_only=True). Exit status 0 when the ONNX model was written and matches PyTorch;
+otherwise 1 with the reason on one line (2 for a missing, corrupt or foreign checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from fxmpq.passes.apply_policy import apply_policy
+from torch import nn
+
+from fxmpq.checkpoint import join_state, load_checkpoint
+from fxmpq.errors import CheckpointError, FxmpqError
+from fxmpq.export import export_fp32, lower
+from fxmpq.policy import Policy
+from fxmpq.prepare import prepare
+
+log = logging.getLogger("fxmpq.tools.lower")
+
+_FACTORY_KEYS = ("model_factory", "factory", "model")
+_SHAPE_KEYS = ("example_shape", "input_shape", "example_input_shape", "example_shapes")
+_CKPT_NAMES = ("finetune.pt", "finetuned.pt", "checkpoint.pt", "quantized.pt", "model.pt")
+
+
+def find_checkpoint(path: Path) -> Path:
+    """`path` itself, or the checkpoint inside a work directory (a known name, else the newest *.pt)."""
+    if path.is_dir():
+        for name in _CKPT_NAMES:
+            if (path / name).is_file():
+                return path / name
+        pts = sorted(path.glob("*.pt"), key=lambda p: p.stat().st_mtime)
+        if not pts:
+            raise CheckpointError(f"work directory {path} holds no checkpoint (*.pt)")
+        return pts[-1]
+    return path
+
+
+def resolve_factory(spec: str, where: str) -> Callable[[], nn.Module]:
+    """Import "package.module:function" (no eval); CheckpointError naming `where` when it does not resolve."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise CheckpointError(f"{where}: model factory {spec!r} must look like 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"{where}: cannot import model factory {spec!r} ({type(e).__name__}: {e})") from None
+    if not callable(obj):
+        raise CheckpointError(f"{where}: model factory {spec!r} is not callable")
+    return obj
+
+
+def _first(meta: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        if meta.get(k) is not None:
+            return meta[k]
+    return None
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(t) for t in text.lower().split("x"))
+    except ValueError:
+        raise FxmpqError(f"--input must look like 1x3x224x224, found {text!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise FxmpqError(f"--input must hold positive sizes, found {text!r}")
+    return shape
+
+
+def _state_dict(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The model state: a split_state skeleton in the metadata joined with its tensors, or the flat tensors."""
+    for key in ("state", "model_state", "state_dict", "model"):
+        skel = meta.get(key)
+        if isinstance(skel, dict) and "__dict__" in skel:
+            state = join_state(skel, tensors, where)
+            if isinstance(state, dict) and isinstance(state.get("model"), dict):
+                return state["model"]
+            return state
+    if any(k.startswith("model.") for k in tensors):
+        return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    return dict(tensors)
+
+
+def load_quantized(path: Path, model_spec: str | None = None, input_shape: tuple[int, ...] | None = None
+                   ) -> tuple[Any, torch.Tensor, Callable[[], nn.Module]]:
+    """Rebuild the QuantModel a checkpoint describes: (qmodel in eval mode, example input, model factory)."""
+    ckpt = find_checkpoint(path)
+    tensors, meta = load_checkpoint(ckpt)
+    where = str(ckpt)
+    spec = model_spec or _first(meta, _FACTORY_KEYS)
+    if not isinstance(spec, str):
+        raise CheckpointError(f"{where}: no model factory recorded; pass --model package.module:function")
+    factory = resolve_factory(spec, where)
+    shape = input_shape or _first(meta, _SHAPE_KEYS)
+    if isinstance(shape, list) and shape and isinstance(shape[0], list):
+        shape = shape[0]
+    if not shape:
+        raise CheckpointError(f"{where}: no example input shape recorded; pass --input 1x3x224x224")
+    example = torch.randn(*[int(d) for d in shape])
+    policy = meta.get("policy")
+    if not isinstance(policy, dict) or not policy:
+        raise CheckpointError(f"{where}: no policy recorded (expected 'policy': {{layer: [w, a]}}); lower a "
+                              f"checkpoint written by fxmpq.finetune")
+    bits = meta.get("bits") or meta.get("candidate_bits")
+    hardware = meta.get("hardware") or "bitops"
+    per_channel = bool(meta.get("per_channel", False))
+    if isinstance(hardware, dict):
+        hardware = hardware.get("path") or hardware.get("name") or "bitops"
+    model = factory()
+    q = prepare(model, example, hardware=hardware, bits=tuple(bits) if bits else (2, 3, 4, 5, 6),
+                per_channel=per_channel)
+    apply_policy(q, Policy({k: tuple(v) for k, v in policy.items()}))
+    state = _state_dict(tensors, meta, where)
+    target = q.state_dict()
+    if set(state) != set(target):
+        # a state saved from the QuantModel itself or from its graph module
+        gm_state = {f"graph_module.{k}": v for k, v in state.items()}
+        if set(gm_state) == set(target):
+            state = gm_state
+    missing = sorted(set(target) - set(state))
+    extra = sorted(set(state) - set(target))
+    if missing or extra:
+        raise CheckpointError(f"{where}: weights do not fit model {spec} under its policy "
+                              f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                              f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})")
+    try:
+        q.load_state_dict(state, strict=True)
+    except (RuntimeError, FxmpqError) as e:
+        raise CheckpointError(f"{where}: weights do not fit model {spec}: {str(e).splitlines()[0]}") from None
+    q.eval()
+    return q, example, factory
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path, help="checkpoint file or work directory written by fxmpq")
+    ap.add_argument("--out", type=Path, required=True, help="ONNX file to write")
+    ap.add_argument("--model", help="model factory 'package.module:function' (overrides the checkpoint's)")
+    ap.add_argument("--input", help="input shape such as 1x3x224x224 (overrides the checkpoint's)")
+    ap.add_argument("--samples", type=int, default=64, help="random inputs for the parity check (default 64)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        shape = _parse_shape(args.input) if args.input else None
+        q, example, factory = load_quantized(args.checkpoint, args.model, shape)
+        rep = lower(q, args.out, example, samples=args.samples)
+        print(rep.table())
+        with tempfile.TemporaryDirectory() as d:
+            fp = export_fp32(factory(), Path(d) / "fp32.onnx", example)
+            fp_bytes = fp.stat().st_size
+        print(f"size           {rep.onnx_bytes / 1e6:.3f} MB vs FP32 ONNX {fp_bytes / 1e6:.3f} MB "
+              f"({fp_bytes / rep.onnx_bytes:.2f}x smaller; packed {rep.packed_weight_bytes / 1e6:.3f} MB "
+              f"at the policy's bit-widths)")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FxmpqError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
