@@ -22,6 +22,9 @@ from .graph import trace
 from .hardware import HardwareSpec, LayerKind, Pins, builtin_hardware, load_hardware
 from .indicators import Indicators
 from .policy import Policy
+from .prepare import prepare
+from .quant import QuantModel
+from .train import TrainStats, finetune, indicators_from_model, train_indicators
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -43,11 +46,17 @@ __all__ = [
     "Pins",
     "Policy",
     "PolicyError",
+    "QuantModel",
     "TraceError",
+    "TrainStats",
     "__version__",
     "analyze",
     "builtin_hardware",
+    "finetune",
+    "indicators_from_model",
     "load_hardware",
     "models",
+    "prepare",
     "trace",
+    "train_indicators",
 ]

@@ -2,5 +2,6 @@
 
 from .annotate_cost import AnnotateCostPass
 from .base import PassBase, PassResult, run_passes
+from .insert_fake_quant import InsertFakeQuantPass
 
-__all__ = ["AnnotateCostPass", "PassBase", "PassResult", "run_passes"]
+__all__ = ["AnnotateCostPass", "InsertFakeQuantPass", "PassBase", "PassResult", "run_passes"]

@@ -1,0 +1,117 @@
+"""Atomic checkpoints: plain tensors plus JSON metadata, saved with torch.save and loaded with weights_only=True."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FORMAT", "join_state", "load_checkpoint", "save_checkpoint", "split_state"]
+
+FORMAT = "fxmpq.checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+    """Write `tensors` (name -> tensor) and JSON-serialisable `meta` to `path` atomically (temp file + rename)."""
+    path = Path(path)
+    bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: checkpoint tensors must be torch.Tensors; not tensors: {', '.join(bad[:5])}")
+    try:
+        meta_text = json.dumps(dict(meta))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: checkpoint metadata is not JSON-serialisable: {e}") from None
+    payload = {"format": FORMAT, "meta": meta_text,
+               "tensors": {k: v.detach().cpu().contiguous() for k, v in tensors.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.debug("saved checkpoint %s (%d tensors)", path, len(tensors))
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read (tensors, meta) from a checkpoint written by save_checkpoint; CheckpointError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types on corrupt or foreign files
+        raise CheckpointError(f"{path}: not a readable fxmpq checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: not an fxmpq checkpoint (expected format {FORMAT!r}, found {found!r})")
+    tensors, meta_text = payload.get("tensors"), payload.get("meta")
+    if not isinstance(tensors, dict) or not isinstance(meta_text, str):
+        raise CheckpointError(f"{path}: malformed checkpoint (expected keys 'tensors' (dict) and 'meta' (JSON))")
+    try:
+        meta = json.loads(meta_text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON ({e.msg})") from None
+    return tensors, meta
+
+
+def split_state(state: Any, prefix: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested state (dicts/lists of tensors and plain values) into flat tensors and a JSON skeleton.
+
+    Each tensor is replaced in the skeleton by {"__tensor__": key}; `join_state` reverses it.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any, key: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors[key] = x
+            return {"__tensor__": key}
+        if isinstance(x, Mapping):
+            return {"__dict__": [[_key(k), walk(v, f"{key}/{k}")] for k, v in x.items()]}
+        if isinstance(x, list | tuple):
+            return [walk(v, f"{key}/{i}") for i, v in enumerate(x)]
+        if x is None or isinstance(x, bool | int | float | str):
+            return x
+        raise CheckpointError(f"cannot store {type(x).__name__} at {key} in a checkpoint (tensors and JSON only)")
+
+    return tensors, walk(state, prefix)
+
+
+def _key(k: Any) -> Any:
+    if isinstance(k, bool | int | str):
+        return k
+    raise CheckpointError(f"checkpoint state keys must be str or int, found {type(k).__name__} {k!r}")
+
+
+def join_state(skeleton: Any, tensors: Mapping[str, torch.Tensor], where: str = "<checkpoint>") -> Any:
+    """Rebuild the nested state from a `split_state` skeleton and its tensors."""
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, dict) and "__tensor__" in x:
+            try:
+                return tensors[x["__tensor__"]]
+            except KeyError:
+                raise CheckpointError(f"{where}: missing tensor {x['__tensor__']!r}") from None
+        if isinstance(x, dict) and "__dict__" in x:
+            return {k: walk(v) for k, v in x["__dict__"]}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(skeleton)

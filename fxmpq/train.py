@@ -1,0 +1,523 @@
+"""Joint training of the importance indicators and LSQ fine-tuning, on one shared DDP-aware training loop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from tqdm.auto import tqdm
+
+from .checkpoint import join_state, load_checkpoint, save_checkpoint, split_state
+from .errors import CheckpointError, DataError, PolicyError
+from .indicators import Indicators
+from .policy import Policy
+from .quant import QuantModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainStats", "finetune", "indicators_from_model", "random_policy", "train_indicators"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What a training run did: epochs completed, optimizer steps, and the last epoch's mean losses."""
+
+    epochs: int
+    steps: int
+    losses: Mapping[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+# ------------------------------------------------------------------------------------------- indicators
+def indicators_from_model(qmodel: QuantModel) -> Indicators:
+    """The learned step sizes of every searchable layer at every candidate bit, as Indicators.
+
+    Weights: the per-tensor step size, or the mean over output channels for a per-channel quantizer.
+    Activations: the input quantizer's step size. Pinned layers are left out (their bits are fixed).
+    """
+    names = qmodel.searchable_names
+    weight, act = {}, {}
+    for n in names:
+        wq, aq = qmodel.weight_quantizer(n), qmodel.act_quantizer(n)
+        weight[n] = {b: float(wq.step_size(b).detach().float().mean()) for b in wq.bits}
+        act[n] = {b: float(aq.step_size(b).detach().float().mean()) for b in aq.bits}
+    meta = {"hardware": qmodel.analysis.hardware.name, "source": "fxmpq.train_indicators"}
+    return Indicators(layers=tuple(names), bits=qmodel.bits, weight=weight, act=act, meta=meta)
+
+
+def random_policy(qmodel: QuantModel, rng: random.Random) -> Policy:
+    """Each searchable layer a random (w, a) among the hardware's pairs within the candidate bits."""
+    pairs = [p for p in qmodel.analysis.hardware.pairs if p[0] in qmodel.bits and p[1] in qmodel.bits]
+    if not pairs:
+        raise PolicyError(f"hardware {qmodel.analysis.hardware.name!r} runs no (w, a) pair within the "
+                          f"candidate bits {qmodel.bits}")
+    return Policy({n: rng.choice(pairs) for n in qmodel.searchable_names})
+
+
+# ------------------------------------------------------------------------------------------- DDP helpers
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist_on() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _dist_on() else 1
+
+
+def _pick_device(qmodel: QuantModel, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if _dist_on() and dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", _rank() % max(torch.cuda.device_count(), 1))))
+    p = next(qmodel.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _loader(data: Any, *, batch_size: int, seed: int) -> Iterable[Any]:
+    """`data` as an iterable of batches; a Dataset gets a DataLoader; under DDP a DistributedSampler."""
+    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        sampler = (DistributedSampler(data, shuffle=True, seed=seed) if _dist_on() else RandomSampler(data))
+        return DataLoader(data, batch_size=batch_size, sampler=sampler)
+    if isinstance(data, DataLoader) and _dist_on() and not isinstance(data.sampler, DistributedSampler) \
+            and not isinstance(data.dataset, torch.utils.data.IterableDataset):
+        shuffle = isinstance(data.sampler, RandomSampler)
+        log.info("rank %d: giving the DataLoader a DistributedSampler (shuffle=%s)", _rank(), shuffle)
+        return DataLoader(data.dataset, batch_size=data.batch_size, drop_last=data.drop_last,
+                          sampler=DistributedSampler(data.dataset, shuffle=shuffle, seed=seed),
+                          num_workers=data.num_workers, collate_fn=data.collate_fn, pin_memory=data.pin_memory)
+    if not isinstance(data, Iterable):
+        raise DataError(f"data must be an iterable of (inputs, targets) batches or a Dataset, "
+                        f"found {type(data).__name__}")
+    return data
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"Tensor{tuple(x.shape)} {x.dtype}"
+    return type(x).__name__
+
+
+def _check_batch(batch: Any, shapes: Sequence[tuple[int, ...]], index: int) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """Split a batch into (inputs tuple, targets); DataError naming expected and found shapes otherwise."""
+    expected = ", ".join(f"[N, {', '.join(map(str, s[1:]))}]" for s in shapes) or "tensors"
+    if not (isinstance(batch, list | tuple) and len(batch) == 2):
+        raise DataError(f"batch {index}: expected an (inputs, targets) pair with inputs {expected}, "
+                        f"found {type(batch).__name__}"
+                        + (f" of length {len(batch)}" if isinstance(batch, list | tuple) else ""))
+    inputs, targets = batch
+    inputs = tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)
+    found = ", ".join(_describe(x) for x in inputs)
+    if shapes and len(inputs) != len(shapes):
+        raise DataError(f"batch {index}: expected {len(shapes)} input tensor(s) {expected}, found {found}")
+    for x, s in zip(inputs, shapes or [None] * len(inputs)):
+        if not isinstance(x, torch.Tensor):
+            raise DataError(f"batch {index}: inputs must be tensors {expected}, found {found}")
+        if s is not None and (x.dim() != len(s) or tuple(x.shape[1:]) != tuple(s[1:])):
+            raise DataError(f"batch {index}: inputs must have shape {expected} (as the example inputs), "
+                            f"found {found}")
+        if s is not None and not x.is_floating_point():
+            raise DataError(f"batch {index}: inputs must be floating point, found {found}")
+    if isinstance(targets, torch.Tensor) and targets.dim() >= 1 and inputs and targets.shape[0] != inputs[0].shape[0]:
+        raise DataError(f"batch {index}: targets have batch size {targets.shape[0]} but inputs "
+                        f"{inputs[0].shape[0]} (targets {_describe(targets)}, inputs {found})")
+    return inputs, targets
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, list | tuple):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _kl(student: torch.Tensor, teacher_prob: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the last dimension, averaged over the batch (in-place distillation)."""
+    return F.kl_div(F.log_softmax(student, dim=-1), teacher_prob, reduction="batchmean")
+
+
+# ------------------------------------------------------------------------------------------- the loop
+@dataclass
+class _StepContext:
+    """What a step function sees: the model to call (DDP-wrapped or not), the QuantModel to switch, the loss."""
+
+    net: nn.Module
+    qmodel: QuantModel
+    loss_fn: LossFn
+    seed: int
+    step: int = 0
+
+    def sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Accumulate gradients locally except on the step's last backward (DDP's no_sync)."""
+        if isinstance(self.net, DistributedDataParallel) and not last:
+            return self.net.no_sync()
+        return contextlib.nullcontext()
+
+
+StepFn = Callable[[_StepContext, tuple[torch.Tensor, ...], Any], dict[str, float]]
+
+
+def _param_groups(qmodel: QuantModel, lr: float, step_lr: float | None, weight_decay: float) -> list[dict[str, Any]]:
+    steps = {id(p) for p in qmodel.step_parameters()}
+    params = [p for p in qmodel.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) in steps], "lr": step_lr if step_lr is not None else lr,
+         "weight_decay": 0.0, "name": "step_sizes"},
+        {"params": [p for p in params if id(p) not in steps and p.dim() > 1], "lr": lr,
+         "weight_decay": weight_decay, "name": "weights"},
+        {"params": [p for p in params if id(p) not in steps and p.dim() <= 1], "lr": lr,
+         "weight_decay": 0.0, "name": "bias_bn"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
+    np_state = np.random.get_state()
+    tensors["rng/numpy_keys"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    py_version, py_state, py_gauss = random.getstate()
+    meta = {"python": [py_version, list(py_state), py_gauss],
+            "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    if device.type == "cuda" and "rng/cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng/cuda"], device)
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["rng/numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+def _run(
+    qmodel: QuantModel,
+    data: Any,
+    *,
+    kind: str,
+    step_fn: StepFn,
+    epochs: int,
+    lr: float,
+    step_lr: float | None,
+    weight_decay: float,
+    optimizer: OptimizerFactory | None,
+    loss_fn: LossFn | None,
+    seed: int,
+    device: str | torch.device | None,
+    checkpoint: str | Path | None,
+    resume: bool | str | Path,
+    max_steps: int | None,
+    progress: bool,
+    batch_size: int,
+    extra_meta: Mapping[str, Any],
+) -> TrainStats:
+    """The one training loop: data checks, device, DDP, epochs, optimizer steps, progress, checkpoints, resume."""
+    if not isinstance(qmodel, QuantModel):
+        raise PolicyError(f"{kind}: expected a QuantModel (from fxmpq.prepare), found {type(qmodel).__name__}")
+    if epochs < 0 or (max_steps is not None and max_steps < 0):
+        raise DataError(f"{kind}: epochs and max_steps must be >= 0, found epochs={epochs}, max_steps={max_steps}")
+    dev = _pick_device(qmodel, device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    qmodel.to(dev)
+    loader = _loader(data, batch_size=batch_size, seed=seed)
+    resume_path = None
+    if resume:
+        resume_path = Path(checkpoint) if resume is True else Path(resume)
+        if resume is True and (checkpoint is None or not resume_path.exists()):
+            if checkpoint is None:
+                raise CheckpointError(f"{kind}: resume=True needs checkpoint= (the file to resume from)")
+            log.info("%s: no checkpoint at %s yet, starting from scratch", kind, resume_path)
+            resume_path = None
+    py_state, np_state = random.getstate(), np.random.get_state()
+    fork_devices = [dev] if dev.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            return _loop(qmodel, loader, kind=kind, step_fn=step_fn, epochs=epochs, lr=lr, step_lr=step_lr,
+                         weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed, dev=dev,
+                         checkpoint=checkpoint, resume_path=resume_path, max_steps=max_steps, progress=progress,
+                         extra_meta=extra_meta)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: StepFn, epochs: int, lr: float,
+          step_lr: float | None, weight_decay: float, optimizer: OptimizerFactory | None, loss_fn: LossFn | None,
+          seed: int, dev: torch.device, checkpoint: str | Path | None, resume_path: Path | None,
+          max_steps: int | None, progress: bool, extra_meta: Mapping[str, Any]) -> TrainStats:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    groups = _param_groups(qmodel, lr, step_lr, weight_decay)
+    opt = optimizer(groups) if optimizer is not None else torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    start_epoch, step = 0, 0
+    if resume_path is not None:
+        start_epoch, step = _restore(resume_path, qmodel, opt, kind=kind, dev=dev)
+    net: nn.Module = qmodel
+    if _dist_on() and _world_size() > 1:
+        net = DistributedDataParallel(qmodel, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                      find_unused_parameters=True)
+    ctx = _StepContext(net=net, qmodel=qmodel, loss_fn=loss_fn or F.cross_entropy, seed=seed, step=step)
+    shapes = qmodel.example_shapes
+    qmodel.train()
+    epoch_losses: dict[str, float] = {}
+    done = start_epoch
+    for epoch in range(start_epoch, epochs):
+        if max_steps is not None and step >= max_steps:
+            break
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        total = len(loader) if hasattr(loader, "__len__") else None
+        bar = tqdm(loader, total=total, desc=f"{kind} {epoch + 1}/{epochs}", leave=False,
+                   disable=not progress or _rank() != 0, dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        n = 0
+        stopped = False
+        for i, batch in enumerate(bar):
+            inputs, targets = _check_batch(batch, shapes, i)
+            inputs, targets = _to(inputs, dev), _to(targets, dev)
+            ctx.step = step
+            opt.zero_grad(set_to_none=True)
+            losses = step_fn(ctx, inputs, targets)
+            bad = [k for k, v in losses.items() if not math.isfinite(v)]
+            if bad:
+                raise DataError(f"{kind}: loss became non-finite at step {step} (epoch {epoch + 1}, batch {i}) "
+                                f"for {', '.join(bad)}; lower lr (now {lr}) or check the data")
+            opt.step()
+            step += 1
+            n += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
+            if max_steps is not None and step >= max_steps:
+                stopped = True
+                break
+        bar.close()
+        if n == 0:
+            raise DataError(f"{kind}: the data yielded no batch in epoch {epoch + 1}")
+        epoch_losses = {k: v / n for k, v in sums.items()}
+        log.info("%s epoch %d/%d: %d steps, mean losses %s", kind, epoch + 1, epochs, n,
+                 ", ".join(f"{k}={v:.4f}" for k, v in epoch_losses.items()))
+        if not stopped:
+            done = epoch + 1
+        if checkpoint is not None:
+            _save(Path(checkpoint), qmodel, opt, kind=kind, epoch=done, step=step, epochs=epochs, seed=seed,
+                  dev=dev, extra_meta=extra_meta)
+        if stopped:
+            break
+    return TrainStats(epochs=done, steps=step, losses=epoch_losses,
+                      checkpoint=str(checkpoint) if checkpoint is not None else None)
+
+
+def _meta(qmodel: QuantModel, extra: Mapping[str, Any]) -> dict[str, Any]:
+    hw = qmodel.analysis.hardware
+    policy = qmodel.policy
+    return {
+        "bits": list(qmodel.bits),
+        "policy": {n: list(p) for n, p in policy.items()} if policy is not None else None,
+        "quant_state": qmodel.quant_state(),
+        "hardware": {"name": hw.name, "path": hw.path},
+        "example_shapes": [list(s) for s in qmodel.example_shapes],
+        **extra,
+    }
+
+
+def _save(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, kind: str, epoch: int, step: int,
+          epochs: int, seed: int, dev: torch.device, extra_meta: Mapping[str, Any]) -> None:
+    if _rank() == 0:
+        model_t, model_s = split_state(qmodel.state_dict(), "model")
+        opt_t, opt_s = split_state(opt.state_dict(), "optim")
+        rng_t, rng_m = _rng_state(dev)
+        meta = {"kind": kind, "epoch": epoch, "step": step, "epochs": epochs, "seed": seed,
+                "world_size": _world_size(), **_meta(qmodel, extra_meta),
+                "model_state": model_s, "optim_state": opt_s, "rng": rng_m}
+        save_checkpoint(path, {**model_t, **opt_t, **rng_t}, meta)
+        log.info("%s: checkpoint %s (epoch %d, step %d)", kind, path, epoch, step)
+    if _dist_on():
+        dist.barrier()
+
+
+def _restore(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, kind: str,
+             dev: torch.device) -> tuple[int, int]:
+    tensors, meta = load_checkpoint(path)
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{path}: written by {meta.get('kind')!r} training, cannot resume {kind!r} from it")
+    if list(meta.get("bits", [])) != list(qmodel.bits):
+        raise CheckpointError(f"{path}: candidate bits {meta.get('bits')} differ from the model's {list(qmodel.bits)}")
+    try:
+        qmodel.load_state_dict(join_state(meta["model_state"], tensors, str(path)))
+        opt.load_state_dict(join_state(meta["optim_state"], tensors, str(path)))
+        _set_rng_state(tensors, meta["rng"], dev)
+        epoch, step = int(meta["epoch"]), int(meta["step"])
+    except CheckpointError:
+        raise
+    except (KeyError, RuntimeError, ValueError, TypeError, PolicyError) as e:
+        raise CheckpointError(f"{path}: checkpoint does not fit this model/optimizer ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    qmodel.to(dev)
+    if meta.get("policy") is not None:
+        qmodel.set_policy({n: tuple(p) for n, p in meta["policy"].items()})
+    log.info("%s: resumed from %s at epoch %d, step %d", kind, path, epoch, step)
+    return epoch, step
+
+
+# ------------------------------------------------------------------------------------------- the two trainings
+def _joint_step(distill: bool) -> StepFn:
+    def step(ctx: _StepContext, inputs: tuple[torch.Tensor, ...], targets: Any) -> dict[str, float]:
+        qm = ctx.qmodel
+        passes: list[int | None] = [*sorted(qm.bits, reverse=True), None]  # None: the random policy
+        rng = random.Random(ctx.seed * 1_000_003 + ctx.step)
+        teacher = None
+        losses: dict[str, float] = {}
+        for i, b in enumerate(passes):
+            if b is None:
+                qm.set_policy(random_policy(qm, rng))
+            else:
+                qm.set_uniform(b)
+            with ctx.sync(last=i == len(passes) - 1):
+                out = ctx.net(*inputs)
+                if teacher is None or not distill:
+                    loss = ctx.loss_fn(out, targets)
+                else:
+                    loss = _kl(out, teacher)
+                if distill and teacher is None:
+                    teacher = out.detach().softmax(dim=-1)
+                loss.backward()
+            losses[f"w{b}" if b is not None else "rand"] = float(loss.detach())
+        return losses
+
+    return step
+
+
+def _plain_step(teacher: nn.Module | None) -> StepFn:
+    def step(ctx: _StepContext, inputs: tuple[torch.Tensor, ...], targets: Any) -> dict[str, float]:
+        out = ctx.net(*inputs)
+        if teacher is not None:
+            with torch.no_grad():
+                soft = teacher(*inputs).softmax(dim=-1)
+            loss = _kl(out, soft)
+        else:
+            loss = ctx.loss_fn(out, targets)
+        loss.backward()
+        return {"loss": float(loss.detach())}
+
+    return step
+
+
+def train_indicators(
+    qmodel: QuantModel,
+    data: Any,
+    epochs: int = 1,
+    lr: float = 0.01,
+    loss_fn: LossFn | None = None,
+    distill: bool = True,
+    *,
+    step_lr: float | None = None,
+    weight_decay: float = 1e-4,
+    optimizer: OptimizerFactory | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool | str | Path = False,
+    max_steps: int | None = None,
+    progress: bool = True,
+    batch_size: int = 32,
+    model_factory: str | None = None,
+) -> Indicators:
+    """Learn every layer's step sizes at every candidate bit in one joint run; returns them as Indicators.
+
+    Each step (the LIMPQ scheme): for every candidate bit b, highest first, run the whole model at uniform
+    b, compute the loss and backpropagate (gradients accumulate); then one random per-layer policy; then one
+    optimizer step. With `distill`, the lower bits and the random policy learn from the highest bit's soft
+    output (KL divergence, in-place distillation) instead of the labels. `data` yields (inputs, targets)
+    batches (a Dataset is wrapped in a DataLoader of `batch_size`). Default optimizer: SGD with momentum 0.9,
+    `lr` for weights, `step_lr` (default `lr`) for step sizes, `weight_decay` on conv/linear weights only.
+    A checkpoint is written atomically after each epoch when `checkpoint` is given; `resume=True` continues
+    from it (or `resume=<path>`), at the start of the epoch after the last completed one, and ends identical
+    to an uninterrupted run on CPU. Under torch.distributed (torchrun) the model is wrapped in DDP; the
+    earlier passes of a step accumulate under no_sync and the last one all-reduces. The quantizers are left
+    switched as they were before the call.
+    """
+    before = qmodel.policy
+    try:
+        _run(qmodel, data, kind="indicators", step_fn=_joint_step(distill), epochs=epochs, lr=lr,
+             step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
+             device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
+             batch_size=batch_size, extra_meta={"model_factory": model_factory, "distill": distill})
+    finally:
+        if before is None:
+            qmodel.disable_quant()
+        else:
+            qmodel.set_policy(before)
+    return indicators_from_model(qmodel)
+
+
+def finetune(
+    qmodel: QuantModel,
+    data: Any,
+    epochs: int = 1,
+    lr: float = 0.01,
+    loss_fn: LossFn | None = None,
+    distill_from: nn.Module | None = None,
+    *,
+    step_lr: float | None = None,
+    weight_decay: float = 1e-4,
+    optimizer: OptimizerFactory | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool | str | Path = False,
+    max_steps: int | None = None,
+    progress: bool = True,
+    batch_size: int = 32,
+    model_factory: str | None = None,
+) -> TrainStats:
+    """LSQ quantization-aware training of weights and step sizes at the model's current policy.
+
+    One forward per step at the policy in force (after `set_policy(...)`, fixed with `fix()` or not). With
+    `distill_from` (an FP32 teacher nn.Module, kept in eval mode), the loss is the KL divergence to the
+    teacher's soft output instead of `loss_fn`. Checkpoints carry what a tool needs to rebuild the model:
+    candidate bits, the policy, the per-layer quantizer state, the hardware name and path, the example input
+    shapes and `model_factory` ("package.module:function", stored as given). Other arguments as in
+    `train_indicators`.
+    """
+    if qmodel.policy is None:
+        raise PolicyError("finetune: quantization is off; call qmodel.set_policy(policy) (or set_uniform) first")
+    teacher = None
+    if distill_from is not None:
+        teacher = distill_from
+        teacher.eval()
+        dev = _pick_device(qmodel, device)
+        teacher.to(dev)
+    return _run(qmodel, data, kind="finetune", step_fn=_plain_step(teacher), epochs=epochs, lr=lr,
+                step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
+                device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
+                batch_size=batch_size, extra_meta={"model_factory": model_factory})
+
