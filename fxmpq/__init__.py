@@ -6,6 +6,7 @@ import logging
 
 from . import models
 from .analysis import Analysis, analyze
+from .budget import Budget
 from .errors import (
     CheckpointError,
     DataError,
@@ -24,6 +25,7 @@ from .indicators import Indicators
 from .policy import Policy
 from .prepare import prepare
 from .quant import QuantModel
+from .search import ParetoResult, SearchResult, pareto, search
 from .train import TrainStats, finetune, indicators_from_model, train_indicators
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -32,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Analysis",
+    "Budget",
     "CheckpointError",
     "DataError",
     "ExportError",
@@ -42,11 +45,13 @@ __all__ = [
     "Indicators",
     "InfeasibleBudget",
     "LayerKind",
+    "ParetoResult",
     "PassError",
     "Pins",
     "Policy",
     "PolicyError",
     "QuantModel",
+    "SearchResult",
     "TraceError",
     "TrainStats",
     "__version__",
@@ -56,7 +61,9 @@ __all__ = [
     "indicators_from_model",
     "load_hardware",
     "models",
+    "pareto",
     "prepare",
+    "search",
     "trace",
     "train_indicators",
 ]
