@@ -391,6 +391,12 @@ class QuantModel(nn.Module):
         """Every step-size Parameter (for a separate optimizer group)."""
         return [q.step for _, q in self.quantizers()]
 
+    @torch.no_grad()
+    def clamp_step_sizes(self, min_value: float = 1e-8) -> None:
+        """Project every step size back to >= min_value (an optimizer step may push a small step negative)."""
+        for p in self.step_parameters():
+            p.clamp_(min=min_value)
+
     @property
     def policy(self) -> Policy | None:
         """The complete policy in force (pins included), or None when quantization is off."""

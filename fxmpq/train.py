@@ -311,6 +311,7 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
                 raise DataError(f"{kind}: loss became non-finite at step {step} (epoch {epoch + 1}, batch {i}) "
                                 f"for {', '.join(bad)}; lower lr (now {lr}) or check the data")
             opt.step()
+            qmodel.clamp_step_sizes()
             step += 1
             n += 1
             for k, v in losses.items():
