@@ -115,3 +115,14 @@ def test_bias_rounding_makes_simulation_equal_the_integer_graph():
     r = next(m for m in q.modules() if isinstance(m, BiasRounding))
     y = torch.randn(2, 8, 4, 4)
     assert r(y, torch.tensor(0.1), torch.ones(8) * 0.05, bias=torch.randn(8)) is y
+
+
+def test_quantize_adds_puts_a_quantizer_after_residual_joins():
+    q, _ = _prepared(ResidualNet)
+    p = ApplyPolicyPass(model=q, policy=_policy(q), quantize_adds=True)
+    run_passes(q.graph_module, [p])
+    joins = [a for a in p.added if a.startswith("fxmpq_join.")]
+    assert len(joins) == 1
+    node = next(n for n in q.graph_module.graph.nodes if n.target == joins[0])
+    assert "relu" in str(node.args[0].target)  # after the ReLU that follows the sum: unsigned
+    assert not q.graph_module.get_submodule(joins[0]).signed
