@@ -1,0 +1,106 @@
+"""Search the optimal bit-width policy: indicators JSON + model + hardware + budget -> policy JSON and a table.
+
+    .venv/bin/python tools/search.py --indicators ../shared/fixtures/limpq_resnet50_indicators.json \
+        --model resnet50 --input 3x224x224 --hardware bitops --budget "w3a4&c12.2" --out policy.json --plot bits.png
+
+`--model` is a torchvision model name or `package.module:factory` (called without arguments).
+Budget strings: terms joined by `&`: `w3a4` (BitOps of uniform W3A4), `c12.2` (size <= FP32/12.2),
+`metric<=NUMBER[k|M|G|T]` or `size<=4MB`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import fxmpq
+
+
+def _model(spec: str):
+    if ":" in spec:
+        mod, _, fn = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise fxmpq.FxmpqError(f"--model {spec!r}: cannot load factory ({e})") from None
+        return factory()
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(spec)
+    except ValueError:
+        raise fxmpq.FxmpqError(f"--model {spec!r}: not a torchvision model name nor package.module:factory") from None
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise fxmpq.FxmpqError(f"--input {text!r}: expected dimensions like 3x224x224") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise fxmpq.FxmpqError(f"--input {text!r}: dimensions must be positive")
+    return dims
+
+
+def _plot(result: fxmpq.SearchResult, analysis: fxmpq.Analysis, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = analysis.names
+    w = [result.policy[n][0] for n in names]
+    a = [result.policy[n][1] for n in names]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.25), 4))
+    ax.bar([i - 0.2 for i in x], w, width=0.4, label="weight bits")
+    ax.bar([i + 0.2 for i in x], a, width=0.4, label="activation bits")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel("bits")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="fxmpq bit-width search (ILP, HiGHS)")
+    ap.add_argument("--indicators", required=True, help="indicators JSON file")
+    ap.add_argument("--model", required=True, help="torchvision name or package.module:factory")
+    ap.add_argument("--input", default="3x224x224", help="input shape without batch, e.g. 3x224x224")
+    ap.add_argument("--hardware", default="bitops", help="shipped hardware name or path to a .toml")
+    ap.add_argument("--budget", required=True, help='e.g. "w3a4&c12.2", "bitops<=9.7G", "size<=4MB"')
+    ap.add_argument("--alpha", type=float, default=2.0)
+    ap.add_argument("--weight-only", action="store_true")
+    ap.add_argument("--clean", choices=["paper", "isotonic"], default="paper")
+    ap.add_argument("--out", help="write the policy JSON here")
+    ap.add_argument("--plot", help="write a bar chart of bits per layer here (PNG)")
+    args = ap.parse_args(argv)
+    try:
+        import torch
+
+        ind = fxmpq.Indicators.from_json(Path(args.indicators))
+        budget = fxmpq.Budget.parse(args.budget)
+        hw = fxmpq.load_hardware(args.hardware)
+        analysis = fxmpq.analyze(_model(args.model), torch.randn(1, *_shape(args.input)), hardware=hw)
+        res = fxmpq.search(analysis, ind, budget, args.alpha, weight_only=args.weight_only, clean=args.clean)
+        print(res.table(analysis, ind))
+        w, a = res.policy.average_bits(analysis)
+        print(f"objective {res.objective:.10g}; average bits W{w:.2f} A{a:.2f} (searchable layers)")
+        if args.out:
+            res.policy.to_json(args.out)
+            print(f"policy written to {args.out}")
+        if args.plot:
+            _plot(res, analysis, args.plot)
+            print(f"bar chart written to {args.plot}")
+    except fxmpq.FxmpqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
