@@ -1,0 +1,146 @@
+"""Joint indicator training, finetune, checkpoints and resume on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _quant_models import TinyNet, random_batches
+
+import fxmpq
+from fxmpq.checkpoint import load_checkpoint, save_checkpoint
+from fxmpq.errors import CheckpointError, DataError, PolicyError
+from fxmpq.indicators import Indicators
+
+BITS = (2, 3, 4)
+
+
+def _prepare(seed: int = 0) -> fxmpq.QuantModel:
+    torch.manual_seed(seed)
+    return fxmpq.prepare(TinyNet(), torch.randn(2, 3, 8, 8), bits=BITS)
+
+
+def _steps(q: fxmpq.QuantModel) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in q.named_parameters()}
+
+
+def test_joint_training_moves_every_step_size_and_orders_them() -> None:
+    q = _prepare()
+    q.set_uniform(4)
+    q.train()
+    q(torch.randn(4, 3, 8, 8))  # initialise activation steps, so "moved" means trained
+    q.disable_quant()
+    before = {n: p.detach().clone() for n, p in q.named_parameters() if n.endswith("step")}
+    ind = fxmpq.train_indicators(q, random_batches(3), epochs=1, lr=0.01, progress=False)
+    after = {n: p.detach() for n, p in q.named_parameters() if n.endswith("step")}
+    moved = [n for n in before if not torch.equal(before[n], after[n])]
+    assert moved == list(before)
+    assert ind.layers == ("conv2", "conv3") and ind.bits == BITS
+    shrinking = [n for n in ind.layers if ind.weight[n][2] > ind.weight[n][3] > ind.weight[n][4]]
+    assert len(shrinking) >= len(ind.layers) / 2
+    assert q.policy is None  # quantizers left as they were (off)
+    assert Indicators.from_json(ind.to_json()) == ind
+
+
+def test_deterministic_for_fixed_seed() -> None:
+    a = fxmpq.train_indicators(_prepare(), random_batches(2), epochs=1, seed=3, progress=False)
+    b = fxmpq.train_indicators(_prepare(), random_batches(2), epochs=1, seed=3, progress=False)
+    assert a == b
+
+
+class _Killed(Exception):
+    pass
+
+
+def _ce_killed_at(call: int):
+    """Cross-entropy that raises _Killed on its `call`-th use (one use per step: the highest bit's pass)."""
+    count = [0]
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        count[0] += 1
+        if count[0] == call:
+            raise _Killed
+        return torch.nn.functional.cross_entropy(out, target)
+
+    return loss
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path) -> None:
+    data = torch.utils.data.TensorDataset(torch.randn(12, 3, 8, 8), torch.randint(0, 10, (12,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)
+    ref_q = _prepare()
+    ref = fxmpq.train_indicators(ref_q, loader, epochs=2, progress=False)
+    ck = tmp_path / "run.ckpt"
+    with pytest.raises(_Killed):  # dies at the 2nd step of epoch 2 (3 steps per epoch)
+        fxmpq.train_indicators(_prepare(), loader, epochs=2, checkpoint=ck, progress=False,
+                               loss_fn=_ce_killed_at(5))
+    assert load_checkpoint(ck)[1]["epoch"] == 1
+    q = _prepare()
+    out = fxmpq.train_indicators(q, loader, epochs=2, checkpoint=ck, resume=True, progress=False)
+    assert out == ref
+    for (n, p), (_, r) in zip(q.named_parameters(), ref_q.named_parameters()):
+        assert torch.equal(p, r), n
+    assert load_checkpoint(ck)[1]["epoch"] == 2
+
+
+def test_wrong_batches_raise_data_error() -> None:
+    q = _prepare()
+    with pytest.raises(DataError, match=r"inputs must have shape \[N, 3, 8, 8\].*Tensor\(4, 1, 8, 8\)"):
+        fxmpq.train_indicators(q, [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))], progress=False)
+    with pytest.raises(DataError, match="expected an \\(inputs, targets\\) pair"):
+        fxmpq.train_indicators(q, [torch.randn(4, 3, 8, 8)], progress=False)
+    with pytest.raises(DataError, match="targets have batch size 3"):
+        fxmpq.train_indicators(q, [(torch.randn(4, 3, 8, 8), torch.zeros(3, dtype=torch.long))], progress=False)
+
+
+def test_finetune_at_policy_and_checkpoint_metadata(tmp_path) -> None:
+    q = _prepare()
+    with pytest.raises(PolicyError, match="set_policy"):
+        fxmpq.finetune(q, random_batches(1), progress=False)
+    q.set_policy({"conv2": (2, 3), "conv3": (4, 2)})
+    q.fix()
+    w0 = q.weight_quantizer("conv2").step.detach().clone()
+    ck = tmp_path / "ft.ckpt"
+    stats = fxmpq.finetune(q, random_batches(2), epochs=1, checkpoint=ck, progress=False,
+                           model_factory="tests.models:tiny", distill_from=TinyNet())
+    assert stats.steps == 2 and stats.epochs == 1 and "loss" in stats.losses
+    assert not torch.equal(q.weight_quantizer("conv2").step.detach(), w0)
+    tensors, meta = load_checkpoint(ck)
+    assert meta["kind"] == "finetune" and meta["bits"] == list(BITS)
+    assert meta["policy"]["conv2"] == [2, 3] and meta["policy"]["conv1"] == [8, 8]
+    assert meta["hardware"]["name"] == "bitops" and meta["example_shapes"] == [[2, 3, 8, 8]]
+    assert meta["model_factory"] == "tests.models:tiny"
+    assert meta["quant_state"]["conv3"] == {"w_bits": [4], "a_bits": [2], "w": 4, "a": 2}
+    assert all(isinstance(t, torch.Tensor) for t in tensors.values())
+
+
+def test_finetune_after_set_policy_without_fix() -> None:
+    q = _prepare()
+    q.set_policy({"conv2": (3, 3), "conv3": (2, 4)})
+    stats = fxmpq.finetune(q, random_batches(1), progress=False)
+    assert stats.steps == 1 and q.policy["conv2"] == (3, 3)
+
+
+def test_checkpoint_errors_name_the_file(tmp_path) -> None:
+    bad = tmp_path / "garbage.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"garbage\.ckpt"):
+        load_checkpoint(bad)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.ones(2)}, foreign)
+    with pytest.raises(CheckpointError, match=r"foreign\.pt: not an fxmpq checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match=r"missing\.ckpt does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    ok = save_checkpoint(tmp_path / "ok.ckpt", {"a": torch.arange(3)}, {"k": [1, "x"]})
+    tensors, meta = load_checkpoint(ok)
+    assert torch.equal(tensors["a"], torch.arange(3)) and meta == {"k": [1, "x"]}
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_resume_rejects_a_foreign_run(tmp_path) -> None:
+    q = _prepare()
+    q.set_uniform(2)
+    ck = tmp_path / "ft.ckpt"
+    fxmpq.finetune(q, random_batches(1), checkpoint=ck, progress=False)
+    with pytest.raises(CheckpointError, match="written by 'finetune' training"):
+        fxmpq.train_indicators(_prepare(), random_batches(1), checkpoint=ck, resume=True, progress=False)
