@@ -79,3 +79,25 @@ def test_wrong_model_is_refused(tmp_path):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
+
+
+@pytest.mark.parametrize("with_apply_policy", [True, False])
+def test_lowers_a_checkpoint_written_by_finetune(tmp_path, with_apply_policy):
+    import fxmpq
+
+    x = torch.randn(32, 3, 16, 16)
+    y = torch.randint(0, 10, (32,))
+    q = prepare(PlainCNN().eval(), x[:4], bits=BITS, per_channel=True)
+    policy = {n: (3, 4) for n in q.searchable_names}
+    if with_apply_policy:
+        apply_policy(q, policy, x[:8])
+    else:
+        q.set_policy(policy)
+    ckpt = tmp_path / "work" / "finetune.pt"
+    data = torch.utils.data.TensorDataset(x, y)
+    fxmpq.finetune(q, data, epochs=1, lr=0.01, checkpoint=ckpt, progress=False, batch_size=8,
+                   model_factory="models:PlainCNN")
+    out = tmp_path / "m.onnx"
+    r = _run(str(tmp_path / "work"), "--out", str(out), "--samples", "32")
+    assert r.returncode == 0, r.stderr
+    assert "PASS" in r.stdout and out.is_file()

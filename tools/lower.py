@@ -117,14 +117,29 @@ def load_quantized(path: Path, model_spec: str | None = None, input_shape: tuple
                               f"checkpoint written by fxmpq.finetune")
     bits = meta.get("bits") or meta.get("candidate_bits")
     hardware = meta.get("hardware") or "bitops"
-    per_channel = bool(meta.get("per_channel", False))
-    if isinstance(hardware, dict):
-        hardware = hardware.get("path") or hardware.get("name") or "bitops"
-    model = factory()
-    q = prepare(model, example, hardware=hardware, bits=tuple(bits) if bits else (2, 3, 4, 5, 6),
-                per_channel=per_channel)
-    apply_policy(q, Policy({k: tuple(v) for k, v in policy.items()}))
+    if isinstance(hardware, dict):  # {"name", "path"}: a user's file when it exists, else the shipped name
+        hw_path = hardware.get("path")
+        hardware = hw_path if hw_path and Path(hw_path).is_file() else (hardware.get("name") or "bitops")
     state = _state_dict(tensors, meta, where)
+    per_channel = meta.get("per_channel")
+    if per_channel is None:  # infer from the weight quantizers' step sizes ([1, channels] per channel)
+        per_channel = any(k.endswith("weight_quantizer.step") and v.dim() == 2 and v.shape[-1] > 1
+                          for k, v in state.items() if isinstance(v, torch.Tensor))
+    pol = Policy({k: tuple(v) for k, v in policy.items()})
+    has_output_q = any(".output_quantizer." in k for k in state)
+
+    def build() -> Any:
+        try:
+            return prepare(factory(), example, hardware=hardware, bits=tuple(bits) if bits else (2, 3, 4, 5, 6),
+                           per_channel=bool(per_channel))
+        except FxmpqError as e:
+            raise CheckpointError(f"{where}: cannot rebuild model {spec}: {' '.join(str(e).split())}") from None
+
+    q = build()
+    if has_output_q:
+        apply_policy(q, pol)
+    else:  # fine-tuned after set_policy only: load, then fix and add output quantizers (initialised on data)
+        q.set_policy(pol)
     target = q.state_dict()
     if set(state) != set(target):
         # a state saved from the QuantModel itself or from its graph module
@@ -141,6 +156,10 @@ def load_quantized(path: Path, model_spec: str | None = None, input_shape: tuple
         q.load_state_dict(state, strict=True)
     except (RuntimeError, FxmpqError) as e:
         raise CheckpointError(f"{where}: weights do not fit model {spec}: {str(e).splitlines()[0]}") from None
+    if not has_output_q:
+        log.warning("%s: checkpoint has no output quantizers (fine-tuned without apply_policy); adding them, "
+                    "initialised on random inputs", where)
+        apply_policy(q, pol, torch.randn(16, *example.shape[1:]))
     q.eval()
     return q, example, factory
 
