@@ -19,9 +19,11 @@ from .errors import (
     PolicyError,
     TraceError,
 )
+from .export import LowerReport, lower
 from .graph import trace
 from .hardware import HardwareSpec, LayerKind, Pins, builtin_hardware, load_hardware
 from .indicators import Indicators
+from .passes.apply_policy import apply_policy
 from .policy import Policy
 from .prepare import prepare
 from .quant import QuantModel
@@ -45,6 +47,7 @@ __all__ = [
     "Indicators",
     "InfeasibleBudget",
     "LayerKind",
+    "LowerReport",
     "ParetoResult",
     "PassError",
     "Pins",
@@ -56,10 +59,12 @@ __all__ = [
     "TrainStats",
     "__version__",
     "analyze",
+    "apply_policy",
     "builtin_hardware",
     "finetune",
     "indicators_from_model",
     "load_hardware",
+    "lower",
     "models",
     "pareto",
     "prepare",
