@@ -147,6 +147,9 @@ class Budget:
             else:
                 fp32 = analysis.fp32_cost() if fp32 is None else fp32
                 value = fp32[r.metric] / r.ratio
+                if not math.isfinite(value):
+                    raise InfeasibleBudget(f"budget {r}: metric {r.metric!r} of hardware {hw.name!r} has no FP32 "
+                                           "value (a lookup-table metric); give an absolute limit instead")
             put(r.metric, value)
         return out
 
@@ -192,5 +195,6 @@ class Budget:
                     raise InfeasibleBudget(f"budget {text!r}: unknown unit {unit!r} in {term!r}; use k, M, G, T "
                                            "or B, KB, MB, GB, KiB, MiB, GiB")
             out = b if out is None else out & b
-        assert out is not None
+        if out is None:  # unreachable: split() yields at least one term
+            raise InfeasibleBudget(f"budget {text!r}: no terms")
         return out
