@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,26 +49,29 @@ class _LSQFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, s: torch.Tensor, g: float, qmin: int, qmax: int) -> torch.Tensor:
-        ctx.save_for_backward(x, s)
+        out = torch.div(x, s).clamp_(qmin, qmax).round_().mul_(s)
+        # the output is saved too: the conv/linear after us saves it anyway, so it costs no memory
+        ctx.save_for_backward(x, s, out)
         ctx.g, ctx.qmin, ctx.qmax = g, qmin, qmax
-        return torch.div(x, s).clamp_(qmin, qmax).round_().mul_(s)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, s = ctx.saved_tensors
+        x, s, out = ctx.saved_tensors
         xs = torch.div(x, s)
-        inside = (xs >= ctx.qmin) & (xs <= ctx.qmax)
+        inside = (xs >= ctx.qmin).logical_and_(xs <= ctx.qmax)
+        del xs
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
-            # q - x/s inside the range (rounding error), qmin/qmax outside (clamped value)
-            q = xs.clamp(ctx.qmin, ctx.qmax).round_()
-            term = q.sub_(xs.mul_(inside)).mul_(grad)
+            # d out/d s = q - x/s inside the range (rounding error), q = qmin/qmax outside; with out = q*s:
+            # (out - x)/s inside, out/s outside. The 1/s is applied once, after the reduction.
+            diff = torch.where(inside, out - x, out)
             if s.numel() == 1:
-                grad_s = term.sum().mul_(ctx.g).reshape(s.shape)
+                grad_s = torch.dot(diff.reshape(-1), grad.reshape(-1)).mul_(ctx.g).div_(s.reshape(())).reshape(s.shape)
             else:
-                dims = [d for d in range(term.dim()) if s.shape[d] == 1]
-                grad_s = term.sum(dim=dims, keepdim=True).mul_(ctx.g)
+                dims = [d for d in range(diff.dim()) if s.shape[d] == 1]
+                grad_s = diff.mul_(grad).sum(dim=dims, keepdim=True).mul_(ctx.g).div_(s)
         return grad_x, grad_s, None, None, None
 
 
@@ -350,6 +354,19 @@ class QuantModel(nn.Module):
         self.sites = dict(sites)
         self.example_shapes = [tuple(s) for s in example_shapes]
         self._policy: Policy | None = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> QuantModel:
+        # Analysis and Policy are immutable values holding MappingProxyType (which deepcopy cannot copy): share
+        # them, and point the copy's analysis at the copied graph module.
+        memo[id(self.analysis)] = self.analysis
+        if self._policy is not None:
+            memo[id(self._policy)] = self._policy
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        new.__dict__["analysis"] = dataclasses.replace(self.analysis, graph_module=new.graph_module)
+        return new
 
     # ------------------------------------------------------------------ accessors
     @property

@@ -160,3 +160,17 @@ def test_torchvision_insertion(arch: str) -> None:
     convs_with_bn = [n for n in q.searchable_names if q.batchnorm(n) is not None]
     assert len(convs_with_bn) == len([n for n in q.searchable_names if "fc" not in n and "classifier" not in n])
     assert torch.equal(q(x), model(x))
+
+
+def test_deepcopy_and_state_dict_round_trip(tiny) -> None:
+    model, x = tiny
+    q = fxmpq.prepare(model, x, bits=(2, 4)).eval()
+    q.set_uniform(2)
+    y = q(x)
+    q2 = copy.deepcopy(q)
+    assert torch.equal(q2(x), y) and q2.policy == q.policy
+    assert q2.analysis.graph_module is q2.graph_module
+    q3 = fxmpq.prepare(model, x, bits=(2, 4)).eval()
+    q3.load_state_dict(q.state_dict())
+    q3.set_uniform(2)
+    assert torch.equal(q3(x), y)

@@ -1,0 +1,111 @@
+"""Wall time of one fake-quant training step vs one FP32 step, and of one joint LIMPQ step vs one plain QAT step."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+import fxmpq
+from fxmpq.train import _joint_step, _StepContext
+
+
+class SmallCNN(nn.Module):
+    """A CIFAR-sized conv net: 4 conv-bn-relu blocks and a linear head."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        chans = [3, 32, 64, 128, 128]
+        layers: list[nn.Module] = []
+        for i in range(4):
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                       nn.BatchNorm2d(chans[i + 1]), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(128, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def bench(name: str, model: nn.Module, shape: tuple[int, ...], repeats: int, bits: tuple[int, ...]) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    y = torch.randint(0, 10, (shape[0],))
+    fp = copy.deepcopy(model).train()
+    q = fxmpq.prepare(model, x, bits=bits).train()
+    qj = fxmpq.prepare(model, x, bits=bits).train()
+    opt_fp = torch.optim.SGD(fp.parameters(), lr=1e-3, momentum=0.9)
+    opt_q = torch.optim.SGD(q.parameters(), lr=1e-3, momentum=0.9)
+    opt_j = torch.optim.SGD(qj.parameters(), lr=1e-3, momentum=0.9)
+    q.set_uniform(4)
+    joint = _joint_step(distill=True)
+    ctx = _StepContext(net=qj, qmodel=qj, loss_fn=nn.functional.cross_entropy, seed=0)
+
+    def joint_step() -> None:
+        opt_j.zero_grad(set_to_none=True)
+        joint(ctx, (x,), y)
+        opt_j.step()
+        ctx.step += 1
+
+    variants: dict[str, Callable[[], None]] = {
+        "fp32": lambda: _sgd_step(fp, x, y, opt_fp),
+        "fakequant_w4a4": lambda: _sgd_step(q, x, y, opt_q),
+        f"joint_{len(bits)}bits+rand": joint_step,
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():  # warm-up (also initialises activation step sizes)
+        fn()
+    order = list(variants)
+    rng = random.Random(0)
+    for _ in range(repeats):
+        rng.shuffle(order)  # interleave variants so load changes hit all of them alike
+        for k in order:
+            t0 = time.perf_counter()
+            variants[k]()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": name, "shape": shape, **med}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6])
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = [
+        ("small_cnn", SmallCNN(), (32, 3, 32, 32)),
+        ("resnet18", torchvision.models.resnet18(num_classes=10), (16, 3, 64, 64)),
+    ]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} steps")
+    head = f"{'model':<10} {'input':<16} {'fp32 ms':>9} {'fq ms':>9} {'fq/fp32':>8} {'joint ms':>9} {'joint/qat':>9}"
+    print(head)
+    print("-" * len(head))
+    for name, model, shape in cases:
+        r = bench(name, model, shape, args.repeats, tuple(args.bits))
+        fp, fq = r["fp32"], r["fakequant_w4a4"]
+        jt = next(v for k, v in r.items() if k.startswith("joint"))
+        print(f"{name:<10} {'x'.join(map(str, shape)):<16} {fp * 1e3:9.1f} {fq * 1e3:9.1f} {fq / fp:8.2f} "
+              f"{jt * 1e3:9.1f} {jt / fq:9.2f}")
+    print(f"(joint = {len(args.bits)} uniform passes + 1 random policy, one optimizer step; qat = fakequant "
+          f"W4A4 step)")
+
+
+if __name__ == "__main__":
+    main()
