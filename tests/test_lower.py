@@ -42,14 +42,16 @@ def _check_model_file(path: Path, q, pol) -> onnx.ModelProto:
     ops = [n.op_type for n in m.graph.node]
     assert "BatchNormalization" not in ops
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
-    ranges = json.loads(next(p.value for p in m.metadata_props if p.key == "fxmpq.weight_qrange"))
+    # the b-bit range of each layer's weights, from the policy in force (pins included)
+    ranges = {f"fxmpq_lowered_{name.replace('.', '_')}_weight": (-(2 ** (w - 1)), 2 ** (w - 1) - 1)
+              for name, (w, _) in q.policy.items()}
     checked = 0
     for n in m.graph.node:
         if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
             continue
         w = inits[n.input[0]]
         if w.dtype == np.int8:  # a weight: integers inside the layer's b-bit range
-            lo, hi = next(r for name, r in ranges.items() if name.replace(".", "_") in n.input[0].replace(".", "_"))
+            lo, hi = ranges[n.input[0].replace(".", "_")]
             assert w.min() >= lo and w.max() <= hi, n.input[0]
             checked += 1
         else:
