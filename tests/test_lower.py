@@ -91,7 +91,8 @@ def _torchvision(tmp_path, name, per_channel, samples):
     assert rep.samples == samples
 
 
-@pytest.mark.parametrize("name,per_channel", [("mobilenet_v2", False), ("resnet18", True)])
+@pytest.mark.parametrize("name,per_channel", [
+    pytest.param("mobilenet_v2", False, marks=pytest.mark.slow), ("resnet18", True)])
 def test_torchvision_models_fused_and_matching(tmp_path, name, per_channel):
     _torchvision(tmp_path, name, per_channel, samples=32)
 

@@ -81,7 +81,7 @@ def test_wrong_model_is_refused(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:")
 
 
-@pytest.mark.parametrize("with_apply_policy", [True, False])
+@pytest.mark.parametrize("with_apply_policy", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_lowers_a_checkpoint_written_by_finetune(tmp_path, with_apply_policy):
     import fxmpq
 
