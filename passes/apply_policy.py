@@ -66,6 +66,11 @@ def _is_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(m, _BN_TYPES) or hasattr(m, "bns")
 
 
+def _device(gm: fx.GraphModule) -> torch.device:
+    p = next(gm.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _is_bias_rounding(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), BiasRounding)
 
@@ -191,6 +196,7 @@ class ApplyPolicyPass(PassBase):
                 q = LSQQuantizer((self.output_bits,), signed=not unsigned)
                 q.set_bits(self.output_bits)
                 q.train(gm.training)
+                q.to(_device(gm))
                 parent.add_module(OUTPUT_QUANTIZER, q)
             with gm.graph.inserting_after(end):
                 qn = gm.graph.call_module(path, (end,))
@@ -238,6 +244,7 @@ class ApplyPolicyPass(PassBase):
                 q = LSQQuantizer((self.output_bits,), signed=not unsigned)
                 q.set_bits(self.output_bits)
                 q.train(gm.training)
+                q.to(_device(gm))
                 holder.add_module(mname, q)
             with gm.graph.inserting_after(end):
                 qn = gm.graph.call_module(f"{_ADD_CONTAINER}.{mname}", (end,))
