@@ -457,7 +457,7 @@ def train_indicators(
     Each step (the LIMPQ scheme): for every candidate bit b, highest first, run the whole model at uniform
     b, compute the loss and backpropagate (gradients accumulate); then one random per-layer policy; then one
     optimizer step. With `distill`, the lower bits and the random policy learn from the highest bit's soft
-    output (KL divergence, in-place distillation) instead of the labels. `data` yields (inputs, targets)
+    output (KL divergence over the last dim of the logits, in-place distillation) instead of the labels. `data` yields (inputs, targets)
     batches (a Dataset is wrapped in a DataLoader of `batch_size`). Default optimizer: SGD with momentum 0.9,
     `lr` for weights, `step_lr` (default `lr`) for step sizes, `weight_decay` on conv/linear weights only.
     A checkpoint is written atomically after each epoch when `checkpoint` is given; `resume=True` continues
@@ -503,8 +503,8 @@ def finetune(
     """LSQ quantization-aware training of weights and step sizes at the model's current policy.
 
     One forward per step at the policy in force (after `set_policy(...)`, fixed with `fix()` or not). With
-    `distill_from` (an FP32 teacher nn.Module, kept in eval mode), the loss is the KL divergence to the
-    teacher's soft output instead of `loss_fn`. Checkpoints carry what a tool needs to rebuild the model:
+    `distill_from` (an FP32 teacher nn.Module, put in eval mode and moved to the training device), the
+    loss is the KL divergence to the teacher's soft output (softmax over the last dim) instead of `loss_fn`. Checkpoints carry what a tool needs to rebuild the model:
     candidate bits, the policy, the per-layer quantizer state, the hardware name and path, the example input
     shapes and `model_factory` ("package.module:function", stored as given). Other arguments as in
     `train_indicators`.
