@@ -1,4 +1,4 @@
-"""Wall time of one fake-quant training step vs one FP32 step, and of one joint LIMPQ step vs one plain QAT step."""
+"""Wall (and CPU) time of one fake-quant training step vs one FP32 step, and of one joint LIMPQ step vs one plain QAT step."""
 
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ def bench(name: str, model: nn.Module, shape: tuple[int, ...], repeats: int, bit
         f"joint_{len(bits)}bits+rand": joint_step,
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():  # warm-up (also initialises activation step sizes)
         fn()
     order = list(variants)
@@ -74,11 +75,13 @@ def bench(name: str, model: nn.Module, shape: tuple[int, ...], repeats: int, bit
     for _ in range(repeats):
         rng.shuffle(order)  # interleave variants so load changes hit all of them alike
         for k in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             variants[k]()
             times[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": name, "shape": shape, **med}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    return {"model": name, "shape": shape, "wall": med, "cpu": med_cpu}
 
 
 def main() -> None:
@@ -94,15 +97,18 @@ def main() -> None:
         ("resnet18", torchvision.models.resnet18(num_classes=10), (16, 3, 64, 64)),
     ]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} steps")
-    head = f"{'model':<10} {'input':<16} {'fp32 ms':>9} {'fq ms':>9} {'fq/fp32':>8} {'joint ms':>9} {'joint/qat':>9}"
+    head = (f"{'model':<10} {'input':<14} {'clock':<5} {'fp32 ms':>9} {'fq ms':>9} {'fq/fp32':>8} "
+            f"{'joint ms':>9} {'joint/qat':>9}")
     print(head)
     print("-" * len(head))
     for name, model, shape in cases:
         r = bench(name, model, shape, args.repeats, tuple(args.bits))
-        fp, fq = r["fp32"], r["fakequant_w4a4"]
-        jt = next(v for k, v in r.items() if k.startswith("joint"))
-        print(f"{name:<10} {'x'.join(map(str, shape)):<16} {fp * 1e3:9.1f} {fq * 1e3:9.1f} {fq / fp:8.2f} "
-              f"{jt * 1e3:9.1f} {jt / fq:9.2f}")
+        for clock in ("wall", "cpu"):
+            t = r[clock]
+            fp, fq = t["fp32"], t["fakequant_w4a4"]
+            jt = next(v for k, v in t.items() if k.startswith("joint"))
+            print(f"{name:<10} {'x'.join(map(str, shape)):<14} {clock:<5} {fp * 1e3:9.1f} {fq * 1e3:9.1f} "
+                  f"{fq / fp:8.2f} {jt * 1e3:9.1f} {jt / fq:9.2f}", flush=True)
     print(f"(joint = {len(args.bits)} uniform passes + 1 random policy, one optimizer step; qat = fakequant "
           f"W4A4 step)")
 
