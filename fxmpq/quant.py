@@ -51,11 +51,13 @@ class _LSQFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, s: torch.Tensor, g: float, qmin: int, qmax: int) -> torch.Tensor:
         xs = torch.div(x, s)
         c = xs.clamp(qmin, qmax)
-        inside = c.eq(xs) if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        inside = c.eq(xs).to(x.dtype) if need else None
         del xs
         out = c.round_().mul_(s)
         # the output is saved too: the conv/linear after us saves it anyway, so it costs no extra memory;
-        # the in-range mask (1 byte per element) spares the backward a division and two comparisons
+        # the in-range mask (as x's dtype, so the backward is plain mul/addcmul, measured faster than where)
+        # spares the backward a division and two comparisons
         ctx.save_for_backward(x, s, out, inside)
         ctx.g = g
         return out
@@ -63,12 +65,12 @@ class _LSQFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, s, out, inside = ctx.saved_tensors
-        grad_x = torch.where(inside, grad, 0.0) if ctx.needs_input_grad[0] else None
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
             # d out/d s = q - x/s inside the range (rounding error), q = qmin/qmax outside; with out = q*s:
             # (out - x)/s inside, out/s outside. The 1/s is applied once, after the reduction.
-            diff = torch.where(inside, out - x, out)
+            diff = torch.addcmul(out, x, inside, value=-1)
             if s.numel() == 1:
                 grad_s = torch.dot(diff.reshape(-1), grad.reshape(-1)).mul_(ctx.g).div_(s.reshape(())).reshape(s.shape)
             else:
