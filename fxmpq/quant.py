@@ -52,7 +52,7 @@ class _LSQFunction(torch.autograd.Function):
         xs = torch.div(x, s)
         c = xs.clamp(qmin, qmax)
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        inside = c.eq(xs).to(x.dtype) if need else None
+        inside = torch.eq(c, xs, out=torch.empty_like(x)) if need else None  # float mask in one pass
         del xs
         out = c.round_().mul_(s)
         # the output is saved too: the conv/linear after us saves it anyway, so it costs no extra memory;
