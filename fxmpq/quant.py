@@ -117,6 +117,7 @@ class LSQQuantizer(nn.Module):
         self.step = nn.Parameter(torch.ones(len(bits), channels or 1))
         self.register_buffer("initialized", torch.tensor(False))
         self.active_bits: int | None = None
+        self._seen_init = False
 
     # ------------------------------------------------------------------ bits
     def qrange(self, b: int | None = None) -> tuple[int, int]:
@@ -180,8 +181,10 @@ class LSQQuantizer(nn.Module):
         b = self.active_bits
         if b is None:
             return x
-        if not bool(self.initialized):
-            self.init_from(x)
+        if not self._seen_init:  # a Python flag first: reading the buffer on CUDA would sync every call
+            if not bool(self.initialized):
+                self.init_from(x)
+            self._seen_init = True
         qmin, qmax = self.qrange(b)
         s = self.step[self.bits.index(b)]
         if self.channels:
@@ -207,6 +210,7 @@ class LSQQuantizer(nn.Module):
         if bits != self.bits:
             raise PolicyError(f"checkpoint quantizer has bits {bits}, this one {self.bits} (fix it first)")
         self.active_bits = state["active_bits"]
+        self._seen_init = False  # the loaded `initialized` buffer decides again
 
 
 # ----------------------------------------------------------------------------------------------- switchable BN
