@@ -144,3 +144,15 @@ def test_resume_rejects_a_foreign_run(tmp_path) -> None:
     fxmpq.finetune(q, random_batches(1), checkpoint=ck, progress=False)
     with pytest.raises(CheckpointError, match="written by 'finetune' training"):
         fxmpq.train_indicators(_prepare(), random_batches(1), checkpoint=ck, resume=True, progress=False)
+
+
+def test_per_channel_indicators_are_channel_means_and_progress_bar_shows_losses(capsys) -> None:
+    torch.manual_seed(0)
+    q = fxmpq.prepare(TinyNet(), torch.randn(2, 3, 8, 8), bits=BITS, per_channel=True)
+    assert q.weight_quantizer("conv3").step.shape == (3, 16)
+    ind = fxmpq.train_indicators(q, random_batches(2), epochs=1, progress=True)
+    for b in BITS:
+        expected = q.weight_quantizer("conv3").step_size(b).detach().mean().item()
+        assert ind.weight["conv3"][b] == pytest.approx(expected)
+    err = capsys.readouterr().err
+    assert "indicators 1/1" in err and "w4=" in err and "rand=" in err
