@@ -24,6 +24,7 @@ from .graph import trace
 from .hardware import HardwareSpec, LayerKind, Pins, builtin_hardware, load_hardware
 from .indicators import Indicators
 from .passes.apply_policy import apply_policy
+from .pipeline import QuantizedModel, accuracy, quantize
 from .policy import Policy
 from .prepare import prepare
 from .quant import QuantModel
@@ -54,10 +55,12 @@ __all__ = [
     "Policy",
     "PolicyError",
     "QuantModel",
+    "QuantizedModel",
     "SearchResult",
     "TraceError",
     "TrainStats",
     "__version__",
+    "accuracy",
     "analyze",
     "apply_policy",
     "builtin_hardware",
@@ -68,6 +71,7 @@ __all__ = [
     "models",
     "pareto",
     "prepare",
+    "quantize",
     "search",
     "trace",
     "train_indicators",

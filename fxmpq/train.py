@@ -295,7 +295,7 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         total = len(loader) if hasattr(loader, "__len__") else None
-        bar = tqdm(loader, total=total, desc=f"{kind} {epoch + 1}/{epochs}", leave=False,
+        bar = tqdm(loader, total=total, desc=f"{kind} {epoch + 1}/{epochs}", leave=True,
                    disable=not progress or _rank() != 0, dynamic_ncols=True)
         sums: dict[str, float] = {}
         n = 0
@@ -320,6 +320,8 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
             if max_steps is not None and step >= max_steps:
                 stopped = True
                 break
+        if n:  # the bar's last line keeps the epoch's mean loss per bit-width (whatever the refresh timing)
+            bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items()}, refresh=True)
         bar.close()
         if n == 0:
             raise DataError(f"{kind}: the data yielded no batch in epoch {epoch + 1}")

@@ -1,0 +1,289 @@
+"""quantize(): the whole LIMPQ method as one explicit list of stages, resumable from a work directory."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .analysis import Analysis
+from .budget import Budget
+from .errors import DataError, FxmpqError
+from .export import LowerReport, lower
+from .graph import as_input_tuple
+from .hardware import HardwareSpec, load_hardware
+from .indicators import Indicators
+from .passes.apply_policy import apply_policy
+from .policy import Policy
+from .prepare import prepare
+from .quant import QuantModel
+from .search import SearchResult, pareto, search
+from .train import finetune, train_indicators
+
+log = logging.getLogger(__name__)
+
+__all__ = ["QuantizedModel", "accuracy", "quantize"]
+
+# Artefact names inside a work directory (each stage's output; a re-run resumes from what is there).
+INDICATORS_JSON = "indicators.json"
+INDICATORS_CKPT = "indicators.ckpt"
+SEARCH_JSON = "search.json"
+POLICY_JSON = "policy.json"
+FINETUNE_CKPT = "finetune.pt"
+SUMMARY_JSON = "summary.json"
+
+
+@dataclass
+class QuantizedModel:
+    """What quantize() returns: the quantized model and everything learned on the way there."""
+
+    model: QuantModel
+    policy: Policy
+    indicators: Indicators
+    analysis: Analysis
+    search: SearchResult
+    example_inputs: tuple[Any, ...]
+    fp32_accuracy: float | None = None
+    accuracy: float | None = None
+    work_dir: Path | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def export(self, path: str | Path | None = None, **kwargs: Any) -> LowerReport:
+        """Lower to QDQ ONNX (default: <work_dir>/model.onnx) and check it against PyTorch in ONNX Runtime."""
+        if path is None:
+            if self.work_dir is None:
+                raise FxmpqError("export() needs a path when quantize() ran without a work_dir")
+            path = self.work_dir / "model.onnx"
+        report = lower(self.model, path, self.example_inputs, **kwargs)
+        self.files["onnx"] = Path(path)
+        return report
+
+    def report(self) -> str:
+        """The per-layer table (bits, indicators, share of each budget metric) and the headline numbers."""
+        lines = [self.search.table(self.analysis, self.indicators), ""]
+        w, a = self.policy.average_bits(self.analysis)
+        lines.append(f"average bits of searchable layers: W{w:.2f} A{a:.2f}  (weights by params, activations by MACs)")
+        for metric, total in self.search.totals.items():
+            limit = self.search.limits.get(metric)
+            lim = f" / limit {limit:.4g} ({100 * total / limit:.1f} %)" if limit else ""
+            lines.append(f"{metric:>10}: {total:.4g}{lim}")
+        lines.append(f"search: {self.search.status}, gap {self.search.gap:.3g}, "
+                     f"{1000 * (self.search.solve_time + self.search.build_time):.1f} ms")
+        if self.fp32_accuracy is not None and self.accuracy is not None:
+            lines.append(f"top-1: FP32 {100 * self.fp32_accuracy:.2f} %  ->  quantized {100 * self.accuracy:.2f} %")
+        if self.files:
+            lines.append("files: " + ", ".join(f"{k}={v}" for k, v in self.files.items()))
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Any, *, device: str | torch.device | None = None,
+             max_batches: int | None = None) -> float:
+    """Top-1 accuracy of `model` (put in eval mode for the call) over (inputs, targets) batches."""
+    dev = torch.device(device) if device is not None else _model_device(model)
+    was = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for i, batch in enumerate(data):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = _split(batch, i)
+            out = model(x.to(dev))
+            correct += int((out.argmax(-1).cpu() == y).sum())
+            total += int(y.numel())
+    finally:
+        model.train(was)
+    if total == 0:
+        raise DataError("validation data yielded no samples")
+    return correct / total
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _split(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(batch, list | tuple) and len(batch) == 2 and isinstance(batch[0], torch.Tensor)
+            and isinstance(batch[1], torch.Tensor)):
+        raise DataError(f"batch {index}: expected an (inputs, targets) pair of tensors, found "
+                        f"{type(batch).__name__}")
+    return batch[0], batch[1]
+
+
+def _check_data(model: nn.Module, data: Any, example: tuple[Any, ...], what: str) -> None:
+    """Fail fast: the first batch must be (inputs, targets) shaped like the example and run through the model."""
+    try:
+        batch = next(iter(data))
+    except StopIteration:
+        raise DataError(f"{what} yielded no batches") from None
+    except TypeError:
+        raise DataError(f"{what} must be an iterable of (inputs, targets) batches, found {type(data).__name__}") from None
+    x, y = _split(batch, 0)
+    ex = example[0]
+    if tuple(x.shape[1:]) != tuple(ex.shape[1:]):
+        raise DataError(f"{what}: batch 0 has inputs of shape {tuple(x.shape)}, expected [N, "
+                        f"{', '.join(map(str, ex.shape[1:]))}] like example_inputs {tuple(ex.shape)}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype not in (torch.int64, torch.int32):
+        raise DataError(f"{what}: batch 0 targets must be class indices of shape [{x.shape[0]}] (int64), found "
+                        f"{tuple(y.shape)} {y.dtype}")
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:2].to(_model_device(model)))
+    except Exception as e:
+        raise DataError(f"{what}: the model fails on batch 0 ({type(e).__name__}: {e})") from e
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or int(y.max()) >= out.shape[1] or int(y.min()) < 0:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DataError(f"{what}: targets range over [{int(y.min())}, {int(y.max())}] but the model outputs {shape}; "
+                        "expected logits [N, classes] with 0 <= target < classes")
+
+
+def _check_budget(qmodel: QuantModel, budget: Budget, alpha: float) -> None:
+    """Raise InfeasibleBudget before any training: solve once with placeholder indicators (feasibility only)."""
+    names = [m.name for m in qmodel.analysis.searchable]
+    flat = {n: {b: 2.0 ** -b for b in qmodel.bits} for n in names}
+    placeholder = Indicators(layers=tuple(names), bits=tuple(qmodel.bits), weight=flat, act=flat)
+    search(qmodel.analysis, placeholder, budget, alpha=alpha)
+
+
+def quantize(
+    model: nn.Module,
+    budget: Budget | str | dict[str, float],
+    data: Any,
+    example_inputs: Any,
+    *,
+    hardware: str | HardwareSpec = "bitops",
+    bits: Sequence[int] = (2, 3, 4, 5, 6),
+    indicator_epochs: int = 1,
+    finetune_epochs: int = 1,
+    alpha: float = 2.0,
+    lr: float = 0.01,
+    finetune_lr: float | None = None,
+    val_data: Any = None,
+    work_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    per_channel: bool = False,
+    distill: bool = True,
+    max_steps: int | None = None,
+    model_factory: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    indicator_data: Any = None,
+) -> QuantizedModel:
+    """FP32 model + data + budget -> a fine-tuned mixed-precision QuantModel (LIMPQ), every stage kept.
+
+    Stages: prepare (trace, cost analysis, fake-quant insertion) -> joint indicator training -> ILP search under
+    `budget` -> apply the policy -> LSQ fine-tuning (distilled from the FP32 model). Bad input (unknown hardware,
+    a budget below the smallest achievable, data of the wrong shape, an untraceable model) fails before any
+    training. With `work_dir`, each stage's artefact is written there and a re-run reuses what exists
+    (indicators.json skips indicator training; finetune.pt resumes fine-tuning).
+
+    `budget` is a Budget, a dict of absolute limits, or a string: "w3a4" (no more BitOps than uniform W3A4, the
+    paper's 3MP/4MP), "c12.2" (size <= FP32 size / 12.2), "bitops<=9.7G", "size<=4MB", joined with "&".
+    `indicator_data` feeds indicator training when given (each joint step costs len(bits) + 1 passes, so a subset
+    of `data` is often enough); fine-tuning always uses `data`.
+    """
+    hw = load_hardware(hardware)
+    budget_obj = budget if isinstance(budget, Budget) else (
+        Budget.parse(budget) if isinstance(budget, str) else Budget(**budget))
+    example = as_input_tuple(example_inputs)
+    wd = Path(work_dir) if work_dir is not None else None
+    if wd is not None:
+        wd.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+
+    # 1. prepare: trace + cost analysis + fake-quant insertion (TraceError here, before any long work)
+    qmodel = prepare(model, example, hardware=hw, bits=bits, per_channel=per_channel)
+    if device is not None:
+        qmodel.to(device)
+    budget_limits = budget_obj.resolve(qmodel.analysis)
+    _check_budget(qmodel, budget_obj, alpha)
+    _check_data(model, data, example, "data")
+    if indicator_data is not None:
+        _check_data(model, indicator_data, example, "indicator_data")
+    if val_data is not None:
+        _check_data(model, val_data, example, "val_data")
+    fp32_acc = accuracy(model, val_data, device=device) if val_data is not None else None
+    log.info("budget %s resolved to %s", budget, budget_limits)
+
+    # 2. joint indicator training (skipped when the work dir holds indicators)
+    ind_path = wd / INDICATORS_JSON if wd is not None else None
+    if ind_path is not None and ind_path.is_file():
+        indicators = Indicators.from_json(ind_path)
+        indicators.check_covers([m.name for m in qmodel.analysis.searchable], bits, bits)
+        log.info("indicators read from %s; indicator training skipped", ind_path)
+    else:
+        ckpt = wd / INDICATORS_CKPT if wd is not None else None
+        indicators = train_indicators(qmodel, data if indicator_data is None else indicator_data, epochs=indicator_epochs, lr=lr, distill=distill, seed=seed,
+                                      device=device, checkpoint=ckpt, resume=bool(ckpt and ckpt.is_file()),
+                                      max_steps=max_steps, progress=progress, model_factory=model_factory)
+        if ind_path is not None:
+            indicators.to_json(ind_path)
+    if ind_path is not None:
+        files["indicators"] = ind_path
+
+    # 3. ILP search
+    result = search(qmodel.analysis, indicators, budget_obj, alpha=alpha)
+    policy = result.policy
+    if wd is not None:
+        result.to_json(wd / SEARCH_JSON)
+        policy.to_json(wd / POLICY_JSON)
+        files["policy"] = wd / POLICY_JSON
+        files.update(_plots(qmodel.analysis, indicators, result, budget_obj, alpha, wd))
+
+    # 4. apply the policy (fixes quantizers, adds output quantizers) and fine-tune with LSQ
+    qmodel.set_policy(policy)
+    apply_policy(qmodel, policy, example)
+    ft_ckpt = wd / FINETUNE_CKPT if wd is not None else None
+    teacher = copy.deepcopy(model).eval() if distill else None
+    if teacher is not None and device is not None:
+        teacher.to(device)
+    if finetune_epochs > 0:
+        finetune(qmodel, data, epochs=finetune_epochs, lr=finetune_lr if finetune_lr is not None else lr,
+                 distill_from=teacher, seed=seed, device=device, checkpoint=ft_ckpt,
+                 resume=bool(ft_ckpt and ft_ckpt.is_file()), max_steps=max_steps, progress=progress,
+                 model_factory=model_factory)
+    if ft_ckpt is not None and ft_ckpt.is_file():
+        files["checkpoint"] = ft_ckpt
+    qmodel.eval()
+    q_acc = accuracy(qmodel, val_data, device=device) if val_data is not None else None
+
+    out = QuantizedModel(model=qmodel, policy=policy, indicators=indicators, analysis=qmodel.analysis,
+                         search=result, example_inputs=example, fp32_accuracy=fp32_acc, accuracy=q_acc,
+                         work_dir=wd, files=files)
+    if wd is not None:
+        summary = {"budget": str(budget), "limits": budget_limits, "totals": result.totals,
+                   "objective": result.objective, "status": result.status, "fp32_accuracy": fp32_acc,
+                   "accuracy": q_acc, "average_bits": policy.average_bits(qmodel.analysis)}
+        (wd / SUMMARY_JSON).write_text(json.dumps(summary, indent=1) + "\n")
+    return out
+
+
+def _plots(analysis: Analysis, indicators: Indicators, result: SearchResult, budget: Budget, alpha: float,
+           wd: Path) -> dict[str, Path]:
+    """Bits per layer, indicators per layer and bit, and the BitOps Pareto curve with the chosen point."""
+    from .report import plot_bits, plot_indicators, plot_pareto
+
+    out = {"plot_bits": plot_bits(result.policy, analysis, wd / "bits_per_layer.png"),
+           "plot_indicators": plot_indicators(indicators, wd / "indicators.png")}
+    metric = next((m for m in result.limits if m in analysis.hardware.metrics), None)
+    if metric is not None:
+        try:
+            front = pareto(analysis, indicators, metric=metric, points=20, alpha=alpha)
+            chosen = (result.totals[metric], result.objective)
+            out["plot_pareto"] = plot_pareto(front, wd / "pareto.png", chosen=chosen)
+        except FxmpqError as e:  # a Pareto sweep is a nicety; the chosen policy stands without it
+            log.warning("Pareto plot skipped: %s", e)
+    return out

@@ -1,0 +1,131 @@
+"""fxmpq.quantize end to end: the budget holds, the export validates, work dirs resume, bad input fails early."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from models import UntraceableNet
+from torch import nn
+
+import fxmpq
+import fxmpq.pipeline as pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_batches(n: int, shape=(3, 32, 32), batch: int = 4, classes: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, *shape, generator=g), torch.randint(0, classes, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Make any indicator training or fine-tuning an error: the checks must fire before long work."""
+    def boom(*a, **k):
+        raise AssertionError("training started before the input was checked")
+    monkeypatch.setattr(pipeline, "train_indicators", boom)
+    monkeypatch.setattr(pipeline, "finetune", boom)
+
+
+def test_quantize_resnet18_respects_budget_and_exports(tmp_path):
+    model = torchvision.models.resnet18(num_classes=10)
+    data = random_batches(2)
+    x = torch.randn(1, 3, 32, 32)
+    r = fxmpq.quantize(model, "w3a4", data, x, val_data=data, work_dir=tmp_path, progress=False)
+    limit = fxmpq.Budget.uniform(3, 4).resolve(r.analysis)["bitops"]
+    cost = r.analysis.cost(r.policy)  # recomputed here, not taken from the solver
+    assert cost["bitops"] <= limit * (1 + 1e-9)
+    assert r.search.optimal
+    assert r.policy["conv1"] == (8, 8) and r.policy["fc"] == (8, 8)
+    assert {b for n, (w, a) in r.policy.items() if n not in ("conv1", "fc") for b in (w, a)} <= {2, 3, 4, 5, 6}
+    assert r.fp32_accuracy is not None and r.accuracy is not None
+    for name in ("indicators.json", "policy.json", "search.json", "finetune.pt", "bits_per_layer.png",
+                 "indicators.png", "pareto.png", "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    assert fxmpq.Policy.from_json(tmp_path / "policy.json") == r.policy
+    rep = r.export(inputs=torch.randn(64, 3, 32, 32))
+    assert rep.passed and rep.fused_layers == rep.quantized_layers == 21
+    assert "W" in r.report() and "bitops" in r.report()
+
+
+def test_work_dir_with_indicators_skips_indicator_training(tmp_path, monkeypatch):
+    data = random_batches(2)
+    x = torch.randn(1, 3, 32, 32)
+    first = fxmpq.quantize(tiny_cnn(), "w4a4", data, x, work_dir=tmp_path, finetune_epochs=0, progress=False)
+    saved = (tmp_path / "indicators.json").read_text()
+
+    def must_not_train(*a, **k):
+        raise AssertionError("indicator training ran although the work dir holds indicators")
+    monkeypatch.setattr(pipeline, "train_indicators", must_not_train)
+    second = fxmpq.quantize(tiny_cnn(), "w4a4", data, x, work_dir=tmp_path, finetune_epochs=0, progress=False)
+    assert second.indicators == first.indicators
+    assert second.policy == first.policy
+    assert (tmp_path / "indicators.json").read_text() == saved
+
+
+def test_budget_below_smallest_achievable_fails_before_training(no_training):
+    with pytest.raises(fxmpq.InfeasibleBudget, match=r"bitops.*smallest achievable"):
+        fxmpq.quantize(tiny_cnn(), "bitops<=1", random_batches(1), torch.randn(1, 3, 32, 32))
+
+
+def test_wrong_data_shapes_fail_before_training(no_training):
+    bad = random_batches(1, shape=(3, 16, 16))
+    with pytest.raises(fxmpq.DataError, match=r"batch 0 has inputs of shape \(4, 3, 16, 16\), expected \[N, 3, 32, 32\]"):
+        fxmpq.quantize(tiny_cnn(), "w4a4", bad, torch.randn(1, 3, 32, 32))
+    labels_out_of_range = random_batches(1, classes=50)
+    with pytest.raises(fxmpq.DataError, match="targets range over"):
+        fxmpq.quantize(tiny_cnn(), "w4a4", labels_out_of_range, torch.randn(1, 3, 32, 32))
+    with pytest.raises(fxmpq.DataError, match="yielded no batches"):
+        fxmpq.quantize(tiny_cnn(), "w4a4", [], torch.randn(1, 3, 32, 32))
+
+
+def test_untraceable_model_fails_before_training(no_training):
+    with pytest.raises(fxmpq.TraceError, match="leaf_modules"):
+        fxmpq.quantize(UntraceableNet(), "w4a4", random_batches(1, shape=(3, 8, 8)), torch.randn(1, 3, 8, 8))
+
+
+def test_unknown_hardware_fails_before_training(no_training):
+    with pytest.raises(fxmpq.HardwareSpecError, match=r"unknown hardware 'tpu9'.*shipped targets are"):
+        fxmpq.quantize(tiny_cnn(), "w4a4", random_batches(1), torch.randn(1, 3, 32, 32), hardware="tpu9")
+
+
+def test_bad_budget_string_fails_before_training(no_training):
+    with pytest.raises(fxmpq.FxmpqError):
+        fxmpq.quantize(tiny_cnn(), "w3x4", random_batches(1), torch.randn(1, 3, 32, 32))
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python API block, run as written with tiny loaders standing in for the user's."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Python API\n```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    loader = random_batches(2, shape=(3, 64, 64))
+    namespace = {"train_loader": loader, "val_loader": loader}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert (tmp_path / "runs/r18/model.onnx").is_file()
+
+
+def test_demo_quick_smoke(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/demo.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "ONNX parity PASS" in proc.stdout
+    assert (out / "model.onnx").is_file() and (out / "policy.json").is_file()
