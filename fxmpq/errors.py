@@ -41,3 +41,7 @@ class ExportError(FxmpqError):
 
 class CheckpointError(FxmpqError):
     """A checkpoint or work-directory file is missing, corrupt or was not written by fxmpq."""
+
+
+class ModelSpecError(FxmpqError):
+    """A model named on the command line or in a checkpoint cannot be built (unknown name, bad factory)."""

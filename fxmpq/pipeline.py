@@ -178,6 +178,7 @@ def quantize(
     distill: bool = True,
     max_steps: int | None = None,
     model_factory: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
     progress: bool = True,
     indicator_data: Any = None,
@@ -193,7 +194,9 @@ def quantize(
     `budget` is a Budget, a dict of absolute limits, or a string: "w3a4" (no more BitOps than uniform W3A4, the
     paper's 3MP/4MP), "c12.2" (size <= FP32 size / 12.2), "bitops<=9.7G", "size<=4MB", joined with "&".
     `indicator_data` feeds indicator training when given (each joint step costs len(bits) + 1 passes, so a subset
-    of `data` is often enough); fine-tuning always uses `data`.
+    of `data` is often enough); fine-tuning always uses `data`. `model_factory` ("package.module:function", a
+    torchvision or fxmpq.models name) and `model_kwargs` are recorded in the checkpoints, so that
+    `tools/lower.py <work_dir>` can rebuild the model later.
     """
     hw = load_hardware(hardware)
     budget_obj = budget if isinstance(budget, Budget) else (
@@ -228,7 +231,8 @@ def quantize(
         ckpt = wd / INDICATORS_CKPT if wd is not None else None
         indicators = train_indicators(qmodel, data if indicator_data is None else indicator_data, epochs=indicator_epochs, lr=lr, distill=distill, seed=seed,
                                       device=device, checkpoint=ckpt, resume=bool(ckpt and ckpt.is_file()),
-                                      max_steps=max_steps, progress=progress, model_factory=model_factory)
+                                      max_steps=max_steps, progress=progress, model_factory=model_factory,
+                                      model_kwargs=model_kwargs)
         if ind_path is not None:
             indicators.to_json(ind_path)
     if ind_path is not None:
@@ -254,7 +258,7 @@ def quantize(
         finetune(qmodel, data, epochs=finetune_epochs, lr=finetune_lr if finetune_lr is not None else lr,
                  distill_from=teacher, seed=seed, device=device, checkpoint=ft_ckpt,
                  resume=bool(ft_ckpt and ft_ckpt.is_file()), max_steps=max_steps, progress=progress,
-                 model_factory=model_factory)
+                 model_factory=model_factory, model_kwargs=model_kwargs)
     if ft_ckpt is not None and ft_ckpt.is_file():
         files["checkpoint"] = ft_ckpt
     qmodel.eval()

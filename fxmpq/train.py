@@ -453,6 +453,7 @@ def train_indicators(
     progress: bool = True,
     batch_size: int = 32,
     model_factory: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> Indicators:
     """Learn every layer's step sizes at every candidate bit in one joint run; returns them as Indicators.
 
@@ -473,7 +474,8 @@ def train_indicators(
         _run(qmodel, data, kind="indicators", step_fn=_joint_step(distill), epochs=epochs, lr=lr,
              step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
              device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
-             batch_size=batch_size, extra_meta={"model_factory": model_factory, "distill": distill})
+             batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {}),
+                         "distill": distill})
     finally:
         if before is None:
             qmodel.disable_quant()
@@ -501,6 +503,7 @@ def finetune(
     progress: bool = True,
     batch_size: int = 32,
     model_factory: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> TrainStats:
     """LSQ quantization-aware training of weights and step sizes at the model's current policy.
 
@@ -508,7 +511,8 @@ def finetune(
     `distill_from` (an FP32 teacher nn.Module, put in eval mode and moved to the training device), the
     loss is the KL divergence to the teacher's soft output (softmax over the last dim) instead of `loss_fn`. Checkpoints carry what a tool needs to rebuild the model:
     candidate bits, the policy, the per-layer quantizer state, the hardware name and path, the example input
-    shapes and `model_factory` ("package.module:function", stored as given). Other arguments as in
+    shapes, `model_factory` ("package.module:function" or a torchvision/fxmpq.models name, stored as given)
+    and `model_kwargs` (JSON-able keyword arguments for it), so that tools/lower.py rebuilds the model. Other arguments as in
     `train_indicators`.
     """
     if qmodel.policy is None:
@@ -522,5 +526,5 @@ def finetune(
     return _run(qmodel, data, kind="finetune", step_fn=_plain_step(teacher), epochs=epochs, lr=lr,
                 step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
                 device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
-                batch_size=batch_size, extra_meta={"model_factory": model_factory})
+                batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {})})
 

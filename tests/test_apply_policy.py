@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from fxmpq.passes.apply_policy import ApplyPolicyPass, BiasRounding, apply_policy
-from fxmpq.passes.base import run_passes
-from fxmpq.passes.lower_qdq import LowerToQDQPass
 from models import PlainCNN, ResidualNet
 
 from fxmpq.errors import PolicyError
+from fxmpq.passes.apply_policy import ApplyPolicyPass, BiasRounding, apply_policy
+from fxmpq.passes.base import run_passes
+from fxmpq.passes.lower_qdq import LowerToQDQPass
 from fxmpq.prepare import prepare
 from fxmpq.quant import LSQQuantizer
 

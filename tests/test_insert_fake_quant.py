@@ -10,11 +10,11 @@ import pytest
 import torch
 import torchvision
 from _quant_models import FunctionalNet, TinyNet
-from fxmpq.passes import InsertFakeQuantPass, run_passes
 
 import fxmpq
 from fxmpq.errors import PassError, PolicyError
 from fxmpq.graph import trace
+from fxmpq.passes import InsertFakeQuantPass, run_passes
 from fxmpq.quant import LSQQuantizer, QuantConv2d, SwitchableBatchNorm2d
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -11,12 +11,12 @@ import onnx
 import pytest
 import torch
 import torchvision
-from fxmpq.passes.apply_policy import apply_policy
 from models import GroupedNet, PlainCNN, ResidualNet
 from onnx import numpy_helper
 
 from fxmpq.errors import ExportError
 from fxmpq.export import LowerReport, lower, qlinear_counts
+from fxmpq.passes.apply_policy import apply_policy
 from fxmpq.prepare import prepare
 
 BITS = (2, 3, 4, 5, 6, 7, 8)

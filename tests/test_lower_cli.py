@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fxmpq.passes.apply_policy import apply_policy
 from models import PlainCNN
 
 from fxmpq.checkpoint import save_checkpoint, split_state
+from fxmpq.passes.apply_policy import apply_policy
 from fxmpq.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,17 +108,6 @@ def test_unknown_hardware_fails_before_training(no_training):
 def test_bad_budget_string_fails_before_training(no_training):
     with pytest.raises(fxmpq.FxmpqError):
         fxmpq.quantize(tiny_cnn(), "w3x4", random_batches(1), torch.randn(1, 3, 32, 32))
-
-
-def test_readme_python_example_runs(tmp_path, monkeypatch):
-    """The README's Python API block, run as written with tiny loaders standing in for the user's."""
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"## Python API\n```python\n(.*?)```", text, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    loader = random_batches(2, shape=(3, 64, 64))
-    namespace = {"train_loader": loader, "val_loader": loader}
-    exec(compile(block, "README.md", "exec"), namespace)
-    assert (tmp_path / "runs/r18/model.onnx").is_file()
 
 
 def test_demo_quick_smoke(tmp_path):

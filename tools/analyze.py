@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import math
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 import fxmpq
+import fxmpq.models
 from fxmpq import FxmpqError, Pins, Policy
 
 log = logging.getLogger(__name__)
@@ -44,46 +44,9 @@ def parse_uniform(text: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
-def resolve_factory(spec: str) -> Callable[..., nn.Module]:
-    """A model factory from a torchvision model name, a fxmpq.models name, or "package.module:function"."""
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        if not module_name or not attr:
-            raise BadInput(f"model {spec!r}: expected package.module:function")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise BadInput(f"model {spec!r}: cannot import {module_name!r} ({e})") from None
-        factory = getattr(module, attr, None)
-        if not callable(factory):
-            raise BadInput(f"model {spec!r}: {module_name} has no callable {attr!r}")
-        return factory
-    import torchvision
-
-    import fxmpq.models
-
-    if spec in fxmpq.models.__all__ and spec[0].islower():
-        return getattr(fxmpq.models, spec)
-    names = torchvision.models.list_models()
-    if spec in names:
-        return lambda **kw: torchvision.models.get_model(spec, weights=None, **kw)
-    close = [n for n in names if spec.lower() in n][:6]
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise BadInput(f"unknown model {spec!r}: expected a torchvision model name (torchvision.models.list_models()), "
-                   f"one of fxmpq.models ({', '.join(n for n in fxmpq.models.__all__ if n[0].islower())}), "
-                   f"or package.module:function{hint}")
-
-
 def build_model(spec: str, num_classes: int | None) -> nn.Module:
-    factory = resolve_factory(spec)
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    try:
-        model = factory(**kwargs)
-    except Exception as e:  # a user factory may raise anything; report it on one line
-        raise BadInput(f"model {spec!r}: the factory raised {type(e).__name__}: {e}") from None
-    if not isinstance(model, nn.Module):
-        raise BadInput(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
-    return model
+    """The model `spec` names (fxmpq.models.build_model), with num_classes when given."""
+    return fxmpq.models.build_model(spec, {} if num_classes is None else {"num_classes": num_classes})
 
 
 def uncovered_parameters(model: nn.Module, analysis: fxmpq.Analysis) -> list[tuple[str, int]]:

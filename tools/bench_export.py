@@ -20,9 +20,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torchvision
-from fxmpq.passes.apply_policy import apply_policy
 
 from fxmpq.export import export_fp32, lower, qlinear_counts
+from fxmpq.passes.apply_policy import apply_policy
 from fxmpq.prepare import prepare
 
 BITS = (2, 3, 4, 5, 6, 7, 8)

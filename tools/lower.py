@@ -1,6 +1,7 @@
 """Lower a quantized checkpoint written by fxmpq to a QDQ ONNX model and print its parity report.
 
-    python tools/lower.py CHECKPOINT_OR_WORKDIR --out model.onnx [--model pkg.mod:factory] [--input 1x3x224x224]
+    python tools/lower.py CHECKPOINT_OR_WORKDIR --out model.onnx [--model pkg.mod:factory]
+        [--model-kwargs JSON] [--input 1x3x224x224]
 
 The checkpoint is self-describing (model factory, input shape, candidate bits, hardware, policy, weights) and is
 loaded with torch.load(weights_only=True). Exit status 0 when the ONNX model was written and matches PyTorch;
@@ -10,7 +11,6 @@ otherwise 1 with the reason on one line (2 for a missing, corrupt or foreign che
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import tempfile
@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fxmpq.passes.apply_policy import apply_policy
 from torch import nn
 
+from fxmpq import models
 from fxmpq.checkpoint import join_state, load_checkpoint
-from fxmpq.errors import CheckpointError, FxmpqError
+from fxmpq.errors import CheckpointError, FxmpqError, ModelSpecError
 from fxmpq.export import export_fp32, lower
+from fxmpq.passes.apply_policy import apply_policy
 from fxmpq.policy import Policy
 from fxmpq.prepare import prepare
 
@@ -48,20 +49,13 @@ def find_checkpoint(path: Path) -> Path:
     return path
 
 
-def resolve_factory(spec: str, where: str) -> Callable[[], nn.Module]:
-    """Import "package.module:function" (no eval); CheckpointError naming `where` when it does not resolve."""
-    mod_name, sep, attr = spec.partition(":")
-    if not sep or not mod_name or not attr:
-        raise CheckpointError(f"{where}: model factory {spec!r} must look like 'package.module:function'")
+def resolve_factory(spec: str, where: str, kwargs: Mapping[str, Any] | None = None) -> Callable[[], nn.Module]:
+    """A no-argument builder for the model `spec` names; CheckpointError naming `where` when it does not resolve."""
     try:
-        obj: Any = importlib.import_module(mod_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise CheckpointError(f"{where}: cannot import model factory {spec!r} ({type(e).__name__}: {e})") from None
-    if not callable(obj):
-        raise CheckpointError(f"{where}: model factory {spec!r} is not callable")
-    return obj
+        models.resolve_factory(spec)  # fail here, naming the checkpoint, before anything is built
+    except ModelSpecError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return lambda: models.build_model(spec, kwargs)
 
 
 def _first(meta: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
@@ -95,8 +89,8 @@ def _state_dict(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], wh
     return dict(tensors)
 
 
-def load_quantized(path: Path, model_spec: str | None = None, input_shape: tuple[int, ...] | None = None
-                   ) -> tuple[Any, torch.Tensor, Callable[[], nn.Module]]:
+def load_quantized(path: Path, model_spec: str | None = None, input_shape: tuple[int, ...] | None = None,
+                   model_kwargs: Mapping[str, Any] | None = None) -> tuple[Any, torch.Tensor, Callable[[], nn.Module]]:
     """Rebuild the QuantModel a checkpoint describes: (qmodel in eval mode, example input, model factory)."""
     ckpt = find_checkpoint(path)
     tensors, meta = load_checkpoint(ckpt)
@@ -104,7 +98,10 @@ def load_quantized(path: Path, model_spec: str | None = None, input_shape: tuple
     spec = model_spec or _first(meta, _FACTORY_KEYS)
     if not isinstance(spec, str):
         raise CheckpointError(f"{where}: no model factory recorded; pass --model package.module:function")
-    factory = resolve_factory(spec, where)
+    kwargs = model_kwargs if model_kwargs is not None else meta.get("model_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{where}: model_kwargs must be an object, found {type(kwargs).__name__}")
+    factory = resolve_factory(spec, where, kwargs)
     shape = input_shape or _first(meta, _SHAPE_KEYS)
     if isinstance(shape, list) and shape and isinstance(shape[0], list):
         shape = shape[0]
@@ -169,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("checkpoint", type=Path, help="checkpoint file or work directory written by fxmpq")
     ap.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     ap.add_argument("--model", help="model factory 'package.module:function' (overrides the checkpoint's)")
+    ap.add_argument("--model-kwargs", help="JSON keyword arguments for the factory (overrides the checkpoint's)")
     ap.add_argument("--input", help="input shape such as 1x3x224x224 (overrides the checkpoint's)")
     ap.add_argument("--samples", type=int, default=64, help="random inputs for the parity check (default 64)")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -176,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         shape = _parse_shape(args.input) if args.input else None
-        q, example, factory = load_quantized(args.checkpoint, args.model, shape)
+        kwargs = models.parse_model_kwargs(args.model_kwargs) if args.model_kwargs else None
+        q, example, factory = load_quantized(args.checkpoint, args.model, shape, kwargs)
         rep = lower(q, args.out, example, samples=args.samples)
         print(rep.table())
         with tempfile.TemporaryDirectory() as d:

@@ -3,7 +3,7 @@
     .venv/bin/python tools/search.py --indicators ../shared/fixtures/limpq_resnet50_indicators.json \
         --model resnet50 --input 3x224x224 --hardware bitops --budget "w3a4&c12.2" --out policy.json --plot bits.png
 
-`--model` is a torchvision model name or `package.module:factory` (called without arguments).
+`--model` is a torchvision model name, a fxmpq.models name or `package.module:factory` (called with --model-kwargs).
 Budget strings: terms joined by `&`: `w3a4` (BitOps of uniform W3A4), `c12.2` (size <= FP32/12.2),
 `metric<=NUMBER[k|M|G|T]` or `size<=4MB`.
 """
@@ -11,27 +11,11 @@ Budget strings: terms joined by `&`: `w3a4` (BitOps of uniform W3A4), `c12.2` (s
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
 import fxmpq
-
-
-def _model(spec: str):
-    if ":" in spec:
-        mod, _, fn = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            raise fxmpq.FxmpqError(f"--model {spec!r}: cannot load factory ({e})") from None
-        return factory()
-    import torchvision
-
-    try:
-        return torchvision.models.get_model(spec)
-    except ValueError:
-        raise fxmpq.FxmpqError(f"--model {spec!r}: not a torchvision model name nor package.module:factory") from None
+from fxmpq.models import build_model, parse_model_kwargs
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -70,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="fxmpq bit-width search (ILP, HiGHS)")
     ap.add_argument("--indicators", required=True, help="indicators JSON file")
     ap.add_argument("--model", required=True, help="torchvision name or package.module:factory")
+    ap.add_argument("--model-kwargs", default="{}", help='JSON keyword arguments for the model factory, e.g. \'{"num_classes": 10}\'')
     ap.add_argument("--input", default="3x224x224", help="input shape without batch, e.g. 3x224x224")
     ap.add_argument("--hardware", default="bitops", help="shipped hardware name or path to a .toml")
     ap.add_argument("--budget", required=True, help='e.g. "w3a4&c12.2", "bitops<=9.7G", "size<=4MB"')
@@ -82,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
+        kwargs = parse_model_kwargs(args.model_kwargs)
         ind = fxmpq.Indicators.from_json(Path(args.indicators))
         budget = fxmpq.Budget.parse(args.budget)
         hw = fxmpq.load_hardware(args.hardware)
-        analysis = fxmpq.analyze(_model(args.model), torch.randn(1, *_shape(args.input)), hardware=hw)
+        analysis = fxmpq.analyze(build_model(args.model, kwargs), torch.randn(1, *_shape(args.input)), hardware=hw)
         res = fxmpq.search(analysis, ind, budget, args.alpha, weight_only=args.weight_only, clean=args.clean)
         print(res.table(analysis, ind))
         w, a = res.policy.average_bits(analysis)
