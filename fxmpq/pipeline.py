@@ -186,7 +186,7 @@ def quantize(
     """FP32 model + data + budget -> a fine-tuned mixed-precision QuantModel (LIMPQ), every stage kept.
 
     Stages: prepare (trace, cost analysis, fake-quant insertion) -> joint indicator training -> ILP search under
-    `budget` -> apply the policy -> LSQ fine-tuning (distilled from the FP32 model). Bad input (unknown hardware,
+    `budget` -> apply the policy -> LSQ fine-tuning (distilled from the FP32 model, cosine learning rate). Bad input (unknown hardware,
     a budget below the smallest achievable, data of the wrong shape, an untraceable model) fails before any
     training. With `work_dir`, each stage's artefact is written there and a re-run reuses what exists
     (indicators.json skips indicator training; finetune.pt resumes fine-tuning).
@@ -256,7 +256,7 @@ def quantize(
         teacher.to(device)
     if finetune_epochs > 0:
         finetune(qmodel, data, epochs=finetune_epochs, lr=finetune_lr if finetune_lr is not None else lr,
-                 distill_from=teacher, seed=seed, device=device, checkpoint=ft_ckpt,
+                 distill_from=teacher, seed=seed, device=device, checkpoint=ft_ckpt, cosine=True,
                  resume=bool(ft_ckpt and ft_ckpt.is_file()), max_steps=max_steps, progress=progress,
                  model_factory=model_factory, model_kwargs=model_kwargs)
     if ft_ckpt is not None and ft_ckpt.is_file():

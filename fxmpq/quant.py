@@ -195,6 +195,8 @@ class LSQQuantizer(nn.Module):
         else:
             n = x.numel()
             s = s.reshape(())
+        if not torch.is_grad_enabled():  # inference: the same arithmetic, without the backward's saved mask
+            return torch.div(x, s).clamp_(qmin, qmax).round_().mul_(s)
         return _LSQFunction.apply(x, s, 1.0 / math.sqrt(n * qmax), qmin, qmax)
 
     def extra_repr(self) -> str:

@@ -235,6 +235,7 @@ def _run(
     progress: bool,
     batch_size: int,
     extra_meta: Mapping[str, Any],
+    cosine: bool = False,
 ) -> TrainStats:
     """The one training loop: data checks, device, DDP, epochs, optimizer steps, progress, checkpoints, resume."""
     if not isinstance(qmodel, QuantModel):
@@ -261,7 +262,7 @@ def _run(
             return _loop(qmodel, loader, kind=kind, step_fn=step_fn, epochs=epochs, lr=lr, step_lr=step_lr,
                          weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed, dev=dev,
                          checkpoint=checkpoint, resume_path=resume_path, max_steps=max_steps, progress=progress,
-                         extra_meta=extra_meta)
+                         extra_meta=extra_meta, cosine=cosine)
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
@@ -270,11 +271,13 @@ def _run(
 def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: StepFn, epochs: int, lr: float,
           step_lr: float | None, weight_decay: float, optimizer: OptimizerFactory | None, loss_fn: LossFn | None,
           seed: int, dev: torch.device, checkpoint: str | Path | None, resume_path: Path | None,
-          max_steps: int | None, progress: bool, extra_meta: Mapping[str, Any]) -> TrainStats:
+          max_steps: int | None, progress: bool, extra_meta: Mapping[str, Any], cosine: bool = False) -> TrainStats:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     groups = _param_groups(qmodel, lr, step_lr, weight_decay)
+    for g in groups:
+        g["base_lr"] = g["lr"]
     opt = optimizer(groups) if optimizer is not None else torch.optim.SGD(groups, lr=lr, momentum=0.9)
     start_epoch, step = 0, 0
     if resume_path is not None:
@@ -283,6 +286,7 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
     if _dist_on() and _world_size() > 1:
         net = DistributedDataParallel(qmodel, device_ids=[dev.index] if dev.type == "cuda" else None,
                                       find_unused_parameters=True)
+    total_steps = _total_steps(loader, epochs, max_steps) if cosine else None
     ctx = _StepContext(net=net, qmodel=qmodel, loss_fn=loss_fn or F.cross_entropy, seed=seed, step=step)
     shapes = qmodel.example_shapes
     qmodel.train()
@@ -310,6 +314,8 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
             if bad:
                 raise DataError(f"{kind}: loss became non-finite at step {step} (epoch {epoch + 1}, batch {i}) "
                                 f"for {', '.join(bad)}; lower lr (now {lr}) or check the data")
+            if total_steps:
+                _set_cosine_lr(opt, step, total_steps)
             opt.step()
             qmodel.clamp_step_sizes()
             step += 1
@@ -337,6 +343,24 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
             break
     return TrainStats(epochs=done, steps=step, losses=epoch_losses,
                       checkpoint=str(checkpoint) if checkpoint is not None else None)
+
+
+def _total_steps(loader: Iterable[Any], epochs: int, max_steps: int | None) -> int | None:
+    """Optimizer steps the run will take (for the cosine schedule), or None when the data has no length."""
+    per_epoch = len(loader) if hasattr(loader, "__len__") else None
+    total = epochs * per_epoch if per_epoch is not None else None
+    if max_steps is not None:
+        total = max_steps if total is None else min(total, max_steps)
+    if total is None:
+        log.warning("cosine learning rate needs data with a length or max_steps; keeping lr constant")
+    return total
+
+
+def _set_cosine_lr(opt: torch.optim.Optimizer, step: int, total: int) -> None:
+    """lr = base_lr * (1 + cos(pi * step / total)) / 2: a function of the step count alone, so resume is exact."""
+    factor = 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    for g in opt.param_groups:
+        g["lr"] = g.get("base_lr", g["lr"]) * factor
 
 
 def _meta(qmodel: QuantModel, extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -504,6 +528,7 @@ def finetune(
     batch_size: int = 32,
     model_factory: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    cosine: bool = False,
 ) -> TrainStats:
     """LSQ quantization-aware training of weights and step sizes at the model's current policy.
 
@@ -512,7 +537,8 @@ def finetune(
     loss is the KL divergence to the teacher's soft output (softmax over the last dim) instead of `loss_fn`. Checkpoints carry what a tool needs to rebuild the model:
     candidate bits, the policy, the per-layer quantizer state, the hardware name and path, the example input
     shapes, `model_factory` ("package.module:function" or a torchvision/fxmpq.models name, stored as given)
-    and `model_kwargs` (JSON-able keyword arguments for it), so that tools/lower.py rebuilds the model. Other arguments as in
+    and `model_kwargs` (JSON-able keyword arguments for it), so that tools/lower.py rebuilds the model.
+    With `cosine`, the learning rate decays from `lr` to 0 along a half cosine over the run's steps. Other arguments as in
     `train_indicators`.
     """
     if qmodel.policy is None:
@@ -526,5 +552,6 @@ def finetune(
     return _run(qmodel, data, kind="finetune", step_fn=_plain_step(teacher), epochs=epochs, lr=lr,
                 step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
                 device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
-                batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {})})
+                batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {})},
+                cosine=cosine)
 

@@ -156,3 +156,37 @@ def test_per_channel_indicators_are_channel_means_and_progress_bar_shows_losses(
         assert ind.weight["conv3"][b] == pytest.approx(expected)
     err = capsys.readouterr().err
     assert "indicators 1/1" in err and "w4=" in err and "rand=" in err
+
+
+def test_cosine_finetune_decays_lr_and_resumes_exactly(tmp_path) -> None:
+    data = random_batches(3)
+    seen: list[float] = []
+
+    def sgd(groups):
+        opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+        orig = opt.step
+
+        def step(*a, **k):
+            seen.append(opt.param_groups[0]["lr"])
+            return orig(*a, **k)
+        opt.step = step
+        return opt
+
+    q = _prepare()
+    q.set_uniform(3)
+    fxmpq.finetune(q, data, epochs=2, lr=0.1, cosine=True, optimizer=sgd, progress=False)
+    assert seen[0] == pytest.approx(0.1) and seen == sorted(seen, reverse=True) and seen[-1] < 0.01
+    whole = _steps(q)
+
+    q2 = _prepare()
+    q2.set_uniform(3)
+    ck = tmp_path / "ft.ckpt"
+    with pytest.raises(_Killed):  # dies in epoch 2; the checkpoint holds epoch 1
+        fxmpq.finetune(q2, data, epochs=2, lr=0.1, cosine=True, checkpoint=ck, progress=False,
+                       loss_fn=_ce_killed_at(5))
+    q3 = _prepare()
+    q3.set_uniform(3)
+    fxmpq.finetune(q3, data, epochs=2, lr=0.1, cosine=True, checkpoint=ck, resume=True, progress=False)
+    resumed = _steps(q3)
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
