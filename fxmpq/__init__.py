@@ -23,6 +23,7 @@ from .errors import (
 from .export import LowerReport, lower
 from .graph import trace
 from .hardware import HardwareSpec, LayerKind, Pins, builtin_hardware, load_hardware
+from .hessian import hessian_indicators
 from .indicators import Indicators
 from .passes.apply_policy import apply_policy
 from .pipeline import QuantizedModel, accuracy, quantize
@@ -67,6 +68,7 @@ __all__ = [
     "apply_policy",
     "builtin_hardware",
     "finetune",
+    "hessian_indicators",
     "indicators_from_model",
     "load_hardware",
     "lower",

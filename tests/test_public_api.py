@@ -11,7 +11,7 @@ EXPECTED = {
     "HardwareSpecError", "IndicatorError", "Indicators", "InfeasibleBudget", "LayerKind", "LowerReport", "ModelSpecError",
     "ParetoResult", "PassError", "Pins", "Policy", "PolicyError", "QuantModel", "QuantizedModel", "SearchResult",
     "TraceError", "TrainStats", "__version__", "accuracy", "analyze", "apply_policy", "builtin_hardware",
-    "finetune", "indicators_from_model", "load_hardware", "lower", "models", "pareto", "prepare", "quantize",
+    "finetune", "hessian_indicators", "indicators_from_model", "load_hardware", "lower", "models", "pareto", "prepare", "quantize",
     "search", "trace", "train_indicators",
 }
 
