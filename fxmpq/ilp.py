@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -72,6 +74,17 @@ def _highspy():  # imported lazily so that importing fxmpq stays fast
     if _HIGHS is None:
         import highspy
 
+        # HiGHS prints a copyright banner from C++ when the first Highs object of a process is built, before any
+        # option can silence it; build that first one with the process's stdout pointed at /dev/null
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 1)
+                highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
         _HIGHS = highspy
     return _HIGHS
 

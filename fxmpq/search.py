@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -27,6 +28,10 @@ __all__ = ["ParetoResult", "SearchResult", "pareto", "search"]
 
 CLEAN_MODES = ("paper", "isotonic")
 _MAX_GROUP_CHOICES = 200_000
+_DP_STATES = 20_000  # partial choices the exact dynamic program may hold at once before HiGHS takes over
+_DP_WORK = 200_000  # partial choices it may examine in all before HiGHS takes over
+_DP_MAX_UNITS = 64  # more undecided units than this go to HiGHS directly (measured faster on tiled resnet50)
+_DP_BEAM = 48  # states per unit in the heuristic pass that looks for a better incumbent
 # Our own incumbent is handed to HiGHS, so its primal heuristics mostly cost time (measured on resnet50).
 _MIP_OPTIONS = {"mip_heuristic_run_feasibility_jump": False, "mip_heuristic_effort": 0.0,
                 "mip_detect_symmetry": False}
@@ -359,6 +364,45 @@ def _nondominated(pts: np.ndarray) -> np.ndarray:
     return np.sort(order[keep])
 
 
+def _pareto(pts: np.ndarray) -> np.ndarray:
+    """Indices of the rows of `pts` that no other row weakly dominates (of equal rows, one is kept).
+
+    Rows are visited in lexicographic order, so only earlier rows can dominate a later one: with two columns
+    that is a running minimum, with three a staircase of the earlier rows' last two columns, otherwise blocks
+    of pairwise comparisons.
+    """
+    n, dims = pts.shape
+    if n < 2:
+        return np.arange(n)
+    order = np.lexsort(pts.T[::-1])
+    p = pts[order]
+    if dims == 2:
+        prev_min = np.minimum.accumulate(np.concatenate([[np.inf], p[:-1, 1]]))
+        keep = p[:, 1] < prev_min
+    elif dims == 3:
+        keep = np.zeros(n, dtype=bool)
+        xs: list[float] = []  # staircase of kept rows: ascending in column 1, strictly descending in column 2
+        ys: list[float] = []
+        for i, (x, y) in enumerate(p[:, 1:].tolist()):
+            k = bisect.bisect_right(xs, x)
+            if k and ys[k - 1] <= y:
+                continue  # an earlier row is no worse in every column
+            keep[i] = True
+            end = k
+            while end < len(xs) and ys[end] >= y:
+                end += 1
+            xs[k:end] = [x]
+            ys[k:end] = [y]
+    else:
+        keep = np.ones(n, dtype=bool)
+        for start in range(0, n, 512):
+            blk = p[start:start + 512]
+            dom = np.all(p[None, :, :] <= blk[:, None, :], axis=2)  # [b, n]: row j <= row i everywhere
+            dom &= np.arange(n)[None, :] < (start + np.arange(len(blk)))[:, None]
+            keep[start:start + len(blk)] = ~dom.any(axis=1)
+    return np.sort(order[keep])
+
+
 def _dominated_mask(unit_of: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """[n] True where a column is weakly dominated by another column of its unit (ties: lower index wins)."""
     n = len(unit_of)
@@ -441,11 +485,11 @@ class _Solver:
         if lp.status is not ilp.Status.OPTIMAL:
             raise FxmpqError(f"the LP relaxation failed: {lp.message}")
         dual = lp.row_dual[self.U:]
-        L, r = -np.inf, None
-        for lam in (np.clip(-dual, 0, None), np.clip(dual, 0, None)):
-            Ld, rd = self._lagrange(lam)
+        L, r, lam = -np.inf, None, None
+        for cand in (np.clip(-dual, 0, None), np.clip(dual, 0, None)):
+            Ld, rd = self._lagrange(cand)
             if Ld > L:
-                L, r = Ld, rd
+                L, r, lam = Ld, rd, cand
         # incumbent: LP rounding + repair + local moves (+ a caller's start)
         sel = self._round(lp.x)
         sel = self._repair(sel)
@@ -466,58 +510,92 @@ class _Solver:
         per_unit = np.bincount(self.unit[keep], minlength=self.U)
         if np.all(per_unit == 1):
             return _Outcome(self.cols[sel], "optimal", ub, L, n, 0)
-        found = self._enumerate(keep, sel, r, L)
+        found = self._enumerate(keep, sel, r, L, lam) if np.sum(per_unit > 1) <= _DP_MAX_UNITS else None
         if found is not None:
             return _Outcome(self.cols[found], "optimal", float(self.obj[found].sum()), L, n, 0)
         return self._mip(keep, sel, L, n)
 
-    def _enumerate(self, keep: np.ndarray, sel: np.ndarray, r: np.ndarray, L: float) -> np.ndarray | None:
-        """Depth-first branch and bound on the columns left after fixing; None when it needs too many nodes.
+    def _multipliers(self, lam: np.ndarray) -> np.ndarray:
+        """[M, K] non-negative multipliers: the LP's, each component scaled by a few factors (all combinations)."""
+        factors = np.array([0.0, 0.5, 0.8, 1.0, 1.25, 2.0])
+        grids = [lam[k] * factors if lam[k] > 0 else np.zeros(1) for k in range(len(lam))]
+        mesh = np.stack(np.meshgrid(*grids, indexing="ij"), axis=-1).reshape(-1, len(lam))
+        return np.unique(mesh, axis=0)
 
-        A partial choice is pruned when L + (its reduced costs) reaches the best value found (the Lagrangian
-        bound with the LP's multipliers, valid for every completion) or when no completion fits the budget.
+    def _enumerate(self, keep: np.ndarray, sel: np.ndarray, r: np.ndarray, L: float,
+                   lam: np.ndarray) -> np.ndarray | None:
+        """The exact dynamic program below, after a narrow (beam) pass of it that sharpens the incumbent."""
+        better = self._dp(keep, sel, r, L, lam, beam=_DP_BEAM)
+        if better is not None and float(self.obj[better].sum()) < float(self.obj[sel].sum()):
+            sel = better
+        return self._dp(keep, sel, r, L, lam)
+
+    def _dp(self, keep: np.ndarray, sel: np.ndarray, r: np.ndarray, L: float, lam: np.ndarray,
+            beam: int | None = None) -> np.ndarray | None:
+        """Exact dynamic program over units on the columns left after fixing; None when its states grow too many.
+
+        Partial choices (over the first d units) are kept only when (a) L + their reduced costs stays below the
+        best value known (the Lagrangian bound with the LP's multipliers, valid for every completion), (b) some
+        completion fits the budget, and (c) no other partial choice over the same units is at least as good in
+        the objective and in every constrained metric (replacing the prefix of an optimum by a dominating one
+        keeps it feasible and no worse, so an optimum survives). The best complete choice is then optimal.
+        With `beam`, only the `beam` states of smallest bound go on at each unit: a heuristic, not a proof.
         """
-        best_sel, best = sel.copy(), float(self.obj[sel].sum())
+        best = float(self.obj[sel].sum())
+        tol = 1e-9 * max(1.0, abs(best))
+        lim = best - L + tol
         idx = np.flatnonzero(keep)
         units = [idx[self.unit[idx] == u] for u in range(self.U)]
-        units = [c[np.argsort(r[c])] for c in units]
-        order = sorted(range(self.U), key=lambda u: -len(units[u]))
-        opts = [units[u] for u in order]
-        rr = [r[c].tolist() for c in opts]
-        oo = [self.obj[c].tolist() for c in opts]
+        order = sorted(range(self.U), key=lambda u: len(units[u]))
         K = self.raw.shape[0]
-        cc = [self.raw[:, c].T.tolist() for c in opts]
-        mins = np.array([np.min(self.raw[:, c], axis=1) for c in opts])  # [U, K]
-        suffix = np.vstack([np.cumsum(mins[::-1], axis=0)[::-1], np.zeros((1, K))])
-        room = [(self.b + 1e-12 * np.abs(self.b) - suffix[d + 1]).tolist() for d in range(self.U)]
-        nodes, limit, U = 0, 4000, self.U
-        pick = [0] * U
-        stack = [(0, 0.0, 0.0, [0.0] * K, 0)]
-        while stack:
-            depth, rsum, osum, tot, choice = stack.pop()
-            if depth:
-                pick[depth - 1] = choice  # DFS: the ancestors' picks are still in place
-            if depth == U:
-                if osum < best:
-                    best = osum
-                    best_sel = np.empty(U, dtype=np.int64)
-                    for d in range(U):
-                        best_sel[order[d]] = opts[d][pick[d]]
-                continue
-            children = []
-            lim, rm = best - L - rsum, room[depth]
-            for i, rv in enumerate(rr[depth]):
-                if rv >= lim:
-                    break
-                t = [x + y for x, y in zip(tot, cc[depth][i])]
-                if any(x > y for x, y in zip(t, rm)):
-                    continue
-                children.append((depth + 1, rsum + rv, osum + oo[depth][i], t, i))
-            nodes += len(children)
-            if nodes > limit:
+        mins = np.array([self.raw[:, units[u]].min(axis=1) for u in order])  # [U, K] in processing order
+        rest = np.vstack([np.cumsum(mins[::-1], axis=0)[::-1], np.zeros((1, K))])  # rest[d]: units d.. minimum
+        tol_b = self.b + 1e-12 * np.abs(self.b)
+        # Lagrangian bounds of the remaining units for a small set of multipliers around the LP's: a state that
+        # spent more of a budget gets a tighter bound from a larger multiplier (each lambda >= 0 is valid)
+        lams = self._multipliers(lam)
+        b_sc = self.b / self.scale
+        g = np.zeros((self.U + 1, len(lams)))
+        for d in range(self.U - 1, -1, -1):
+            cols = units[order[d]]
+            g[d] = g[d + 1] + (self.obj[cols][None, :] + lams @ self.sc[:, cols]).min(axis=1)
+        s_obj, s_r, s_cost = np.zeros(1), np.zeros(1), np.zeros((1, K))
+        work = 0
+        parents: list[tuple[np.ndarray, np.ndarray]] = []
+        for d, u in enumerate(order):
+            cols = units[u]
+            o = (s_obj[:, None] + self.obj[cols][None]).ravel()
+            rr = (s_r[:, None] + r[cols][None]).ravel()
+            c = (s_cost[:, None, :] + self.raw[:, cols].T[None]).reshape(-1, K)
+            ok = (rr <= lim) & np.all(c + rest[d + 1] <= tol_b, axis=1)
+            pos = np.flatnonzero(ok)
+            work += len(pos)
+            if work > _DP_WORK:
                 return None
-            stack.extend(reversed(children))  # smallest reduced cost popped first
-        return best_sel
+            if len(pos):
+                slack = b_sc[None, :] - c[pos] / self.scale[None, :]  # [S, K]
+                bound = o[pos] + (g[d + 1][None, :] - slack @ lams.T).max(axis=1)
+                live = bound <= best + tol
+                pos, bound = pos[live], bound[live]
+                if beam is not None and len(pos) > beam:
+                    pos = pos[np.argpartition(bound, beam)[:beam]]
+            if len(pos) > _DP_STATES:
+                return None
+            if beam is None:
+                pos = pos[_pareto(np.column_stack([o[pos], c[pos]]))]
+            parents.append((pos // len(cols), cols[pos % len(cols)]))
+            s_obj, s_r, s_cost = o[pos], rr[pos], c[pos]
+        if not len(s_obj):  # the incumbent is optimal (nothing better survives the bound)
+            return sel
+        k = int(np.argmin(s_obj))
+        if s_obj[k] >= best:
+            return sel
+        out = np.empty(self.U, dtype=np.int64)
+        for d in range(self.U - 1, -1, -1):
+            parent, col = parents[d]
+            out[order[d]] = col[k]
+            k = int(parent[k])
+        return out
 
     def _mip(self, keep: np.ndarray, sel: np.ndarray | None, L: float, n_reduced: int) -> _Outcome:
         idx = np.flatnonzero(keep)

@@ -264,6 +264,18 @@ def test_resnet50_fixture_matches_plain_highs() -> None:
     assert res.objective == pytest.approx(plain.objective, rel=1e-9)
 
 
+@pytest.mark.parametrize("budget", ["w3a4&c12.2", "w4a4&c10", "w2a4&c14", "w3a3"])
+def test_dynamic_program_and_highs_branch_and_bound_agree(r18, budget, monkeypatch) -> None:
+    """The exact finishers: the dynamic program (default for few undecided layers) and HiGHS's MIP."""
+    a, ind = r18
+    dp = fxmpq.search(a, ind, budget)
+    monkeypatch.setattr(search_mod, "_DP_MAX_UNITS", -1)  # every instance goes to HiGHS
+    mip = fxmpq.search(a, ind, budget)
+    assert dp.optimal and mip.optimal
+    assert dp.objective == pytest.approx(mip.objective, rel=1e-12, abs=1e-12)
+    _check_feasible(a, dp, dp.limits)
+
+
 def test_cli_search(tmp_path) -> None:
     out = tmp_path / "policy.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "search.py"), "--indicators", str(FIXTURE),

@@ -15,31 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from common import train_fp32
 
 import fxmpq
-from fxmpq.datasets import ImageData, load_small
+from fxmpq.datasets import load_small
 from fxmpq.models import small_resnet
-
-
-def train_fp32(model: torch.nn.Module, data: ImageData, epochs: int, limit: int | None, seed: int) -> None:
-    """Plain FP32 training with SGD + cosine schedule (the model the user would bring)."""
-    torch.manual_seed(seed)
-    loader = data.loader("train", 128, limit=limit, seed=seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=epochs * len(loader))
-    model.train()
-    for epoch in range(epochs):
-        t, total = time.time(), 0.0
-        for x, y in loader:
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss)
-        print(f"  fp32 epoch {epoch + 1}/{epochs}: loss {total / len(loader):.3f} ({time.time() - t:.0f} s)")
-    model.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = small_resnet(in_channels=data.input_shape[0], num_classes=data.num_classes)
     print("1) training the FP32 model")
-    train_fp32(model, data, 1 if quick else args.fp32_epochs, fp32_limit, args.seed)
+    train_fp32(model, data, 1 if quick else args.fp32_epochs, limit=fp32_limit, seed=args.seed)
     val = data.loader("test", 512, limit=512 if quick else None)
 
     print("2) fxmpq.quantize: indicators -> ILP search -> fine-tune")
