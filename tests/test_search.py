@@ -23,6 +23,8 @@ from fxmpq.hardware import loads_hardware
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "limpq_resnet50_indicators.json"
 search_mod = sys.modules["fxmpq.search"]
+sys.path.insert(0, str(ROOT / "tools"))
+from bench_search import resnet18_indicators  # noqa: E402
 
 SMALL_HW = """
 [target]
@@ -106,12 +108,7 @@ def test_optimal_against_brute_force(share, alpha, frac_b, frac_s, data) -> None
 
 
 def _resnet18_indicators(analysis) -> Indicators:
-    base = Indicators.from_json(FIXTURE)
-    names = [m.name for m in analysis.searchable]
-    src = base.layers
-    return Indicators(layers=tuple(names), bits=base.bits,
-                      weight={n: dict(base.weight[src[i]]) for i, n in enumerate(names)},
-                      act={n: dict(base.act[src[i]]) for i, n in enumerate(names)})
+    return resnet18_indicators(analysis, Indicators.from_json(FIXTURE))
 
 
 @pytest.fixture(scope="module")

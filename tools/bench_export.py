@@ -49,7 +49,7 @@ def _time(sess: ort.InferenceSession, x: np.ndarray, warmup: int, repeats: int) 
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--per-channel", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     rows = []
     with tempfile.TemporaryDirectory() as d:

@@ -6,8 +6,9 @@ copies that read the same input and sum their outputs, every copy's conv1 and fc
 indicators = the fixture's times a seeded random factor in [0.9, 1.1] per layer.
 
     .venv/bin/python tools/bench_search.py --sizes 1,4,10,20 --repeats 3
+    .venv/bin/python tools/bench_search.py --resnet18      # fxmpq alone: resnet18 solve times over 36 budgets
 
-Needs the `bench` extra (pulp). CBC's status is read from its own log, not from PuLP's label.
+Needs pulp (in the `dev` extra). CBC's status is read from its own log, not from PuLP's label.
 """
 
 from __future__ import annotations
@@ -101,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cbc-repeats", type=int, default=None, help="CBC solves per size (default: --repeats)")
     ap.add_argument("--time-limit", type=float, default=120.0, help="CBC time limit in seconds")
     ap.add_argument("--alpha", type=float, default=2.0)
+    ap.add_argument("--resnet18", action="store_true", help="time fxmpq alone on resnet18 over many budgets")
     args = ap.parse_args(argv)
     base = fxmpq.Indicators.from_json(args.indicators)
+    if args.resnet18:
+        return resnet18_sweep(base, max(5, args.repeats), args.alpha)
     budget = fxmpq.Budget.uniform(3, 4) & fxmpq.Budget.compression(12.2)
     search_mod = sys.modules["fxmpq.search"]
     rows = []
@@ -133,6 +137,41 @@ def main(argv: list[str] | None = None) -> int:
         print(_line(row), flush=True)
     print()
     print(_table(rows))
+    return 0
+
+
+def resnet18_indicators(analysis: fxmpq.Analysis, base: fxmpq.Indicators) -> fxmpq.Indicators:
+    """A resnet18-sized instance: the fixture's first 19 resnet50 rows given to resnet18's 19 searchable layers."""
+    names = [m.name for m in analysis.searchable]
+    src = base.layers
+    return fxmpq.Indicators(layers=tuple(names), bits=base.bits,
+                            weight={n: dict(base.weight[src[i]]) for i, n in enumerate(names)},
+                            act={n: dict(base.act[src[i]]) for i, n in enumerate(names)})
+
+
+def resnet18_sweep(base: fxmpq.Indicators, repeats: int, alpha: float) -> int:
+    """fxmpq.search on resnet18 (19 searchable layers, 25 pairs) at 36 budgets: min/median wall and CPU ms."""
+    analysis = fxmpq.analyze(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+    ind = resnet18_indicators(analysis, base)
+    budgets = ([f"w{w}a{a}" for w in (2, 3, 4, 5) for a in (2, 3, 4, 5)]
+               + [f"w{w}a{a}&c{c}" for w, a in ((3, 4), (4, 4), (3, 3), (2, 4)) for c in (8, 10, 12.2, 14)]
+               + ["c8", "c10", "c12.2", "c14"])
+    print("| budget | min wall ms | median wall ms | min CPU ms | finisher | status |")
+    print("|---|---:|---:|---:|---|---|")
+    worst = 0.0
+    for b in budgets:
+        wall, cpu = [], []
+        for _ in range(repeats):
+            t, c = time.perf_counter(), time.process_time()
+            res = fxmpq.search(analysis, ind, b, alpha)
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        finisher = "HiGHS MIP" if res.n_vars_mip else "reductions / dynamic program"
+        worst = max(worst, statistics.median(wall))
+        print(f"| {b} | {1e3 * min(wall):.2f} | {1e3 * statistics.median(wall):.2f} | {1e3 * min(cpu):.2f} | "
+              f"{finisher} | {res.status} |", flush=True)
+    print(f"\nworst median over {len(budgets)} budgets: {1e3 * worst:.2f} ms ({repeats} solves each, model build "
+          "included)")
     return 0
 
 

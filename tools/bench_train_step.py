@@ -84,12 +84,13 @@ def bench(name: str, model: nn.Module, shape: tuple[int, ...], repeats: int, bit
     return {"model": name, "shape": shape, "wall": med, "cpu": med_cpu}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--models", nargs="+", default=["small_cnn", "resnet18"], choices=["small_cnn", "resnet18"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6])
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # keep denormal slowdowns of a long random-data run out of the comparison
@@ -97,6 +98,7 @@ def main() -> None:
         ("small_cnn", SmallCNN(), (32, 3, 32, 32)),
         ("resnet18", torchvision.models.resnet18(num_classes=10), (16, 3, 64, 64)),
     ]
+    cases = [c for c in cases if c[0] in args.models]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} steps")
     head = (f"{'model':<10} {'input':<14} {'clock':<5} {'fp32 ms':>9} {'fq ms':>9} {'fq/fp32':>8} "
             f"{'joint ms':>9} {'joint/qat':>9}")

@@ -1,0 +1,203 @@
+"""Model-zoo coverage: every torchvision classification model through the whole pipeline, stage by stage.
+
+    python tools/bench_zoo.py [--out runs/bench_zoo] [--models resnet18,vit_b_16] [--timeout 1800] [--redo]
+
+For each model of torchvision.models.list_models(module=torchvision.models), with random weights, at the smallest
+square input it accepts (tried from 32 up): trace -> prepare (fake-quant insertion + cost analysis) -> indicators
+(2 joint-training steps on random data, batch 2) -> search (ILP, BitOps of uniform W4A4) -> apply policy ->
+lower to QDQ ONNX -> validate in ONNX Runtime (16 random inputs: max |diff| in output steps, relative L2,
+top-1 agreement, integer kernels). Each model runs in its own process (a crash or a timeout costs one row, not
+the run) and writes <out>/<model>.json; a re-run skips models already there (resumable; --redo runs them again).
+The table goes to <out>/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SIZES = (32, 64, 96, 128, 160, 192, 224, 256, 299)
+STAGES = ("input", "trace", "prepare", "indicators", "search", "apply", "lower", "validate")
+
+
+def classification_models() -> list[str]:
+    """Every classification model torchvision registers (detection, segmentation, video, optical flow left out)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def smallest_input(model: torch.nn.Module) -> tuple[int, dict[int, str]]:
+    """The smallest square size in SIZES the model runs on in eval mode (batch 2), and why smaller ones failed."""
+    tried: dict[int, str] = {}
+    for s in SIZES:
+        try:
+            with torch.no_grad():
+                model(torch.randn(2, 3, s, s))
+            return s, tried
+        except Exception as e:  # any failure means "not this size"; the reasons are kept
+            tried[s] = _first_line(e)
+    raise RuntimeError(f"no input size in {SIZES} works; at {SIZES[-1]}: {tried[SIZES[-1]]}")
+
+
+def run_one(name: str, samples: int) -> dict[str, Any]:
+    """All stages for one model; a failing stage ends the row with its reason."""
+    import torchvision
+
+    import fxmpq
+
+    row: dict[str, Any] = {"model": name, "stages": {}, "ok": False}
+    torch.manual_seed(0)
+
+    def stage(key: str, fn: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            out = fn()
+        except Exception as e:
+            row["stages"][key] = {"ok": False, "seconds": time.perf_counter() - t}
+            row["failed_stage"], row["reason"] = key, _first_line(e)
+            row["traceback"] = traceback.format_exc(limit=-4)
+            raise
+        row["stages"][key] = {"ok": True, "seconds": time.perf_counter() - t}
+        return out
+
+    try:
+        model = torchvision.models.get_model(name, weights=None).eval()
+        row["params"] = sum(p.numel() for p in model.parameters())
+        size, _ = stage("input", lambda: smallest_input(model))
+        row["input"] = size
+        x = torch.randn(1, 3, size, size)
+        stage("trace", lambda: fxmpq.trace(model, x))
+        q = stage("prepare", lambda: fxmpq.prepare(model, x))
+        a = q.analysis
+        row.update(layers=len(a.layers), searchable=len(a.searchable), macs=sum(m.macs for m in a.layers))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            classes = int(model(x).shape[-1])
+        data = [(torch.randn(2, 3, size, size, generator=g), torch.randint(0, classes, (2,), generator=g))
+                for _ in range(2)]
+        ind = stage("indicators", lambda: fxmpq.train_indicators(q, data, epochs=1, max_steps=2, progress=False))
+        res = stage("search", lambda: fxmpq.search(a, ind, fxmpq.Budget.uniform(4, 4)))
+        row.update(search_status=res.status, search_ms=1e3 * (res.solve_time + res.build_time),
+                   avg_bits=list(res.policy.average_bits(a)))
+        stage("apply", lambda: fxmpq.apply_policy(q, res.policy, torch.randn(4, 3, size, size, generator=g)))
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / f"{name}.onnx"
+            rep = stage("lower", lambda: fxmpq.lower(q, path, x, samples=samples, batch=8, check=False))
+            row.update(onnx_mb=rep.onnx_bytes / 1e6, max_diff_steps=rep.max_diff_steps, max_abs_diff=rep.max_abs_diff,
+                       rel_l2=rep.rel_l2, top1_agreement=rep.top1_agreement, fused=rep.fused_layers,
+                       quantized=rep.quantized_layers, diverging=rep.diverging)
+
+            def validate() -> None:
+                if not rep.passed:
+                    raise fxmpq.ExportError(f"parity: {rep.max_diff_steps} output steps, top-1 agreement "
+                                            f"{rep.top1_agreement}, first divergence {rep.diverging}")
+            stage("validate", validate)
+        row["ok"] = True
+    except Exception:  # recorded in the row by stage(); anything before the first stage is recorded here
+        if "reason" not in row:
+            e = sys.exc_info()[1]
+            row["failed_stage"], row["reason"] = "build", _first_line(e)
+    return row
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    """The markdown table, one row per model, then the failures with their reasons."""
+    ok = sum(bool(r.get("ok")) for r in rows)
+    lines = [f"{ok} of {len(rows)} torchvision classification models pass every stage.", "",
+             "| model | input | layers (searchable) | GMACs | trace s | prepare s | indicators s | search ms | apply s "
+             "| lower+ORT s | max diff (steps) | rel L2 | top-1 agree | int kernels | status |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        secs = {k: v["seconds"] for k, v in r.get("stages", {}).items()}
+        top1 = r.get("top1_agreement")
+        cells = [
+            r["model"], _cell(r.get("input"), "d"),
+            f"{r['layers']} ({r['searchable']})" if "layers" in r else "-",
+            _cell(r["macs"] / 1e9 if "macs" in r else None, ".3f"),
+            *(_cell(secs.get(k), ".1f") for k in ("trace", "prepare", "indicators")),
+            _cell(r.get("search_ms"), ".1f"), _cell(secs.get("apply"), ".1f"), _cell(secs.get("lower"), ".1f"),
+            _cell(r.get("max_diff_steps"), ".2f"), _cell(r.get("rel_l2"), ".2g"),
+            _cell(None if top1 is None else 100 * top1, ".1f"),
+            f"{r['fused']}/{r['quantized']}" if "fused" in r else "-",
+            "ok" if r.get("ok") else f"FAIL at {r.get('failed_stage')}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in rows if not r.get("ok")]
+    if failed:
+        lines += ["", "Failures:", ""]
+        lines += [f"- **{r['model']}** at {r.get('failed_stage')}: {r.get('reason')}" for r in failed]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_zoo"))
+    ap.add_argument("--models", help="comma-separated subset (default: every classification model)")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per model (default 1800)")
+    ap.add_argument("--samples", type=int, default=16, help="random inputs for the ONNX Runtime check")
+    ap.add_argument("--redo", action="store_true", help="run models again even when a result exists")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # the per-model child process
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    if args.one:
+        row = run_one(args.one, args.samples)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.one}.json").write_text(json.dumps(row, indent=1, default=str))
+        return 0
+    names = [m.strip() for m in args.models.split(",")] if args.models else classification_models()
+    unknown = sorted(set(names) - set(classification_models()))
+    if unknown:
+        print(f"bench_zoo.py: error: not torchvision classification models: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for i, name in enumerate(names, 1):
+        result = args.out / f"{name}.json"
+        if result.is_file() and not args.redo:
+            continue
+        t = time.time()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--out", str(args.out),
+               "--samples", str(args.samples)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+            if not result.is_file():  # the child died (a crash, out of memory): record why
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                result.write_text(json.dumps({"model": name, "ok": False, "stages": {}, "failed_stage": "process",
+                                              "reason": f"exit status {proc.returncode}: {tail[:300]}"}))
+        except subprocess.TimeoutExpired:
+            result.write_text(json.dumps({"model": name, "ok": False, "stages": {}, "failed_stage": "timeout",
+                                          "reason": f"did not finish in {args.timeout} s"}))
+        row = json.loads(result.read_text())
+        print(f"[{i}/{len(names)}] {name}: {'ok' if row.get('ok') else 'FAIL ' + str(row.get('reason'))} "
+              f"({time.time() - t:.0f} s)", flush=True)
+    rows = [json.loads((args.out / f"{n}.json").read_text()) for n in names if (args.out / f"{n}.json").is_file()]
+    report = render(rows)
+    (args.out / "results.md").write_text(report + "\n")
+    print(report)
+    return 0 if all(r.get("ok") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
