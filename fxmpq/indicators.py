@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import IndicatorError
+from .jsonio import read_json
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +99,7 @@ class Indicators:
     @classmethod
     def from_json(cls, source: str | Path) -> Indicators:
         """Read indicators from a JSON file path or JSON text (the paper's released format included)."""
-        where, text = "<text>", str(source)
-        if isinstance(source, Path) or not text.lstrip().startswith("{"):
-            where = text
-            try:
-                text = Path(source).read_text()
-            except OSError as e:
-                raise IndicatorError(f"cannot read indicators file {where}: {e.strerror}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise IndicatorError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        data, where = read_json(source, IndicatorError, "indicators")
         return cls.from_dict(data, where)
 
     @classmethod

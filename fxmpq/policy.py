@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .errors import PolicyError
+from .jsonio import read_json
 
 if TYPE_CHECKING:
     from .analysis import Analysis
@@ -125,18 +126,7 @@ class Policy(Mapping[str, tuple[int, int]]):
     @classmethod
     def from_json(cls, source: str | Path) -> Policy:
         """Read a policy from JSON text or from a file path."""
-        where = "<text>"
-        text = str(source)
-        if isinstance(source, Path) or not text.lstrip().startswith("{"):
-            where = text
-            try:
-                text = Path(source).read_text()
-            except OSError as e:
-                raise PolicyError(f"cannot read policy file {where}: {e.strerror}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PolicyError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        data, where = read_json(source, PolicyError, "policy")
         if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
             raise PolicyError(f'{where}: expected {{"format": "{FORMAT}", "layers": {{name: {{"w": .., "a": ..}}}}}}')
         bits = {}
