@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per policy (default 3)")
     ap.add_argument("--workers", type=int, default=2, help="fine-tuning processes, one thread each (default 2)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (digits when Fashion-MNIST is missing)")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="only FP32 training, indicator training and Hessian indicators (cached), and their times")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     recipe = SMOKE if args.smoke else Recipe()
@@ -300,6 +302,17 @@ def main(argv: list[str] | None = None) -> int:
           f"budgets {[f'W{b}A{b}' for b in budgets]}, {args.seeds} seeds, {args.workers} workers")
 
     prepared = {net: prepare_net(net, data, args.out, recipe, seed=0) for net in nets}
+    if args.prepare_only:
+        for net, p in prepared.items():
+            t0 = time.perf_counter()
+            for b in budgets:
+                policies_for(p, b)
+            searches = 6 * len(budgets)
+            t = p.times
+            print(f"{net}: FP32 top-1 {100 * p.fp32_acc:.2f} %; FP32 training {t.get('fp32_training', 0):.1f} s, "
+                  f"joint indicator training {t.get('indicator_training', 0):.1f} s, Hessian indicators "
+                  f"{t.get('hessian', 0):.1f} s, {searches} ILP searches {time.perf_counter() - t0:.3f} s in all")
+        return 0
     plan: list[dict[str, Any]] = []  # (net, budget, method, policy key, policy, search time)
     for net, p in prepared.items():
         for b in budgets:

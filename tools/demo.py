@@ -3,7 +3,7 @@
     python tools/demo.py [--data DIR] [--out runs/demo] [--budget w3a3] [--quick]
 
 Uses Fashion-MNIST when found (Debian's dataset-fashion-mnist, or --data DIR), otherwise scikit-learn's digits, so it
-never needs the network. About 5 minutes on 2 CPU cores with Fashion-MNIST; --quick is a smoke run of seconds.
+never needs the network. About 2-3 minutes on 2 CPU cores with Fashion-MNIST; --quick is a smoke run of seconds.
 """
 
 from __future__ import annotations
