@@ -99,6 +99,9 @@ def _export(module: nn.Module, inputs: tuple[Any, ...], table: dict[Any, Any] | 
     """torch.onnx (dynamo) export with a dynamic batch dimension; returns the ModelProto."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     dyn = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+    # torch.export specialises dimensions of size 1: trace with a batch of 2 so the batch stays symbolic
+    inputs = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1 else x
+                   for x in inputs)
     names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     try:
         prog = torch.onnx.export(module, inputs, dynamo=True, opset_version=OPSET, optimize=True,

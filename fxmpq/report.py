@@ -27,24 +27,33 @@ def _pyplot():
     return plt
 
 
+def _patch():
+    from matplotlib.patches import Patch
+
+    return Patch
+
+
 def plot_bits(policy: Policy, analysis: Analysis, path: str | Path) -> Path:
     """Bar chart of weight and activation bits per layer (graph order); pinned layers hatched."""
     plt = _pyplot()
+    Patch = _patch()
     full = policy.complete(analysis)
     names = analysis.names
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.25), 4))
     pinned = [m.pinned for m in analysis.layers]
+    handles = []
     for offset, idx, label in ((-0.2, 0, "weight bits"), (0.2, 1, "activation bits")):
-        bars = ax.bar([i + offset for i in x], [full[n][idx] for n in names], width=0.4, label=label)
+        bars = ax.bar([i + offset for i in x], [full[n][idx] for n in names], width=0.4)
         for bar, p in zip(bars, pinned):
             if p:
                 bar.set_hatch("//")
+        handles.append(Patch(facecolor=bars[0].get_facecolor(), label=label))  # unhatched, whatever comes first
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=90, fontsize=6)
     ax.set_ylabel("bits")
     ax.set_title("bits per layer (hatched: pinned)")
-    ax.legend()
+    ax.legend(handles=handles)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -109,7 +109,8 @@ class BiasRounding(nn.Module):
 
     def forward(self, y: torch.Tensor, s_x: torch.Tensor, s_w: torch.Tensor, s_out: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, gamma: torch.Tensor | None = None, beta: torch.Tensor | None = None,
-                mean: torch.Tensor | None = None, var: torch.Tensor | None = None) -> torch.Tensor:
+                mean: torch.Tensor | None = None, var: torch.Tensor | None = None,
+                ready: torch.Tensor | None = None) -> torch.Tensor:
         if self.training:
             return y
         with torch.no_grad():
@@ -128,15 +129,19 @@ class BiasRounding(nn.Module):
             b_int = torch.round(b / b_scale)
             shape = [1] * y.dim()
             shape[self.channel_axis] = ch
+            rounded = y + (b_int * b_scale - b).reshape(shape).to(y.dtype)
             if s_out is None:
-                return y + (b_int * b_scale - b).reshape(shape).to(y.dtype)
+                return rounded
             # the integer kernel: acc (exact integer sum + int32 bias) * M, M = s_x * s_w / s_out (float32),
             # rounded half to even; the following quantizer recovers n exactly from n * s_out
             acc = torch.round((y.float() - b.reshape(shape)) / b_scale.reshape(shape)) + b_int.reshape(shape)
             so = s_out.detach().float().reshape(())
             m = (sx * scale) / so
             n = torch.round(acc * m.reshape(shape))
-        return (n * so).to(y.dtype)
+            out = (n * so).to(y.dtype)
+            if ready is not None:  # the output quantizer has no step size yet (its first batch): do not use it
+                out = torch.where(ready, out, rounded)
+        return out
 
 
 class ApplyPolicyPass(PassBase):
@@ -304,7 +309,8 @@ class ApplyPolicyPass(PassBase):
             if bn is not None:
                 args += [g.get_attr(f"{bn_path}.{k}") if getattr(bn, k) is not None else None
                          for k in ("weight", "bias", "running_mean", "running_var")]
-            rn = g.call_module(f"{owner}.bias_rounding", tuple(args))
+            ready = {"ready": g.get_attr(f"{out_q}.initialized")} if out_q else {}
+            rn = g.call_module(f"{owner}.bias_rounding", tuple(args), ready)
         for u in users:
             u.replace_input_with(after, rn)
 

@@ -290,18 +290,24 @@ class LowerToQDQPass(PassBase):
                                                                opts["dilation"], opts["groups"]))
         result = new
         if as_conv:
-            # flatten back after the output's quantizer (when it is the only user), so Conv -> Q stays adjacent
+            # flatten back after the ReLU and quantizer that follow the layer alone (Conv -> [Relu] -> Q must
+            # stay adjacent for ONNX Runtime to fuse them), else right after the layer
             after = out
-            tail = list(after.users)
-            if len(tail) == 1 and tail[0].op == "call_module" and isinstance(
-                    gm.get_submodule(tail[0].target), LSQQuantizer):
-                after = tail[0]
+            while len(after.users) == 1:
+                nxt = next(iter(after.users))
+                if nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), LSQQuantizer):
+                    after = nxt
+                    break
+                if relu_bounds(gm, nxt) is None:
+                    break
+                after = nxt
             users_after = list(after.users)
             out.replace_all_uses_with(new)
-            with g.inserting_after(after):
-                flat = g.call_method("flatten", (after, 1))
+            src = new if after is out else after
+            with g.inserting_after(src):
+                flat = g.call_method("flatten", (src, 1))
             for u in users_after:
-                u.replace_input_with(after, flat)
+                u.replace_input_with(src, flat)
         else:
             out.replace_all_uses_with(result)
         if out is not node:

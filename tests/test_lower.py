@@ -162,3 +162,42 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         lower(q, path, x, samples=8)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+class _ClassifierHead(torch.nn.Module):
+    """AlexNet/VGG-style head: Dropout -> Linear -> ReLU -> Dropout -> Linear -> ReLU -> Linear, small outputs."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Dropout(), nn.Linear(32, 16), nn.ReLU(inplace=True), nn.Dropout(),
+                                        nn.Linear(16, 16), nn.ReLU(inplace=True), nn.Linear(16, 10))
+        with torch.no_grad():  # outputs well below one: a requantization at an unset step would round them to 0
+            self.classifier[-1].weight.mul_(1e-3)
+            self.classifier[-1].bias.mul_(1e-3)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def test_relu_dropout_linear_chain_with_small_outputs_and_batch_one_example(tmp_path):
+    torch.manual_seed(0)
+    q, x, _ = _quantized(_ClassifierHead(), (1, 3, 8, 8), per_channel=False)
+    for name, quantizer in q.quantizers():
+        if name.endswith("output_quantizer"):  # initialised on real outputs, not on a requantization at step 1
+            assert float(quantizer.step_size()) > 1e-6, name
+    rep = lower(q, tmp_path / "m.onnx", x, samples=256)
+    assert rep.passed and rep.max_diff_steps == 0.0
+    assert rep.fused_layers == rep.quantized_layers == 4
+
+
+def test_convnext_block_exports_from_a_batch_of_one(tmp_path):
+    from torchvision.models.convnext import CNBlock
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), CNBlock(8, 1e-6, 0.0),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    q, x, _ = _quantized(model, (1, 3, 8, 8), per_channel=True)
+    rep = lower(q, tmp_path / "m.onnx", x, samples=64)
+    assert rep.passed and x.shape[0] == 1
