@@ -236,6 +236,7 @@ def _run(
     batch_size: int,
     extra_meta: Mapping[str, Any],
     cosine: bool = False,
+    clip_grad_norm: float | None = None,
 ) -> TrainStats:
     """The one training loop: data checks, device, DDP, epochs, optimizer steps, progress, checkpoints, resume."""
     if not isinstance(qmodel, QuantModel):
@@ -262,7 +263,7 @@ def _run(
             return _loop(qmodel, loader, kind=kind, step_fn=step_fn, epochs=epochs, lr=lr, step_lr=step_lr,
                          weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed, dev=dev,
                          checkpoint=checkpoint, resume_path=resume_path, max_steps=max_steps, progress=progress,
-                         extra_meta=extra_meta, cosine=cosine)
+                         extra_meta=extra_meta, cosine=cosine, clip_grad_norm=clip_grad_norm)
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
@@ -271,7 +272,8 @@ def _run(
 def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: StepFn, epochs: int, lr: float,
           step_lr: float | None, weight_decay: float, optimizer: OptimizerFactory | None, loss_fn: LossFn | None,
           seed: int, dev: torch.device, checkpoint: str | Path | None, resume_path: Path | None,
-          max_steps: int | None, progress: bool, extra_meta: Mapping[str, Any], cosine: bool = False) -> TrainStats:
+          max_steps: int | None, progress: bool, extra_meta: Mapping[str, Any], cosine: bool = False,
+          clip_grad_norm: float | None = None) -> TrainStats:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -287,6 +289,7 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
         net = DistributedDataParallel(qmodel, device_ids=[dev.index] if dev.type == "cuda" else None,
                                       find_unused_parameters=True)
     total_steps = _total_steps(loader, epochs, max_steps) if cosine else None
+    params = [p for g in opt.param_groups for p in g["params"]]
     ctx = _StepContext(net=net, qmodel=qmodel, loss_fn=loss_fn or F.cross_entropy, seed=seed, step=step)
     shapes = qmodel.example_shapes
     qmodel.train()
@@ -314,6 +317,7 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
             if bad:
                 raise DataError(f"{kind}: loss became non-finite at step {step} (epoch {epoch + 1}, batch {i}) "
                                 f"for {', '.join(bad)}; lower lr (now {lr}) or check the data")
+            _check_gradients(qmodel, params, clip_grad_norm, kind=kind, step=step, lr=lr)
             if total_steps:
                 _set_cosine_lr(opt, step, total_steps)
             opt.step()
@@ -343,6 +347,27 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
             break
     return TrainStats(epochs=done, steps=step, losses=epoch_losses,
                       checkpoint=str(checkpoint) if checkpoint is not None else None)
+
+
+def _check_gradients(qmodel: QuantModel, params: list[torch.Tensor], clip: float | None, *, kind: str, step: int,
+                     lr: float) -> None:
+    """Clip the gradients' total norm to `clip` (when given); DataError naming the parameters whose gradient is
+    not finite, before the optimizer step spreads it into the model."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return
+    # float64 norms: float32 gradients of 1e20 (random-init nets on tiny batches) are finite but their squares are not
+    norms = torch.stack([torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) for p in with_grad])
+    total = torch.linalg.vector_norm(norms)
+    if clip is not None:
+        coef = (clip / (total + 1e-12)).clamp(max=1.0)
+        torch._foreach_mul_([p.grad for p in with_grad], coef.to(with_grad[0].grad.dtype))
+    if not bool(torch.isfinite(total)):
+        names = {id(p): n for n, p in qmodel.named_parameters()}
+        bad = [names.get(id(p), "?") for p in with_grad if not bool(torch.isfinite(p.grad).all())]
+        raise DataError(f"{kind}: gradients became non-finite at step {step} in {len(bad)} parameter(s) "
+                        f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); lower lr (now {lr}), set "
+                        f"clip_grad_norm, or use larger batches (BatchNorm on tiny batches explodes)")
 
 
 def _total_steps(loader: Iterable[Any], epochs: int, max_steps: int | None) -> int | None:
@@ -478,6 +503,7 @@ def train_indicators(
     batch_size: int = 32,
     model_factory: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    clip_grad_norm: float | None = None,
 ) -> Indicators:
     """Learn every layer's step sizes at every candidate bit in one joint run; returns them as Indicators.
 
@@ -490,7 +516,9 @@ def train_indicators(
     A checkpoint is written atomically after each epoch when `checkpoint` is given; `resume=True` continues
     from it (or `resume=<path>`), at the start of the epoch after the last completed one, and ends identical
     to an uninterrupted run on CPU. Under torch.distributed (torchrun) the model is wrapped in DDP; the
-    earlier passes of a step accumulate under no_sync and the last one all-reduces. The quantizers are left
+    earlier passes of a step accumulate under no_sync and the last one all-reduces. Before each optimizer
+    step the gradients' total norm is clipped to `clip_grad_norm` when given, and a non-finite gradient
+    raises DataError naming the parameters (so a diverging run stops before it corrupts the model). The quantizers are left
     switched as they were before the call.
     """
     before = qmodel.policy
@@ -499,7 +527,7 @@ def train_indicators(
              step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
              device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
              batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {}),
-                         "distill": distill})
+                         "distill": distill}, clip_grad_norm=clip_grad_norm)
     finally:
         if before is None:
             qmodel.disable_quant()
@@ -529,6 +557,7 @@ def finetune(
     model_factory: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     cosine: bool = False,
+    clip_grad_norm: float | None = None,
 ) -> TrainStats:
     """LSQ quantization-aware training of weights and step sizes at the model's current policy.
 
@@ -553,5 +582,5 @@ def finetune(
                 step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
                 device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
                 batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {})},
-                cosine=cosine)
+                cosine=cosine, clip_grad_norm=clip_grad_norm)
 

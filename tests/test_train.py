@@ -190,3 +190,42 @@ def test_cosine_finetune_decays_lr_and_resumes_exactly(tmp_path) -> None:
     resumed = _steps(q3)
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_non_finite_gradients_stop_before_the_step_and_clipping_bounds_the_norm() -> None:
+    q = _prepare()
+    q.set_uniform(3)
+    q(random_batches(1)[0][0])  # initialise the activation step sizes, so that "untouched" means untrained
+    before = _steps(q)
+
+    def inf_loss(out, target):  # a finite loss (0) whose gradient is not: d sqrt(u)/du at u = 0
+        return torch.sqrt(((out - out.detach()) ** 2).sum())
+
+    with pytest.raises(DataError, match=r"gradients became non-finite at step 0 in \d+ parameter\(s\) \(graph_module"):
+        fxmpq.finetune(q, random_batches(1), loss_fn=inf_loss, progress=False)
+    after = _steps(q)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the model was not touched
+
+    seen: list[float] = []
+
+    def sgd(groups):
+        opt = torch.optim.SGD(groups, lr=0.0)
+        orig = opt.step
+
+        def step(*a, **k):
+            seen.append(float(torch.linalg.vector_norm(torch.stack(
+                [p.grad.norm() for g in opt.param_groups for p in g["params"] if p.grad is not None]))))
+            return orig(*a, **k)
+        opt.step = step
+        return opt
+
+    big = lambda out, target: 1e6 * torch.nn.functional.cross_entropy(out, target)  # noqa: E731
+    fxmpq.finetune(_prepare_uniform(), random_batches(2), loss_fn=big, optimizer=sgd, clip_grad_norm=0.5,
+                   progress=False)
+    assert seen and all(n == pytest.approx(0.5, rel=1e-4) for n in seen)
+
+
+def _prepare_uniform() -> fxmpq.QuantModel:
+    q = _prepare()
+    q.set_uniform(3)
+    return q

@@ -4,7 +4,7 @@
 
 For each model of torchvision.models.list_models(module=torchvision.models), with random weights, at the smallest
 square input it accepts (tried from 32 up): trace -> prepare (fake-quant insertion + cost analysis) -> indicators
-(2 joint-training steps on random data, batch 2) -> search (ILP, BitOps of uniform W4A4) -> apply policy ->
+(2 joint-training steps on random data, batch 2, gradient norm clipped to 1) -> search (ILP, BitOps of uniform W4A4) -> apply policy ->
 lower to QDQ ONNX -> validate in ONNX Runtime (16 random inputs: max |diff| in output steps, relative L2,
 top-1 agreement, integer kernels). Each model runs in its own process (a crash or a timeout costs one row, not
 the run) and writes <out>/<model>.json; a re-run skips models already there (resumable; --redo runs them again).
@@ -92,7 +92,10 @@ def run_one(name: str, samples: int) -> dict[str, Any]:
             classes = int(model(x).shape[-1])
         data = [(torch.randn(2, 3, size, size, generator=g), torch.randint(0, classes, (2,), generator=g))
                 for _ in range(2)]
-        ind = stage("indicators", lambda: fxmpq.train_indicators(q, data, epochs=1, max_steps=2, progress=False))
+        # random weights on batches of 2 blow BatchNorm's gradients up to 1e20 in some nets (EfficientNet,
+        # DenseNet): clip the norm so that the two steps stay finite
+        ind = stage("indicators", lambda: fxmpq.train_indicators(q, data, epochs=1, max_steps=2, progress=False,
+                                                                 clip_grad_norm=1.0))
         res = stage("search", lambda: fxmpq.search(a, ind, fxmpq.Budget.uniform(4, 4)))
         row.update(search_status=res.status, search_ms=1e3 * (res.solve_time + res.build_time),
                    avg_bits=list(res.policy.average_bits(a)))
