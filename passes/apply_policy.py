@@ -290,11 +290,15 @@ class ApplyPolicyPass(PassBase):
         parent = gm.get_submodule(owner)
         parent.add_module("bias_rounding", mod)
         # the single quantizer this output reaches (maybe through a ReLU): its step defines the requantization
+        # of the integer kernel. A Linear on a >2-D input is lowered to a float MatMul (ONNX Runtime runs it in
+        # float, no requantization), so only its bias rounding is simulated.
         out_q = None
+        tm = node.meta.get("tensor_meta")
+        float_kernel = channel_axis == -1 and tm is not None and hasattr(tm, "shape") and len(tm.shape) != 2
         nxt = after
         if len(nxt.users) == 1 and relu_bounds(gm, next(iter(nxt.users))) is not None:
             nxt = next(iter(nxt.users))
-        if len(nxt.users) == 1 and _is_quantizer(gm, next(iter(nxt.users))):
+        if not float_kernel and len(nxt.users) == 1 and _is_quantizer(gm, next(iter(nxt.users))):
             cand = next(iter(nxt.users))
             qmod = gm.get_submodule(cand.target)
             if qmod.active_bits is not None and not qmod.channels:

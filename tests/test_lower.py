@@ -201,3 +201,43 @@ def test_convnext_block_exports_from_a_batch_of_one(tmp_path):
     q, x, _ = _quantized(model, (1, 3, 8, 8), per_channel=True)
     rep = lower(q, tmp_path / "m.onnx", x, samples=64)
     assert rep.passed and x.shape[0] == 1
+
+
+class _TokenMLP(torch.nn.Module):
+    """A transformer-style MLP on [N, tokens, C]: Linear layers on 3-D inputs run as float MatMul in ORT."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.embed = nn.Linear(3, 64)
+        self.norm = nn.LayerNorm(64)
+        self.fc1 = nn.Linear(64, 256)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(256, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        t = self.embed(x.flatten(2).transpose(1, 2))  # [N, 49, 64]
+        t = t + self.fc2(self.act(self.fc1(self.norm(t))))
+        return self.head(t.mean(1))
+
+
+def _requantized_layers(q) -> set[str]:
+    """Layers whose BiasRounding simulates an integer kernel's requantization (it reads an output step size)."""
+    from fxmpq.passes.apply_policy import BiasRounding
+
+    gm = q.graph_module
+    return {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "call_module"
+            and isinstance(gm.get_submodule(n.target), BiasRounding) and n.args[3] is not None}
+
+
+def test_linear_on_tokens_simulates_the_float_matmul_that_onnx_runtime_runs(tmp_path):
+    torch.manual_seed(0)
+    q, x, _ = _quantized(_TokenMLP(), (2, 3, 7, 7), per_channel=False, seed=3)
+    # fc1/fc2 read [N, 49, C]: lowered to a float MatMul, so no integer requantization is simulated for them;
+    # the head reads [N, C] and becomes an integer QLinearConv
+    assert {"fc1", "fc2"}.isdisjoint(_requantized_layers(q))
+    rep = lower(q, tmp_path / "m.onnx", x, samples=512)
+    assert rep.passed and rep.max_diff_steps == 0.0 and rep.top1_agreement == 1.0
+    q2, _, _ = _quantized(_ClassifierHead(), (1, 3, 8, 8), per_channel=False)
+    assert {"classifier.1", "classifier.4"} <= _requantized_layers(q2)
