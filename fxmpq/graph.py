@@ -220,12 +220,21 @@ def find_quantizable_nodes(gm: fx.GraphModule) -> list[QuantizableNode]:
     """Every Conv1d/Conv2d/Linear module call and F.conv*/F.linear call with a parameter weight, in graph order.
 
     A module called more than once yields one entry per call; the second call is named "<qualname>#1", etc.
+    A layer whose input does not depend on the model's inputs (e.g. Swin V2's position-bias MLP, which runs on a
+    constant coordinate table) is left out: it is a constant a deployed model precomputes, not per-input work.
     """
     found: list[QuantizableNode] = []
     seen: dict[str, int] = {}
+    live: set[fx.Node] = set()  # nodes whose value depends on a placeholder (graph order is topological)
     for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in live for a in node.all_input_nodes):
+            live.add(node)
         q = _match(gm, node)
         if q is None:
+            continue
+        x = input_node(q)
+        if x is None or x not in live:
+            log.info("layer %s reads no model input (a constant): not quantized", q.name)
             continue
         count = seen.get(q.name, 0)
         seen[q.name] = count + 1

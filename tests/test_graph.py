@@ -19,6 +19,7 @@ from models import (
 )
 from torch import nn
 
+import fxmpq
 from fxmpq import LayerKind, TraceError, trace
 from fxmpq.graph import (
     LayerMeta,
@@ -242,3 +243,29 @@ def test_layer_meta_accessors():
         meta.macs = 3  # type: ignore[misc]
     node.meta["fxmpq"] = {"not": "a LayerMeta"}
     assert layer_meta(node) is None
+
+
+class _ConstantBiasMLP(nn.Module):
+    """Swin-V2-style: an MLP over a constant table (a buffer) produces a bias added to the activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.linspace(-1, 1, 16).reshape(8, 2))
+        self.cpb = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        bias = self.cpb(self.table).reshape(1, 8, 1, 1)
+        y = self.conv2(torch.relu(self.conv(x)) + bias)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_layers_on_constants_are_not_quantizable_layers(tmp_path):
+    found = _found(_ConstantBiasMLP(), torch.randn(1, 3, 8, 8))
+    assert list(found) == ["conv", "conv2", "fc"]  # cpb.0 / cpb.2 read a buffer: a constant, precomputed
+    q = fxmpq.prepare(_ConstantBiasMLP().eval(), torch.randn(2, 3, 8, 8))
+    fxmpq.apply_policy(q, {"conv2": (2, 3)}, torch.randn(8, 3, 8, 8))
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), samples=64)
+    assert rep.passed and rep.quantized_layers == 3
