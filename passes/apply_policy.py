@@ -290,11 +290,11 @@ class ApplyPolicyPass(PassBase):
         parent = gm.get_submodule(owner)
         parent.add_module("bias_rounding", mod)
         # the single quantizer this output reaches (maybe through a ReLU): its step defines the requantization
-        # of the integer kernel. A Linear on a >2-D input is lowered to a float MatMul (ONNX Runtime runs it in
-        # float, no requantization), so only its bias rounding is simulated.
+        # of the integer kernel. A Linear on a 1-D input stays a float MatMul in ONNX Runtime (no requantization),
+        # so only its bias rounding is simulated.
         out_q = None
         tm = node.meta.get("tensor_meta")
-        float_kernel = channel_axis == -1 and tm is not None and hasattr(tm, "shape") and len(tm.shape) != 2
+        float_kernel = channel_axis == -1 and tm is not None and hasattr(tm, "shape") and len(tm.shape) < 2
         nxt = after
         if len(nxt.users) == 1 and relu_bounds(gm, next(iter(nxt.users))) is not None:
             nxt = next(iter(nxt.users))

@@ -105,8 +105,9 @@ class LowerToQDQPass(PassBase):
       clamp(round(w/s))) -> `dequantize` per output channel; a BatchNorm after it is folded exactly into the
       per-channel scale (s_w * gamma/sqrt(var+eps), negative factors give negative scales, integers stay
       untouched) and the bias; the bias becomes int32 with scale s_x * s_w when the input is quantized;
-    - a Linear on a 2-D input is emitted as a 1x1 convolution on [N, K, 1, 1] (ONNX Runtime fuses QDQ Conv
-      into QLinearConv with its int32 bias, but not QDQ Gemm).
+    - a Linear is emitted as a 1x1 convolution on [N*, K, 1, 1] (all leading dimensions folded into the
+      batch, restored after its ReLU and output quantizer): ONNX Runtime fuses QDQ Conv into QLinearConv with
+      its int32 bias, but not QDQ Gemm, nor a MatMul followed by a bias Add.
     Unsupported situations (weights over 8 bits, per-channel activations, a BatchNorm shared with another
     consumer) raise ExportError naming the node. `example_inputs` (optional) refreshes shape metadata.
     """
@@ -244,7 +245,7 @@ class LowerToQDQPass(PassBase):
         tm = node.meta.get("tensor_meta")
         if tm is not None and hasattr(tm, "shape"):
             rank = len(tm.shape)
-        as_conv = is_linear and rank == 2
+        as_conv = is_linear and rank is not None and rank >= 2
         holder.register_buffer(f"{mname}_weight", (q_w[:, :, None, None] if as_conv else q_w).to(torch.int8))
         holder.register_buffer(f"{mname}_weight_scale", (scale[0].clone() if per_tensor else scale).contiguous())
         int_bias = False
@@ -304,8 +305,9 @@ class LowerToQDQPass(PassBase):
             users_after = list(after.users)
             out.replace_all_uses_with(new)
             src = new if after is out else after
-            with g.inserting_after(src):
-                flat = g.call_method("flatten", (src, 1))
+            with g.inserting_after(src):  # [N*, out, 1, 1] back to [N, ..., out] (only the batch is dynamic)
+                flat = (g.call_method("flatten", (src, 1)) if rank == 2 else
+                        g.call_method("reshape", (src, -1, *tuple(tm.shape[1:-1]), out_ch)))
             for u in users_after:
                 u.replace_input_with(src, flat)
         else:
@@ -313,7 +315,7 @@ class LowerToQDQPass(PassBase):
         if out is not node:
             g.erase_node(out)
         g.erase_node(node)
-        notes = () if (as_conv or not is_linear) else ("linear on a non-2-D input: float MatMul, not fused",)
+        notes = () if (as_conv or not is_linear) else ("linear on a 1-D input: float MatMul, not fused",)
         return LayerLowering(name, b, None, (qmin, qmax), weight.numel(), bn_folded, int_bias,
                              f"{LOWERED}.{mname}_weight", as_conv, notes)
 

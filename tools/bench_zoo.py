@@ -56,8 +56,11 @@ def smallest_input(model: torch.nn.Module) -> tuple[int, dict[int, str]]:
     raise RuntimeError(f"no input size in {SIZES} works; at {SIZES[-1]}: {tried[SIZES[-1]]}")
 
 
-def run_one(name: str, samples: int) -> dict[str, Any]:
-    """All stages for one model; a failing stage ends the row with its reason."""
+def run_one(name: str, samples: int, progress: Path | None = None) -> dict[str, Any]:
+    """All stages for one model; a failing stage ends the row with its reason.
+
+    With `progress`, the row is written there after every stage, so that a process killed mid-way (out of
+    memory) still tells which stage it reached."""
     import torchvision
 
     import fxmpq
@@ -75,6 +78,8 @@ def run_one(name: str, samples: int) -> dict[str, Any]:
             row["traceback"] = traceback.format_exc(limit=-4)
             raise
         row["stages"][key] = {"ok": True, "seconds": time.perf_counter() - t}
+        if progress is not None:
+            progress.write_text(json.dumps(row, default=str))
         return out
 
     try:
@@ -154,6 +159,15 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _record_death(out: Path, name: str, reason: str) -> None:
+    """The row of a child that never finished: the stages it completed, and the one it died in."""
+    partial = out / f"{name}.partial.json"
+    row = json.loads(partial.read_text()) if partial.is_file() else {"model": name, "stages": {}}
+    done = set(row.get("stages", {}))
+    row.update(ok=False, failed_stage=next((s for s in STAGES if s not in done), "process"), reason=reason)
+    (out / f"{name}.json").write_text(json.dumps(row, indent=1, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -166,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     if args.one:
-        row = run_one(args.one, args.samples)
         args.out.mkdir(parents=True, exist_ok=True)
+        row = run_one(args.one, args.samples, args.out / f"{args.one}.partial.json")
         (args.out / f"{args.one}.json").write_text(json.dumps(row, indent=1, default=str))
         return 0
     names = [m.strip() for m in args.models.split(",")] if args.models else classification_models()
@@ -186,13 +200,13 @@ def main(argv: list[str] | None = None) -> int:
                "--samples", str(args.samples)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-            if not result.is_file():  # the child died (a crash, out of memory): record why
+            if not result.is_file():  # the child died (a crash, out of memory): record why and where
                 tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                result.write_text(json.dumps({"model": name, "ok": False, "stages": {}, "failed_stage": "process",
-                                              "reason": f"exit status {proc.returncode}: {tail[:300]}"}))
+                killed = " (killed: out of memory?)" if proc.returncode == -9 else ""
+                _record_death(args.out, name, f"exit status {proc.returncode}{killed}: {tail[:300]}")
         except subprocess.TimeoutExpired:
-            result.write_text(json.dumps({"model": name, "ok": False, "stages": {}, "failed_stage": "timeout",
-                                          "reason": f"did not finish in {args.timeout} s"}))
+            _record_death(args.out, name, f"did not finish in {args.timeout} s")
+        (args.out / f"{name}.partial.json").unlink(missing_ok=True)
         row = json.loads(result.read_text())
         print(f"[{i}/{len(names)}] {name}: {'ok' if row.get('ok') else 'FAIL ' + str(row.get('reason'))} "
               f"({time.time() - t:.0f} s)", flush=True)
