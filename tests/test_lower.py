@@ -242,3 +242,17 @@ def test_linear_on_tokens_runs_as_an_integer_kernel(tmp_path):
     assert rep.fused_layers == rep.quantized_layers == 4  # embed, fc1, fc2, head
     q2, _, _ = _quantized(_ClassifierHead(), (1, 3, 8, 8), per_channel=False)
     assert {"classifier.1", "classifier.4"} <= _requantized_layers(q2)
+
+
+def test_report_separates_tied_logits_from_disagreements(tmp_path):
+    torch.manual_seed(0)
+    model = _ClassifierHead()
+    with torch.no_grad():  # a zero-initialised head (as torchvision's ViT): every logit ties
+        model.classifier[-1].weight.zero_()
+        model.classifier[-1].bias.zero_()
+    q, x, _ = _quantized(model, (1, 3, 8, 8), per_channel=False)
+    rep = lower(q, tmp_path / "m.onnx", x, samples=32)
+    assert rep.within_tolerance and rep.top1_ties == 32 and rep.top1_decisive is None
+    q2, x2, _ = _quantized(_ClassifierHead(), (1, 3, 8, 8), per_channel=False)
+    rep2 = lower(q2, tmp_path / "m2.onnx", x2, samples=64)
+    assert rep2.top1_ties < 64 and rep2.top1_decisive == 1.0 and rep2.passed

@@ -5,8 +5,8 @@
 For each model of torchvision.models.list_models(module=torchvision.models), with random weights, at the smallest
 square input it accepts (tried from 32 up): trace -> prepare (fake-quant insertion + cost analysis) -> indicators
 (2 joint-training steps on random data, batch 4, gradient norm clipped to 1) -> search (ILP, BitOps of uniform W4A4) -> apply policy ->
-lower to QDQ ONNX -> validate in ONNX Runtime (16 random inputs: max |diff| in output steps, relative L2,
-top-1 agreement, integer kernels). Each model runs in its own process (a crash or a timeout costs one row, not
+lower to QDQ ONNX -> validate in ONNX Runtime (16 random inputs: max |diff| <= 1 output step and top-1 agreement
+>= 99.5 % on the inputs whose logits are not tied within that step; relative L2 and integer kernels reported). Each model runs in its own process (a crash or a timeout costs one row, not
 the run) and writes <out>/<model>.json; a re-run skips models already there (resumable; --redo runs them again).
 The table goes to <out>/results.md.
 """
@@ -14,6 +14,7 @@ The table goes to <out>/results.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -89,12 +90,14 @@ def run_one(name: str, samples: int, progress: Path | None = None) -> dict[str, 
         row["input"] = size
         x = torch.randn(1, 3, size, size)
         stage("trace", lambda: fxmpq.trace(model, x))
+        with torch.no_grad():
+            classes = int(model(x).shape[-1])
         q = stage("prepare", lambda: fxmpq.prepare(model, x))
+        model = None  # the QuantModel holds its own copy; the largest nets (ViT-H) need the memory
+        gc.collect()
         a = q.analysis
         row.update(layers=len(a.layers), searchable=len(a.searchable), macs=sum(m.macs for m in a.layers))
         g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            classes = int(model(x).shape[-1])
         # batches of 4: at the smallest inputs the last stages are 1x1, and with 2 samples a 2-bit pass gives
         # BatchNorm channels of zero variance whose 1/sqrt(eps) compounds to inf over the blocks (RegNet);
         # random weights still give gradients up to 1e20 (EfficientNet, DenseNet), so the norm is clipped
@@ -111,12 +114,18 @@ def run_one(name: str, samples: int, progress: Path | None = None) -> dict[str, 
             rep = stage("lower", lambda: fxmpq.lower(q, path, x, samples=samples, batch=8, check=False))
             row.update(onnx_mb=rep.onnx_bytes / 1e6, max_diff_steps=rep.max_diff_steps, max_abs_diff=rep.max_abs_diff,
                        rel_l2=rep.rel_l2, top1_agreement=rep.top1_agreement, fused=rep.fused_layers,
-                       quantized=rep.quantized_layers, diverging=rep.diverging)
+                       quantized=rep.quantized_layers, diverging=rep.diverging, top1_ties=rep.top1_ties,
+                       top1_decisive=rep.top1_decisive)
 
             def validate() -> None:
-                if not rep.passed:
+                # within 1 output step, and top-1 agreement >= 99.5 % on the inputs that are not tied within
+                # that tolerance: random-weight nets often have near-tied logits (torchvision zero-initialises
+                # the ViT head), whose top-1 a 1-step difference may flip; those ties are reported, not judged
+                decisive = rep.top1_decisive is None or rep.top1_decisive >= 0.995
+                if not (rep.within_tolerance and decisive):
                     raise fxmpq.ExportError(f"parity: {rep.max_diff_steps} output steps, top-1 agreement "
-                                            f"{rep.top1_agreement}, first divergence {rep.diverging}")
+                                            f"{rep.top1_agreement} ({rep.top1_decisive} on the inputs not "
+                                            f"tied), first divergence {rep.diverging}")
             stage("validate", validate)
         row["ok"] = True
     except Exception:  # recorded in the row by stage(); anything before the first stage is recorded here
@@ -147,7 +156,7 @@ def render(rows: list[dict[str, Any]]) -> str:
             *(_cell(secs.get(k), ".1f") for k in ("trace", "prepare", "indicators")),
             _cell(r.get("search_ms"), ".1f"), _cell(secs.get("apply"), ".1f"), _cell(secs.get("lower"), ".1f"),
             _cell(r.get("max_diff_steps"), ".2f"), _cell(r.get("rel_l2"), ".2g"),
-            _cell(None if top1 is None else 100 * top1, ".1f"),
+            _cell(None if top1 is None else 100 * top1, ".1f") + (f" ({r['top1_ties']} tied)" if r.get("top1_ties") else ""),
             f"{r['fused']}/{r['quantized']}" if "fused" in r else "-",
             "ok" if r.get("ok") else f"FAIL at {r.get('failed_stage')}",
         ]
