@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -12,7 +11,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import IndicatorError
-from .jsonio import read_json
+from .jsonio import dump_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +90,7 @@ class Indicators:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Serialise to JSON; also write it to `path` when given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+        return dump_json(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, source: str | Path) -> Indicators:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from .export import LowerReport, lower
 from .graph import as_input_tuple
 from .hardware import HardwareSpec, load_hardware
 from .indicators import Indicators
+from .jsonio import dump_json
 from .passes.apply_policy import apply_policy
 from .policy import Policy
 from .prepare import prepare
@@ -271,7 +271,7 @@ def quantize(
         summary = {"budget": str(budget), "limits": budget_limits, "totals": result.totals,
                    "objective": result.objective, "status": result.status, "fp32_accuracy": fp32_acc,
                    "accuracy": q_acc, "average_bits": policy.average_bits(qmodel.analysis)}
-        (wd / SUMMARY_JSON).write_text(json.dumps(summary, indent=1) + "\n")
+        dump_json(summary, wd / SUMMARY_JSON)
     return out
 
 

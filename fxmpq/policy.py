@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .errors import PolicyError
-from .jsonio import read_json
+from .jsonio import dump_json, read_json
 
 if TYPE_CHECKING:
     from .analysis import Analysis
@@ -118,10 +117,7 @@ class Policy(Mapping[str, tuple[int, int]]):
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Serialise to JSON text; also write it to `path` when given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+        return dump_json(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, source: str | Path) -> Policy:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import math
 import time
@@ -17,6 +16,7 @@ from . import ilp
 from .budget import Budget
 from .errors import FxmpqError, IndicatorError, InfeasibleBudget, PolicyError
 from .indicators import Indicators
+from .jsonio import dump_json
 from .policy import Policy
 
 if TYPE_CHECKING:
@@ -107,10 +107,7 @@ class SearchResult:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Serialise to JSON; also write it to `path` when given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+        return dump_json(self.to_dict(), path)
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,8 @@ def test_json_round_trip_text_and_file(tmp_path, grouped):
     assert Policy.from_json(path) == p
     assert Policy.from_json(str(path)) == p
     assert list(Policy.from_json(path)) == list(p)  # order kept
+    p.to_json(path)  # overwriting goes through a temp file in the same folder, removed by the rename
+    assert [f.name for f in tmp_path.iterdir()] == ["policy.json"]
 
 
 def test_from_json_errors(tmp_path):
