@@ -92,6 +92,10 @@ def test_bench_zoo_render_lists_failures():
             {"model": "b", "ok": False, "stages": {}, "failed_stage": "trace", "reason": "TraceError: boom"}]
     text = bench_zoo.render(rows)
     assert "1 of 2" in text and "| b |" in text and "**b** at trace: TraceError: boom" in text
+    amplified = {**rows[0], "model": "c", "strict_parity": False, "forced_max_steps": 1.0}
+    text = bench_zoo.render([*rows, amplified])
+    assert "2 of 3" in text and "1 with end-to-end parity" in text and "1 (c) faithful at every quantizer" in text
+    assert "| ok, amplified (stage by stage 1.00 steps) |" in text and "| a |" in text
 
 
 def test_bench_search_smoke(capsys):

