@@ -30,7 +30,6 @@ CLEAN_MODES = ("paper", "isotonic")
 _MAX_GROUP_CHOICES = 200_000
 _DP_STATES = 20_000  # partial choices the exact dynamic program may hold at once before HiGHS takes over
 _DP_WORK = 200_000  # partial choices it may examine in all before HiGHS takes over
-_DP_MAX_UNITS = 64  # more undecided units than this go to HiGHS directly (measured faster on tiled resnet50)
 _DP_BEAM = 48  # states per unit in the heuristic pass that looks for a better incumbent
 # Our own incumbent is handed to HiGHS, so its primal heuristics mostly cost time (measured on resnet50).
 _MIP_OPTIONS = {"mip_heuristic_run_feasibility_jump": False, "mip_heuristic_effort": 0.0,
@@ -507,7 +506,10 @@ class _Solver:
         per_unit = np.bincount(self.unit[keep], minlength=self.U)
         if np.all(per_unit == 1):
             return _Outcome(self.cols[sel], "optimal", ub, L, n, 0)
-        found = self._enumerate(keep, sel, r, L, lam) if np.sum(per_unit > 1) <= _DP_MAX_UNITS else None
+        # the DP first, however many units are undecided: on real networks it proves what HiGHS's branch and bound
+        # needs seconds for (resnext101_64x4d with random indicators: 35 ms vs 41 s; efficientnet_v2_l 0.11 vs
+        # 10.7 s); where it gives up (_DP_WORK) it has cost a fifth of the HiGHS solve that follows (tiled resnet50)
+        found = self._enumerate(keep, sel, r, L, lam)
         if found is not None:
             return _Outcome(self.cols[found], "optimal", float(self.obj[found].sum()), L, n, 0)
         return self._mip(keep, sel, L, n)

@@ -263,14 +263,25 @@ def test_resnet50_fixture_matches_plain_highs() -> None:
 
 @pytest.mark.parametrize("budget", ["w3a4&c12.2", "w4a4&c10", "w2a4&c14", "w3a3"])
 def test_dynamic_program_and_highs_branch_and_bound_agree(r18, budget, monkeypatch) -> None:
-    """The exact finishers: the dynamic program (default for few undecided layers) and HiGHS's MIP."""
+    """The exact finishers: the dynamic program (tried first) and HiGHS's MIP (where the program gives up)."""
     a, ind = r18
     dp = fxmpq.search(a, ind, budget)
-    monkeypatch.setattr(search_mod, "_DP_MAX_UNITS", -1)  # every instance goes to HiGHS
+    monkeypatch.setattr(search_mod._Solver, "_enumerate", lambda *a: None)  # every instance goes to HiGHS
     mip = fxmpq.search(a, ind, budget)
     assert dp.optimal and mip.optimal
+    assert dp.n_vars_mip == 0 and mip.n_vars_mip > 0  # each finisher really ran
     assert dp.objective == pytest.approx(mip.objective, rel=1e-12, abs=1e-12)
     _check_feasible(a, dp, dp.limits)
+
+
+def test_many_undecided_layers_are_proved_by_the_dynamic_program() -> None:
+    """resnext101_64x4d with the indicators of two joint-training steps on random data (from the zoo sweep):
+    85 layers stay undecided after fixing; the program proves the optimum (HiGHS's branch and bound took 41 s)."""
+    a = fxmpq.analyze(torchvision.models.resnext101_64x4d(), torch.randn(1, 3, 32, 32))
+    ind = Indicators.from_json(ROOT / "tests" / "data" / "resnext101_64x4d_zoo_indicators.json")
+    res = fxmpq.search(a, ind, Budget.uniform(4, 4))
+    assert res.optimal and res.gap == 0 and res.n_vars_mip == 0
+    _check_feasible(a, res, res.limits)
 
 
 def test_cli_search(tmp_path) -> None:
