@@ -6,8 +6,9 @@ For each model of torchvision.models.list_models(module=torchvision.models), wit
 square input it accepts (tried from 32 up): trace -> prepare (fake-quant insertion + cost analysis) -> indicators
 (2 joint-training steps on random data, batch 4, gradient norm clipped to 1) -> search (ILP, BitOps of uniform W4A4) -> apply policy ->
 lower to QDQ ONNX -> validate in ONNX Runtime (16 random inputs: max |diff| <= 1 output step and top-1 agreement
->= 99.5 % on the inputs whose logits are not tied within that step; relative L2 and integer kernels reported). Each model runs in its own process (a crash or a timeout costs one row, not
-the run) and writes <out>/<model>.json; a re-run skips models already there (resumable; --redo runs them again).
+>= 99.5 % on the inputs whose logits are not tied within that step; failing that, every quantizer within 1 step
+of PyTorch when fed ONNX Runtime's values at the quantizers before it, marked "ok, amplified"; relative L2 and
+integer kernels reported). Each model runs in its own process (a crash or a timeout costs one row, not the run) and writes <out>/<model>.json; a re-run skips models already there (resumable; --redo runs them again).
 The table goes to <out>/results.md.
 """
 
