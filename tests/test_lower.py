@@ -212,7 +212,7 @@ def test_relu_dropout_linear_chain_with_small_outputs_and_batch_one_example(tmp_
     q, x, _ = _quantized(_ClassifierHead(), (1, 3, 8, 8), per_channel=False)
     for name, quantizer in q.quantizers():
         if name.endswith("output_quantizer"):  # initialised on real outputs, not on a requantization at step 1
-            assert float(quantizer.step_size()) > 1e-6, name
+            assert float(quantizer.step_size().detach()) > 1e-6, name
     rep = lower(q, tmp_path / "m.onnx", x, samples=256)
     assert rep.passed and rep.max_diff_steps == 0.0
     assert rep.fused_layers == rep.quantized_layers == 4
