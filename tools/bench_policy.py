@@ -170,30 +170,26 @@ def prepare_net(net: str, data: ImageData, out: Path, r: Recipe, seed: int) -> P
     test = data.loader("test", 1000, limit=r.test_samples)
     fp32_acc = fxmpq.accuracy(model, test)
 
-    ind_path = folder / "indicators.json"
-    if ind_path.is_file():
-        indicators = fxmpq.Indicators.from_json(ind_path)
-    else:
-        print(f"[{net}] joint indicator training on {r.indicator_samples} images")
+    def cached(name: str, what: str, compute: Any) -> fxmpq.Indicators:
+        """Indicators from <folder>/<name>.json, else computed on a fresh QuantModel, timed and saved there."""
+        path = folder / f"{name}.json"
+        if path.is_file():
+            return fxmpq.Indicators.from_json(path)
+        print(f"[{net}] {what}")
         q = fxmpq.prepare(model, data.train_x[:2], bits=BITS)
         t = time.time()
-        indicators = fxmpq.train_indicators(
-            q, data.loader("train", r.batch_size, limit=r.indicator_samples, seed=seed + 1),
-            epochs=r.indicator_epochs, lr=0.01, seed=seed, max_steps=r.max_steps, progress=False)
-        times["indicator_training"] = time.time() - t
-        indicators.to_json(ind_path)
+        out = compute(q)
+        times[name if name != "indicators" else "indicator_training"] = time.time() - t
+        out.to_json(path)
+        return out
 
-    hes_path = folder / "hessian.json"
-    if hes_path.is_file():
-        hessian = fxmpq.Indicators.from_json(hes_path)
-    else:
-        print(f"[{net}] Hessian indicators ({r.hessian_batches} batches x {r.hessian_probes} probes)")
-        q = fxmpq.prepare(model, data.train_x[:2], bits=BITS)
-        t = time.time()
-        hessian = hessian_indicators(q, data.loader("train", 128, seed=seed + 2), batches=r.hessian_batches,
-                                     probes=r.hessian_probes, seed=seed)
-        times["hessian"] = time.time() - t
-        hessian.to_json(hes_path)
+    indicators = cached("indicators", f"joint indicator training on {r.indicator_samples} images",
+                        lambda q: fxmpq.train_indicators(
+                            q, data.loader("train", r.batch_size, limit=r.indicator_samples, seed=seed + 1),
+                            epochs=r.indicator_epochs, lr=0.01, seed=seed, max_steps=r.max_steps, progress=False))
+    hessian = cached("hessian", f"Hessian indicators ({r.hessian_batches} batches x {r.hessian_probes} probes)",
+                     lambda q: hessian_indicators(q, data.loader("train", 128, seed=seed + 2),
+                                                  batches=r.hessian_batches, probes=r.hessian_probes, seed=seed))
     times_path.write_text(json.dumps(times, indent=1))
     analysis = fxmpq.analyze(model, data.train_x[:1], hardware="bitops")
     return Prepared(net, fp32_path, fp32_acc, analysis, indicators, hessian, times)
