@@ -27,16 +27,10 @@ def _pyplot():
     return plt
 
 
-def _patch():
-    from matplotlib.patches import Patch
-
-    return Patch
-
-
 def plot_bits(policy: Policy, analysis: Analysis, path: str | Path) -> Path:
     """Bar chart of weight and activation bits per layer (graph order); pinned layers hatched."""
     plt = _pyplot()
-    Patch = _patch()
+    from matplotlib.patches import Patch
     full = policy.complete(analysis)
     names = analysis.names
     x = range(len(names))

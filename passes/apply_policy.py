@@ -32,6 +32,13 @@ _ADD_CONTAINER = "fxmpq_join"
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
+def linear_runs_as_conv(node: fx.Node) -> bool:
+    """Whether LowerToQDQPass emits this Linear as a 1x1 QLinearConv (an integer kernel that requantizes its
+    output): when its output has rank >= 2. On a 1-D input it stays a float MatMul. One rule for both passes."""
+    tm = node.meta.get("tensor_meta")
+    return tm is not None and hasattr(tm, "shape") and len(tm.shape) >= 2
+
+
 def relu_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float, float] | None:
     """(lo, hi) when `node` is a ReLU / ReLU6 / Hardtanh (module, function or method), else None."""
     if node.op == "call_module":
@@ -293,8 +300,7 @@ class ApplyPolicyPass(PassBase):
         # of the integer kernel. A Linear on a 1-D input stays a float MatMul in ONNX Runtime (no requantization),
         # so only its bias rounding is simulated.
         out_q = None
-        tm = node.meta.get("tensor_meta")
-        float_kernel = channel_axis == -1 and tm is not None and hasattr(tm, "shape") and len(tm.shape) < 2
+        float_kernel = channel_axis == -1 and not linear_runs_as_conv(node)
         nxt = after
         if len(nxt.users) == 1 and relu_bounds(gm, next(iter(nxt.users))) is not None:
             nxt = next(iter(nxt.users))

@@ -17,7 +17,7 @@ from fxmpq.errors import ExportError
 from fxmpq.graph import as_input_tuple
 from fxmpq.quant import LSQQuantizer
 
-from .apply_policy import BiasRounding, relu_bounds
+from .apply_policy import BiasRounding, linear_runs_as_conv, relu_bounds
 from .base import PassBase, PassResult
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ class LowerToQDQPass(PassBase):
         tm = node.meta.get("tensor_meta")
         if tm is not None and hasattr(tm, "shape"):
             rank = len(tm.shape)
-        as_conv = is_linear and rank is not None and rank >= 2
+        as_conv = is_linear and linear_runs_as_conv(node)
         holder.register_buffer(f"{mname}_weight", (q_w[:, :, None, None] if as_conv else q_w).to(torch.int8))
         holder.register_buffer(f"{mname}_weight_scale", (scale[0].clone() if per_tensor else scale).contiguous())
         int_bias = False
