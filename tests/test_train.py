@@ -207,17 +207,7 @@ def test_non_finite_gradients_stop_before_the_step_and_clipping_bounds_the_norm(
     assert all(torch.equal(before[k], after[k]) for k in before)  # the model was not touched
 
     seen: list[float] = []
-
-    def sgd(groups):
-        opt = torch.optim.SGD(groups, lr=0.0)
-        orig = opt.step
-
-        def step(*a, **k):
-            seen.append(float(torch.linalg.vector_norm(torch.stack(
-                [p.grad.norm() for g in opt.param_groups for p in g["params"] if p.grad is not None]))))
-            return orig(*a, **k)
-        opt.step = step
-        return opt
+    sgd = _norm_recording_sgd(seen)
 
     big = lambda out, target: 1e6 * torch.nn.functional.cross_entropy(out, target)  # noqa: E731
     fxmpq.finetune(_prepare_uniform(), random_batches(2), loss_fn=big, optimizer=sgd, clip_grad_norm=0.5,
@@ -228,7 +218,16 @@ def test_non_finite_gradients_stop_before_the_step_and_clipping_bounds_the_norm(
 def test_huge_finite_gradients_are_clipped_not_reported() -> None:
     """Gradients near 1e20 are finite in float32 while their squared norm is not: clipped, no DataError."""
     seen: list[float] = []
+    sgd = _norm_recording_sgd(seen)
 
+    huge = lambda out, target: 1e20 * torch.nn.functional.cross_entropy(out, target)  # noqa: E731
+    fxmpq.finetune(_prepare_uniform(), random_batches(2), loss_fn=huge, optimizer=sgd, clip_grad_norm=1.0,
+                   progress=False)
+    assert seen and all(n == pytest.approx(1.0, rel=1e-4) for n in seen)
+
+
+def _norm_recording_sgd(seen: list[float]):
+    """An optimizer factory: SGD at lr 0 that appends the gradients' total norm (float64) to `seen` at each step."""
     def sgd(groups):
         opt = torch.optim.SGD(groups, lr=0.0)
         orig = opt.step
@@ -239,11 +238,7 @@ def test_huge_finite_gradients_are_clipped_not_reported() -> None:
             return orig(*a, **k)
         opt.step = step
         return opt
-
-    huge = lambda out, target: 1e20 * torch.nn.functional.cross_entropy(out, target)  # noqa: E731
-    fxmpq.finetune(_prepare_uniform(), random_batches(2), loss_fn=huge, optimizer=sgd, clip_grad_norm=1.0,
-                   progress=False)
-    assert seen and all(n == pytest.approx(1.0, rel=1e-4) for n in seen)
+    return sgd
 
 
 def _prepare_uniform() -> fxmpq.QuantModel:
