@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from . import models
-from .analysis import Analysis, analyze
+from .analysis import Analysis
 from .budget import Budget
 from .errors import (
     CheckpointError,
@@ -25,12 +25,12 @@ from .graph import trace
 from .hardware import HardwareSpec, LayerKind, Pins, builtin_hardware, load_hardware
 from .hessian import hessian_indicators
 from .indicators import Indicators
-from .passes.apply_policy import apply_policy
 from .pipeline import QuantizedModel, accuracy, quantize
 from .policy import Policy
-from .prepare import prepare
-from .quant import QuantModel
+from .quant_model import QuantModel
+from .record import LayerRecord
 from .search import ParetoResult, SearchResult, pareto, search
+from .stages import analyze, apply_policy, prepare
 from .train import TrainStats, finetune, indicators_from_model, train_indicators
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -50,6 +50,7 @@ __all__ = [
     "Indicators",
     "InfeasibleBudget",
     "LayerKind",
+    "LayerRecord",
     "LowerReport",
     "ModelSpecError",
     "ParetoResult",

@@ -1,32 +1,29 @@
-"""analyze(): trace a model, annotate its quantizable layers with costs, and price whole policies."""
+"""Analysis: a model's quantizable layers (their records) priced on one hardware description, and whole policies."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import networkx as nx
-import numpy as np
 import torch.fx as fx
-from torch import nn
 
 from .errors import PolicyError
-from .graph import LayerMeta, quantizable_layers, trace
-from .hardware import HardwareSpec, Pins, load_hardware
+from .hardware import HardwareSpec
 from .policy import Policy
+from .record import LayerRecord
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Analysis", "analyze"]
+__all__ = ["Analysis"]
 
 
 @dataclass(frozen=True)
 class Analysis:
     """The quantizable layers of a traced model (in graph order) priced on one hardware description."""
 
-    layers: tuple[LayerMeta, ...]
+    layers: tuple[LayerRecord, ...]
     hardware: HardwareSpec
     graph_module: fx.GraphModule | None = field(default=None, repr=False, compare=False)
 
@@ -34,7 +31,7 @@ class Analysis:
         object.__setattr__(self, "_by_name", {m.name: m for m in self.layers})
 
     # -------------------------------------------------------------- lookup
-    def layer(self, name: str) -> LayerMeta:
+    def layer(self, name: str) -> LayerRecord:
         """The layer called `name`; PolicyError listing the names when there is none."""
         try:
             return self._by_name[name]  # type: ignore[attr-defined]
@@ -47,12 +44,12 @@ class Analysis:
         return [m.name for m in self.layers]
 
     @property
-    def searchable(self) -> tuple[LayerMeta, ...]:
+    def searchable(self) -> tuple[LayerRecord, ...]:
         """Layers whose bits the search chooses (all but the pinned ones)."""
         return tuple(m for m in self.layers if m.searchable)
 
     @property
-    def pinned(self) -> tuple[LayerMeta, ...]:
+    def pinned(self) -> tuple[LayerRecord, ...]:
         """Layers held at fixed bits."""
         return tuple(m for m in self.layers if m.pinned)
 
@@ -91,14 +88,6 @@ class Analysis:
             for m in self.layers:
                 totals[name] += metric.evaluate(m.kind, m.macs, m.params, 32, 32)
         return totals
-
-    def cost_matrix(self, metric: str, layers: Sequence[LayerMeta] | None = None) -> np.ndarray:
-        """[layer, pair] cost of `metric` for `layers` (default: searchable) over hardware.pairs."""
-        if metric not in self.hardware.metrics:
-            raise PolicyError(f"hardware {self.hardware.name!r} has no metric {metric!r}; it has "
-                              f"{', '.join(self.hardware.metrics)}")
-        layers = self.searchable if layers is None else layers
-        return np.array([[m.costs[p][metric] for p in self.hardware.pairs] for m in layers], dtype=np.float64)
 
     # -------------------------------------------------------------- graph ties
     def shared_input_groups(self) -> list[list[str]]:
@@ -152,28 +141,3 @@ def _render(header: list[str], rows: list[list[str]]) -> str:
              for r in [header, *rows]]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
-
-
-def analyze(
-    model: nn.Module | fx.GraphModule,
-    example_inputs: Any,
-    hardware: str | HardwareSpec = "bitops",
-    *,
-    pins: Pins | None = None,
-    leaf_modules: Sequence[str | type[nn.Module]] = (),
-) -> Analysis:
-    """Trace `model` and price each quantizable layer at every (w, a) pair of `hardware`.
-
-    `pins` overrides the hardware file's pins (by default the first and last quantizable layers at 8/8).
-    """
-    from fxmpq.passes import AnnotateCostPass, run_passes
-
-    hw = load_hardware(hardware)
-    gm = trace(model, example_inputs, leaf_modules=leaf_modules)
-    run_passes(gm, [AnnotateCostPass(hardware=hw, pins=pins)])
-    layers = tuple(m for _, m in quantizable_layers(gm))
-    if not layers:
-        log.warning("model %s has no quantizable layers (Conv1d/Conv2d/Linear)", type(model).__name__)
-    log.info("analyzed %d layers on %s", len(layers), hw.name)
-    return Analysis(layers=layers, hardware=hw, graph_module=gm)
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import tempfile
 from collections import Counter
@@ -20,9 +21,13 @@ from torch import nn
 
 from .errors import ExportError
 from .graph import as_input_tuple
+from .passes import run_passes
+from .passes.lower_qdq import DQ_OP, QDQ_META, QDQ_OP
+from .record import records
+from .stages import lower_passes
 
 if TYPE_CHECKING:
-    from .quant import QuantModel
+    from .quant_model import QuantModel
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +101,9 @@ class LowerReport:
 
 # ----------------------------------------------------------------------------------------------- translation
 def _translation_table() -> dict[Any, Any]:
+    """ONNX for fxmpq's two custom ops: QuantizeLinear(uint8) -> [Clip] -> DequantizeLinear, and DequantizeLinear."""
     import onnx
     from onnxscript import opset21 as op
-
-    from fxmpq.passes.lower_qdq import dequantize, quantize_dequantize
 
     def u8(name: str, v: int) -> Any:
         return op.Constant(value=onnx.helper.make_tensor(name, onnx.TensorProto.UINT8, [], [int(v)]))
@@ -114,8 +118,7 @@ def _translation_table() -> dict[Any, Any]:
     def dq(q: Any, scale: Any, axis: int) -> Any:
         return op.DequantizeLinear(q, scale, axis=axis)
 
-    del dequantize, quantize_dequantize  # imported to register the ops
-    return {torch.ops.fxmpq_qdq.quantize_dequantize.default: qdq, torch.ops.fxmpq_qdq.dequantize.default: dq}
+    return {QDQ_OP: qdq, DQ_OP: dq}
 
 
 def _export(module: nn.Module, inputs: tuple[Any, ...], table: dict[Any, Any] | None) -> Any:
@@ -228,8 +231,6 @@ def _run_torch(module: nn.Module, inputs: tuple[torch.Tensor, ...], batch: int) 
 
 def _output_step(lowered: fx.GraphModule) -> float | None:
     """The step of the quantizer that produces the graph output (through flatten/reshape), if any."""
-    from fxmpq.passes.lower_qdq import QDQ_OP
-
     out = next(n for n in lowered.graph.nodes if n.op == "output").args[0]
     node = out
     while isinstance(node, fx.Node):
@@ -244,8 +245,6 @@ def _output_step(lowered: fx.GraphModule) -> float | None:
 
 
 def _qdq_nodes(lowered: fx.GraphModule) -> list[fx.Node]:
-    from fxmpq.passes.lower_qdq import QDQ_META
-
     return [n for n in lowered.graph.nodes if QDQ_META in n.meta]
 
 
@@ -260,8 +259,6 @@ def _quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.T
     is float rounding (LayerNorm, softmax, GELU run by two libraries) that the network itself amplifies.
     """
     import onnx
-
-    from fxmpq.passes.lower_qdq import QDQ_META
 
     qnodes = _qdq_nodes(lowered)
     m = onnx.load(str(path))
@@ -349,9 +346,6 @@ def lower(
     """
     import onnx
 
-    from fxmpq.passes.base import run_passes
-    from fxmpq.passes.lower_qdq import LowerToQDQPass
-
     path = Path(path)
     ex = as_input_tuple(example_inputs)
     if not all(isinstance(x, torch.Tensor) for x in ex):
@@ -364,8 +358,8 @@ def lower(
         with torch.no_grad():
             qmodel(*ex)  # initialises any quantizer that has not seen data yet
         gm = copy.deepcopy(qmodel.graph_module).eval()
-        lp = LowerToQDQPass(example_inputs=ex)
-        lowered = run_passes(gm, [lp]).graph_module
+        lowered = run_passes(gm, lower_passes(ex)).graph_module
+        layers = [(r, r.lowered) for _, r in records(lowered)]
         proto = _export(lowered, ex, _translation_table())
         bns = [n.name for n in proto.graph.node if n.op_type == "BatchNormalization"]
         if bns:
@@ -373,10 +367,11 @@ def lower(
         policy = qmodel.policy
         meta = {
             "fxmpq.policy": json.dumps({k: list(v) for k, v in (policy or {}).items()}),
-            "fxmpq.bits": json.dumps({L.name: [L.w_bits, L.a_bits] for L in lp.layers}),
-            "fxmpq.steps": json.dumps({n.meta.get("fxmpq_qdq"): float(lowered.get_buffer(n.args[1].target))
+            "fxmpq.bits": json.dumps({r.name: [low.w_bits, low.a_bits] for r, low in layers}),
+            "fxmpq.steps": json.dumps({n.meta.get(QDQ_META): float(lowered.get_buffer(n.args[1].target))
                                        for n in _qdq_nodes(lowered)}),
-            "fxmpq.weight_qrange": json.dumps({L.weight_buffer: list(L.qrange) for L in lp.layers if L.qrange}),
+            "fxmpq.weight_qrange": json.dumps({low.weight_buffer: list(low.qrange) for _, low in layers
+                                               if low.qrange}),
         }
         for k, v in meta.items():
             p = proto.metadata_props.add()
@@ -423,7 +418,7 @@ def lower(
             ok = ok and top1 >= min_top1
         counts = qlinear_counts(path)
         fused = sum(counts.get(k, 0) for k in _QLINEAR)
-        quantized = [L for L in lp.layers if L.w_bits is not None]
+        quantized = [(r, low) for r, low in layers if low.w_bits is not None]
         diverging = forced = None
         if not ok:
             diverging, forced = _quantizer_parity(lowered, path, inputs, batch)
@@ -432,8 +427,8 @@ def lower(
             path=path, samples=int(inputs[0].shape[0]), max_abs_diff=max_abs, output_step=step,
             max_diff_steps=steps, rel_l2=rel_l2, top1_agreement=top1, passed=ok,
             onnx_bytes=path.stat().st_size,
-            packed_weight_bytes=int(sum(L.params * L.w_bits for L in quantized) // 8),
-            fp32_weight_bytes=int(sum(L.params for L in lp.layers) * 4),
+            packed_weight_bytes=int(sum(math.prod(r.weight_shape) * low.w_bits for r, low in quantized) // 8),
+            fp32_weight_bytes=int(sum(math.prod(r.weight_shape) for r, _ in layers) * 4),
             quantized_layers=len(quantized), fused_layers=fused, op_counts=dict(counts), diverging=diverging,
             tolerance={"max_steps": max_steps, "min_top1": min_top1, "rtol": rtol},
             top1_decisive=decisive, top1_ties=ties, within_tolerance=within, forced_max_steps=forced,

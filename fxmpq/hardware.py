@@ -139,6 +139,9 @@ class HardwareSpec:
     share_input_quantizer: bool = False
     path: str = "<memory>"
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> HardwareSpec:
+        return self  # an immutable value: copies of a model share it
+
     def supports(self, w: int, a: int) -> bool:
         """Whether the target runs `w`-bit weights with `a`-bit activations."""
         return (w, a) in self.pairs

@@ -21,7 +21,8 @@ from torch import nn
 
 from .errors import DataError, PolicyError
 from .indicators import Indicators
-from .quant import LSQQuantizer, QuantModel
+from .quant import LSQQuantizer
+from .quant_model import QuantModel
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,10 @@ from .graph import as_input_tuple
 from .hardware import HardwareSpec, load_hardware
 from .indicators import Indicators
 from .jsonio import dump_json
-from .passes.apply_policy import apply_policy
 from .policy import Policy
-from .prepare import prepare
-from .quant import QuantModel
+from .quant_model import QuantModel
 from .search import SearchResult, pareto, search
+from .stages import apply_policy, prepare
 from .train import finetune, train_indicators
 
 log = logging.getLogger(__name__)
@@ -248,7 +247,6 @@ def quantize(
         files.update(_plots(qmodel.analysis, indicators, result, budget_obj, alpha, wd))
 
     # 4. apply the policy (fixes quantizers, adds output quantizers) and fine-tune with LSQ
-    qmodel.set_policy(policy)
     apply_policy(qmodel, policy, example)
     ft_ckpt = wd / FINETUNE_CKPT if wd is not None else None
     teacher = copy.deepcopy(model).eval() if distill else None

@@ -1,26 +1,20 @@
-"""LSQ fake-quantizers with one learnable step size per candidate bit, switchable BatchNorm, and QuantModel."""
+"""LSQ fake-quantizers with one learnable step size per candidate bit, switchable BatchNorm, Quant* layers."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import PolicyError
-from .policy import Policy
-
-if TYPE_CHECKING:
-    from .analysis import Analysis
+from .primitives import fake_quantize, fake_quantize_with_mask, qrange
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +23,6 @@ __all__ = [
     "QuantConv1d",
     "QuantConv2d",
     "QuantLinear",
-    "QuantModel",
-    "QuantSite",
     "SwitchableBatchNorm1d",
     "SwitchableBatchNorm2d",
     "lsq_fake_quant",
@@ -49,12 +41,10 @@ class _LSQFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, s: torch.Tensor, g: float, qmin: int, qmax: int) -> torch.Tensor:
-        xs = torch.div(x, s)
-        c = xs.clamp(qmin, qmax)
-        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        inside = torch.eq(c, xs, out=torch.empty_like(x)) if need else None  # float mask in one pass
-        del xs
-        out = c.round_().mul_(s)
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            out, inside = fake_quantize(x, s, qmin, qmax), None
+        else:
+            out, inside = fake_quantize_with_mask(x, s, qmin, qmax)
         # the output is saved too: the conv/linear after us saves it anyway, so it costs no extra memory;
         # the in-range mask (as x's dtype, so the backward is plain mul/addcmul, measured faster than where)
         # spares the backward a division and two comparisons
@@ -122,10 +112,7 @@ class LSQQuantizer(nn.Module):
     # ------------------------------------------------------------------ bits
     def qrange(self, b: int | None = None) -> tuple[int, int]:
         """The integer grid (qmin, qmax) at bit-width `b` (default: the active one)."""
-        b = self._resolve(b)
-        if self.signed:
-            return -(2 ** (b - 1)), 2 ** (b - 1) - 1
-        return 0, 2**b - 1
+        return qrange(self._resolve(b), self.signed)
 
     def _resolve(self, b: int | None) -> int:
         if b is None:
@@ -196,7 +183,7 @@ class LSQQuantizer(nn.Module):
             n = x.numel()
             s = s.reshape(())
         if not torch.is_grad_enabled():  # inference: the same arithmetic, without the backward's saved mask
-            return torch.div(x, s).clamp_(qmin, qmax).round_().mul_(s)
+            return fake_quantize(x, s, qmin, qmax)
         return _LSQFunction.apply(x, s, 1.0 / math.sqrt(n * qmax), qmin, qmax)
 
     def extra_repr(self) -> str:
@@ -228,7 +215,7 @@ class _SwitchableBatchNorm(nn.Module):
     def __init__(self, bn: nn.Module, bits: Sequence[int]):
         super().__init__()
         self.bits = tuple(sorted({int(b) for b in bits}))
-        self.bns = nn.ModuleList(_copy_module(bn) for _ in self.bits)
+        self.bns = nn.ModuleList(copy.deepcopy(bn) for _ in self.bits)
         self.active_bits: int | None = None
 
     def set_bits(self, b: int | None) -> None:
@@ -272,10 +259,6 @@ class SwitchableBatchNorm2d(_SwitchableBatchNorm):
 
 class SwitchableBatchNorm1d(_SwitchableBatchNorm):
     """Switchable BatchNorm over nn.BatchNorm1d."""
-
-
-def _copy_module(m: nn.Module) -> nn.Module:
-    return copy.deepcopy(m)
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -323,170 +306,3 @@ def to_quant_layer(m: nn.Module, weight_quantizer: LSQQuantizer) -> nn.Module:
     q._modules = dict(m._modules)
     q.weight_quantizer = weight_quantizer
     return q
-
-
-# ----------------------------------------------------------------------------------------------- QuantModel
-@dataclass(frozen=True)
-class QuantSite:
-    """Where one layer's quantization lives in the graph module (module qualnames)."""
-
-    layer: str
-    weight_quantizer: str
-    act_quantizer: str
-    batchnorm: str | None = None
-    pinned: bool = False
-    pin_bits: tuple[int, int] | None = None
-
-
-class QuantModel(nn.Module):
-    """A traced model with LSQ quantizers on every quantizable layer, switchable as a whole.
-
-    `.graph_module` is the transformed fx.GraphModule (original module qualnames kept: each Conv/Linear
-    module becomes a Quant* subclass owning `weight_quantizer`, and an `input_quantizer` submodule of the
-    layer is called as its own node right before it; functional layers get both under `fxmpq_quant.*`).
-    `.analysis` prices the layers; `.bits` are the candidate bits; `.layer_names` lists searchable and
-    pinned layers in graph order (the analysis names).
-    """
-
-    def __init__(
-        self,
-        graph_module: fx.GraphModule,
-        analysis: Analysis,
-        bits: Sequence[int],
-        sites: Mapping[str, QuantSite],
-        *,
-        example_shapes: Sequence[tuple[int, ...]] = (),
-    ):
-        super().__init__()
-        self.graph_module = graph_module
-        self.analysis = analysis
-        self.bits = tuple(sorted(bits))
-        self.sites = dict(sites)
-        self.example_shapes = [tuple(s) for s in example_shapes]
-        self._policy: Policy | None = None
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> QuantModel:
-        # Analysis and Policy are immutable values holding MappingProxyType (which deepcopy cannot copy): share
-        # them, and point the copy's analysis at the copied graph module.
-        memo[id(self.analysis)] = self.analysis
-        if self._policy is not None:
-            memo[id(self._policy)] = self._policy
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            new.__dict__[k] = copy.deepcopy(v, memo)
-        new.__dict__["analysis"] = dataclasses.replace(self.analysis, graph_module=new.graph_module)
-        return new
-
-    # ------------------------------------------------------------------ accessors
-    @property
-    def layer_names(self) -> list[str]:
-        """Searchable and pinned layer names in graph order."""
-        return self.analysis.names
-
-    @property
-    def searchable_names(self) -> list[str]:
-        """Layers whose bits a policy chooses."""
-        return [m.name for m in self.analysis.searchable]
-
-    def _site(self, name: str) -> QuantSite:
-        try:
-            return self.sites[name]
-        except KeyError:
-            raise PolicyError(f"no quantized layer {name!r}; layers: {', '.join(self.layer_names)}") from None
-
-    def weight_quantizer(self, name: str) -> LSQQuantizer:
-        """The weight LSQQuantizer of layer `name`."""
-        return self.graph_module.get_submodule(self._site(name).weight_quantizer)
-
-    def act_quantizer(self, name: str) -> LSQQuantizer:
-        """The input-activation LSQQuantizer of layer `name`."""
-        return self.graph_module.get_submodule(self._site(name).act_quantizer)
-
-    def batchnorm(self, name: str) -> _SwitchableBatchNorm | None:
-        """The switchable BatchNorm following layer `name`, or None."""
-        bn = self._site(name).batchnorm
-        return self.graph_module.get_submodule(bn) if bn else None
-
-    def quantizers(self) -> Iterator[tuple[str, LSQQuantizer]]:
-        """(qualname, quantizer) for every LSQQuantizer in the graph module."""
-        for n, m in self.graph_module.named_modules():
-            if isinstance(m, LSQQuantizer):
-                yield n, m
-
-    def step_parameters(self) -> list[nn.Parameter]:
-        """Every step-size Parameter (for a separate optimizer group)."""
-        return [q.step for _, q in self.quantizers()]
-
-    @torch.no_grad()
-    def clamp_step_sizes(self, min_value: float = 1e-8) -> None:
-        """Project every step size back to >= min_value (an optimizer step may push a small step negative)."""
-        for p in self.step_parameters():
-            p.clamp_(min=min_value)
-
-    @property
-    def policy(self) -> Policy | None:
-        """The complete policy in force (pins included), or None when quantization is off."""
-        return self._policy
-
-    # ------------------------------------------------------------------ switching
-    def set_policy(self, policy: Policy | Mapping[str, tuple[int, int]]) -> None:
-        """Switch every layer to the policy's (w, a) (pins stay at their pins); every step size is kept."""
-        policy = policy if isinstance(policy, Policy) else Policy(policy)
-        full = policy.complete(self.analysis)
-        bad = [f"{n} W{w}A{a}" for n, (w, a) in full.items()
-               if not self.sites[n].pinned and (w not in self.weight_quantizer(n).bits
-                                                or a not in self.act_quantizer(n).bits)]
-        if bad:
-            raise PolicyError(f"policy bits outside this model's candidate bits {self.bits}: {', '.join(bad)}")
-        self._switch(full)
-
-    def _switch(self, full: Mapping[str, tuple[int, int]]) -> None:
-        gm = self.graph_module
-        for n, (w, a) in full.items():
-            site = self.sites[n]
-            gm.get_submodule(site.weight_quantizer).set_bits(w)
-            gm.get_submodule(site.act_quantizer).set_bits(a)
-            if site.batchnorm:
-                gm.get_submodule(site.batchnorm).set_bits(w)
-        self._policy = full if isinstance(full, Policy) else Policy(full)
-
-    def set_uniform(self, w_bits: int, a_bits: int | None = None) -> None:
-        """Every searchable layer at (w_bits, a_bits) (a_bits defaults to w_bits); pinned layers at their pins."""
-        a_bits = w_bits if a_bits is None else a_bits
-        if w_bits not in self.bits or a_bits not in self.bits:
-            raise PolicyError(f"uniform W{w_bits}A{a_bits} is outside this model's candidate bits {self.bits}")
-        full = {m.name: (m.pin_bits if m.pinned else (w_bits, a_bits)) for m in self.analysis.layers}
-        self._switch(full)
-
-    def disable_quant(self) -> None:
-        """Switch every quantizer off (full precision); switchable BNs use their highest-bit BN."""
-        for _, q in self.quantizers():
-            q.set_bits(None)
-        for m in self.graph_module.modules():
-            if isinstance(m, _SwitchableBatchNorm):
-                m.set_bits(None)
-        self._policy = None
-
-    def fix(self) -> None:
-        """Freeze the current policy: every quantizer and switchable BN keeps only its active bit."""
-        if self._policy is None:
-            raise PolicyError("no policy in force: call set_policy(...) before fix()")
-        gm = self.graph_module
-        for n, (w, a) in self._policy.items():
-            site = self.sites[n]
-            gm.get_submodule(site.weight_quantizer).fix(w)
-            gm.get_submodule(site.act_quantizer).fix(a)
-            if site.batchnorm:
-                gm.get_submodule(site.batchnorm).fix(w)
-
-    def quant_state(self) -> dict[str, dict[str, Any]]:
-        """Per layer: candidate bits and active bits of its quantizers (JSON-ready, for checkpoints)."""
-        out = {}
-        for n in self.layer_names:
-            wq, aq = self.weight_quantizer(n), self.act_quantizer(n)
-            out[n] = {"w_bits": list(wq.bits), "a_bits": list(aq.bits), "w": wq.active_bits, "a": aq.active_bits}
-        return out
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.graph_module(*args, **kwargs)

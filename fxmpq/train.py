@@ -25,7 +25,7 @@ from .checkpoint import join_state, load_checkpoint, save_checkpoint, split_stat
 from .errors import CheckpointError, DataError, PolicyError
 from .indicators import Indicators
 from .policy import Policy
-from .quant import QuantModel
+from .quant_model import QuantModel
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
-"""fxmpq's graph passes, one per file (installed as the package fxmpq.passes)."""
+"""fxmpq's graph passes, one per file (installed as the package fxmpq.passes); fxmpq/stages.py lists them in order."""
 
 from .annotate_cost import AnnotateCostPass
-from .apply_policy import ApplyPolicyPass, apply_policy
+from .apply_policy import ApplyPolicyPass
 from .base import PassBase, PassResult, run_passes
 from .insert_fake_quant import InsertFakeQuantPass
 from .lower_qdq import LowerToQDQPass
 
 __all__ = ["AnnotateCostPass", "ApplyPolicyPass", "InsertFakeQuantPass", "LowerToQDQPass", "PassBase", "PassResult",
-           "apply_policy", "run_passes"]
+           "run_passes"]

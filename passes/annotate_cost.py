@@ -1,32 +1,28 @@
-"""AnnotateCostPass: writes each quantizable layer's shape, MACs, params, pins and costs into node.meta."""
+"""AnnotateCostPass: writes each layer's pins and its cost at every (w, a) pair of the hardware into its record."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from types import MappingProxyType
 
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxmpq.errors import PolicyError
-from fxmpq.graph import (
-    LayerMeta,
-    find_quantizable_nodes,
-    input_node,
-    layer_macs,
-    layer_params,
-    node_shapes,
-    set_layer_meta,
-)
 from fxmpq.hardware import HardwareSpec, Pins
+from fxmpq.record import records, set_record
 
 log = logging.getLogger(__name__)
 
+__all__ = ["AnnotateCostPass"]
+
 
 class AnnotateCostPass(PassBase):
-    """An analysis pass: it writes metadata only and returns modified=False (like torch.fx's ShapeProp).
+    """An analysis pass: it replaces records only and returns modified=False (like torch.fx's ShapeProp).
 
-    Needs shapes in node.meta (fxmpq.trace propagates them). Pins come from `pins` when given, else from the
-    hardware description.
+    Needs the records capture writes (fxmpq.trace). Pins come from `pins` when given, else from the hardware
+    description; a pinned layer runs at the pins' bits.
     """
 
     def __init__(self, *, hardware: HardwareSpec, pins: Pins | None = None):
@@ -35,8 +31,8 @@ class AnnotateCostPass(PassBase):
         self.pins = pins if pins is not None else hardware.pins
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        found = find_quantizable_nodes(graph_module)
-        names = [q.name for q in found]
+        found = list(records(graph_module))
+        names = [r.name for _, r in found]
         unknown = [n for n in self.pins.layers if n not in names]
         if unknown:
             raise PolicyError(
@@ -45,26 +41,19 @@ class AnnotateCostPass(PassBase):
             )
         pinned = set(self.pins.layers)
         if found and self.pins.first_layer:
-            pinned.add(found[0].name)
+            pinned.add(names[0])
         if found and self.pins.last_layer:
-            pinned.add(found[-1].name)
+            pinned.add(names[-1])
         if pinned and not self.hardware.supports(*self.pins.bits):
             w, a = self.pins.bits
             raise PolicyError(f"pinned bits W{w}A{a} are not a pair hardware {self.hardware.name!r} runs "
                               f"({self.hardware.path}); supported pairs: {self.hardware.pairs}")
-        for q in found:
-            in_shape, out_shape = node_shapes(q)
-            macs, params = layer_macs(q), layer_params(q)
-            costs = {
-                pair: self.hardware.layer_cost(q.kind, macs, params, *pair) for pair in self.hardware.pairs
-            }
-            x = input_node(q)
-            is_pinned = q.name in pinned
-            set_layer_meta(q.node, LayerMeta(
-                name=q.name, kind=q.kind, macs=macs, params=params, in_shape=in_shape, out_shape=out_shape,
-                groups=q.groups, pinned=is_pinned, pin_bits=self.pins.bits if is_pinned else None,
-                input_node=x.name if x is not None else "", costs=costs,
-            ))
+        for node, rec in found:
+            costs = {pair: MappingProxyType(self.hardware.layer_cost(rec.kind, rec.macs, rec.params, *pair))
+                     for pair in self.hardware.pairs}
+            is_pinned = rec.name in pinned
+            set_record(node, dataclasses.replace(rec, pinned=is_pinned, pin_bits=self.pins.bits if is_pinned else None,
+                                                 costs=MappingProxyType(costs)))
         log.debug("annotated %d layers (%d pinned)", len(found), len(pinned))
         return PassResult(graph_module, False)
 

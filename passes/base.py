@@ -16,7 +16,8 @@ __all__ = ["PassBase", "PassResult", "run_passes"]
 
 
 def run_passes(gm: fx.GraphModule, passes: Sequence[PassBase]) -> PassResult:
-    """Run `passes` in order; lint after each mutation; a failure names the pass and those before it.
+    """Run `passes` in order; lint and recompile after each that modified the graph (passes never do it themselves);
+    a failure names the pass and those before it.
 
     FxmpqErrors raised by a pass (bad user input it detected) propagate unchanged, since they already say
     what is wrong; anything else is wrapped in a PassError.
@@ -27,17 +28,17 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[PassBase]) -> PassResult:
         name = type(p).__name__
         try:
             result = p(gm)
+            if result is None:
+                raise PassError(f"pass {name} returned None instead of a PassResult")
+            gm = result.graph_module
+            if result.modified:
+                gm.graph.lint()
+                gm.recompile()
         except FxmpqError:
             raise
         except Exception as e:
             before = ", ".join(done) or "none"
             raise PassError(f"pass {name} failed (passes run before it: {before}): {type(e).__name__}: {e}") from e
-        if result is None:
-            raise PassError(f"pass {name} returned None instead of a PassResult")
-        gm = result.graph_module
-        if result.modified:
-            gm.graph.lint()
-            gm.recompile()
         modified |= result.modified
         done.append(name)
         log.debug("pass %s done (modified=%s)", name, result.modified)

@@ -2,39 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxmpq.errors import ExportError
-from fxmpq.graph import as_input_tuple
+from fxmpq.graph import as_input_tuple, propagate_shapes
+from fxmpq.kernels import BiasRounding
+from fxmpq.matcher import emit_call, layer_input, linear_runs_as_conv
+from fxmpq.primitives import INT32_MAX, container_zero_point, fake_quantize, quantize, round_to_grid
 from fxmpq.quant import LSQQuantizer
+from fxmpq.record import LayerRecord, Lowered, records, set_record
 
-from .apply_policy import BiasRounding, linear_runs_as_conv, relu_bounds
-from .base import PassBase, PassResult
+from .patterns import bn_module, relu_bounds
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DQ_OP", "LOWERED", "QDQ_OP", "LayerLowering", "LowerToQDQPass", "dequantize", "quantize_dequantize"]
+__all__ = ["DQ_OP", "LOWERED", "QDQ_META", "QDQ_OP", "LowerToQDQPass", "dequantize", "quantize_dequantize"]
 
 LOWERED = "fxmpq_lowered"  # container module of the integer buffers
 QDQ_META = "fxmpq_qdq"  # node.meta key: the quantizer qualname a quantize_dequantize node came from
-_INT32 = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("fxmpq_qdq::quantize_dequantize", mutates_args=())
 def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
     """ONNX QuantizeLinear(uint8) -> Clip(qmin, qmax) -> DequantizeLinear; qmin/qmax include the zero point."""
-    q = torch.div(x, scale).round_().add_(zero_point).clamp_(qmin, qmax)
-    return q.sub_(zero_point).mul_(scale)
+    return fake_quantize(x, scale, qmin - zero_point, qmax - zero_point)
 
 
 @quantize_dequantize.register_fake
@@ -63,35 +63,8 @@ DQ_OP = torch.ops.fxmpq_qdq.dequantize.default
 
 
 # ----------------------------------------------------------------------------------------------- the pass
-@dataclass(frozen=True)
-class LayerLowering:
-    """What lowering did to one conv/linear: its bits, integer range, folded BN, and buffer names."""
-
-    name: str
-    w_bits: int | None
-    a_bits: int | None
-    qrange: tuple[int, int] | None
-    params: int
-    bn_folded: bool
-    int_bias: bool
-    weight_buffer: str | None
-    as_conv: bool = False
-    notes: tuple[str, ...] = field(default=())
-
-
-_CONV_FN = {1: F.conv1d, 2: F.conv2d}
-
-
 def _mangle(name: str) -> str:
     return name.replace(".", "_").replace("#", "_call")
-
-
-def _bn_module(m: nn.Module) -> nn.Module | None:
-    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-        return m
-    if hasattr(m, "bns") and hasattr(m, "current"):
-        return m.current()
-    return None
 
 
 class LowerToQDQPass(PassBase):
@@ -115,103 +88,76 @@ class LowerToQDQPass(PassBase):
     def __init__(self, *, example_inputs: Any = None):
         super().__init__()
         self.example_inputs = example_inputs
-        self.layers: list[LayerLowering] = []
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        if graph_module.training:
+            raise ExportError("LowerToQDQPass needs the model in eval mode (BatchNorm running statistics): "
+                              "call .eval() first")
+        bare = [r.name for _, r in records(graph_module) if r.applied is None]
+        if bare:
+            raise ExportError(f"LowerToQDQPass needs a policy applied to every layer; {', '.join(bare[:5])} have "
+                              f"none (fxmpq.apply_policy first)")
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        left = [n.format_node() for n in graph_module.graph.nodes
+                if n.op == "call_module" and isinstance(graph_module.get_submodule(n.target), LSQQuantizer)]
+        if left:
+            raise ExportError(f"LowerToQDQPass left quantizer calls in the graph: {left[:3]}")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
-        if gm.training:
-            raise ExportError("LowerToQDQPass needs the model in eval mode (BatchNorm running statistics): "
-                              "call .eval() first")
         if self.example_inputs is not None:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*as_input_tuple(self.example_inputs))
+            propagate_shapes(gm, as_input_tuple(self.example_inputs))
+        layers = list(records(gm))
+        quantizers = [n for n in gm.graph.nodes if n.op == "call_module"
+                      and isinstance(gm.get_submodule(n.target), LSQQuantizer | BiasRounding)]
+        if not layers and not quantizers:
+            return PassResult(gm, False)
         if not hasattr(gm, LOWERED):
             gm.add_module(LOWERED, nn.Module())
-        self.layers = []
-        for node in list(gm.graph.nodes):  # the int32 bias realises what BiasRounding simulates
-            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), BiasRounding):
+        for node in quantizers:  # the int32 bias realises what BiasRounding simulates
+            if isinstance(gm.get_submodule(node.target), BiasRounding):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
         gm.graph.eliminate_dead_code()
-        for node in list(gm.graph.nodes):
-            layer = self._layer(gm, node)
-            if layer is not None:
-                self.layers.append(self._lower_layer(gm, node, *layer))
+        for node, rec in layers:
+            self._lower_layer(gm, node, rec)
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), LSQQuantizer):
                 self._lower_act(gm, node)
         gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
         gm.delete_all_unused_submodules()
         self._drop_unused_attrs(gm)
         return PassResult(gm, True)
 
     # ------------------------------------------------------------------ layers
-    @staticmethod
-    def _layer(gm: fx.GraphModule, node: fx.Node) -> tuple[str, torch.Tensor, torch.Tensor | None,
-                                                           LSQQuantizer | None, dict[str, Any]] | None:
-        """(name, float weight, bias, weight quantizer, conv options) when `node` is a conv/linear call."""
-        if node.op == "call_module":
-            m = gm.get_submodule(node.target)
-            wq = getattr(m, "weight_quantizer", None)
-            if isinstance(m, nn.Conv1d | nn.Conv2d):
-                if m.padding_mode != "zeros":
-                    raise ExportError(f"node {node.format_node()}: padding_mode={m.padding_mode!r} has no QDQ "
-                                      f"lowering; use padding_mode='zeros'")
-                opts = dict(dim=m.weight.dim() - 2, stride=m.stride, padding=m.padding, dilation=m.dilation,
-                            groups=m.groups)
-                return node.target, m.weight, m.bias, wq, opts
-            if isinstance(m, nn.Linear):
-                return node.target, m.weight, m.bias, wq, {"dim": 0}
-            return None
-        if node.op != "call_function" or node.target not in (F.conv1d, F.conv2d, F.linear, torch.conv1d,
-                                                             torch.conv2d):
-            return None
-        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-        args = dict(zip(names, node.args))
-        args.update(node.kwargs)
-        w = args.get("weight")
-        wq = None
-        if isinstance(w, fx.Node) and w.op == "call_module" and isinstance(gm.get_submodule(w.target), LSQQuantizer):
-            wq = gm.get_submodule(w.target)
-            w = w.args[0]
-        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
-            return None
-        weight = gm.get_parameter(w.target) if w.target in dict(gm.named_parameters()) else gm.get_buffer(w.target)
-        b = args.get("bias")
-        bias = None
-        if isinstance(b, fx.Node):
-            if b.op != "get_attr":
-                raise ExportError(f"node {node.format_node()}: the bias must be a parameter to lower it")
-            bias = getattr(gm.get_submodule(b.target.rpartition(".")[0]) if "." in b.target else gm,
-                           b.target.rpartition(".")[2])
-        name = w.target[: -len(".weight")] if w.target.endswith(".weight") else w.target
-        if node.target in (F.linear,):
-            return name, weight, bias, wq, {"dim": 0}
-        opts = dict(dim=weight.dim() - 2, stride=args.get("stride", 1), padding=args.get("padding", 0),
-                    dilation=args.get("dilation", 1), groups=args.get("groups", 1))
-        return name, weight, bias, wq, opts
-
-    def _lower_layer(self, gm: fx.GraphModule, node: fx.Node, name: str, weight: torch.Tensor,
-                     bias: torch.Tensor | None, wq: LSQQuantizer | None, opts: dict[str, Any]) -> LayerLowering:
+    def _lower_layer(self, gm: fx.GraphModule, node: fx.Node, rec: LayerRecord) -> None:
         g = gm.graph
-        x = node.args[0] if node.args else node.kwargs["input"]
+        name = rec.name
+        x = layer_input(node)
+        weight = gm.get_parameter(rec.weight)
+        if rec.bias_computed:
+            raise ExportError(f"layer {name} (node {node.format_node()}): the bias is computed in the graph; "
+                              f"the lowering needs a bias parameter")
+        if rec.conv is not None and rec.conv.padding_mode != "zeros":
+            raise ExportError(f"layer {name} (node {node.format_node()}): padding_mode={rec.conv.padding_mode!r} "
+                              f"has no QDQ lowering; use padding_mode='zeros'")
+        bias = gm.get_parameter(rec.bias) if rec.bias is not None else None
+        wq = gm.get_submodule(rec.sites.weight_quantizer) if rec.sites is not None else None
         if wq is None or wq.active_bits is None:
             log.info("layer %s has no active weight quantizer: left in float", name)
-            return LayerLowering(name, None, None, None, weight.numel(), False, False, None)
+            set_record(node, dataclasses.replace(rec, lowered=Lowered(None, None, None, False, False, None)))
+            return
         b = wq.active_bits
         if b > 8:
             raise ExportError(f"layer {name} (node {node.name}): {b}-bit weights do not fit the INT8 "
                               f"initializers the QDQ lowering emits; use at most 8 bits")
-        if opts.get("dim", 0) not in (0, 1, 2):
-            raise ExportError(f"node {node.format_node()}: only Conv1d/Conv2d/Linear have a QDQ lowering")
         qmin, qmax = wq.qrange(b)
         out_ch = weight.shape[0]
         with torch.no_grad():
             s_w = wq.step_size(b).detach().float()
             s_b = s_w.reshape([-1] + [1] * (weight.dim() - 1)) if s_w.dim() else s_w
-            q_w = torch.div(weight.detach().float(), s_b).clamp_(qmin, qmax).round_()
+            q_w = quantize(weight.detach().float(), s_b, qmin, qmax)
             scale = s_w.expand(out_ch).clone() if s_w.dim() == 0 else s_w.clone()
             b_f = bias.detach().float().clone() if bias is not None else torch.zeros(out_ch)
         # BatchNorm right after the layer (its only user) folds into the per-channel scale and the bias
@@ -219,7 +165,7 @@ class LowerToQDQPass(PassBase):
         users = list(node.users)
         out = node
         if len(users) == 1 and users[0].op == "call_module":
-            bn = _bn_module(gm.get_submodule(users[0].target))
+            bn = bn_module(gm.get_submodule(users[0].target))
             if bn is not None:
                 if bn.training:
                     raise ExportError(f"node {users[0].name}: BatchNorm in training mode; call .eval() first")
@@ -233,27 +179,25 @@ class LowerToQDQPass(PassBase):
                 bn_folded = True
         per_tensor = s_w.dim() == 0 and not bn_folded
         # input activation scale (from the act quantizer feeding the layer, if any)
-        s_x = None
+        s_x = a_bits = None
         if isinstance(x, fx.Node) and x.op == "call_module":
             aq = gm.get_submodule(x.target)
             if isinstance(aq, LSQQuantizer) and aq.active_bits is not None:
                 s_x = float(aq.step_size().detach().float())
+                a_bits = aq.active_bits
         mname = _mangle(name)
         holder = gm.get_submodule(LOWERED)
-        is_linear = opts["dim"] == 0
-        rank = None
+        as_conv = linear_runs_as_conv(rec)
         tm = node.meta.get("tensor_meta")
-        if tm is not None and hasattr(tm, "shape"):
-            rank = len(tm.shape)
-        as_conv = is_linear and linear_runs_as_conv(node)
+        out_shape = tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else rec.out_shape
         holder.register_buffer(f"{mname}_weight", (q_w[:, :, None, None] if as_conv else q_w).to(torch.int8))
         holder.register_buffer(f"{mname}_weight_scale", (scale[0].clone() if per_tensor else scale).contiguous())
         int_bias = False
         if s_x is not None:
             with torch.no_grad():
                 b_scale = (scale * s_x).float()
-                b_int = torch.round(b_f / b_scale)
-            if bool((b_int.abs() > _INT32).any()) or not bool(torch.isfinite(b_int).all()):
+                b_int = round_to_grid(b_f, b_scale)
+            if bool((b_int.abs() > INT32_MAX).any()) or not bool(torch.isfinite(b_int).all()):
                 raise ExportError(f"layer {name}: the bias does not fit int32 at scale s_x*s_w; "
                                   f"the input step size is probably degenerate")
             holder.register_buffer(f"{mname}_bias", b_int.to(torch.int32))
@@ -283,13 +227,7 @@ class LowerToQDQPass(PassBase):
                     inp = x
                 else:
                     inp = g.call_method("reshape", (x, -1, k, 1, 1))
-                new = g.call_function(F.conv2d, (inp, wd, bd))
-            elif is_linear:
-                new = g.call_function(F.linear, (inp, wd, bd))
-            else:
-                new = g.call_function(_CONV_FN[opts["dim"]], (inp, wd, bd, opts["stride"], opts["padding"],
-                                                               opts["dilation"], opts["groups"]))
-        result = new
+            new = emit_call(g, rec, inp, wd, bd, as_conv2d=as_conv)
         if as_conv:
             # flatten back after the ReLU and quantizer that follow the layer alone (Conv -> [Relu] -> Q must
             # stay adjacent for ONNX Runtime to fuse them), else right after the layer
@@ -306,18 +244,18 @@ class LowerToQDQPass(PassBase):
             out.replace_all_uses_with(new)
             src = new if after is out else after
             with g.inserting_after(src):  # [N*, out, 1, 1] back to [N, ..., out] (only the batch is dynamic)
-                flat = (g.call_method("flatten", (src, 1)) if rank == 2 else
-                        g.call_method("reshape", (src, -1, *tuple(tm.shape[1:-1]), out_ch)))
+                flat = (g.call_method("flatten", (src, 1)) if len(out_shape) == 2 else
+                        g.call_method("reshape", (src, -1, *out_shape[1:-1], out_ch)))
             for u in users_after:
                 u.replace_input_with(src, flat)
         else:
-            out.replace_all_uses_with(result)
+            out.replace_all_uses_with(new)
         if out is not node:
             g.erase_node(out)
         g.erase_node(node)
-        notes = () if (as_conv or not is_linear) else ("linear on a 1-D input: float MatMul, not fused",)
-        return LayerLowering(name, b, None, (qmin, qmax), weight.numel(), bn_folded, int_bias,
-                             f"{LOWERED}.{mname}_weight", as_conv, notes)
+        notes = () if (as_conv or rec.conv is not None) else ("linear on a 1-D input: float MatMul, not fused",)
+        set_record(new, dataclasses.replace(rec, lowered=Lowered(
+            b, a_bits, (qmin, qmax), bn_folded, int_bias, f"{LOWERED}.{mname}_weight", as_conv, notes)))
 
     # ------------------------------------------------------------------ activations
     @staticmethod
@@ -337,7 +275,7 @@ class LowerToQDQPass(PassBase):
             raise ExportError(f"quantizer {node.target} (node {node.name}): per-channel activation "
                               f"quantization has no QDQ lowering")
         qmin, qmax = q.qrange(b)
-        zp = 128 if q.signed else 0
+        zp = container_zero_point(q.signed)
         lo, hi = qmin + zp, qmax + zp
         scale = q.step_size(b).detach().float().reshape(())
         if not (bool(torch.isfinite(scale)) and float(scale) > 0):
@@ -350,7 +288,7 @@ class LowerToQDQPass(PassBase):
             for v, is_lo in ((bounds[0], True), (bounds[1], False)):
                 if math.isinf(v):
                     continue
-                iv = int(torch.round(torch.tensor(v, dtype=torch.float32) / scale)) + zp
+                iv = int(round_to_grid(torch.tensor(v, dtype=torch.float32), scale)) + zp
                 if is_lo:
                     lo = max(lo, min(iv, hi))
                 else:

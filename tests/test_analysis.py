@@ -1,18 +1,17 @@
-"""Tests of fxmpq.analyze: per-layer metadata, pins, costs under policies, cost matrices and shared inputs."""
+"""Tests of fxmpq.analyze: per-layer records, pins, costs under policies and shared inputs."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from models import GroupedNet, PlainCNN, ResidualNet, UntraceableNet
 
 import fxmpq
 from fxmpq import Analysis, LayerKind, Pins, Policy, PolicyError, analyze
-from fxmpq.graph import layer_meta
 from fxmpq.hardware import loads_hardware
+from fxmpq.record import record_of
 
 X16 = torch.randn(1, 3, 16, 16)
 
@@ -36,7 +35,7 @@ def test_layers_in_graph_order_with_pins(plain):
 
 
 def test_metadata_lives_on_the_graph_nodes(plain):
-    metas = [layer_meta(n) for n in plain.graph_module.graph.nodes]
+    metas = [record_of(n) for n in plain.graph_module.graph.nodes]
     assert [m.name for m in metas if m is not None] == plain.names
     meta = plain.layer("conv2")
     assert meta.costs[(4, 6)] == {"bitops": 73728 * 24, "size": 1152 * 4}
@@ -71,18 +70,6 @@ def test_fp32_cost_is_nan_for_table_metrics():
     fp = a.fp32_cost()
     assert math.isnan(fp["latency"])
     assert fp["bitops"] == sum(m.macs for m in a.layers) * 1024
-
-
-def test_cost_matrix(plain):
-    mat = plain.cost_matrix("bitops")
-    assert mat.shape == (1, 49)
-    j = plain.hardware.pairs.index((2, 8))
-    assert mat[0, j] == 73728 * 16
-    full = plain.cost_matrix("size", layers=plain.layers)
-    assert full.shape == (3, 49) and full.dtype == np.float64
-    with pytest.raises(PolicyError) as exc:
-        plain.cost_matrix("energy")
-    assert str(exc.value) == "hardware 'bitops' has no metric 'energy'; it has bitops, size"
 
 
 def test_pins_override_and_by_name():

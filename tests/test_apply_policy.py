@@ -9,11 +9,11 @@ import torch
 from models import PlainCNN, ResidualNet
 
 from fxmpq.errors import PolicyError
-from fxmpq.passes.apply_policy import ApplyPolicyPass, BiasRounding, apply_policy
-from fxmpq.passes.base import run_passes
-from fxmpq.passes.lower_qdq import LowerToQDQPass
-from fxmpq.prepare import prepare
+from fxmpq.kernels import BiasRounding
+from fxmpq.passes import ApplyPolicyPass, LowerToQDQPass, run_passes
 from fxmpq.quant import LSQQuantizer
+from fxmpq.record import records
+from fxmpq.stages import apply_policy, prepare
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 
@@ -25,6 +25,11 @@ def _prepared(model_cls, per_channel=False):
 
 def _policy(q, w=3, a=5):
     return {n: (w, a) for n in q.searchable_names}
+
+
+def _added(q):
+    """The output quantizers ApplyPolicyPass recorded."""
+    return sorted(r.applied.output_quantizer for _, r in records(q.graph_module) if r.applied.output_quantizer)
 
 
 def test_fixes_every_quantizer_and_batchnorm():
@@ -61,11 +66,10 @@ def test_keeps_only_the_policy_batchnorm():
 
 def test_output_quantizers_only_where_no_quantizer_follows():
     q, _ = _prepared(PlainCNN)
-    p = ApplyPolicyPass(model=q, policy=_policy(q))
-    run_passes(q.graph_module, [p])
+    assert run_passes(q.graph_module, [ApplyPolicyPass(policy=_policy(q))]).modified
     # conv1 -> bn -> relu -> conv2's input quantizer: nothing added; conv2 -> relu -> pool: unsigned 8-bit after
     # the relu; fc -> graph output: signed 8-bit
-    assert sorted(p.added) == ["conv2.output_quantizer", "fc.output_quantizer"]
+    assert _added(q) == ["conv2.output_quantizer", "fc.output_quantizer"]
     oq = q.graph_module.get_submodule("conv2.output_quantizer")
     assert isinstance(oq, LSQQuantizer) and oq.active_bits == 8 and not oq.signed
     assert q.graph_module.get_submodule("fc.output_quantizer").signed
@@ -75,15 +79,14 @@ def test_output_quantizers_only_where_no_quantizer_follows():
 
 def test_shared_input_gets_output_quantizer_and_pass_is_idempotent():
     q, _ = _prepared(ResidualNet)
-    p = ApplyPolicyPass(model=q, policy=_policy(q))
-    run_passes(q.graph_module, [p])
+    run_passes(q.graph_module, [ApplyPolicyPass(policy=_policy(q))])
     # the stem's ReLU feeds two input quantizers (conv1, shortcut): ORT fuses only into one QuantizeLinear
-    assert "stem.output_quantizer" in p.added
-    assert "conv2.output_quantizer" in p.added and "shortcut.output_quantizer" in p.added
+    added = _added(q)
+    assert "stem.output_quantizer" in added
+    assert "conv2.output_quantizer" in added and "shortcut.output_quantizer" in added
     code = q.graph_module.code
-    p2 = ApplyPolicyPass(model=q, policy=_policy(q))
-    run_passes(q.graph_module, [p2])
-    assert p2.added == []
+    assert run_passes(q.graph_module, [ApplyPolicyPass(policy=_policy(q))]).modified is False
+    assert _added(q) == added
     assert q.graph_module.code == code
 
 
@@ -98,7 +101,7 @@ def test_output_bits_validated():
     q, _ = _prepared(PlainCNN)
     from fxmpq.errors import PassError
     with pytest.raises(PassError, match="output_bits"):
-        ApplyPolicyPass(model=q, policy=_policy(q), output_bits=16)
+        ApplyPolicyPass(policy=_policy(q), output_bits=16)
 
 
 def test_bias_rounding_makes_simulation_equal_the_integer_graph():
@@ -115,14 +118,3 @@ def test_bias_rounding_makes_simulation_equal_the_integer_graph():
     r = next(m for m in q.modules() if isinstance(m, BiasRounding))
     y = torch.randn(2, 8, 4, 4)
     assert r(y, torch.tensor(0.1), torch.ones(8) * 0.05, bias=torch.randn(8)) is y
-
-
-def test_quantize_adds_puts_a_quantizer_after_residual_joins():
-    q, _ = _prepared(ResidualNet)
-    p = ApplyPolicyPass(model=q, policy=_policy(q), quantize_adds=True)
-    run_passes(q.graph_module, [p])
-    joins = [a for a in p.added if a.startswith("fxmpq_join.")]
-    assert len(joins) == 1
-    node = next(n for n in q.graph_module.graph.nodes if n.target == joins[0])
-    assert "relu" in str(node.args[0].target)  # after the ReLU that follows the sum: unsigned
-    assert not q.graph_module.get_submodule(joins[0]).signed

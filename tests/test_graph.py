@@ -1,4 +1,4 @@
-"""Tests of fxmpq.graph: tracing, TraceError messages, quantizable-layer discovery, MACs and metadata accessors."""
+"""Tests of capture: tracing, TraceError messages, the matcher's layer records (MACs, shapes, options), accessors."""
 
 from __future__ import annotations
 
@@ -21,15 +21,8 @@ from torch import nn
 
 import fxmpq
 from fxmpq import LayerKind, TraceError, trace
-from fxmpq.graph import (
-    LayerMeta,
-    find_quantizable_nodes,
-    layer_macs,
-    layer_meta,
-    layer_params,
-    node_shapes,
-    set_layer_meta,
-)
+from fxmpq.matcher import match
+from fxmpq.record import LayerRecord, record_of, records, set_record
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -107,7 +100,7 @@ def test_leaf_modules_make_untraceable_code_opaque(leaf):
     model = UntraceableNet().eval()
     x = torch.randn(1, 3, 8, 8)
     gm = trace(model, x, leaf_modules=[leaf])
-    names = [q.name for q in find_quantizable_nodes(gm)]
+    names = [r.name for _, r in records(gm)]
     assert names == ["conv", "fc"]  # gate.proj sits inside the opaque leaf
     assert any(n.op == "call_module" and n.target == "gate" for n in gm.graph.nodes)
     torch.testing.assert_close(gm(x), model(x))
@@ -140,7 +133,7 @@ def test_trace_accepts_a_tuple_of_inputs():
             return self.fc(a + b)
 
     gm = trace(Two(), (torch.randn(1, 3), torch.randn(1, 3)))
-    assert [q.name for q in find_quantizable_nodes(gm)] == ["fc"]
+    assert [r.name for _, r in records(gm)] == ["fc"]
 
 
 # ------------------------------------------------------------------------------------------- discovery
@@ -148,7 +141,7 @@ def test_trace_accepts_a_tuple_of_inputs():
 
 def _found(model, x):
     gm = trace(model, x)
-    return {q.name: q for q in find_quantizable_nodes(gm)}
+    return {r.name: r for _, r in records(gm)}
 
 
 def test_discovery_plain_cnn_macs_params_shapes():
@@ -156,18 +149,19 @@ def test_discovery_plain_cnn_macs_params_shapes():
     assert list(found) == ["conv1", "conv2", "fc"]
     assert [q.kind for q in found.values()] == [LayerKind.CONV, LayerKind.CONV, LayerKind.LINEAR]
     c1, c2, fc = found.values()
-    assert layer_macs(c1) == 16 * 16 * 8 * 3 * 3 * 3
-    assert layer_macs(c2) == 8 * 8 * 16 * 8 * 3 * 3
-    assert layer_macs(fc) == 16 * 10
-    assert (layer_params(c1), layer_params(c2), layer_params(fc)) == (8 * 27 + 8, 16 * 72, 170)
-    assert node_shapes(c2) == ((1, 8, 16, 16), (1, 16, 8, 8))
-    assert c1.module is not None and c1.weight_attr == "conv1.weight"
+    assert c1.macs == 16 * 16 * 8 * 3 * 3 * 3
+    assert c2.macs == 8 * 8 * 16 * 8 * 3 * 3
+    assert fc.macs == 16 * 10
+    assert (c1.params, c2.params, fc.params) == (8 * 27 + 8, 16 * 72, 170)
+    assert (c2.in_shape, c2.out_shape) == ((1, 8, 16, 16), (1, 16, 8, 8))
+    assert c1.module == "conv1" and c1.weight == "conv1.weight" and c1.bias == "conv1.bias" and c2.bias is None
+    assert c2.conv is not None and c2.conv.stride == (2, 2) and c2.conv.padding == (1, 1) and fc.conv is None
 
 
 def test_discovery_macs_are_per_sample():
     one = _found(PlainCNN(), torch.randn(1, 3, 16, 16))
     four = _found(PlainCNN(), torch.randn(4, 3, 16, 16))
-    assert [layer_macs(q) for q in one.values()] == [layer_macs(q) for q in four.values()]
+    assert [r.macs for r in one.values()] == [r.macs for r in four.values()]
 
 
 def test_discovery_grouped_and_depthwise():
@@ -179,18 +173,19 @@ def test_discovery_grouped_and_depthwise():
         "pointwise": (LayerKind.CONV, 1),
         "fc": (LayerKind.LINEAR, 1),
     }
-    assert layer_macs(found["grouped"]) == 8 * 8 * 8 * (4 * 3 * 3)
-    assert layer_macs(found["depthwise"]) == 8 * 8 * 8 * 9
+    assert found["grouped"].macs == 8 * 8 * 8 * (4 * 3 * 3)
+    assert found["depthwise"].macs == 8 * 8 * 8 * 9
 
 
 def test_discovery_functional_calls_with_parameter_weights_only():
     found = _found(FunctionalNet(), torch.randn(1, 3, 8, 8))
     assert list(found) == ["conv_weight", "fc_weight"]  # the buffer-weight conv (blur) is not a layer
     conv, fc = found["conv_weight"], found["fc_weight"]
-    assert conv.module is None and conv.kind is LayerKind.CONV and conv.bias is not None
-    assert fc.kind is LayerKind.LINEAR and fc.bias is None and fc.weight_attr == "fc_weight"
-    assert layer_macs(conv) == 8 * 8 * 8 * 27
-    assert layer_params(conv) == 8 * 27 + 8
+    assert conv.module is None and conv.kind is LayerKind.CONV and conv.bias == "conv_bias"
+    assert conv.conv.padding == (1, 1)
+    assert fc.kind is LayerKind.LINEAR and fc.bias is None and fc.weight == "fc_weight"
+    assert conv.macs == 8 * 8 * 8 * 27
+    assert conv.params == 8 * 27 + 8
 
 
 def test_discovery_functional_names_strip_the_weight_suffix():
@@ -209,21 +204,21 @@ def test_discovery_functional_names_strip_the_weight_suffix():
 
     found = _found(Outer(), torch.randn(1, 6))
     assert list(found) == ["proj"]
-    assert found["proj"].weight_attr == "proj.weight"
+    assert found["proj"].weight == "proj.weight"
 
 
 def test_discovery_conv1d():
     found = _found(Conv1dNet(), torch.randn(1, 4, 32))
     assert list(found) == ["conv1", "conv2", "fc"]
-    assert layer_macs(found["conv1"]) == 32 * 8 * 4 * 3
-    assert layer_macs(found["conv2"]) == 16 * 8 * 8 * 5
-    assert found["conv2"].kind is LayerKind.CONV
+    assert found["conv1"].macs == 32 * 8 * 4 * 3
+    assert found["conv2"].macs == 16 * 8 * 8 * 5
+    assert found["conv2"].kind is LayerKind.CONV and found["conv2"].conv.dim == 1
 
 
 def test_discovery_module_called_twice_gets_two_names():
     found = _found(SharedLinearNet(), torch.randn(1, 6))
     assert list(found) == ["fc", "fc#1", "head"]
-    assert found["fc"].weight is found["fc#1"].weight
+    assert found["fc"].weight == found["fc#1"].weight == "fc.weight"
 
 
 def test_discovery_residual_graph_order():
@@ -231,18 +226,40 @@ def test_discovery_residual_graph_order():
     assert list(found) == ["stem", "conv1", "conv2", "shortcut", "fc"]
 
 
-def test_layer_meta_accessors():
+def test_record_accessors():
     gm = trace(PlainCNN(), torch.randn(1, 3, 16, 16))
     node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv2")
-    assert layer_meta(node) is None
-    meta = LayerMeta(name="conv2", kind=LayerKind.CONV, macs=1, params=2, in_shape=(1,), out_shape=(1,))
-    set_layer_meta(node, meta)
-    assert layer_meta(node) is meta
-    assert meta.searchable
+    rec = record_of(node)
+    assert isinstance(rec, LayerRecord) and rec.name == "conv2" and rec.searchable
     with pytest.raises(AttributeError):
-        meta.macs = 3  # type: ignore[misc]
-    node.meta["fxmpq"] = {"not": "a LayerMeta"}
-    assert layer_meta(node) is None
+        rec.macs = 3  # type: ignore[misc]
+    node.meta["fxmpq"] = {"not": "a LayerRecord"}
+    assert record_of(node) is None
+    set_record(node, rec)
+    assert record_of(node) is rec
+    relu = next(n for n in gm.graph.nodes if n.name == "relu")
+    assert record_of(relu) is None and match(gm, relu) is None
+
+
+def test_matcher_reads_every_argument_spelling():
+    class Spellings(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+            self.b = nn.Parameter(torch.zeros(4))
+            self.lw = nn.Parameter(torch.randn(2, 4))
+
+        def forward(self, x):
+            y = torch.nn.functional.conv2d(x, self.w, self.b, 2, 1)
+            z = torch.nn.functional.conv2d(input=x, weight=self.w, bias=None, stride=(2, 2), padding=(1, 1))
+            return torch.nn.functional.linear(input=(y + z).mean((2, 3)), weight=self.lw)
+
+    found = [r for _, r in records(trace(Spellings(), torch.randn(1, 3, 8, 8)))]
+    assert [r.name for r in found] == ["w", "w#1", "lw"]
+    assert found[0].conv == found[1].conv and found[0].conv.stride == (2, 2) and found[0].conv.padding == (1, 1)
+    assert found[0].bias == "b" and found[1].bias is None
+    assert found[0].out_shape == found[1].out_shape == (1, 4, 4, 4)
+    assert found[2].kind is LayerKind.LINEAR and found[2].macs == 2 * 4
 
 
 class _ConstantBiasMLP(nn.Module):

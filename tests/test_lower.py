@@ -16,8 +16,7 @@ from onnx import numpy_helper
 
 from fxmpq.errors import ExportError
 from fxmpq.export import LowerReport, lower, qlinear_counts
-from fxmpq.passes.apply_policy import apply_policy
-from fxmpq.prepare import prepare
+from fxmpq.stages import apply_policy, prepare
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 
@@ -282,3 +281,21 @@ def test_report_separates_tied_logits_from_disagreements(tmp_path):
     q2, x2, _ = _quantized(_ClassifierHead(), (1, 3, 8, 8), per_channel=False)
     rep2 = lower(q2, tmp_path / "m2.onnx", x2, samples=64)
     assert rep2.top1_ties < 64 and rep2.top1_decisive == 1.0 and rep2.passed
+
+
+def test_metadata_holds_the_policy_bits_and_steps(tmp_path):
+    q, x, pol = _quantized(ResidualNet(), (2, 3, 16, 16), per_channel=False)
+    assert all(q.policy[n] == bits for n, bits in pol.items())
+    lower(q, tmp_path / "m.onnx", x, samples=16)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    bits = json.loads(meta["fxmpq.bits"])
+    full = q.policy
+    assert bits == {name: [w, a] for name, (w, a) in full.items()}  # every layer, pins included
+    assert all(a is not None for _, a in bits.values())
+    steps = json.loads(meta["fxmpq.steps"])
+    for name in q.layer_names:
+        path = q.sites[name].act_quantizer
+        assert steps[path] == pytest.approx(float(q.act_quantizer(name).step_size().detach()), rel=0, abs=0)
+    qrange = json.loads(meta["fxmpq.weight_qrange"])
+    for name, (w, _) in full.items():
+        assert qrange[f"fxmpq_lowered.{name.replace('.', '_')}_weight"] == [-(2 ** (w - 1)), 2 ** (w - 1) - 1]

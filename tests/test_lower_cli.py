@@ -12,8 +12,7 @@ import torch
 from models import PlainCNN
 
 from fxmpq.checkpoint import save_checkpoint, split_state
-from fxmpq.passes.apply_policy import apply_policy
-from fxmpq.prepare import prepare
+from fxmpq.stages import apply_policy, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 BITS = (2, 3, 4, 5, 6, 7, 8)

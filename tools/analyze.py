@@ -53,17 +53,7 @@ def uncovered_parameters(model: nn.Module, analysis: fxmpq.Analysis) -> list[tup
     """(module qualname, parameter count) of parameters no quantizable layer holds, normalisation layers left out
     (their parameters are folded into convs or stay in float anyway). Large counts mean the tracer saw the module
     as one opaque call (e.g. nn.MultiheadAttention) or a weight went through a wrapped function."""
-    from fxmpq.graph import find_quantizable_nodes
-
-    covered: set[str] = set()
-    for q in find_quantizable_nodes(analysis.graph_module):
-        covered.add(q.weight_attr)
-        if q.module is not None:
-            covered.update(f"{q.node.target}.{n}" for n, _ in q.module.named_parameters())
-        else:
-            b = q.node.kwargs.get("bias", q.node.args[2] if len(q.node.args) > 2 else None)
-            if isinstance(b, torch.fx.Node) and b.op == "get_attr":
-                covered.add(str(b.target))
+    covered = {p for r in analysis.layers for p in (r.weight, r.bias) if p is not None}
     norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
     norm_names = {n for n, m in model.named_modules() if isinstance(m, norms)}
     counts: dict[str, int] = {}

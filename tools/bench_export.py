@@ -22,8 +22,7 @@ import torch
 import torchvision
 
 from fxmpq.export import export_fp32, lower, qlinear_counts
-from fxmpq.passes.apply_policy import apply_policy
-from fxmpq.prepare import prepare
+from fxmpq.stages import apply_policy, prepare
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 

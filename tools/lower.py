@@ -25,9 +25,8 @@ from fxmpq import models
 from fxmpq.checkpoint import join_state, load_checkpoint
 from fxmpq.errors import CheckpointError, FxmpqError, ModelSpecError
 from fxmpq.export import export_fp32, lower
-from fxmpq.passes.apply_policy import apply_policy
 from fxmpq.policy import Policy
-from fxmpq.prepare import prepare
+from fxmpq.stages import apply_policy, prepare
 
 log = logging.getLogger("fxmpq.tools.lower")
 

@@ -1,0 +1,202 @@
+"""The one matcher: what a conv or linear layer looks like in an fx graph, and how to call one again.
+
+Module calls (nn.Conv1d/Conv2d/Linear and their Quant* twins), functional calls (F.conv1d/conv2d/linear and the
+torch.* spellings) with any mix of positional and keyword arguments: `match` reads them into a LayerRecord, and
+`layer_input`, `weight_arg`, `set_weight_arg` and `emit_call` are the only other places that touch those
+arguments. No other module parses conv or linear arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .hardware import LayerKind
+from .record import ConvOptions, LayerRecord, set_record
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CONV_MODULES", "LINEAR_MODULES", "emit_call", "find_layers", "layer_input", "linear_runs_as_conv", "match",
+           "set_weight_arg", "weight_arg"]
+
+CONV_MODULES = (nn.Conv1d, nn.Conv2d)
+LINEAR_MODULES = (nn.Linear,)
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, torch.conv1d: 1, torch.conv2d: 2}
+_LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_LINEAR_ARGS = ("input", "weight", "bias")
+_CONV_FN = {1: F.conv1d, 2: F.conv2d}
+
+
+def _is_layer_function(node: fx.Node) -> bool:
+    return node.op == "call_function" and (node.target in _CONV_FUNCTIONS or node.target in _LINEAR_FUNCTIONS)
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def _arg_names(node: fx.Node) -> tuple[str, ...]:
+    return _LINEAR_ARGS if node.target in _LINEAR_FUNCTIONS else _CONV_ARGS
+
+
+def layer_input(node: fx.Node) -> fx.Node | None:
+    """The fx node whose value is the layer's input activation (module or functional call)."""
+    x = _arg(node, 0, "input")
+    return x if isinstance(x, fx.Node) else None
+
+
+def weight_arg(node: fx.Node) -> Any:
+    """The weight argument of a functional layer call (None for a module call)."""
+    return _arg(node, 1, "weight") if _is_layer_function(node) else None
+
+
+def set_weight_arg(node: fx.Node, value: fx.Node) -> None:
+    """Replace the weight argument of a functional layer call, in whatever position it was given."""
+    if "weight" in node.kwargs:
+        node.update_kwarg("weight", value)
+    else:
+        node.update_arg(1, value)
+
+
+def _shape(node: Any) -> tuple[int, ...]:
+    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else ()
+
+
+def _tuple(v: Any, dim: int) -> tuple[int, ...] | str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return (v,) * dim
+    return tuple(int(x) for x in v)
+
+
+def _conv_kind(weight_shape: Sequence[int], groups: int) -> LayerKind:
+    return LayerKind.DEPTHWISE_CONV if groups > 1 and weight_shape[1] == 1 else LayerKind.CONV
+
+
+def _macs(kind: LayerKind, weight_shape: Sequence[int], out_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one call per sample (batch dimension 0 divided out)."""
+    if not out_shape:
+        return 0
+    per_sample = math.prod(out_shape[1:]) if len(out_shape) > 1 else math.prod(out_shape)
+    if kind is LayerKind.LINEAR:
+        return per_sample * weight_shape[1]
+    return per_sample * math.prod(weight_shape[1:])
+
+
+def _param(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
+    try:
+        p = gm.get_parameter(target)
+    except AttributeError:
+        return None
+    return p if isinstance(p, nn.Parameter) else None
+
+
+def match(gm: fx.GraphModule, node: fx.Node) -> LayerRecord | None:
+    """The structural record of `node` when it is a conv/linear call with a parameter weight, else None.
+
+    The name is the module qualname for a module call and the weight's owner qualname for a functional one
+    (`F.linear(x, self.proj.weight)` is "proj"); shapes come from ShapeProp's tensor_meta.
+    """
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, CONV_MODULES + LINEAR_MODULES):
+            return None
+        weight, bias = f"{node.target}.weight", (f"{node.target}.bias" if m.bias is not None else None)
+        bias_computed, module, name = False, node.target, node.target
+        wshape = tuple(m.weight.shape)
+        conv = None
+        if isinstance(m, CONV_MODULES):
+            dim = m.weight.dim() - 2
+            conv = ConvOptions(dim, _tuple(m.stride, dim), _tuple(m.padding, dim), _tuple(m.dilation, dim),
+                               m.groups, m.padding_mode)
+    elif _is_layer_function(node):
+        w = _arg(node, 1, "weight")
+        if not (isinstance(w, fx.Node) and w.op == "get_attr") or _param(gm, w.target) is None:
+            return None
+        weight, wshape, module = w.target, tuple(_param(gm, w.target).shape), None
+        name = weight[: -len(".weight")] if weight.endswith(".weight") else weight
+        b = _arg(node, 2, "bias")
+        bias_computed = isinstance(b, fx.Node) and not (b.op == "get_attr" and _param(gm, b.target) is not None)
+        bias = b.target if isinstance(b, fx.Node) and not bias_computed else None
+        conv = None
+        if node.target in _CONV_FUNCTIONS:
+            dim = _CONV_FUNCTIONS[node.target]
+            groups = _arg(node, 6, "groups", 1)
+            opts = [_arg(node, i, k, d) for i, k, d in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))]
+            if not isinstance(groups, int) or any(isinstance(o, fx.Node) for o in opts):
+                return None
+            conv = ConvOptions(dim, _tuple(opts[0], dim), _tuple(opts[1], dim), _tuple(opts[2], dim), groups)
+    else:
+        return None
+    kind = LayerKind.LINEAR if conv is None else _conv_kind(wshape, conv.groups)
+    x = layer_input(node)
+    out_shape = _shape(node)
+    bias_n = 0
+    if bias is not None:
+        bias_n = _param(gm, bias).numel()
+    return LayerRecord(
+        name=name, kind=kind, weight=weight, bias=bias, conv=conv, module=module, weight_shape=wshape,
+        in_shape=_shape(x), out_shape=out_shape, macs=_macs(kind, wshape, out_shape),
+        params=math.prod(wshape) + bias_n, input_node=x.name if x is not None else "", bias_computed=bias_computed)
+
+
+def find_layers(gm: fx.GraphModule) -> list[LayerRecord]:
+    """Attach a record to every quantizable layer call of `gm` (graph order) and return the records.
+
+    A module called more than once yields one record per call; the second call is named "<qualname>#1", etc.
+    A layer whose input does not depend on the model's inputs (e.g. Swin V2's position-bias MLP, which runs on a
+    constant coordinate table) is left out: it is a constant a deployed model precomputes, not per-input work.
+    """
+    found: list[LayerRecord] = []
+    seen: dict[str, int] = {}
+    live: set[fx.Node] = set()  # nodes whose value depends on a placeholder (graph order is topological)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in live for a in node.all_input_nodes):
+            live.add(node)
+        rec = match(gm, node)
+        if rec is None:
+            continue
+        x = layer_input(node)
+        if x is None or x not in live:
+            log.info("layer %s reads no model input (a constant): not quantized", rec.name)
+            continue
+        count = seen.get(rec.name, 0)
+        seen[rec.name] = count + 1
+        if count:
+            rec = dataclasses.replace(rec, name=f"{rec.name}#{count}")
+        set_record(node, rec)
+        found.append(rec)
+    return found
+
+
+def linear_runs_as_conv(rec: LayerRecord) -> bool:
+    """Whether a Linear is lowered to a 1x1 convolution (an integer kernel that requantizes its output): when its
+    output has rank >= 2. On a 1-D input it stays a float MatMul. The one rule ApplyPolicy and LowerToQDQ share."""
+    return rec.conv is None and len(rec.out_shape) >= 2
+
+
+def emit_call(graph: fx.Graph, rec: LayerRecord, x: Any, weight: Any, bias: Any, *,
+              as_conv2d: bool = False) -> fx.Node:
+    """A functional call computing `rec`'s layer on `x` with the given weight and bias nodes.
+
+    With `as_conv2d`, a linear layer is emitted as a 1x1 F.conv2d (the caller reshapes its input to [N*, K, 1, 1]).
+    """
+    if rec.conv is None:
+        if as_conv2d:
+            return graph.call_function(F.conv2d, (x, weight, bias))
+        return graph.call_function(F.linear, (x, weight, bias))
+    c = rec.conv
+    return graph.call_function(_CONV_FN[c.dim], (x, weight, bias, c.stride, c.padding, c.dilation, c.groups))

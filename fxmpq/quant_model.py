@@ -1,0 +1,179 @@
+"""QuantModel: a prepared graph module switchable as a whole; its layers, sites and policy are views of the graph."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .analysis import Analysis
+from .errors import PolicyError
+from .hardware import HardwareSpec
+from .policy import Policy
+from .quant import LSQQuantizer, _SwitchableBatchNorm
+from .record import LayerRecord, QuantSites, records
+
+log = logging.getLogger(__name__)
+
+__all__ = ["QuantModel"]
+
+
+class QuantModel(nn.Module):
+    """A traced model with LSQ quantizers on every quantizable layer, switchable as a whole.
+
+    `.graph_module` is the transformed fx.GraphModule (original module qualnames kept: each Conv/Linear
+    module becomes a Quant* subclass owning `weight_quantizer`, and an `input_quantizer` submodule of the
+    layer is called as its own node right before it; functional layers get both under `fxmpq_quant.*`).
+    Everything else is read from the graph's layer records: `.analysis` (the layers priced on `.hardware`),
+    `.sites` (where each layer's quantizers live), `.layer_names`, and `.policy` (the quantizers' active bits).
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, hardware: HardwareSpec, bits: Sequence[int], *,
+                 example_shapes: Sequence[tuple[int, ...]] = ()):
+        super().__init__()
+        self.graph_module = graph_module
+        self.hardware = hardware
+        self.bits = tuple(sorted(bits))
+        self.example_shapes = [tuple(s) for s in example_shapes]
+
+    # ------------------------------------------------------------------ views of the graph
+    @property
+    def records(self) -> list[LayerRecord]:
+        """The layer records in graph order."""
+        return [r for _, r in records(self.graph_module)]
+
+    @property
+    def analysis(self) -> Analysis:
+        """The layers (their records) priced on the model's hardware."""
+        return Analysis(layers=tuple(self.records), hardware=self.hardware, graph_module=self.graph_module)
+
+    @property
+    def sites(self) -> dict[str, QuantSites]:
+        """Layer name -> where its quantizers and switchable BatchNorm live."""
+        return {r.name: r.sites for r in self.records if r.sites is not None}
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Searchable and pinned layer names in graph order."""
+        return [r.name for r in self.records]
+
+    @property
+    def searchable_names(self) -> list[str]:
+        """Layers whose bits a policy chooses."""
+        return [r.name for r in self.records if r.searchable]
+
+    def _site(self, name: str) -> QuantSites:
+        try:
+            return self.sites[name]
+        except KeyError:
+            raise PolicyError(f"no quantized layer {name!r}; layers: {', '.join(self.layer_names)}") from None
+
+    def weight_quantizer(self, name: str) -> LSQQuantizer:
+        """The weight LSQQuantizer of layer `name`."""
+        return self.graph_module.get_submodule(self._site(name).weight_quantizer)
+
+    def act_quantizer(self, name: str) -> LSQQuantizer:
+        """The input-activation LSQQuantizer of layer `name`."""
+        return self.graph_module.get_submodule(self._site(name).act_quantizer)
+
+    def batchnorm(self, name: str) -> _SwitchableBatchNorm | None:
+        """The switchable BatchNorm following layer `name`, or None."""
+        bn = self._site(name).batchnorm
+        return self.graph_module.get_submodule(bn) if bn else None
+
+    def quantizers(self) -> Iterator[tuple[str, LSQQuantizer]]:
+        """(qualname, quantizer) for every LSQQuantizer in the graph module."""
+        for n, m in self.graph_module.named_modules():
+            if isinstance(m, LSQQuantizer):
+                yield n, m
+
+    def step_parameters(self) -> list[nn.Parameter]:
+        """Every step-size Parameter (for a separate optimizer group)."""
+        return [q.step for _, q in self.quantizers()]
+
+    @torch.no_grad()
+    def clamp_step_sizes(self, min_value: float = 1e-8) -> None:
+        """Project every step size back to >= min_value (an optimizer step may push a small step negative)."""
+        for p in self.step_parameters():
+            p.clamp_(min=min_value)
+
+    @property
+    def policy(self) -> Policy | None:
+        """The policy in force (pins included), read from the quantizers; None while any layer's is off."""
+        gm = self.graph_module
+        bits = {}
+        for name, site in self.sites.items():
+            w = gm.get_submodule(site.weight_quantizer).active_bits
+            a = gm.get_submodule(site.act_quantizer).active_bits
+            if w is None or a is None:
+                return None
+            bits[name] = (w, a)
+        return Policy(bits) if bits else None
+
+    # ------------------------------------------------------------------ switching
+    def set_policy(self, policy: Policy | Mapping[str, tuple[int, int]]) -> None:
+        """Switch every layer to the policy's (w, a) (pins stay at their pins); every step size is kept."""
+        policy = policy if isinstance(policy, Policy) else Policy(policy)
+        full = policy.complete(self.analysis)
+        sites = self.sites
+        gm = self.graph_module
+        bad = [f"{n} W{w}A{a}" for n, (w, a) in full.items()
+               if w not in gm.get_submodule(sites[n].weight_quantizer).bits
+               or a not in gm.get_submodule(sites[n].act_quantizer).bits]
+        if bad:
+            raise PolicyError(f"policy bits outside this model's candidate bits {self.bits}: {', '.join(bad)}")
+        self._switch(full, sites)
+
+    def _switch(self, full: Mapping[str, tuple[int, int]], sites: Mapping[str, QuantSites]) -> None:
+        gm = self.graph_module
+        for n, (w, a) in full.items():
+            site = sites[n]
+            gm.get_submodule(site.weight_quantizer).set_bits(w)
+            gm.get_submodule(site.act_quantizer).set_bits(a)
+            if site.batchnorm:
+                gm.get_submodule(site.batchnorm).set_bits(w)
+
+    def set_uniform(self, w_bits: int, a_bits: int | None = None) -> None:
+        """Every searchable layer at (w_bits, a_bits) (a_bits defaults to w_bits); pinned layers at their pins."""
+        a_bits = w_bits if a_bits is None else a_bits
+        if w_bits not in self.bits or a_bits not in self.bits:
+            raise PolicyError(f"uniform W{w_bits}A{a_bits} is outside this model's candidate bits {self.bits}")
+        recs = self.records
+        full = {r.name: (r.pin_bits if r.pinned else (w_bits, a_bits)) for r in recs}
+        self._switch(full, {r.name: r.sites for r in recs})
+
+    def disable_quant(self) -> None:
+        """Switch every quantizer off (full precision); switchable BNs use their highest-bit BN."""
+        for _, q in self.quantizers():
+            q.set_bits(None)
+        for m in self.graph_module.modules():
+            if isinstance(m, _SwitchableBatchNorm):
+                m.set_bits(None)
+
+    def fix(self) -> None:
+        """Freeze the current policy: every quantizer and switchable BN keeps only its active bit."""
+        policy = self.policy
+        if policy is None:
+            raise PolicyError("no policy in force: call set_policy(...) before fix()")
+        gm = self.graph_module
+        for n, site in self.sites.items():
+            w, a = policy[n]
+            gm.get_submodule(site.weight_quantizer).fix(w)
+            gm.get_submodule(site.act_quantizer).fix(a)
+            if site.batchnorm:
+                gm.get_submodule(site.batchnorm).fix(w)
+
+    def quant_state(self) -> dict[str, dict[str, Any]]:
+        """Per layer: candidate bits and active bits of its quantizers (JSON-ready, for checkpoints)."""
+        out = {}
+        for n in self.layer_names:
+            wq, aq = self.weight_quantizer(n), self.act_quantizer(n)
+            out[n] = {"w_bits": list(wq.bits), "a_bits": list(aq.bits), "w": wq.active_bits, "a": aq.active_bits}
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph_module(*args, **kwargs)

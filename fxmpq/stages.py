@@ -1,0 +1,136 @@
+"""The one list of graph passes, in the method's order, and the public stages that run its slices.
+
+capture (fxmpq.trace: records) -> AnnotateCost -> InsertFakeQuant -> [indicator training, search: not passes]
+-> ApplyPolicy -> [fine-tuning] -> LowerToQDQ. `analyze`, `prepare` and `apply_policy` run the slices below;
+`fxmpq.lower` runs `lower_passes()`. pipeline.py's quantize() calls these stages in order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .analysis import Analysis
+from .errors import PolicyError
+from .graph import as_input_tuple, trace
+from .hardware import HardwareSpec, Pins, load_hardware
+from .passes import (
+    AnnotateCostPass,
+    ApplyPolicyPass,
+    InsertFakeQuantPass,
+    LowerToQDQPass,
+    PassBase,
+    run_passes,
+)
+from .policy import Policy
+from .quant_model import QuantModel
+from .record import records
+
+log = logging.getLogger(__name__)
+
+__all__ = ["analysis_passes", "analyze", "apply_passes", "apply_policy", "lower_passes", "prepare", "prepare_passes"]
+
+
+# ----------------------------------------------------------------------------------------------- the passes
+def analysis_passes(hardware: HardwareSpec, pins: Pins | None = None) -> list[PassBase]:
+    """Price every recorded layer on `hardware` (pins from `pins` or the hardware file)."""
+    return [AnnotateCostPass(hardware=hardware, pins=pins)]
+
+
+def prepare_passes(hardware: HardwareSpec, bits: Sequence[int], *, pins: Pins | None = None,
+                   per_channel: bool = False) -> list[PassBase]:
+    """Price the layers, then give each LSQ quantizers with a step size per candidate bit."""
+    return [*analysis_passes(hardware, pins), InsertFakeQuantPass(bits=bits, per_channel=per_channel)]
+
+
+def apply_passes(policy: Policy | Mapping[str, tuple[int, int]], *, output_bits: int = 8) -> list[PassBase]:
+    """Fix the quantizers at `policy`, add output quantizers and the int32-bias simulation."""
+    return [ApplyPolicyPass(policy=policy, output_bits=output_bits)]
+
+
+def lower_passes(example_inputs: Any = None) -> list[PassBase]:
+    """Rewrite the fixed model into integer weights, int32 biases and QDQ ops (export's input)."""
+    return [LowerToQDQPass(example_inputs=example_inputs)]
+
+
+# ----------------------------------------------------------------------------------------------- the stages
+def analyze(
+    model: nn.Module | fx.GraphModule,
+    example_inputs: Any,
+    hardware: str | HardwareSpec = "bitops",
+    *,
+    pins: Pins | None = None,
+    leaf_modules: Sequence[str | type[nn.Module]] = (),
+) -> Analysis:
+    """Trace `model` and price each quantizable layer at every (w, a) pair of `hardware`.
+
+    `pins` overrides the hardware file's pins (by default the first and last quantizable layers at 8/8).
+    """
+    hw = load_hardware(hardware)
+    gm = run_passes(trace(model, example_inputs, leaf_modules=leaf_modules), analysis_passes(hw, pins)).graph_module
+    layers = tuple(r for _, r in records(gm))
+    if not layers:
+        log.warning("model %s has no quantizable layers (Conv1d/Conv2d/Linear)", type(model).__name__)
+    log.info("analyzed %d layers on %s", len(layers), hw.name)
+    return Analysis(layers=layers, hardware=hw, graph_module=gm)
+
+
+def prepare(
+    model: nn.Module,
+    example_inputs: Any,
+    hardware: str | HardwareSpec = "bitops",
+    bits: Sequence[int] = (2, 3, 4, 5, 6),
+    *,
+    pins: Pins | None = None,
+    per_channel: bool = False,
+    leaf_modules: Sequence[str | type[nn.Module]] = (),
+) -> QuantModel:
+    """Trace `model` (a copy; the user's model is never changed), price its layers and insert fake-quantizers.
+
+    Every searchable layer gets weight and input-activation LSQ quantizers with one step size per bit in
+    `bits` (which `hardware` must support for weights and activations); pinned layers get their pin bits.
+    The returned QuantModel starts with every quantizer off: call `set_uniform`/`set_policy` to quantize.
+    """
+    hw = load_hardware(hardware)
+    bits = tuple(sorted({int(b) for b in bits}))
+    if not bits:
+        raise PolicyError("prepare: bits must name at least one candidate bit-width")
+    bad = [b for b in bits if b not in hw.weight_bits or b not in hw.act_bits]
+    if bad:
+        raise PolicyError(
+            f"candidate bits {list(bad)} are not supported by hardware {hw.name!r} ({hw.path}) for both weights "
+            f"and activations; it supports weight bits {list(hw.weight_bits)} and activation bits "
+            f"{list(hw.act_bits)}")
+    inputs = as_input_tuple(example_inputs)
+    gm = trace(model, inputs, leaf_modules=leaf_modules)
+    gm = run_passes(gm, prepare_passes(hw, bits, pins=pins, per_channel=per_channel)).graph_module
+    shapes = [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
+    qmodel = QuantModel(gm, hw, bits, example_shapes=shapes)
+    qmodel.train(model.training)
+    if not qmodel.layer_names:
+        log.warning("model %s has no quantizable layers (Conv1d/Conv2d/Linear)", type(model).__name__)
+    log.info("prepared %s: %d layers (%d searchable) at bits %s on %s", type(model).__name__,
+             len(qmodel.layer_names), len(qmodel.searchable_names), bits, hw.name)
+    return qmodel
+
+
+def apply_policy(qmodel: QuantModel, policy: Policy | Mapping[str, tuple[int, int]], example_inputs: Any = None,
+                 *, output_bits: int = 8) -> QuantModel:
+    """Fix `qmodel` (in place) at `policy` and add output quantizers; returns `qmodel`.
+
+    With `example_inputs`, the model runs once on them (eval mode, no gradients) so that new output quantizers
+    take their initial step size from data (LSQ's init); otherwise they do on the first batch.
+    """
+    run_passes(qmodel.graph_module, apply_passes(policy, output_bits=output_bits))
+    if example_inputs is not None:
+        was = qmodel.training
+        qmodel.eval()
+        with torch.no_grad():
+            qmodel(*as_input_tuple(example_inputs))
+        qmodel.train(was)
+    return qmodel
