@@ -30,6 +30,11 @@ __all__ = [
 ]
 
 MIN_BITS, MAX_BITS = 1, 8
+FLOAT_BITS = 32  # what a float layer counts as in bit-based terms (BitOps, weight bits, bricks)
+FLOAT = (None, None)  # the (w, a) spelling of "this layer stays in float" in policies and cost tables
+FLOAT_KEY = "float"  # its key in a table term's values
+
+Pair = tuple[int | None, int | None]
 
 
 class LayerKind(enum.StrEnum):
@@ -68,12 +73,20 @@ class Term:
     kinds: frozenset[LayerKind] = frozenset(LayerKind)
     brick_bits: int = 2
     per: Per = Per.MAC
-    values: Mapping[tuple[int, int], float] = field(default_factory=lambda: MappingProxyType({}))
+    values: Mapping[Pair, float] = field(default_factory=lambda: MappingProxyType({}))
 
-    def evaluate(self, kind: LayerKind, macs: float, params: float, w: int, a: int) -> float:
-        """Cost of one layer of `kind` with `macs` and `params` run at `w`-bit weights and `a`-bit inputs."""
+    def evaluate(self, kind: LayerKind, macs: float, params: float, w: int | None, a: int | None) -> float:
+        """Cost of one layer of `kind` with `macs` and `params` run at `w`-bit weights and `a`-bit inputs.
+
+        (None, None) is the layer left in float: FLOAT_BITS in bit-based terms, the "float" value of a table.
+        """
         if kind not in self.kinds:
             return 0.0
+        if (w, a) == FLOAT and self.type is TermType.TABLE:
+            base = {Per.MAC: macs, Per.PARAM: params, Per.LAYER: 1.0}[self.per]
+            return self.scale * base * self.values[FLOAT]
+        w = FLOAT_BITS if w is None else w
+        a = FLOAT_BITS if a is None else a
         if self.type is TermType.BITOPS:
             q = macs * w * a
         elif self.type is TermType.WEIGHT_BITS:
@@ -99,12 +112,12 @@ class Metric:
     description: str
     terms: tuple[Term, ...]
 
-    def defined_at(self, w: int, a: int) -> bool:
+    def defined_at(self, w: int | None, a: int | None) -> bool:
         """Whether every term has a value at (w, a) (a lookup table covers only the pairs it lists)."""
         return all(t.type is not TermType.TABLE or (w, a) in t.values for t in self.terms)
 
-    def evaluate(self, kind: LayerKind, macs: float, params: float, w: int, a: int) -> float:
-        """This metric's value for one layer at (w, a)."""
+    def evaluate(self, kind: LayerKind, macs: float, params: float, w: int | None, a: int | None) -> float:
+        """This metric's value for one layer at (w, a) ((None, None): in float)."""
         return sum(t.evaluate(kind, macs, params, w, a) for t in self.terms)
 
 
@@ -137,6 +150,7 @@ class HardwareSpec:
     pins: Pins
     metrics: Mapping[str, Metric]
     share_input_quantizer: bool = False
+    float_kinds: frozenset[LayerKind] = frozenset()  # layer kinds the search may leave in float
     path: str = "<memory>"
 
     def __deepcopy__(self, memo: dict[int, Any]) -> HardwareSpec:
@@ -146,8 +160,17 @@ class HardwareSpec:
         """Whether the target runs `w`-bit weights with `a`-bit activations."""
         return (w, a) in self.pairs
 
-    def layer_cost(self, kind: LayerKind, macs: float, params: float, w: int, a: int) -> dict[str, float]:
-        """Every metric's value for one layer at (w, a)."""
+    def formats(self, kind: LayerKind) -> tuple[Pair, ...]:
+        """What a layer of `kind` may run as: every supported (w, a) pair, and FLOAT when the target offers it."""
+        return self.pairs + ((FLOAT,) if kind in self.float_kinds else ())
+
+    def runs(self, kind: LayerKind, w: int | None, a: int | None) -> bool:
+        """Whether a layer of `kind` may run at (w, a) ((None, None): in float) on this target."""
+        return (w, a) in self.formats(kind)
+
+    def layer_cost(self, kind: LayerKind, macs: float, params: float, w: int | None, a: int | None
+                   ) -> dict[str, float]:
+        """Every metric's value for one layer at (w, a) ((None, None): in float)."""
         return {name: m.evaluate(kind, macs, params, w, a) for name, m in self.metrics.items()}
 
 
@@ -209,6 +232,17 @@ def _type_name(t: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(x, x.__name__) for x in ts)
 
 
+def _kinds(t: _Table, key: str, raw: list[Any]) -> frozenset[LayerKind]:
+    parsed = []
+    for i, k in enumerate(raw):
+        try:
+            parsed.append(LayerKind(k))
+        except ValueError:
+            raise t.fail(f"{key}[{i}]", f"unknown layer kind {k!r}; expected one of "
+                         f"{', '.join(x.value for x in LayerKind)}") from None
+    return frozenset(parsed)
+
+
 def _bits_list(t: _Table, key: str) -> tuple[int, ...]:
     values = t.take(key, list)
     if not values:
@@ -238,7 +272,7 @@ def _parse_pair_key(t: _Table, key: str) -> tuple[int, int]:
     return w, a
 
 
-def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...]) -> Term:
+def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: frozenset[LayerKind]) -> Term:
     type_name = t.take("type", str)
     try:
         ttype = TermType(type_name)
@@ -249,16 +283,7 @@ def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...]) -> Term:
     if not math.isfinite(scale) or scale < 0:
         raise t.fail("scale", f"expected a finite non-negative number, found {scale!r}")
     kinds_raw = t.take("kinds", list, None)
-    kinds = frozenset(LayerKind)
-    if kinds_raw is not None:
-        parsed = []
-        for i, k in enumerate(kinds_raw):
-            try:
-                parsed.append(LayerKind(k))
-            except ValueError:
-                raise t.fail(f"kinds[{i}]", f"unknown layer kind {k!r}; expected one of "
-                             f"{', '.join(x.value for x in LayerKind)}") from None
-        kinds = frozenset(parsed)
+    kinds = frozenset(LayerKind) if kinds_raw is None else _kinds(t, "kinds", kinds_raw)
     kwargs: dict[str, Any] = {}
     if ttype is TermType.BRICKS:
         k = t.take("brick_bits", int)
@@ -274,13 +299,14 @@ def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...]) -> Term:
         vt = t.table("values")
         values = {}
         for key in vt.data:
-            pair = _parse_pair_key(vt, key)
+            pair = FLOAT if key == FLOAT_KEY else _parse_pair_key(vt, key)
             v = float(vt.take(key, float))
             if not math.isfinite(v) or v < 0:
                 raise vt.fail(key, f"expected a finite non-negative number, found {v!r}")
             values[pair] = v
         vt.finish()
-        missing = [f"{w}x{a}" for (w, a) in pairs if (w, a) not in values]
+        needed = [*pairs, FLOAT] if kinds & float_kinds else list(pairs)
+        missing = [FLOAT_KEY if p == FLOAT else pair_name(p) for p in needed if p not in values]
         if missing:
             raise vt.fail(None, f"no value for supported pair(s) {', '.join(missing)}")
         kwargs["values"] = MappingProxyType(values)
@@ -320,6 +346,7 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
             raise tg.fail("pairs", "duplicate pairs")
         pairs = tuple(sorted(parsed))
     share = tg.take("share_input_quantizer", bool, False)
+    float_kinds = _kinds(tg, "float_kinds", tg.take("float_kinds", list, []))
     tg.finish()
 
     pt = top.table("pins", {})
@@ -357,13 +384,13 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
         for i, rt in enumerate(raw_terms):
             if not isinstance(rt, dict):
                 raise m.fail(f"terms[{i}]", f"expected a table such as {{ type = \"bitops\" }}, found {rt!r}")
-            terms.append(_parse_term(_Table(rt, f"{m.path}.terms[{i}]", file), pairs))
+            terms.append(_parse_term(_Table(rt, f"{m.path}.terms[{i}]", file), pairs, float_kinds))
         m.finish()
         metrics[mname] = Metric(name=mname, unit=unit, description=mdesc, terms=tuple(terms))
     top.finish()
     return HardwareSpec(name=name, description=description, sources=tuple(sources), weight_bits=wbits,
                         act_bits=abits, pairs=pairs, pins=pins, metrics=MappingProxyType(metrics),
-                        share_input_quantizer=share, path=file)
+                        share_input_quantizer=share, float_kinds=float_kinds, path=file)
 
 
 def builtin_hardware() -> list[str]:

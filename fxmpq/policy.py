@@ -10,6 +10,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .errors import PolicyError
+from .formats import format_name
+from .hardware import FLOAT, FLOAT_BITS
 from .jsonio import dump_json, read_json
 
 if TYPE_CHECKING:
@@ -22,14 +24,22 @@ __all__ = ["Policy"]
 FORMAT = "fxmpq.policy/1"
 
 
+Bits = tuple[int | None, int | None]
+
+
+def _bits(b: int | None) -> int:
+    return FLOAT_BITS if b is None else b
+
+
 @dataclass(frozen=True, init=False)
-class Policy(Mapping[str, tuple[int, int]]):
-    """Layer name -> (w_bits, a_bits). Pinned layers may be left out: they run at their pins."""
+class Policy(Mapping[str, Bits]):
+    """Layer name -> (w_bits, a_bits); (None, None) leaves a layer in float. Pinned layers may be left out: they
+    run at their pins."""
 
-    bits: Mapping[str, tuple[int, int]]
+    bits: Mapping[str, Bits]
 
-    def __init__(self, bits: Mapping[str, tuple[int, int]] | None = None):
-        clean: dict[str, tuple[int, int]] = {}
+    def __init__(self, bits: Mapping[str, Bits] | None = None):
+        clean: dict[str, Bits] = {}
         for name, pair in (bits or {}).items():
             if not isinstance(name, str):
                 raise PolicyError(f"policy keys must be layer names (strings), found {name!r}")
@@ -37,13 +47,17 @@ class Policy(Mapping[str, tuple[int, int]]):
                 w, a = pair
             except (TypeError, ValueError):
                 raise PolicyError(f"policy entry {name!r} must be a (w_bits, a_bits) pair, found {pair!r}") from None
-            if not all(isinstance(b, int) and not isinstance(b, bool) for b in (w, a)):
-                raise PolicyError(f"policy entry {name!r} must hold integer bits, found {pair!r}")
+            if (w, a) != FLOAT and not all(isinstance(b, int) and not isinstance(b, bool) for b in (w, a)):
+                raise PolicyError(f"policy entry {name!r} must hold integer bits, found {pair!r} (or (None, None) "
+                                  f"for a layer left in float)")
             clean[name] = (w, a)
         object.__setattr__(self, "bits", MappingProxyType(clean))
 
     # Mapping protocol
-    def __getitem__(self, name: str) -> tuple[int, int]:
+    def __deepcopy__(self, memo: dict[int, Any]) -> Policy:
+        return self  # an immutable value
+
+    def __getitem__(self, name: str) -> Bits:
         return self.bits[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -59,7 +73,7 @@ class Policy(Mapping[str, tuple[int, int]]):
         return isinstance(other, Policy) and dict(self.bits) == dict(other.bits)
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{k!r}: W{w}A{a}" for k, (w, a) in list(self.bits.items())[:6])
+        inner = ", ".join(f"{k!r}: {format_name(p)}" for k, p in list(self.bits.items())[:6])
         more = f", ... {len(self) - 6} more" if len(self) > 6 else ""
         return f"Policy({{{inner}{more}}})"
 
@@ -88,11 +102,13 @@ class Policy(Mapping[str, tuple[int, int]]):
         missing = [m.name for m in analysis.layers if m.searchable and m.name not in self.bits]
         if missing:
             problems.append(f"searchable layer(s) without bits: {', '.join(missing)}")
-        bad = [f"{n} W{w}A{a}" for n, (w, a) in self.bits.items()
-               if n in known and known[n].searchable and not hw.supports(w, a)]
+        bad = [f"{n} {format_name((w, a))}" for n, (w, a) in self.bits.items()
+               if n in known and known[n].searchable and not hw.runs(known[n].kind, w, a)]
         if bad:
-            problems.append(f"bits hardware {hw.name!r} does not run: {', '.join(bad)} "
-                            f"(supported pairs: {', '.join(f'W{w}A{a}' for w, a in hw.pairs)})")
+            offers = ", ".join(f"W{w}A{a}" for w, a in hw.pairs)
+            if hw.float_kinds:
+                offers += f"; float for {', '.join(sorted(k.value for k in hw.float_kinds))} layers"
+            problems.append(f"bits hardware {hw.name!r} does not run: {', '.join(bad)} (supported pairs: {offers})")
         off_pin = [f"{n} W{w}A{a} (pinned at W{known[n].pin_bits[0]}A{known[n].pin_bits[1]})"
                    for n, (w, a) in self.bits.items() if n in known and known[n].pinned
                    and (w, a) != known[n].pin_bits]
@@ -102,17 +118,17 @@ class Policy(Mapping[str, tuple[int, int]]):
             raise PolicyError("policy does not fit the model: " + "; ".join(problems))
 
     def average_bits(self, analysis: Analysis, *, searchable_only: bool = True) -> tuple[float, float]:
-        """Parameter-weighted mean weight bits and MAC-weighted mean activation bits."""
+        """Parameter-weighted mean weight bits and MAC-weighted mean activation bits (a float layer counts 32)."""
         layers = [m for m in analysis.layers if m.name in self.bits and (m.searchable or not searchable_only)]
         p = sum(m.params for m in layers) or 1
         mac = sum(m.macs for m in layers) or 1
-        w = sum(self.bits[m.name][0] * m.params for m in layers) / p
-        a = sum(self.bits[m.name][1] * m.macs for m in layers) / mac
+        w = sum(_bits(self.bits[m.name][0]) * m.params for m in layers) / p
+        a = sum(_bits(self.bits[m.name][1]) * m.macs for m in layers) / mac
         return w, a
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: {"format": ..., "layers": {name: {"w": bits, "a": bits}}}."""
+        """A JSON-ready dict: {"format": ..., "layers": {name: {"w": bits, "a": bits}}} (null bits: float)."""
         return {"format": FORMAT, "layers": {n: {"w": w, "a": a} for n, (w, a) in self.bits.items()}}
 
     def to_json(self, path: str | Path | None = None) -> str:

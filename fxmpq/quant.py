@@ -296,6 +296,17 @@ QUANT_LAYER_TYPES: Mapping[type[nn.Module], type[nn.Module]] = {
 }
 
 
+def to_plain_layer(m: nn.Module) -> nn.Module:
+    """The plain Conv1d/Conv2d/Linear a Quant* layer was made from (same parameters, no weight quantizer)."""
+    cls = next(plain for plain, quant in QUANT_LAYER_TYPES.items() if isinstance(m, quant))
+    p = cls.__new__(cls)
+    p.__dict__ = m.__dict__.copy()
+    p._parameters = dict(m._parameters)
+    p._buffers = dict(m._buffers)
+    p._modules = {k: v for k, v in m._modules.items() if k not in ("weight_quantizer", "input_quantizer")}
+    return p
+
+
 def to_quant_layer(m: nn.Module, weight_quantizer: LSQQuantizer) -> nn.Module:
     """A Quant* twin of Conv1d/Conv2d/Linear module `m` sharing its parameters, owning `weight_quantizer`."""
     cls = QUANT_LAYER_TYPES[type(m)]

@@ -12,7 +12,8 @@ from torch import nn
 
 from .analysis import Analysis
 from .errors import PolicyError
-from .hardware import HardwareSpec
+from .formats import format_name
+from .hardware import FLOAT, HardwareSpec
 from .policy import Policy
 from .quant import LSQQuantizer, _SwitchableBatchNorm
 from .record import LayerRecord, QuantSites, records
@@ -103,16 +104,21 @@ class QuantModel(nn.Module):
 
     @property
     def policy(self) -> Policy | None:
-        """The policy in force (pins included), read from the quantizers; None while any layer's is off."""
+        """The policy in force (pins included): an applied layer's format, else its quantizers' active bits (a
+        layer whose quantizers are off counts as float); None while every quantizer is off."""
         gm = self.graph_module
-        bits = {}
-        for name, site in self.sites.items():
-            w = gm.get_submodule(site.weight_quantizer).active_bits
-            a = gm.get_submodule(site.act_quantizer).active_bits
-            if w is None or a is None:
-                return None
-            bits[name] = (w, a)
-        return Policy(bits) if bits else None
+        bits: dict[str, tuple[int | None, int | None]] = {}
+        on = False
+        for rec in self.records:
+            if rec.applied is not None:
+                bits[rec.name] = (rec.applied.w_bits, rec.applied.a_bits)
+                on = True
+                continue
+            w = gm.get_submodule(rec.sites.weight_quantizer).active_bits
+            a = gm.get_submodule(rec.sites.act_quantizer).active_bits
+            on |= w is not None or a is not None
+            bits[rec.name] = (w, a) if w is not None and a is not None else FLOAT
+        return Policy(bits) if on else None
 
     # ------------------------------------------------------------------ switching
     def set_policy(self, policy: Policy | Mapping[str, tuple[int, int]]) -> None:
@@ -121,17 +127,23 @@ class QuantModel(nn.Module):
         full = policy.complete(self.analysis)
         sites = self.sites
         gm = self.graph_module
-        bad = [f"{n} W{w}A{a}" for n, (w, a) in full.items()
-               if w not in gm.get_submodule(sites[n].weight_quantizer).bits
-               or a not in gm.get_submodule(sites[n].act_quantizer).bits]
+        fixed = [n for n, pair in full.items() if n not in sites and pair != FLOAT]
+        if fixed:
+            raise PolicyError(f"layer(s) {', '.join(fixed[:5])} were left in float by apply_policy; a fixed model "
+                              f"keeps its policy")
+        bad = [f"{n} {format_name((w, a))}" for n, (w, a) in full.items() if n in sites and (w, a) != FLOAT
+               and (w not in gm.get_submodule(sites[n].weight_quantizer).bits
+                    or a not in gm.get_submodule(sites[n].act_quantizer).bits)]
         if bad:
             raise PolicyError(f"policy bits outside this model's candidate bits {self.bits}: {', '.join(bad)}")
         self._switch(full, sites)
 
-    def _switch(self, full: Mapping[str, tuple[int, int]], sites: Mapping[str, QuantSites]) -> None:
+    def _switch(self, full: Mapping[str, tuple[int | None, int | None]], sites: Mapping[str, QuantSites]) -> None:
         gm = self.graph_module
         for n, (w, a) in full.items():
-            site = sites[n]
+            site = sites.get(n)
+            if site is None:  # left in float by apply_policy
+                continue
             gm.get_submodule(site.weight_quantizer).set_bits(w)
             gm.get_submodule(site.act_quantizer).set_bits(a)
             if site.batchnorm:
@@ -144,7 +156,7 @@ class QuantModel(nn.Module):
             raise PolicyError(f"uniform W{w_bits}A{a_bits} is outside this model's candidate bits {self.bits}")
         recs = self.records
         full = {r.name: (r.pin_bits if r.pinned else (w_bits, a_bits)) for r in recs}
-        self._switch(full, {r.name: r.sites for r in recs})
+        self._switch(full, {r.name: r.sites for r in recs if r.sites is not None})
 
     def disable_quant(self) -> None:
         """Switch every quantizer off (full precision); switchable BNs use their highest-bit BN."""
@@ -162,6 +174,8 @@ class QuantModel(nn.Module):
         gm = self.graph_module
         for n, site in self.sites.items():
             w, a = policy[n]
+            if (w, a) == FLOAT:
+                raise PolicyError(f"fix(): layer {n} is switched off (float); apply_policy leaves float layers")
             gm.get_submodule(site.weight_quantizer).fix(w)
             gm.get_submodule(site.act_quantizer).fix(a)
             if site.batchnorm:
@@ -170,7 +184,7 @@ class QuantModel(nn.Module):
     def quant_state(self) -> dict[str, dict[str, Any]]:
         """Per layer: candidate bits and active bits of its quantizers (JSON-ready, for checkpoints)."""
         out = {}
-        for n in self.layer_names:
+        for n in self.sites:
             wq, aq = self.weight_quantizer(n), self.act_quantizer(n)
             out[n] = {"w_bits": list(wq.bits), "a_bits": list(aq.bits), "w": wq.active_bits, "a": aq.active_bits}
         return out

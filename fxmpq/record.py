@@ -16,6 +16,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from .formats import Format
 from .hardware import LayerKind
 
 __all__ = [
@@ -67,10 +68,11 @@ class QuantSites(_Value):
 
 @dataclass(frozen=True)
 class Applied(_Value):
-    """What ApplyPolicy fixed: the layer's bits, and the quantizers it added after the layer's output."""
+    """What ApplyPolicy fixed: the layer's format and bits, and the quantizers it added after the layer's output."""
 
-    w_bits: int
-    a_bits: int
+    format: Format
+    w_bits: int | None  # None in float
+    a_bits: int | None
     output_quantizer: str | None = None  # qualname of an added output quantizer
     bias_rounding: str | None = None  # qualname of the BiasRounding module simulating the int32 bias
 
@@ -108,9 +110,9 @@ class LayerRecord(_Value):
     bias_computed: bool = False  # the bias is computed in the graph, not a parameter
     pinned: bool = False
     pin_bits: tuple[int, int] | None = None
-    costs: Mapping[tuple[int, int], Mapping[str, float]] = field(
+    costs: Mapping[tuple[int | None, int | None], Mapping[str, float]] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
-    sites: QuantSites | None = None
+    sites: QuantSites | None = None  # None before InsertFakeQuant, and again once ApplyPolicy left it in float
     applied: Applied | None = None
     lowered: Lowered | None = None
 

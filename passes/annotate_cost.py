@@ -1,4 +1,4 @@
-"""AnnotateCostPass: writes each layer's pins and its cost at every (w, a) pair of the hardware into its record."""
+"""AnnotateCostPass: writes each layer's pins and its cost in every format the hardware offers into its record."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class AnnotateCostPass(PassBase):
                               f"({self.hardware.path}); supported pairs: {self.hardware.pairs}")
         for node, rec in found:
             costs = {pair: MappingProxyType(self.hardware.layer_cost(rec.kind, rec.macs, rec.params, *pair))
-                     for pair in self.hardware.pairs}
+                     for pair in self.hardware.formats(rec.kind)}
             is_pinned = rec.name in pinned
             set_record(node, dataclasses.replace(rec, pinned=is_pinned, pin_bits=self.pins.bits if is_pinned else None,
                                                  costs=MappingProxyType(costs)))

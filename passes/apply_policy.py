@@ -10,13 +10,14 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxmpq.errors import PassError, PolicyError
+from fxmpq.formats import Format, format_name, format_of
 from fxmpq.kernels import BiasRounding
-from fxmpq.matcher import linear_runs_as_conv
+from fxmpq.matcher import layer_input, linear_runs_as_conv, set_weight_arg, weight_arg
 from fxmpq.policy import Policy
-from fxmpq.quant import LSQQuantizer
+from fxmpq.quant import QUANT_LAYER_TYPES, LSQQuantizer, to_plain_layer
 from fxmpq.record import Applied, LayerRecord, records, set_record
 
-from .patterns import device_of, is_bias_rounding, is_bn, is_quantizer, relu_bounds, sole_user
+from .patterns import device_of, is_bias_rounding, is_bn, is_quantizer, relu_bounds, set_submodule, sole_user
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ BIAS_ROUNDING = "bias_rounding"
 class ApplyPolicyPass(PassBase):
     """Fix every layer's quantizers at `policy` (keeping only that bit's step size and BatchNorm).
 
-    Then every conv/linear whose output (after the BatchNorm that folds into it, and a following ReLU/ReLU6)
+    A layer at (None, None) is left in float: its quantizers are removed (the record's sites become None).
+    Then every quantized conv/linear whose output (after the BatchNorm that folds into it, and a following ReLU/ReLU6)
     feeds anything but a single quantizer gets an `output_bits` output quantizer (unsigned after a ReLU, signed
     otherwise), a submodule `<owner>.output_quantizer` whose step size is learned like the others: ONNX Runtime
     fuses a layer into an integer kernel only when one QuantizeLinear reads it. A BiasRounding node after each
@@ -47,7 +49,7 @@ class ApplyPolicyPass(PassBase):
         self.output_bits = int(output_bits)
 
     def requires(self, graph_module: fx.GraphModule) -> None:
-        bare = [r.name for _, r in records(graph_module) if r.sites is None]
+        bare = [r.name for _, r in records(graph_module) if r.sites is None and r.applied is None]
         if bare:
             raise PassError(f"ApplyPolicyPass needs quantized layers: {', '.join(bare[:5])} have no quantizers "
                             f"(run InsertFakeQuantPass first, e.g. through fxmpq.prepare)")
@@ -74,8 +76,13 @@ class ApplyPolicyPass(PassBase):
                 problems.append(f"{r.name} is pinned at W{r.pin_bits[0]}A{r.pin_bits[1]}")
             if pair is not None:
                 full[r.name] = tuple(pair)
-        unsupported = [f"{n} W{w}A{a}" for _, r in layers if r.searchable and (n := r.name) in full
-                       for w, a in [full[n]] if (w, a) not in r.costs]
+        for n, pair in full.items():
+            try:
+                format_of(next(r.kind for _, r in layers if r.name == n), *pair)
+            except PolicyError as e:
+                problems.append(f"{n}: {e}")
+        unsupported = [f"{n} {format_name(full[n])}" for _, r in layers if r.searchable and (n := r.name) in full
+                       and full[n] not in r.costs]
         if unsupported:
             problems.append(f"bits the hardware does not run: {', '.join(unsupported)}")
         if problems:
@@ -87,17 +94,24 @@ class ApplyPolicyPass(PassBase):
         layers = list(records(gm))
         full = self._complete(layers)
         modified = False
-        for _, rec in layers:
-            modified |= self._fix(gm, rec, *full[rec.name])
+        for node, rec in layers:
+            w, a = full[rec.name]
+            if format_of(rec.kind, w, a) is Format.FLOAT:
+                modified |= self._to_float(gm, node, rec)
+            else:
+                modified |= self._fix(gm, rec, w, a)
         added = 0
         for node, rec in list(records(gm)):
-            out_q = self._output_quantizer(gm, node, rec)
-            added += out_q is not None
             w, a = full[rec.name]
+            fmt = format_of(rec.kind, w, a)
+            out_q = self._output_quantizer(gm, node, rec) if fmt is Format.INTEGER else None
+            added += out_q is not None
             prev = rec.applied
             set_record(node, dataclasses.replace(rec, applied=Applied(
-                w, a, out_q if out_q is not None else (prev.output_quantizer if prev else None))))
+                fmt, w, a, out_q if out_q is not None else (prev.output_quantizer if prev else None))))
         for node, rec in list(records(gm)):
+            if rec.applied.format is not Format.INTEGER:
+                continue
             path = self._bias_rounding(gm, node, rec)
             if path is not None:
                 modified = True
@@ -106,6 +120,40 @@ class ApplyPolicyPass(PassBase):
         modified |= added > 0
         log.info("applied policy to %d layers; %d output quantizers added", len(layers), added)
         return PassResult(gm, modified)
+
+    @staticmethod
+    def _to_float(gm: fx.GraphModule, node: fx.Node, rec: LayerRecord) -> bool:
+        """Leave the layer in float: its quantizers leave the graph (its input stays float unless another reader
+        quantizes it), a Quant* module becomes its plain module again, a switchable BN keeps its highest-bit BN."""
+        site = rec.sites
+        if site is None:
+            if rec.applied is None or rec.applied.format is not Format.FLOAT:
+                raise PolicyError(f"layer {rec.name} has no quantizers to leave in float")
+            return False
+        g = gm.graph
+        x = layer_input(node)
+        if x is not None and x.op == "call_module" and x.target == site.act_quantizer:
+            node.replace_input_with(x, x.args[0])
+            if not x.users:
+                g.erase_node(x)
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if type(m) in QUANT_LAYER_TYPES.values():
+                set_submodule(gm, node.target, to_plain_layer(m))
+        else:
+            w = weight_arg(node)
+            if isinstance(w, fx.Node) and w.op == "call_module" and w.target == site.weight_quantizer:
+                set_weight_arg(node, w.args[0])
+                if not w.users:
+                    g.erase_node(w)
+        if site.batchnorm:
+            bn = gm.get_submodule(site.batchnorm)
+            bn.fix(bn.bits[-1])
+        for path in (site.act_quantizer, site.weight_quantizer):
+            if not any(n.op == "call_module" and n.target == path for n in g.nodes):
+                gm.delete_submodule(path)  # False (nothing to do) when the plain module dropped it already
+        set_record(node, dataclasses.replace(rec, sites=None))
+        return True
 
     @staticmethod
     def _fix(gm: fx.GraphModule, rec: LayerRecord, w: int, a: int) -> bool:

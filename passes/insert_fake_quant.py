@@ -21,7 +21,7 @@ from fxmpq.quant import (
 )
 from fxmpq.record import LayerRecord, QuantSites, records, set_record
 
-from .patterns import is_nonnegative
+from .patterns import is_nonnegative, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,6 @@ CONTAINER = "fxmpq_quant"
 
 def _mangle(name: str) -> str:
     return name.replace(".", "_").replace("#", "_call")
-
-
-def _set_submodule(gm: fx.GraphModule, qualname: str, module: nn.Module) -> None:
-    parent, _, leaf = qualname.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
 class InsertFakeQuantPass(PassBase):
@@ -105,7 +100,7 @@ class InsertFakeQuantPass(PassBase):
                 swapped.add(node.target)
                 new = to_quant_layer(module, wq)
                 new.add_module("input_quantizer", aq)
-                _set_submodule(gm, node.target, new)
+                set_submodule(gm, node.target, new)
                 w_path, a_path = f"{node.target}.weight_quantizer", f"{node.target}.input_quantizer"
                 layer_node = node
             else:
@@ -152,9 +147,9 @@ class InsertFakeQuantPass(PassBase):
                 continue
             m = gm.get_submodule(user.target)
             if type(m) is nn.BatchNorm2d:
-                _set_submodule(gm, user.target, SwitchableBatchNorm2d(m, self.bits))
+                set_submodule(gm, user.target, SwitchableBatchNorm2d(m, self.bits))
                 return user.target
             if type(m) is nn.BatchNorm1d:
-                _set_submodule(gm, user.target, SwitchableBatchNorm1d(m, self.bits))
+                set_submodule(gm, user.target, SwitchableBatchNorm1d(m, self.bits))
                 return user.target
         return None

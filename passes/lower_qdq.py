@@ -67,6 +67,24 @@ def _mangle(name: str) -> str:
     return name.replace(".", "_").replace("#", "_call")
 
 
+def _following_bn(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, tuple[torch.Tensor, tuple] | None]:
+    """(the node whose value the layer's output becomes, BN fold): the BatchNorm that is the layer's only user
+    folds as y = (x - mean) * f + beta with f = gamma / sqrt(var + eps); fold = (f, (mean, beta)) or None."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return node, None
+    bn = bn_module(gm.get_submodule(users[0].target))
+    if bn is None:
+        return node, None
+    if bn.training:
+        raise ExportError(f"node {users[0].name}: BatchNorm in training mode; call .eval() first")
+    with torch.no_grad():
+        ch = bn.running_mean.shape[0]
+        f = torch.rsqrt(bn.running_var.float() + bn.eps) * (bn.weight.float() if bn.weight is not None else 1.0)
+        beta = bn.bias.float() if bn.bias is not None else torch.zeros(ch)
+    return users[0], (f, (bn.running_mean.float(), beta))
+
+
 class LowerToQDQPass(PassBase):
     """Rewrite a QuantModel graph (after ApplyPolicyPass, in eval mode) into a deployable QDQ graph.
 
@@ -145,8 +163,7 @@ class LowerToQDQPass(PassBase):
         bias = gm.get_parameter(rec.bias) if rec.bias is not None else None
         wq = gm.get_submodule(rec.sites.weight_quantizer) if rec.sites is not None else None
         if wq is None or wq.active_bits is None:
-            log.info("layer %s has no active weight quantizer: left in float", name)
-            set_record(node, dataclasses.replace(rec, lowered=Lowered(None, None, None, False, False, None)))
+            self._lower_float(gm, node, rec, weight, bias)
             return
         b = wq.active_bits
         if b > 8:
@@ -162,21 +179,12 @@ class LowerToQDQPass(PassBase):
             b_f = bias.detach().float().clone() if bias is not None else torch.zeros(out_ch)
         # BatchNorm right after the layer (its only user) folds into the per-channel scale and the bias
         bn_folded = False
-        users = list(node.users)
-        out = node
-        if len(users) == 1 and users[0].op == "call_module":
-            bn = bn_module(gm.get_submodule(users[0].target))
-            if bn is not None:
-                if bn.training:
-                    raise ExportError(f"node {users[0].name}: BatchNorm in training mode; call .eval() first")
-                with torch.no_grad():
-                    inv = torch.rsqrt(bn.running_var.float() + bn.eps)
-                    f = inv * (bn.weight.float() if bn.weight is not None else 1.0)
-                    shift = bn.bias.float() if bn.bias is not None else torch.zeros(out_ch)
-                    b_f = (b_f - bn.running_mean.float()) * f + shift
-                    scale = scale * f
-                out = users[0]
-                bn_folded = True
+        out, fold = _following_bn(gm, node)
+        if fold is not None:
+            f, shift = fold
+            b_f = (b_f - shift[0]) * f + shift[1]
+            scale = scale * f
+            bn_folded = True
         per_tensor = s_w.dim() == 0 and not bn_folded
         # input activation scale (from the act quantizer feeding the layer, if any)
         s_x = a_bits = None
@@ -256,6 +264,35 @@ class LowerToQDQPass(PassBase):
         notes = () if (as_conv or rec.conv is not None) else ("linear on a 1-D input: float MatMul, not fused",)
         set_record(new, dataclasses.replace(rec, lowered=Lowered(
             b, a_bits, (qmin, qmax), bn_folded, int_bias, f"{LOWERED}.{mname}_weight", as_conv, notes)))
+
+    @staticmethod
+    def _lower_float(gm: fx.GraphModule, node: fx.Node, rec: LayerRecord, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> None:
+        """A float layer: the same op on float weights, the BatchNorm after it folded in, no Q/DQ around it."""
+        g = gm.graph
+        out_ch = weight.shape[0]
+        with torch.no_grad():
+            w = weight.detach().float().clone()
+            b_f = bias.detach().float().clone() if bias is not None else torch.zeros(out_ch)
+        out, fold = _following_bn(gm, node)
+        if fold is not None:
+            f, shift = fold
+            b_f = (b_f - shift[0]) * f + shift[1]
+            w = w * f.reshape([-1] + [1] * (w.dim() - 1))
+        mname = _mangle(rec.name)
+        holder = gm.get_submodule(LOWERED)
+        holder.register_buffer(f"{mname}_weight", w.contiguous())
+        holder.register_buffer(f"{mname}_bias", b_f.contiguous())
+        with g.inserting_before(node):
+            new = emit_call(g, rec, layer_input(node), g.get_attr(f"{LOWERED}.{mname}_weight"),
+                            g.get_attr(f"{LOWERED}.{mname}_bias"))
+        out.replace_all_uses_with(new)
+        if out is not node:
+            g.erase_node(out)
+        g.erase_node(node)
+        log.info("layer %s lowered in float", rec.name)
+        set_record(new, dataclasses.replace(rec, lowered=Lowered(None, None, None, fold is not None, False,
+                                                                 f"{LOWERED}.{mname}_weight", notes=("float",))))
 
     # ------------------------------------------------------------------ activations
     @staticmethod

@@ -13,7 +13,7 @@ from fxmpq.kernels import BiasRounding
 from fxmpq.quant import LSQQuantizer
 
 __all__ = ["bn_module", "device_of", "is_bias_rounding", "is_bn", "is_nonnegative", "is_quantizer", "relu_bounds",
-           "sole_user"]
+           "set_submodule", "sole_user"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -146,6 +146,12 @@ def is_bias_rounding(gm: fx.GraphModule, node: fx.Node) -> bool:
 def is_quantizer(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether `node` calls an LSQQuantizer."""
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), LSQQuantizer)
+
+
+def set_submodule(gm: fx.GraphModule, qualname: str, module: nn.Module) -> None:
+    """Put `module` at `qualname` in `gm` (replacing what is there)."""
+    parent, _, leaf = qualname.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
 def sole_user(node: fx.Node) -> fx.Node | None:

@@ -1,0 +1,98 @@
+"""Formats: float as a candidate in hardware files, policies, apply and lowering (float ops, no Q/DQ around them)."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from models import PlainCNN, ResidualNet
+
+import fxmpq
+from fxmpq.errors import HardwareSpecError, PolicyError
+from fxmpq.formats import Format, format_of
+from fxmpq.hardware import FLOAT, LayerKind, loads_hardware
+
+FLOAT_TOML = """
+[target]
+name = "float_or_int"
+weight_bits = [2, 4, 8]
+act_bits = [2, 4, 8]
+float_kinds = ["conv", "linear"]
+
+[metrics.latency]
+unit = "ms"
+terms = [{ type = "table", per = "mac", scale = 1e-6, values = { "2x2" = 0.5, "2x4" = 0.5, "2x8" = 0.5, "4x2" = 0.5, "4x4" = 0.5, "4x8" = 0.5, "8x2" = 1.0, "8x4" = 1.0, "8x8" = 1.0, "float" = 4.0 } }]
+
+[metrics.size]
+unit = "bit"
+terms = [{ type = "weight_bits" }]
+"""
+
+
+@pytest.fixture(scope="module")
+def hw() -> fxmpq.HardwareSpec:
+    return loads_hardware(FLOAT_TOML, "float.toml")
+
+
+def test_hardware_offers_float_per_kind(hw) -> None:
+    assert hw.float_kinds == {LayerKind.CONV, LayerKind.LINEAR}
+    assert FLOAT in hw.formats(LayerKind.CONV) and FLOAT not in hw.formats(LayerKind.DEPTHWISE_CONV)
+    m = hw.metrics
+    assert m["size"].evaluate(LayerKind.CONV, 10, 100, None, None) == 3200  # float weights: 32 bits
+    assert m["latency"].evaluate(LayerKind.CONV, 1000, 10, None, None) == pytest.approx(4e-3)
+    assert format_of(LayerKind.CONV, None, None, hw) is Format.FLOAT
+    assert format_of(LayerKind.CONV, 4, 8, hw) is Format.INTEGER
+    with pytest.raises(PolicyError, match="does not run a depthwise_conv layer as float"):
+        format_of(LayerKind.DEPTHWISE_CONV, None, None, hw)
+
+
+def test_a_table_without_a_float_value_is_refused() -> None:
+    text = FLOAT_TOML.replace(', "float" = 4.0', "")
+    with pytest.raises(HardwareSpecError, match=r"float.toml: metrics.latency.terms\[0\].values: no value for "
+                                                r"supported pair\(s\) float"):
+        loads_hardware(text, "float.toml")
+    with pytest.raises(HardwareSpecError, match=r"target.float_kinds\[0\]: unknown layer kind 'attention'"):
+        loads_hardware(FLOAT_TOML.replace('float_kinds = ["conv"', 'float_kinds = ["attention"'), "float.toml")
+
+
+def test_policy_json_round_trip_with_float_layers(tmp_path) -> None:
+    p = fxmpq.Policy({"a": (None, None), "b": (4, 8)})
+    assert fxmpq.Policy.from_json(p.to_json(tmp_path / "p.json")) == p
+    assert '"w": null' in (tmp_path / "p.json").read_text()
+    with pytest.raises(PolicyError, match="for a layer left in float"):
+        fxmpq.Policy({"a": (None, 4)})
+
+
+@pytest.mark.parametrize("model_cls", [PlainCNN, ResidualNet])
+def test_float_layers_export_as_float_ops_with_parity(tmp_path, hw, model_cls) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    q = fxmpq.prepare(model_cls().eval(), x, hardware=hw, bits=(2, 4, 8))
+    names = q.searchable_names
+    policy = {n: (FLOAT if i % 2 == 0 else (4, 4)) for i, n in enumerate(names)}
+    fxmpq.apply_policy(q, policy, x)
+    floats = [n for n, p in policy.items() if p == FLOAT]
+    assert floats and all(n not in q.sites for n in floats)  # their quantizers left the graph
+    assert all(q.policy[n] == p for n, p in policy.items())
+    q.eval()
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], samples=64)
+    assert rep.passed
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    producer = {o: n for n in m.graph.node for o in n.output}
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    # a float layer's weight is a plain float initializer, not the output of a DequantizeLinear
+    float_convs = [n for n in convs if n.input[1] not in producer]
+    assert len(float_convs) == len([n for n in floats if n != "fc"])
+    assert "BatchNormalization" not in [n.op_type for n in m.graph.node]
+    meta = {p.key: p.value for p in m.metadata_props}
+    bits = json.loads(meta["fxmpq.bits"])
+    assert all(bits[n] == [None, None] for n in floats) and all(bits[n] == [4, 4] for n in names if n not in floats)
+
+
+def test_float_is_refused_where_the_hardware_does_not_offer_it(tmp_path) -> None:
+    x = torch.randn(4, 3, 16, 16)
+    q = fxmpq.prepare(PlainCNN().eval(), x, bits=(2, 4, 8))  # bitops: no float
+    with pytest.raises(PolicyError, match="float"):
+        fxmpq.apply_policy(q, {"conv2": FLOAT}, x)
