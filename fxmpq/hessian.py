@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataError, PolicyError
+from .errors import ArgumentError, DataError, PolicyError
 from .indicators import Indicators
 from .quant import LSQQuantizer, QuantModel
 
@@ -94,9 +94,9 @@ def hessian_indicators(
     The model's quantizer switches and training mode are restored afterwards.
     """
     if not isinstance(qmodel, QuantModel):
-        raise PolicyError(f"hessian_indicators: expected a QuantModel (from fxmpq.prepare), found {type(qmodel).__name__}")
+        raise ArgumentError(f"hessian_indicators: expected a QuantModel (from fxmpq.prepare), found {type(qmodel).__name__}")
     if batches < 1 or probes < 1:
-        raise DataError(f"hessian_indicators: batches and probes must be >= 1, found {batches}, {probes}")
+        raise ArgumentError(f"hessian_indicators: batches and probes must be >= 1, found {batches}, {probes}")
     names = qmodel.searchable_names
     loss_fn = loss_fn or F.cross_entropy
     dev = torch.device(device) if device is not None else next(qmodel.parameters()).device

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from tqdm.auto import tqdm
 
 from .checkpoint import join_state, load_checkpoint, save_checkpoint, split_state
-from .errors import CheckpointError, DataError, PolicyError
+from .errors import ArgumentError, CheckpointError, DataError, PolicyError
 from .indicators import Indicators
 from .policy import Policy
 from .quant import QuantModel
@@ -69,6 +69,11 @@ def random_policy(qmodel: QuantModel, rng: random.Random) -> Policy:
         raise PolicyError(f"hardware {qmodel.analysis.hardware.name!r} runs no (w, a) pair within the "
                           f"candidate bits {qmodel.bits}")
     return Policy({n: rng.choice(pairs) for n in qmodel.searchable_names})
+
+
+def _expect_quant_model(qmodel: Any, where: str) -> None:
+    if not isinstance(qmodel, QuantModel):
+        raise ArgumentError(f"{where}: expected a QuantModel (from fxmpq.prepare), found {type(qmodel).__name__}")
 
 
 # ------------------------------------------------------------------------------------------- DDP helpers
@@ -239,10 +244,9 @@ def _run(
     clip_grad_norm: float | None = None,
 ) -> TrainStats:
     """The one training loop: data checks, device, DDP, epochs, optimizer steps, progress, checkpoints, resume."""
-    if not isinstance(qmodel, QuantModel):
-        raise PolicyError(f"{kind}: expected a QuantModel (from fxmpq.prepare), found {type(qmodel).__name__}")
+    _expect_quant_model(qmodel, kind)
     if epochs < 0 or (max_steps is not None and max_steps < 0):
-        raise DataError(f"{kind}: epochs and max_steps must be >= 0, found epochs={epochs}, max_steps={max_steps}")
+        raise ArgumentError(f"{kind}: epochs and max_steps must be >= 0, found epochs={epochs}, max_steps={max_steps}")
     dev = _pick_device(qmodel, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -524,6 +528,7 @@ def train_indicators(
     raises DataError naming the parameters (so a diverging run stops before it corrupts the model). The quantizers are left
     switched as they were before the call.
     """
+    _expect_quant_model(qmodel, "train_indicators")
     before = qmodel.policy
     try:
         _run(qmodel, data, kind="indicators", step_fn=_joint_step(distill), epochs=epochs, lr=lr,
@@ -573,6 +578,7 @@ def finetune(
     With `cosine`, the learning rate decays from `lr` to 0 along a half cosine over the run's steps. Other arguments as in
     `train_indicators`.
     """
+    _expect_quant_model(qmodel, "finetune")
     if qmodel.policy is None:
         raise PolicyError("finetune: quantization is off; call qmodel.set_policy(policy) (or set_uniform) first")
     teacher = None

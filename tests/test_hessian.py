@@ -75,5 +75,5 @@ def test_functional_layers_and_bad_input() -> None:
         hessian_indicators(q, [], batches=1)
     with pytest.raises(fxmpq.DataError, match=r"batch 0 must be an \(inputs, targets\) pair"):
         hessian_indicators(q, [torch.randn(2, 3, 8, 8)])
-    with pytest.raises(fxmpq.PolicyError, match="expected a QuantModel"):
+    with pytest.raises(fxmpq.ArgumentError, match="expected a QuantModel"):
         hessian_indicators(FunctionalNet(), [])
