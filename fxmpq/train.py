@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import math
 import os
@@ -29,10 +30,17 @@ from .quant import QuantModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainStats", "finetune", "indicators_from_model", "random_policy", "train_indicators"]
+__all__ = ["Stage", "TrainStats", "finetune", "indicators_from_model", "random_policy", "train_indicators"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+
+
+class Stage(enum.StrEnum):
+    """Which training wrote a checkpoint (its meta "kind" holds the value): joint indicator training or fine-tuning."""
+
+    INDICATORS = "indicators"
+    FINETUNE = "finetune"
 
 
 @dataclass(frozen=True)
@@ -224,7 +232,7 @@ def _run(
     qmodel: QuantModel,
     data: Any,
     *,
-    kind: str,
+    stage: Stage,
     step_fn: StepFn,
     epochs: int,
     lr: float,
@@ -244,9 +252,9 @@ def _run(
     clip_grad_norm: float | None = None,
 ) -> TrainStats:
     """The one training loop: data checks, device, DDP, epochs, optimizer steps, progress, checkpoints, resume."""
-    _expect_quant_model(qmodel, kind)
+    _expect_quant_model(qmodel, stage)
     if epochs < 0 or (max_steps is not None and max_steps < 0):
-        raise ArgumentError(f"{kind}: epochs and max_steps must be >= 0, found epochs={epochs}, max_steps={max_steps}")
+        raise ArgumentError(f"{stage}: epochs and max_steps must be >= 0, found epochs={epochs}, max_steps={max_steps}")
     dev = _pick_device(qmodel, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -257,14 +265,14 @@ def _run(
         resume_path = Path(checkpoint) if resume is True else Path(resume)
         if resume is True and (checkpoint is None or not resume_path.exists()):
             if checkpoint is None:
-                raise CheckpointError(f"{kind}: resume=True needs checkpoint= (the file to resume from)")
-            log.info("%s: no checkpoint at %s yet, starting from scratch", kind, resume_path)
+                raise CheckpointError(f"{stage}: resume=True needs checkpoint= (the file to resume from)")
+            log.info("%s: no checkpoint at %s yet, starting from scratch", stage, resume_path)
             resume_path = None
     py_state, np_state = random.getstate(), np.random.get_state()
     fork_devices = [dev] if dev.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=fork_devices):
-            return _loop(qmodel, loader, kind=kind, step_fn=step_fn, epochs=epochs, lr=lr, step_lr=step_lr,
+            return _loop(qmodel, loader, stage=stage, step_fn=step_fn, epochs=epochs, lr=lr, step_lr=step_lr,
                          weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed, dev=dev,
                          checkpoint=checkpoint, resume_path=resume_path, max_steps=max_steps, progress=progress,
                          extra_meta=extra_meta, cosine=cosine, clip_grad_norm=clip_grad_norm)
@@ -273,7 +281,7 @@ def _run(
         np.random.set_state(np_state)
 
 
-def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: StepFn, epochs: int, lr: float,
+def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: StepFn, epochs: int, lr: float,
           step_lr: float | None, weight_decay: float, optimizer: OptimizerFactory | None, loss_fn: LossFn | None,
           seed: int, dev: torch.device, checkpoint: str | Path | None, resume_path: Path | None,
           max_steps: int | None, progress: bool, extra_meta: Mapping[str, Any], cosine: bool = False,
@@ -287,7 +295,7 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
     opt = optimizer(groups) if optimizer is not None else torch.optim.SGD(groups, lr=lr, momentum=0.9)
     start_epoch, step = 0, 0
     if resume_path is not None:
-        start_epoch, step = _restore(resume_path, qmodel, opt, kind=kind, dev=dev)
+        start_epoch, step = _restore(resume_path, qmodel, opt, stage=stage, dev=dev)
     net: nn.Module = qmodel
     if _dist_on() and _world_size() > 1:
         net = DistributedDataParallel(qmodel, device_ids=[dev.index] if dev.type == "cuda" else None,
@@ -306,7 +314,7 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         total = len(loader) if hasattr(loader, "__len__") else None
-        bar = tqdm(loader, total=total, desc=f"{kind} {epoch + 1}/{epochs}", leave=True,
+        bar = tqdm(loader, total=total, desc=f"{stage} {epoch + 1}/{epochs}", leave=True,
                    disable=not progress or _rank() != 0, dynamic_ncols=True)
         sums: dict[str, float] = {}
         n = 0
@@ -319,9 +327,9 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
             losses = step_fn(ctx, inputs, targets)
             bad = [k for k, v in losses.items() if not math.isfinite(v)]
             if bad:
-                raise DataError(f"{kind}: loss became non-finite at step {step} (epoch {epoch + 1}, batch {i}) "
+                raise DataError(f"{stage}: loss became non-finite at step {step} (epoch {epoch + 1}, batch {i}) "
                                 f"for {', '.join(bad)}; lower lr (now {lr}) or check the data")
-            _check_gradients(qmodel, params, clip_grad_norm, kind=kind, step=step, lr=lr)
+            _check_gradients(qmodel, params, clip_grad_norm, stage=stage, step=step, lr=lr)
             if total_steps:
                 _set_cosine_lr(opt, step, total_steps)
             opt.step()
@@ -338,14 +346,14 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
             bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items()}, refresh=True)
         bar.close()
         if n == 0:
-            raise DataError(f"{kind}: the data yielded no batch in epoch {epoch + 1}")
+            raise DataError(f"{stage}: the data yielded no batch in epoch {epoch + 1}")
         epoch_losses = {k: v / n for k, v in sums.items()}
-        log.info("%s epoch %d/%d: %d steps, mean losses %s", kind, epoch + 1, epochs, n,
+        log.info("%s epoch %d/%d: %d steps, mean losses %s", stage, epoch + 1, epochs, n,
                  ", ".join(f"{k}={v:.4f}" for k, v in epoch_losses.items()))
         if not stopped:
             done = epoch + 1
         if checkpoint is not None:
-            _save(Path(checkpoint), qmodel, opt, kind=kind, epoch=done, step=step, epochs=epochs, seed=seed,
+            _save(Path(checkpoint), qmodel, opt, stage=stage, epoch=done, step=step, epochs=epochs, seed=seed,
                   dev=dev, extra_meta=extra_meta)
         if stopped:
             break
@@ -353,7 +361,7 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
                       checkpoint=str(checkpoint) if checkpoint is not None else None)
 
 
-def _check_gradients(qmodel: QuantModel, params: list[torch.Tensor], clip: float | None, *, kind: str, step: int,
+def _check_gradients(qmodel: QuantModel, params: list[torch.Tensor], clip: float | None, *, stage: Stage, step: int,
                      lr: float) -> None:
     """Clip the gradients' total norm to `clip` (when given); DataError naming the parameters whose gradient is
     not finite, before the optimizer step spreads it into the model."""
@@ -372,7 +380,7 @@ def _check_gradients(qmodel: QuantModel, params: list[torch.Tensor], clip: float
     if not bool(torch.isfinite(total)):
         names = {id(p): n for n, p in qmodel.named_parameters()}
         bad = [names.get(id(p), "?") for p in with_grad if not bool(torch.isfinite(p.grad).all())]
-        raise DataError(f"{kind}: gradients became non-finite at step {step} in {len(bad)} parameter(s) "
+        raise DataError(f"{stage}: gradients became non-finite at step {step} in {len(bad)} parameter(s) "
                         f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); lower lr (now {lr}), set "
                         f"clip_grad_norm, or use larger batches (BatchNorm on tiny batches explodes)")
 
@@ -408,26 +416,26 @@ def _meta(qmodel: QuantModel, extra: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _save(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, kind: str, epoch: int, step: int,
+def _save(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, stage: Stage, epoch: int, step: int,
           epochs: int, seed: int, dev: torch.device, extra_meta: Mapping[str, Any]) -> None:
     if _rank() == 0:
         model_t, model_s = split_state(qmodel.state_dict(), "model")
         opt_t, opt_s = split_state(opt.state_dict(), "optim")
         rng_t, rng_m = _rng_state(dev)
-        meta = {"kind": kind, "epoch": epoch, "step": step, "epochs": epochs, "seed": seed,
+        meta = {"kind": stage.value, "epoch": epoch, "step": step, "epochs": epochs, "seed": seed,
                 "world_size": _world_size(), **_meta(qmodel, extra_meta),
                 "model_state": model_s, "optim_state": opt_s, "rng": rng_m}
         save_checkpoint(path, {**model_t, **opt_t, **rng_t}, meta)
-        log.info("%s: checkpoint %s (epoch %d, step %d)", kind, path, epoch, step)
+        log.info("%s: checkpoint %s (epoch %d, step %d)", stage, path, epoch, step)
     if _dist_on():
         dist.barrier()
 
 
-def _restore(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, kind: str,
+def _restore(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, stage: Stage,
              dev: torch.device) -> tuple[int, int]:
     tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != kind:
-        raise CheckpointError(f"{path}: written by {meta.get('kind')!r} training, cannot resume {kind!r} from it")
+    if meta.get("kind") != stage.value:
+        raise CheckpointError(f"{path}: written by {meta.get('kind')!r} training, cannot resume {stage.value!r} from it")
     if list(meta.get("bits", [])) != list(qmodel.bits):
         raise CheckpointError(f"{path}: candidate bits {meta.get('bits')} differ from the model's {list(qmodel.bits)}")
     try:
@@ -443,7 +451,7 @@ def _restore(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, kind
     qmodel.to(dev)
     if meta.get("policy") is not None:
         qmodel.set_policy({n: tuple(p) for n, p in meta["policy"].items()})
-    log.info("%s: resumed from %s at epoch %d, step %d", kind, path, epoch, step)
+    log.info("%s: resumed from %s at epoch %d, step %d", stage, path, epoch, step)
     return epoch, step
 
 
@@ -531,7 +539,7 @@ def train_indicators(
     _expect_quant_model(qmodel, "train_indicators")
     before = qmodel.policy
     try:
-        _run(qmodel, data, kind="indicators", step_fn=_joint_step(distill), epochs=epochs, lr=lr,
+        _run(qmodel, data, stage=Stage.INDICATORS, step_fn=_joint_step(distill), epochs=epochs, lr=lr,
              step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
              device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
              batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {}),
@@ -587,7 +595,7 @@ def finetune(
         teacher.eval()
         dev = _pick_device(qmodel, device)
         teacher.to(dev)
-    return _run(qmodel, data, kind="finetune", step_fn=_plain_step(teacher), epochs=epochs, lr=lr,
+    return _run(qmodel, data, stage=Stage.FINETUNE, step_fn=_plain_step(teacher), epochs=epochs, lr=lr,
                 step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
                 device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
                 batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {})},

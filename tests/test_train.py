@@ -73,7 +73,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path) -> None:
     with pytest.raises(_Killed):  # dies at the 2nd step of epoch 2 (3 steps per epoch)
         fxmpq.train_indicators(_prepare(), loader, epochs=2, checkpoint=ck, progress=False,
                                loss_fn=_ce_killed_at(5))
-    assert load_checkpoint(ck)[1]["epoch"] == 1
+    meta = load_checkpoint(ck)[1]
+    assert meta["epoch"] == 1 and meta["kind"] == "indicators" and type(meta["kind"]) is str  # the enum's value
     q = _prepare()
     out = fxmpq.train_indicators(q, loader, epochs=2, checkpoint=ck, resume=True, progress=False)
     assert out == ref
