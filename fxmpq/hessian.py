@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batches import split_batch
 from .errors import ArgumentError, DataError, PolicyError
 from .indicators import Indicators
 from .quant import LSQQuantizer, QuantModel
@@ -118,11 +119,8 @@ def hessian_indicators(
         for i, batch in enumerate(data):
             if seen >= batches:
                 break
-            if not (isinstance(batch, list | tuple) and len(batch) == 2):
-                raise DataError(f"hessian_indicators: batch {i} must be an (inputs, targets) pair, "
-                                f"found {type(batch).__name__}")
-            x, y = batch
-            inputs = tuple(t.to(dev) for t in (x if isinstance(x, list | tuple) else (x,)))
+            x, y = split_batch(batch, i, qmodel.example_shapes, what="hessian_indicators")
+            inputs = tuple(t.to(dev) for t in x)
             loss = loss_fn(qmodel(*inputs), y.to(dev))
             keys = list(taps)
             tensors = [taps[k].tensor for k in keys]

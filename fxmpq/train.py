@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
+from .batches import split_batch
 from .checkpoint import join_state, load_checkpoint, save_checkpoint, split_state
 from .errors import ArgumentError, CheckpointError, DataError, PolicyError
 from .indicators import Indicators
@@ -122,38 +123,6 @@ def _loader(data: Any, *, batch_size: int, seed: int) -> Iterable[Any]:
         raise DataError(f"data must be an iterable of (inputs, targets) batches or a Dataset, "
                         f"found {type(data).__name__}")
     return data
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"Tensor{tuple(x.shape)} {x.dtype}"
-    return type(x).__name__
-
-
-def _check_batch(batch: Any, shapes: Sequence[tuple[int, ...]], index: int) -> tuple[tuple[torch.Tensor, ...], Any]:
-    """Split a batch into (inputs tuple, targets); DataError naming expected and found shapes otherwise."""
-    expected = ", ".join(f"[N, {', '.join(map(str, s[1:]))}]" for s in shapes) or "tensors"
-    if not (isinstance(batch, list | tuple) and len(batch) == 2):
-        raise DataError(f"batch {index}: expected an (inputs, targets) pair with inputs {expected}, "
-                        f"found {type(batch).__name__}"
-                        + (f" of length {len(batch)}" if isinstance(batch, list | tuple) else ""))
-    inputs, targets = batch
-    inputs = tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)
-    found = ", ".join(_describe(x) for x in inputs)
-    if shapes and len(inputs) != len(shapes):
-        raise DataError(f"batch {index}: expected {len(shapes)} input tensor(s) {expected}, found {found}")
-    for x, s in zip(inputs, shapes or [None] * len(inputs)):
-        if not isinstance(x, torch.Tensor):
-            raise DataError(f"batch {index}: inputs must be tensors {expected}, found {found}")
-        if s is not None and (x.dim() != len(s) or tuple(x.shape[1:]) != tuple(s[1:])):
-            raise DataError(f"batch {index}: inputs must have shape {expected} (as the example inputs), "
-                            f"found {found}")
-        if s is not None and not x.is_floating_point():
-            raise DataError(f"batch {index}: inputs must be floating point, found {found}")
-    if isinstance(targets, torch.Tensor) and targets.dim() >= 1 and inputs and targets.shape[0] != inputs[0].shape[0]:
-        raise DataError(f"batch {index}: targets have batch size {targets.shape[0]} but inputs "
-                        f"{inputs[0].shape[0]} (targets {_describe(targets)}, inputs {found})")
-    return inputs, targets
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -320,7 +289,7 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: S
         n = 0
         stopped = False
         for i, batch in enumerate(bar):
-            inputs, targets = _check_batch(batch, shapes, i)
+            inputs, targets = split_batch(batch, i, shapes)
             inputs, targets = _to(inputs, dev), _to(targets, dev)
             ctx.step = step
             opt.zero_grad(set_to_none=True)
