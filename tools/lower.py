@@ -23,6 +23,7 @@ from torch import nn
 
 from fxmpq import models
 from fxmpq.checkpoint import join_state, load_checkpoint
+from fxmpq.cli import parse_shape
 from fxmpq.errors import CheckpointError, FxmpqError, ModelSpecError
 from fxmpq.export import export_fp32, lower
 from fxmpq.passes.apply_policy import apply_policy
@@ -63,16 +64,6 @@ def _first(meta: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
         if meta.get(k) is not None:
             return meta[k]
     return None
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(t) for t in text.lower().split("x"))
-    except ValueError:
-        raise FxmpqError(f"--input must look like 1x3x224x224, found {text!r}") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise FxmpqError(f"--input must hold positive sizes, found {text!r}")
-    return shape
 
 
 def _state_dict(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -173,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        shape = _parse_shape(args.input) if args.input else None
+        shape = parse_shape(args.input, batch=True) if args.input else None
         kwargs = models.parse_model_kwargs(args.model_kwargs) if args.model_kwargs else None
         q, example, factory = load_quantized(args.checkpoint, args.model, shape, kwargs)
         rep = lower(q, args.out, example, samples=args.samples)

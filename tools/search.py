@@ -15,17 +15,8 @@ import sys
 from pathlib import Path
 
 import fxmpq
+from fxmpq.cli import parse_shape
 from fxmpq.models import build_model, parse_model_kwargs
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.lower().split("x"))
-    except ValueError:
-        raise fxmpq.FxmpqError(f"--input {text!r}: expected dimensions like 3x224x224") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise fxmpq.FxmpqError(f"--input {text!r}: dimensions must be positive")
-    return dims
 
 
 def _plot(result: fxmpq.SearchResult, analysis: fxmpq.Analysis, path: str) -> None:
@@ -71,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         ind = fxmpq.Indicators.from_json(Path(args.indicators))
         budget = fxmpq.Budget.parse(args.budget)
         hw = fxmpq.load_hardware(args.hardware)
-        analysis = fxmpq.analyze(build_model(args.model, kwargs), torch.randn(1, *_shape(args.input)), hardware=hw)
+        analysis = fxmpq.analyze(build_model(args.model, kwargs), torch.randn(1, *parse_shape(args.input)), hardware=hw)
         res = fxmpq.search(analysis, ind, budget, args.alpha, weight_only=args.weight_only, clean=args.clean)
         print(res.table(analysis, ind))
         w, a = res.policy.average_bits(analysis)
