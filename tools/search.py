@@ -17,28 +17,7 @@ from pathlib import Path
 import fxmpq
 from fxmpq.cli import parse_shape
 from fxmpq.models import build_model, parse_model_kwargs
-
-
-def _plot(result: fxmpq.SearchResult, analysis: fxmpq.Analysis, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = analysis.names
-    w = [result.policy[n][0] for n in names]
-    a = [result.policy[n][1] for n in names]
-    x = range(len(names))
-    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.25), 4))
-    ax.bar([i - 0.2 for i in x], w, width=0.4, label="weight bits")
-    ax.bar([i + 0.2 for i in x], a, width=0.4, label="activation bits")
-    ax.set_xticks(list(x))
-    ax.set_xticklabels(names, rotation=90, fontsize=6)
-    ax.set_ylabel("bits")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+from fxmpq.report import plot_bits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             res.policy.to_json(args.out)
             print(f"policy written to {args.out}")
         if args.plot:
-            _plot(res, analysis, args.plot)
+            plot_bits(res.policy, analysis, args.plot)
             print(f"bar chart written to {args.plot}")
     except fxmpq.FxmpqError as e:
         print(f"error: {e}", file=sys.stderr)
