@@ -28,7 +28,7 @@ from torch import nn
 
 import fxmpq
 
-FIXTURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "limpq_resnet50_indicators.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "limpq_resnet50_indicators.json"
 
 
 class Tiled(nn.Module):

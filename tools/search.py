@@ -1,6 +1,6 @@
 """Search the optimal bit-width policy: indicators JSON + model + hardware + budget -> policy JSON and a table.
 
-    .venv/bin/python tools/search.py --indicators ../shared/fixtures/limpq_resnet50_indicators.json \
+    .venv/bin/python tools/search.py --indicators tests/data/limpq_resnet50_indicators.json \
         --model resnet50 --input 3x224x224 --hardware bitops --budget "w3a4&c12.2" --out policy.json --plot bits.png
 
 `--model` is a torchvision model name, a fxmpq.models name or `package.module:factory` (called with --model-kwargs).
