@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import ArgumentError
 
-__all__ = ["atomic_path", "atomic_paths", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_paths", "atomic_write_text"]
 
 
 @contextlib.contextmanager
@@ -72,13 +72,6 @@ def atomic_paths(path: str | Path, *sidecars: str | Path) -> Iterator[tuple[Path
         target.unlink(missing_ok=True)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     _fsync_dir(parent)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically (see atomic_path); returns the path."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
