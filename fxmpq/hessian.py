@@ -1,12 +1,4 @@
-"""A second indicator source for comparison: HAWQ-style Hessian sensitivities (Hutchinson trace x perturbation).
-
-HAWQ-V2 (Dong et al., NeurIPS 2020) and HAWQ-V3 (Yao et al., ICML 2021) rank layers by the average Hessian trace of
-the loss with respect to a layer's tensor times the squared quantization perturbation of that tensor,
-`Omega_l(b) = Tr(H_l) / n_l * ||Q_b(T_l) - T_l||^2`, the second-order estimate of the loss increase when layer l
-is quantized to b bits. Here that is computed for each searchable layer's weight and input activation and
-returned as `Indicators`, so `fxmpq.search` picks a policy from it with the same ILP and budget (use
-`alpha=1.0`: weight and activation terms are in the same unit, loss increase).
-"""
+"""A second indicator source to compare with: HAWQ-style Hessian sensitivities (trace x perturbation)."""
 
 from __future__ import annotations
 
@@ -85,6 +77,12 @@ def hessian_indicators(
     seed: int = 0,
 ) -> Indicators:
     """HAWQ-style sensitivities of every searchable layer's weight and input activation at each candidate bit.
+
+    HAWQ-V2 (Dong et al., NeurIPS 2020) and HAWQ-V3 (Yao et al., ICML 2021) rank layers by the average Hessian
+    trace of the loss with respect to a layer's tensor times the squared quantization perturbation of that tensor,
+    `Omega_l(b) = Tr(H_l) / n_l * ||Q_b(T_l) - T_l||^2`, the second-order estimate of the loss increase when layer
+    l is quantized to b bits. It is returned as `Indicators`, so `fxmpq.search` picks a policy from it with the
+    same ILP and budget (use `alpha=1.0`: weight and activation terms are in the same unit, loss increase).
 
     The model runs in full precision and eval mode (quantizers off, BatchNorm on running statistics). For
     `batches` batches of `data` ((inputs, targets) pairs) and `probes` Rademacher vectors each, Hutchinson's
