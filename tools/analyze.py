@@ -17,8 +17,6 @@ import fxmpq.models
 from fxmpq import FxmpqError, Pins, Policy
 from fxmpq.cli import parse_shape
 
-log = logging.getLogger(__name__)
-
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 

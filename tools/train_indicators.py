@@ -29,8 +29,6 @@ from fxmpq.datasets import load_digits, load_fashion_mnist, load_small
 from fxmpq.errors import DataError, ModelSpecError
 from fxmpq.models import build_model, parse_model_kwargs, resolve_factory
 
-log = logging.getLogger("fxmpq.tools.train_indicators")
-
 
 def load_dataset(spec: str, limit: int | None) -> tuple[torch.utils.data.Dataset, tuple[int, ...] | None]:
     """(training Dataset, per-sample shape or None): a shipped dataset by name or a "pkg.mod:fn" returning one."""
