@@ -50,10 +50,11 @@ def split_batch(batch: Any, index: int, shapes: Sequence[tuple[int, ...]] = (), 
     if shapes and not all(x.is_floating_point() for x in inputs):
         raise DataError(f"{where}: inputs must be floating point, found {found}")
     n = inputs[0].shape[0] if inputs[0].dim() else None
-    if class_targets and not (isinstance(targets, torch.Tensor) and targets.dim() == 1
-                              and targets.dtype in (torch.int64, torch.int32) and targets.shape[0] == n):
+    if class_targets and not (isinstance(targets, torch.Tensor) and targets.dim() == 1 and targets.shape[0] == n
+                              and not targets.is_floating_point() and not targets.is_complex()
+                              and targets.dtype != torch.bool):
         raise DataError(f"{where}: targets must be class indices of shape [{n if n is not None else 'N'}] "
-                        f"(int64), found {_describe(targets)}")
+                        f"(an integer tensor such as int64), found {_describe(targets)}")
     if isinstance(targets, torch.Tensor) and targets.dim() >= 1 and n is not None and targets.shape[0] != n:
         raise DataError(f"{where}: targets have batch size {targets.shape[0]} but inputs {n} "
                         f"(targets {_describe(targets)}, inputs {found})")

@@ -38,10 +38,12 @@ def test_malformed_batches(batch, message):
 
 def test_class_targets_and_prefix():
     x = torch.randn(4, 3, 8, 8)
-    for y in (torch.zeros(4), torch.zeros(4, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long), [0, 1, 2, 3]):
+    for y in (torch.zeros(4), torch.zeros(4, dtype=torch.bool), torch.zeros(4, 1, dtype=torch.long),
+              torch.zeros(3, dtype=torch.long), [0, 1, 2, 3]):
         with pytest.raises(DataError, match=r"^val_data: batch 0: targets must be class indices of shape \[4\]"):
             split_batch((x, y), 0, SHAPES, what="val_data", class_targets=True)
-    split_batch((x, torch.zeros(4, dtype=torch.int32)), 0, SHAPES, class_targets=True)
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        split_batch((x, torch.zeros(4, dtype=dtype)), 0, SHAPES, class_targets=True)
 
 
 def test_check_data_runs_the_model_on_the_first_batch():
