@@ -8,6 +8,7 @@ from . import models
 from .analysis import Analysis
 from .budget import Budget
 from .errors import (
+    ArgumentError,
     CheckpointError,
     DataError,
     ExportError,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Analysis",
+    "ArgumentError",
     "Budget",
     "CheckpointError",
     "DataError",

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_path
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -22,7 +21,7 @@ FORMAT = "fxmpq.checkpoint/1"
 
 
 def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
-    """Write `tensors` (name -> tensor) and JSON-serialisable `meta` to `path` atomically (temp file + rename)."""
+    """Write `tensors` (name -> tensor) and JSON-serialisable `meta` to `path` atomically (fxmpq.atomic)."""
     path = Path(path)
     bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
     if bad:
@@ -33,17 +32,8 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta:
         raise CheckpointError(f"{path}: checkpoint metadata is not JSON-serialisable: {e}") from None
     payload = {"format": FORMAT, "meta": meta_text,
                "tensors": {k: v.detach().cpu().contiguous() for k, v in tensors.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     log.debug("saved checkpoint %s (%d tensors)", path, len(tensors))
     return path
 

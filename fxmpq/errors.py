@@ -45,3 +45,7 @@ class CheckpointError(FxmpqError):
 
 class ModelSpecError(FxmpqError):
     """A model named on the command line or in a checkpoint cannot be built (unknown name, bad factory)."""
+
+
+class ArgumentError(FxmpqError, ValueError):
+    """An API argument has the wrong type or value."""

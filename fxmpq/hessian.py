@@ -1,12 +1,4 @@
-"""A second indicator source for comparison: HAWQ-style Hessian sensitivities (Hutchinson trace x perturbation).
-
-HAWQ-V2 (Dong et al., NeurIPS 2020) and HAWQ-V3 (Yao et al., ICML 2021) rank layers by the average Hessian trace of
-the loss with respect to a layer's tensor times the squared quantization perturbation of that tensor,
-`Omega_l(b) = Tr(H_l) / n_l * ||Q_b(T_l) - T_l||^2`, the second-order estimate of the loss increase when layer l
-is quantized to b bits. Here that is computed for each searchable layer's weight and input activation and
-returned as `Indicators`, so `fxmpq.search` picks a policy from it with the same ILP and budget (use
-`alpha=1.0`: weight and activation terms are in the same unit, loss increase).
-"""
+"""A second indicator source to compare with: HAWQ-style Hessian sensitivities (trace x perturbation)."""
 
 from __future__ import annotations
 
@@ -19,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataError, PolicyError
+from .batches import split_batch
+from .errors import ArgumentError, DataError, PolicyError
 from .indicators import Indicators
 from .quant import LSQQuantizer
 from .quant_model import QuantModel
@@ -86,6 +79,12 @@ def hessian_indicators(
 ) -> Indicators:
     """HAWQ-style sensitivities of every searchable layer's weight and input activation at each candidate bit.
 
+    HAWQ-V2 (Dong et al., NeurIPS 2020) and HAWQ-V3 (Yao et al., ICML 2021) rank layers by the average Hessian
+    trace of the loss with respect to a layer's tensor times the squared quantization perturbation of that tensor,
+    `Omega_l(b) = Tr(H_l) / n_l * ||Q_b(T_l) - T_l||^2`, the second-order estimate of the loss increase when layer
+    l is quantized to b bits. It is returned as `Indicators`, so `fxmpq.search` picks a policy from it with the
+    same ILP and budget (use `alpha=1.0`: weight and activation terms are in the same unit, loss increase).
+
     The model runs in full precision and eval mode (quantizers off, BatchNorm on running statistics). For
     `batches` batches of `data` ((inputs, targets) pairs) and `probes` Rademacher vectors each, Hutchinson's
     estimator `v^T H v` gives the Hessian trace of the loss with respect to each layer's weight and to the
@@ -95,9 +94,9 @@ def hessian_indicators(
     The model's quantizer switches and training mode are restored afterwards.
     """
     if not isinstance(qmodel, QuantModel):
-        raise PolicyError(f"hessian_indicators: expected a QuantModel (from fxmpq.prepare), found {type(qmodel).__name__}")
+        raise ArgumentError(f"hessian_indicators: expected a QuantModel (from fxmpq.prepare), found {type(qmodel).__name__}")
     if batches < 1 or probes < 1:
-        raise DataError(f"hessian_indicators: batches and probes must be >= 1, found {batches}, {probes}")
+        raise ArgumentError(f"hessian_indicators: batches and probes must be >= 1, found {batches}, {probes}")
     names = qmodel.searchable_names
     loss_fn = loss_fn or F.cross_entropy
     dev = torch.device(device) if device is not None else next(qmodel.parameters()).device
@@ -119,11 +118,8 @@ def hessian_indicators(
         for i, batch in enumerate(data):
             if seen >= batches:
                 break
-            if not (isinstance(batch, list | tuple) and len(batch) == 2):
-                raise DataError(f"hessian_indicators: batch {i} must be an (inputs, targets) pair, "
-                                f"found {type(batch).__name__}")
-            x, y = batch
-            inputs = tuple(t.to(dev) for t in (x if isinstance(x, list | tuple) else (x,)))
+            x, y = split_batch(batch, i, qmodel.example_shapes, what="hessian_indicators")
+            inputs = tuple(t.to(dev) for t in x)
             loss = loss_fn(qmodel(*inputs), y.to(dev))
             keys = list(taps)
             tensors = [taps[k].tensor for k in keys]

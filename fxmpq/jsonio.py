@@ -1,14 +1,12 @@
-"""Reading and writing the JSON artefacts (indicators, policies, search results): reads name the source on error,
-writes are atomic so that an interrupted run never leaves a half-written artefact for a resume to trip on."""
+"""JSON artefacts (indicators, policies, search results): read errors name the source, writes are atomic."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
 from .errors import FxmpqError
 
 __all__ = ["dump_json", "read_json"]
@@ -30,16 +28,8 @@ def read_json(source: str | Path, error: type[FxmpqError], what: str) -> tuple[A
 
 
 def dump_json(obj: Any, path: str | Path | None = None) -> str:
-    """`obj` as indented JSON text; also written to `path` when given, atomically (temp file + rename)."""
+    """`obj` as indented JSON text; also written to `path` when given, atomically (fxmpq.atomic)."""
     text = json.dumps(obj, indent=1)
     if path is not None:
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, text + "\n")
     return text

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .analysis import Analysis
+from .batches import check_data, split_batch
 from .budget import Budget
 from .errors import DataError, FxmpqError
 from .export import LowerReport, lower
@@ -94,8 +95,8 @@ def accuracy(model: nn.Module, data: Any, *, device: str | torch.device | None =
         for i, batch in enumerate(data):
             if max_batches is not None and i >= max_batches:
                 break
-            x, y = _split(batch, i)
-            out = model(x.to(dev))
+            inputs, y = split_batch(batch, i, class_targets=True)
+            out = model(*(x.to(dev) for x in inputs))
             correct += int((out.argmax(-1).cpu() == y).sum())
             total += int(y.numel())
     finally:
@@ -108,45 +109,6 @@ def accuracy(model: nn.Module, data: Any, *, device: str | torch.device | None =
 def _model_device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def _split(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (isinstance(batch, list | tuple) and len(batch) == 2 and isinstance(batch[0], torch.Tensor)
-            and isinstance(batch[1], torch.Tensor)):
-        raise DataError(f"batch {index}: expected an (inputs, targets) pair of tensors, found "
-                        f"{type(batch).__name__}")
-    return batch[0], batch[1]
-
-
-def _check_data(model: nn.Module, data: Any, example: tuple[Any, ...], what: str) -> None:
-    """Fail fast: the first batch must be (inputs, targets) shaped like the example and run through the model."""
-    try:
-        batch = next(iter(data))
-    except StopIteration:
-        raise DataError(f"{what} yielded no batches") from None
-    except TypeError:
-        raise DataError(f"{what} must be an iterable of (inputs, targets) batches, found {type(data).__name__}") from None
-    x, y = _split(batch, 0)
-    ex = example[0]
-    if tuple(x.shape[1:]) != tuple(ex.shape[1:]):
-        raise DataError(f"{what}: batch 0 has inputs of shape {tuple(x.shape)}, expected [N, "
-                        f"{', '.join(map(str, ex.shape[1:]))}] like example_inputs {tuple(ex.shape)}")
-    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype not in (torch.int64, torch.int32):
-        raise DataError(f"{what}: batch 0 targets must be class indices of shape [{x.shape[0]}] (int64), found "
-                        f"{tuple(y.shape)} {y.dtype}")
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x[:2].to(_model_device(model)))
-    except Exception as e:
-        raise DataError(f"{what}: the model fails on batch 0 ({type(e).__name__}: {e})") from e
-    finally:
-        model.train(was)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or int(y.max()) >= out.shape[1] or int(y.min()) < 0:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise DataError(f"{what}: targets range over [{int(y.min())}, {int(y.max())}] but the model outputs {shape}; "
-                        "expected logits [N, classes] with 0 <= target < classes")
 
 
 def _check_budget(qmodel: QuantModel, budget: Budget, alpha: float) -> None:
@@ -212,11 +174,11 @@ def quantize(
         qmodel.to(device)
     budget_limits = budget_obj.resolve(qmodel.analysis)
     _check_budget(qmodel, budget_obj, alpha)
-    _check_data(model, data, example, "data")
+    check_data(model, data, example, "data")
     if indicator_data is not None:
-        _check_data(model, indicator_data, example, "indicator_data")
+        check_data(model, indicator_data, example, "indicator_data")
     if val_data is not None:
-        _check_data(model, val_data, example, "val_data")
+        check_data(model, val_data, example, "val_data")
     fp32_acc = accuracy(model, val_data, device=device) if val_data is not None else None
     log.info("budget %s resolved to %s", budget, budget_limits)
 

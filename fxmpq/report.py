@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,7 +12,6 @@ if TYPE_CHECKING:
     from .policy import Policy
     from .search import ParetoResult
 
-log = logging.getLogger(__name__)
 
 __all__ = ["plot_bits", "plot_indicators", "plot_pareto"]
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import math
 import os
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,18 +22,26 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
+from .batches import split_batch
 from .checkpoint import join_state, load_checkpoint, save_checkpoint, split_state
-from .errors import CheckpointError, DataError, PolicyError
+from .errors import ArgumentError, CheckpointError, DataError, PolicyError
 from .indicators import Indicators
 from .policy import Policy
 from .quant_model import QuantModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainStats", "finetune", "indicators_from_model", "random_policy", "train_indicators"]
+__all__ = ["Stage", "TrainStats", "finetune", "indicators_from_model", "random_policy", "train_indicators"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+
+
+class Stage(enum.StrEnum):
+    """Which training wrote a checkpoint (its meta "kind" holds the value): joint indicator training or fine-tuning."""
+
+    INDICATORS = "indicators"
+    FINETUNE = "finetune"
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,11 @@ def random_policy(qmodel: QuantModel, rng: random.Random) -> Policy:
         raise PolicyError(f"hardware {qmodel.analysis.hardware.name!r} runs no (w, a) pair within the "
                           f"candidate bits {qmodel.bits}")
     return Policy({n: rng.choice(pairs) for n in qmodel.searchable_names})
+
+
+def _expect_quant_model(qmodel: Any, where: str) -> None:
+    if not isinstance(qmodel, QuantModel):
+        raise ArgumentError(f"{where}: expected a QuantModel (from fxmpq.prepare), found {type(qmodel).__name__}")
 
 
 # ------------------------------------------------------------------------------------------- DDP helpers
@@ -109,38 +123,6 @@ def _loader(data: Any, *, batch_size: int, seed: int) -> Iterable[Any]:
         raise DataError(f"data must be an iterable of (inputs, targets) batches or a Dataset, "
                         f"found {type(data).__name__}")
     return data
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"Tensor{tuple(x.shape)} {x.dtype}"
-    return type(x).__name__
-
-
-def _check_batch(batch: Any, shapes: Sequence[tuple[int, ...]], index: int) -> tuple[tuple[torch.Tensor, ...], Any]:
-    """Split a batch into (inputs tuple, targets); DataError naming expected and found shapes otherwise."""
-    expected = ", ".join(f"[N, {', '.join(map(str, s[1:]))}]" for s in shapes) or "tensors"
-    if not (isinstance(batch, list | tuple) and len(batch) == 2):
-        raise DataError(f"batch {index}: expected an (inputs, targets) pair with inputs {expected}, "
-                        f"found {type(batch).__name__}"
-                        + (f" of length {len(batch)}" if isinstance(batch, list | tuple) else ""))
-    inputs, targets = batch
-    inputs = tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)
-    found = ", ".join(_describe(x) for x in inputs)
-    if shapes and len(inputs) != len(shapes):
-        raise DataError(f"batch {index}: expected {len(shapes)} input tensor(s) {expected}, found {found}")
-    for x, s in zip(inputs, shapes or [None] * len(inputs)):
-        if not isinstance(x, torch.Tensor):
-            raise DataError(f"batch {index}: inputs must be tensors {expected}, found {found}")
-        if s is not None and (x.dim() != len(s) or tuple(x.shape[1:]) != tuple(s[1:])):
-            raise DataError(f"batch {index}: inputs must have shape {expected} (as the example inputs), "
-                            f"found {found}")
-        if s is not None and not x.is_floating_point():
-            raise DataError(f"batch {index}: inputs must be floating point, found {found}")
-    if isinstance(targets, torch.Tensor) and targets.dim() >= 1 and inputs and targets.shape[0] != inputs[0].shape[0]:
-        raise DataError(f"batch {index}: targets have batch size {targets.shape[0]} but inputs "
-                        f"{inputs[0].shape[0]} (targets {_describe(targets)}, inputs {found})")
-    return inputs, targets
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -219,7 +201,7 @@ def _run(
     qmodel: QuantModel,
     data: Any,
     *,
-    kind: str,
+    stage: Stage,
     step_fn: StepFn,
     epochs: int,
     lr: float,
@@ -239,10 +221,9 @@ def _run(
     clip_grad_norm: float | None = None,
 ) -> TrainStats:
     """The one training loop: data checks, device, DDP, epochs, optimizer steps, progress, checkpoints, resume."""
-    if not isinstance(qmodel, QuantModel):
-        raise PolicyError(f"{kind}: expected a QuantModel (from fxmpq.prepare), found {type(qmodel).__name__}")
+    _expect_quant_model(qmodel, stage)
     if epochs < 0 or (max_steps is not None and max_steps < 0):
-        raise DataError(f"{kind}: epochs and max_steps must be >= 0, found epochs={epochs}, max_steps={max_steps}")
+        raise ArgumentError(f"{stage}: epochs and max_steps must be >= 0, found epochs={epochs}, max_steps={max_steps}")
     dev = _pick_device(qmodel, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -253,14 +234,14 @@ def _run(
         resume_path = Path(checkpoint) if resume is True else Path(resume)
         if resume is True and (checkpoint is None or not resume_path.exists()):
             if checkpoint is None:
-                raise CheckpointError(f"{kind}: resume=True needs checkpoint= (the file to resume from)")
-            log.info("%s: no checkpoint at %s yet, starting from scratch", kind, resume_path)
+                raise CheckpointError(f"{stage}: resume=True needs checkpoint= (the file to resume from)")
+            log.info("%s: no checkpoint at %s yet, starting from scratch", stage, resume_path)
             resume_path = None
     py_state, np_state = random.getstate(), np.random.get_state()
     fork_devices = [dev] if dev.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=fork_devices):
-            return _loop(qmodel, loader, kind=kind, step_fn=step_fn, epochs=epochs, lr=lr, step_lr=step_lr,
+            return _loop(qmodel, loader, stage=stage, step_fn=step_fn, epochs=epochs, lr=lr, step_lr=step_lr,
                          weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed, dev=dev,
                          checkpoint=checkpoint, resume_path=resume_path, max_steps=max_steps, progress=progress,
                          extra_meta=extra_meta, cosine=cosine, clip_grad_norm=clip_grad_norm)
@@ -269,7 +250,7 @@ def _run(
         np.random.set_state(np_state)
 
 
-def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: StepFn, epochs: int, lr: float,
+def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: StepFn, epochs: int, lr: float,
           step_lr: float | None, weight_decay: float, optimizer: OptimizerFactory | None, loss_fn: LossFn | None,
           seed: int, dev: torch.device, checkpoint: str | Path | None, resume_path: Path | None,
           max_steps: int | None, progress: bool, extra_meta: Mapping[str, Any], cosine: bool = False,
@@ -283,7 +264,7 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
     opt = optimizer(groups) if optimizer is not None else torch.optim.SGD(groups, lr=lr, momentum=0.9)
     start_epoch, step = 0, 0
     if resume_path is not None:
-        start_epoch, step = _restore(resume_path, qmodel, opt, kind=kind, dev=dev)
+        start_epoch, step = _restore(resume_path, qmodel, opt, stage=stage, dev=dev)
     net: nn.Module = qmodel
     if _dist_on() and _world_size() > 1:
         net = DistributedDataParallel(qmodel, device_ids=[dev.index] if dev.type == "cuda" else None,
@@ -302,22 +283,22 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         total = len(loader) if hasattr(loader, "__len__") else None
-        bar = tqdm(loader, total=total, desc=f"{kind} {epoch + 1}/{epochs}", leave=True,
+        bar = tqdm(loader, total=total, desc=f"{stage} {epoch + 1}/{epochs}", leave=True,
                    disable=not progress or _rank() != 0, dynamic_ncols=True)
         sums: dict[str, float] = {}
         n = 0
         stopped = False
         for i, batch in enumerate(bar):
-            inputs, targets = _check_batch(batch, shapes, i)
+            inputs, targets = split_batch(batch, i, shapes)
             inputs, targets = _to(inputs, dev), _to(targets, dev)
             ctx.step = step
             opt.zero_grad(set_to_none=True)
             losses = step_fn(ctx, inputs, targets)
             bad = [k for k, v in losses.items() if not math.isfinite(v)]
             if bad:
-                raise DataError(f"{kind}: loss became non-finite at step {step} (epoch {epoch + 1}, batch {i}) "
+                raise DataError(f"{stage}: loss became non-finite at step {step} (epoch {epoch + 1}, batch {i}) "
                                 f"for {', '.join(bad)}; lower lr (now {lr}) or check the data")
-            _check_gradients(qmodel, params, clip_grad_norm, kind=kind, step=step, lr=lr)
+            _check_gradients(qmodel, params, clip_grad_norm, stage=stage, step=step, lr=lr)
             if total_steps:
                 _set_cosine_lr(opt, step, total_steps)
             opt.step()
@@ -334,14 +315,14 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
             bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items()}, refresh=True)
         bar.close()
         if n == 0:
-            raise DataError(f"{kind}: the data yielded no batch in epoch {epoch + 1}")
+            raise DataError(f"{stage}: the data yielded no batch in epoch {epoch + 1}")
         epoch_losses = {k: v / n for k, v in sums.items()}
-        log.info("%s epoch %d/%d: %d steps, mean losses %s", kind, epoch + 1, epochs, n,
+        log.info("%s epoch %d/%d: %d steps, mean losses %s", stage, epoch + 1, epochs, n,
                  ", ".join(f"{k}={v:.4f}" for k, v in epoch_losses.items()))
         if not stopped:
             done = epoch + 1
         if checkpoint is not None:
-            _save(Path(checkpoint), qmodel, opt, kind=kind, epoch=done, step=step, epochs=epochs, seed=seed,
+            _save(Path(checkpoint), qmodel, opt, stage=stage, epoch=done, step=step, epochs=epochs, seed=seed,
                   dev=dev, extra_meta=extra_meta)
         if stopped:
             break
@@ -349,7 +330,7 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, kind: str, step_fn: Step
                       checkpoint=str(checkpoint) if checkpoint is not None else None)
 
 
-def _check_gradients(qmodel: QuantModel, params: list[torch.Tensor], clip: float | None, *, kind: str, step: int,
+def _check_gradients(qmodel: QuantModel, params: list[torch.Tensor], clip: float | None, *, stage: Stage, step: int,
                      lr: float) -> None:
     """Clip the gradients' total norm to `clip` (when given); DataError naming the parameters whose gradient is
     not finite, before the optimizer step spreads it into the model."""
@@ -368,7 +349,7 @@ def _check_gradients(qmodel: QuantModel, params: list[torch.Tensor], clip: float
     if not bool(torch.isfinite(total)):
         names = {id(p): n for n, p in qmodel.named_parameters()}
         bad = [names.get(id(p), "?") for p in with_grad if not bool(torch.isfinite(p.grad).all())]
-        raise DataError(f"{kind}: gradients became non-finite at step {step} in {len(bad)} parameter(s) "
+        raise DataError(f"{stage}: gradients became non-finite at step {step} in {len(bad)} parameter(s) "
                         f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); lower lr (now {lr}), set "
                         f"clip_grad_norm, or use larger batches (BatchNorm on tiny batches explodes)")
 
@@ -404,26 +385,26 @@ def _meta(qmodel: QuantModel, extra: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _save(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, kind: str, epoch: int, step: int,
+def _save(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, stage: Stage, epoch: int, step: int,
           epochs: int, seed: int, dev: torch.device, extra_meta: Mapping[str, Any]) -> None:
     if _rank() == 0:
         model_t, model_s = split_state(qmodel.state_dict(), "model")
         opt_t, opt_s = split_state(opt.state_dict(), "optim")
         rng_t, rng_m = _rng_state(dev)
-        meta = {"kind": kind, "epoch": epoch, "step": step, "epochs": epochs, "seed": seed,
+        meta = {"kind": stage.value, "epoch": epoch, "step": step, "epochs": epochs, "seed": seed,
                 "world_size": _world_size(), **_meta(qmodel, extra_meta),
                 "model_state": model_s, "optim_state": opt_s, "rng": rng_m}
         save_checkpoint(path, {**model_t, **opt_t, **rng_t}, meta)
-        log.info("%s: checkpoint %s (epoch %d, step %d)", kind, path, epoch, step)
+        log.info("%s: checkpoint %s (epoch %d, step %d)", stage, path, epoch, step)
     if _dist_on():
         dist.barrier()
 
 
-def _restore(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, kind: str,
+def _restore(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, stage: Stage,
              dev: torch.device) -> tuple[int, int]:
     tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != kind:
-        raise CheckpointError(f"{path}: written by {meta.get('kind')!r} training, cannot resume {kind!r} from it")
+    if meta.get("kind") != stage.value:
+        raise CheckpointError(f"{path}: written by {meta.get('kind')!r} training, cannot resume {stage.value!r} from it")
     if list(meta.get("bits", [])) != list(qmodel.bits):
         raise CheckpointError(f"{path}: candidate bits {meta.get('bits')} differ from the model's {list(qmodel.bits)}")
     try:
@@ -439,7 +420,7 @@ def _restore(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, kind
     qmodel.to(dev)
     if meta.get("policy") is not None:
         qmodel.set_policy({n: tuple(p) for n, p in meta["policy"].items()})
-    log.info("%s: resumed from %s at epoch %d, step %d", kind, path, epoch, step)
+    log.info("%s: resumed from %s at epoch %d, step %d", stage, path, epoch, step)
     return epoch, step
 
 
@@ -524,9 +505,10 @@ def train_indicators(
     raises DataError naming the parameters (so a diverging run stops before it corrupts the model). The quantizers are left
     switched as they were before the call.
     """
+    _expect_quant_model(qmodel, "train_indicators")
     before = qmodel.policy
     try:
-        _run(qmodel, data, kind="indicators", step_fn=_joint_step(distill), epochs=epochs, lr=lr,
+        _run(qmodel, data, stage=Stage.INDICATORS, step_fn=_joint_step(distill), epochs=epochs, lr=lr,
              step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
              device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
              batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {}),
@@ -573,6 +555,7 @@ def finetune(
     With `cosine`, the learning rate decays from `lr` to 0 along a half cosine over the run's steps. Other arguments as in
     `train_indicators`.
     """
+    _expect_quant_model(qmodel, "finetune")
     if qmodel.policy is None:
         raise PolicyError("finetune: quantization is off; call qmodel.set_policy(policy) (or set_uniform) first")
     teacher = None
@@ -581,7 +564,7 @@ def finetune(
         teacher.eval()
         dev = _pick_device(qmodel, device)
         teacher.to(dev)
-    return _run(qmodel, data, kind="finetune", step_fn=_plain_step(teacher), epochs=epochs, lr=lr,
+    return _run(qmodel, data, stage=Stage.FINETUNE, step_fn=_plain_step(teacher), epochs=epochs, lr=lr,
                 step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
                 device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
                 batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {})},

@@ -73,7 +73,7 @@ def test_functional_layers_and_bad_input() -> None:
     assert set(ind.layers) == set(q.searchable_names)
     with pytest.raises(fxmpq.DataError, match="yielded no batch"):
         hessian_indicators(q, [], batches=1)
-    with pytest.raises(fxmpq.DataError, match=r"batch 0 must be an \(inputs, targets\) pair"):
+    with pytest.raises(fxmpq.DataError, match=r"hessian_indicators: batch 0: expected an \(inputs, targets\) pair"):
         hessian_indicators(q, [torch.randn(2, 3, 8, 8)])
-    with pytest.raises(fxmpq.PolicyError, match="expected a QuantModel"):
+    with pytest.raises(fxmpq.ArgumentError, match="expected a QuantModel"):
         hessian_indicators(FunctionalNet(), [])

@@ -72,6 +72,22 @@ def test_foreign_checkpoint_one_line_error(tmp_path):
     assert len(lines) == 1 and "not an fxmpq checkpoint" in lines[0]
 
 
+def test_indicator_training_checkpoint_is_refused(tmp_path):
+    import fxmpq
+
+    q = prepare(PlainCNN().eval(), torch.randn(4, 3, 16, 16), bits=BITS)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)))
+    ckpt = tmp_path / "indicators.ckpt"
+    fxmpq.train_indicators(q, data, epochs=1, checkpoint=ckpt, progress=False, batch_size=8,
+                           model_factory="models:PlainCNN")
+    r = _run(str(ckpt), "--out", str(tmp_path / "m.onnx"))
+    assert r.returncode == 2  # before: the last random policy of joint training was exported, exit 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "indicators.ckpt: an indicator-training checkpoint" in lines[0], r.stderr
+    assert "lower the fine-tuning checkpoint instead" in lines[0] and "finetune.pt" in lines[0]
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_wrong_model_is_refused(tmp_path):
     ckpt = _checkpoint(tmp_path / "ckpt.pt")
     r = _run(str(ckpt), "--out", str(tmp_path / "m.onnx"), "--model", "models:ResidualNet")

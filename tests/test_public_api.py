@@ -7,8 +7,9 @@ import inspect
 import fxmpq
 
 EXPECTED = {
-    "Analysis", "Budget", "CheckpointError", "DataError", "ExportError", "FxmpqError", "HardwareSpec",
-    "HardwareSpecError", "IndicatorError", "Indicators", "InfeasibleBudget", "LayerKind", "LayerRecord", "LowerReport", "ModelSpecError",
+    "Analysis", "ArgumentError", "Budget", "CheckpointError", "DataError", "ExportError", "FxmpqError", "HardwareSpec",
+    "HardwareSpecError", "IndicatorError", "Indicators", "InfeasibleBudget", "LayerKind", "LayerRecord", "LowerReport",
+    "ModelSpecError",
     "ParetoResult", "PassError", "Pins", "Policy", "PolicyError", "QuantModel", "QuantizedModel", "SearchResult",
     "TraceError", "TrainStats", "__version__", "accuracy", "analyze", "apply_policy", "builtin_hardware",
     "finetune", "hessian_indicators", "indicators_from_model", "load_hardware", "lower", "models", "pareto", "prepare", "quantize",

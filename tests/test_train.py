@@ -8,7 +8,7 @@ from _quant_models import TinyNet, random_batches
 
 import fxmpq
 from fxmpq.checkpoint import load_checkpoint, save_checkpoint
-from fxmpq.errors import CheckpointError, DataError, PolicyError
+from fxmpq.errors import ArgumentError, CheckpointError, DataError, PolicyError
 from fxmpq.indicators import Indicators
 
 BITS = (2, 3, 4)
@@ -73,7 +73,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path) -> None:
     with pytest.raises(_Killed):  # dies at the 2nd step of epoch 2 (3 steps per epoch)
         fxmpq.train_indicators(_prepare(), loader, epochs=2, checkpoint=ck, progress=False,
                                loss_fn=_ce_killed_at(5))
-    assert load_checkpoint(ck)[1]["epoch"] == 1
+    meta = load_checkpoint(ck)[1]
+    assert meta["epoch"] == 1 and meta["kind"] == "indicators" and type(meta["kind"]) is str  # the enum's value
     q = _prepare()
     out = fxmpq.train_indicators(q, loader, epochs=2, checkpoint=ck, resume=True, progress=False)
     assert out == ref
@@ -90,6 +91,14 @@ def test_wrong_batches_raise_data_error() -> None:
         fxmpq.train_indicators(q, [torch.randn(4, 3, 8, 8)], progress=False)
     with pytest.raises(DataError, match="targets have batch size 3"):
         fxmpq.train_indicators(q, [(torch.randn(4, 3, 8, 8), torch.zeros(3, dtype=torch.long))], progress=False)
+
+
+def test_wrong_arguments_raise_argument_error() -> None:
+    for train in (fxmpq.train_indicators, fxmpq.finetune):
+        with pytest.raises(ArgumentError, match=r"expected a QuantModel \(from fxmpq.prepare\), found TinyNet"):
+            train(TinyNet(), random_batches(1), progress=False)
+    with pytest.raises(ArgumentError, match="epochs and max_steps must be >= 0"):
+        fxmpq.train_indicators(_prepare(), random_batches(1), epochs=-1, progress=False)
 
 
 def test_finetune_at_policy_and_checkpoint_metadata(tmp_path) -> None:

@@ -15,8 +15,7 @@ from torch import nn
 import fxmpq
 import fxmpq.models
 from fxmpq import FxmpqError, Pins, Policy
-
-log = logging.getLogger(__name__)
+from fxmpq.cli import parse_shape
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -28,12 +27,7 @@ class BadInput(Exception):
 
 def parse_input_size(text: str) -> tuple[int, ...]:
     """"3x224x224" -> (1, 3, 224, 224): the per-sample shape, with a batch of one prepended."""
-    if not re.fullmatch(r"[0-9]+(x[0-9]+)*", text.strip().lower()):
-        raise BadInput(f"--input {text!r}: expected the per-sample shape as CxHxW (e.g. 3x224x224) or CxL (e.g. 4x32)")
-    dims = tuple(int(d) for d in text.strip().lower().split("x"))
-    if any(d <= 0 for d in dims):
-        raise BadInput(f"--input {text!r}: every dimension must be positive")
-    return (1, *dims)
+    return (1, *parse_shape(text))
 
 
 def parse_uniform(text: str) -> tuple[int, int]:

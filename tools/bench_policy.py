@@ -34,11 +34,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from common import train_fp32
 
 import fxmpq
+from fxmpq.baselines import inverted_indicators, random_indicators
 from fxmpq.datasets import ImageData, load_fashion_mnist, load_small
 from fxmpq.hessian import hessian_indicators
 from fxmpq.models import build_model
@@ -68,32 +68,6 @@ class Recipe:
 
 SMOKE = Recipe(fp32_epochs=1, indicator_samples=256, hessian_batches=1, hessian_probes=1, finetune_samples=256,
                test_samples=256, max_steps=2, fp32_limit=512)
-
-
-# ---------------------------------------------------------------------------------------------- indicators
-def random_indicators(layers: tuple[str, ...], bits: tuple[int, ...], seed: int) -> fxmpq.Indicators:
-    """Random indicators: each layer a random log-normal scale (weights and activations apart) times 2^-b. The
-    ILP then returns a random policy that uses the budget, rather than a random policy far below it."""
-    rng = np.random.default_rng(seed)
-
-    def table() -> dict[str, dict[int, float]]:
-        scales = np.exp(rng.normal(0.0, 1.0, size=len(layers)))
-        return {n: {b: float(c) * 2.0 ** -b for b in bits} for n, c in zip(layers, scales)}
-
-    return fxmpq.Indicators(layers=layers, bits=bits, weight=table(), act=table(), meta={"source": f"random seed {seed}"})
-
-
-def inverted_indicators(ind: fxmpq.Indicators) -> fxmpq.Indicators:
-    """The layers' order of sensitivity reversed: rank layers by their indicator at the lowest bit and give the
-    layer of rank r the whole row (every bit) of the layer of rank n-1-r; weights and activations separately."""
-    low = min(ind.bits)
-
-    def flip(table: Any) -> dict[str, dict[int, float]]:
-        order = sorted(table, key=lambda n: table[n][low], reverse=True)
-        return {n: dict(table[m]) for n, m in zip(order, reversed(order))}
-
-    return fxmpq.Indicators(layers=ind.layers, bits=ind.bits, weight=flip(ind.weight), act=flip(ind.act),
-                            meta={"source": "inverted"})
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning jobs

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 
 import fxmpq
 
-FIXTURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "limpq_resnet50_indicators.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "limpq_resnet50_indicators.json"
 
 
 class Tiled(nn.Module):
@@ -45,7 +46,7 @@ class Tiled(nn.Module):
         return out
 
 
-def instance(k: int, base: fxmpq.Indicators, seed: int = 0):
+def instance(k: int, base: fxmpq.Indicators, seed: int = 0) -> tuple[fxmpq.Analysis, fxmpq.Indicators]:
     """(analysis, indicators) of the k-fold tiled resnet50 (k=1: plain torchvision resnet50)."""
     x = torch.randn(1, 3, 224, 224)
     if k == 1:
@@ -65,7 +66,7 @@ def instance(k: int, base: fxmpq.Indicators, seed: int = 0):
     return analysis, fxmpq.Indicators(layers=tuple(layers), bits=base.bits, weight=weight, act=act)
 
 
-def cbc(prob, limits: dict[str, float], time_limit: float) -> dict:
+def cbc(prob: Any, limits: dict[str, float], time_limit: float) -> dict:
     """The same formulation (binary per layer x pair, one per layer, budget rows) built and solved by PuLP/CBC."""
     import pulp
 

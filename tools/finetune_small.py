@@ -24,17 +24,6 @@ from fxmpq.datasets import load_small
 from fxmpq.models import small
 
 
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    was = model.training
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), 1000):
-            correct += int((model(x[i: i + 1000]).argmax(1) == y[i: i + 1000]).sum())
-    model.train(was)
-    return correct / len(x)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="small_resnet", choices=["small_resnet", "small_mobilenet"])
@@ -47,6 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     data = load_small()
+    test = data.loader("test", 1000)
     xtr, ytr = data.train_x[: args.train], data.train_y[: args.train]
     print(f"data {data.name}: {len(xtr)} train / {len(data.test_x)} test images {tuple(xtr.shape[1:])}")
     factory = getattr(small, args.model)
@@ -59,7 +49,7 @@ def main() -> None:
             opt.zero_grad()
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
-    acc_fp32 = accuracy(model, data.test_x, data.test_y)
+    acc_fp32 = fxmpq.accuracy(model, test)
     print(f"FP32 accuracy {100 * acc_fp32:.2f} % ({args.fp32_epochs} epochs, {time.time() - t:.0f} s)")
 
     ex = xtr[:2]
@@ -76,14 +66,14 @@ def main() -> None:
     full = q.policy
     print(f"policy: {len(names)} searchable layers, mean W{sum(ws) / len(ws):.2f} A{sum(as_) / len(as_):.2f} "
           f"(pinned layers at their pins): " + ", ".join(f"{n} W{w}A{a}" for n, (w, a) in full.items()))
-    acc_before = accuracy(q, data.test_x, data.test_y)
+    acc_before = fxmpq.accuracy(q, test)
     print(f"quantized before fine-tuning {100 * acc_before:.2f} %")
     args.out.mkdir(parents=True, exist_ok=True)
     t = time.time()
     fxmpq.finetune(q, TensorDataset(xtr, ytr), epochs=args.epochs, lr=args.lr, batch_size=64,
                    checkpoint=args.out / "finetune.pt", model_factory=f"fxmpq.models.small:{args.model}",
                    progress=False)
-    acc_after = accuracy(q, data.test_x, data.test_y)
+    acc_after = fxmpq.accuracy(q, test)
     print(f"quantized after {args.epochs} fine-tuning epochs {100 * acc_after:.2f} % ({time.time() - t:.0f} s)")
     rep = fxmpq.lower(q, args.out / "model.onnx", ex, inputs=data.test_x[:512])
     print(rep.table())

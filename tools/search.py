@@ -1,6 +1,6 @@
 """Search the optimal bit-width policy: indicators JSON + model + hardware + budget -> policy JSON and a table.
 
-    .venv/bin/python tools/search.py --indicators ../shared/fixtures/limpq_resnet50_indicators.json \
+    .venv/bin/python tools/search.py --indicators tests/data/limpq_resnet50_indicators.json \
         --model resnet50 --input 3x224x224 --hardware bitops --budget "w3a4&c12.2" --out policy.json --plot bits.png
 
 `--model` is a torchvision model name, a fxmpq.models name or `package.module:factory` (called with --model-kwargs).
@@ -15,39 +15,9 @@ import sys
 from pathlib import Path
 
 import fxmpq
+from fxmpq.cli import parse_shape
 from fxmpq.models import build_model, parse_model_kwargs
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.lower().split("x"))
-    except ValueError:
-        raise fxmpq.FxmpqError(f"--input {text!r}: expected dimensions like 3x224x224") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise fxmpq.FxmpqError(f"--input {text!r}: dimensions must be positive")
-    return dims
-
-
-def _plot(result: fxmpq.SearchResult, analysis: fxmpq.Analysis, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = analysis.names
-    w = [result.policy[n][0] for n in names]
-    a = [result.policy[n][1] for n in names]
-    x = range(len(names))
-    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.25), 4))
-    ax.bar([i - 0.2 for i in x], w, width=0.4, label="weight bits")
-    ax.bar([i + 0.2 for i in x], a, width=0.4, label="activation bits")
-    ax.set_xticks(list(x))
-    ax.set_xticklabels(names, rotation=90, fontsize=6)
-    ax.set_ylabel("bits")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+from fxmpq.report import plot_bits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         ind = fxmpq.Indicators.from_json(Path(args.indicators))
         budget = fxmpq.Budget.parse(args.budget)
         hw = fxmpq.load_hardware(args.hardware)
-        analysis = fxmpq.analyze(build_model(args.model, kwargs), torch.randn(1, *_shape(args.input)), hardware=hw)
+        analysis = fxmpq.analyze(build_model(args.model, kwargs), torch.randn(1, *parse_shape(args.input)), hardware=hw)
         res = fxmpq.search(analysis, ind, budget, args.alpha, weight_only=args.weight_only, clean=args.clean)
         print(res.table(analysis, ind))
         w, a = res.policy.average_bits(analysis)
@@ -80,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             res.policy.to_json(args.out)
             print(f"policy written to {args.out}")
         if args.plot:
-            _plot(res, analysis, args.plot)
+            plot_bits(res.policy, analysis, args.plot)
             print(f"bar chart written to {args.plot}")
     except fxmpq.FxmpqError as e:
         print(f"error: {e}", file=sys.stderr)

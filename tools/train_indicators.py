@@ -24,11 +24,10 @@ import torch
 import torch.distributed as dist
 
 import fxmpq
+from fxmpq.cli import parse_shape
 from fxmpq.datasets import load_digits, load_fashion_mnist, load_small
 from fxmpq.errors import DataError, ModelSpecError
 from fxmpq.models import build_model, parse_model_kwargs, resolve_factory
-
-log = logging.getLogger("fxmpq.tools.train_indicators")
 
 
 def load_dataset(spec: str, limit: int | None) -> tuple[torch.utils.data.Dataset, tuple[int, ...] | None]:
@@ -55,17 +54,6 @@ def parse_bits(text: str) -> tuple[int, ...]:
     except ValueError:
         raise fxmpq.FxmpqError(f"--bits {text!r}: expected comma-separated integers such as 2,3,4,5,6") from None
     return bits
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """"3x32x32" -> (3, 32, 32)."""
-    try:
-        dims = tuple(int(d) for d in text.lower().split("x"))
-    except ValueError:
-        raise fxmpq.FxmpqError(f"--input {text!r}: expected the per-sample shape such as 3x32x32") from None
-    if any(d <= 0 for d in dims):
-        raise fxmpq.FxmpqError(f"--input {text!r}: dimensions must be positive")
-    return dims
 
 
 def _init_distributed() -> torch.device | None:

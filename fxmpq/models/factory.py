@@ -5,15 +5,12 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
 from ..errors import ModelSpecError
-
-log = logging.getLogger(__name__)
 
 __all__ = ["build_model", "parse_model_kwargs", "resolve_factory"]
 

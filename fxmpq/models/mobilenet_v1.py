@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-
 from torch import Tensor, nn
-
-log = logging.getLogger(__name__)
 
 __all__ = ["MobileNetV1", "mobilenet_v1"]
 
