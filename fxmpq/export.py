@@ -6,7 +6,6 @@ import copy
 import json
 import logging
 import math
-import os
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .atomic import atomic_paths
 from .errors import ExportError
 from .graph import as_input_tuple
 from .passes import run_passes
@@ -140,33 +140,15 @@ def _export(module: nn.Module, inputs: tuple[Any, ...], table: dict[Any, Any] | 
 
 
 def _write_atomic(model: Any, path: Path) -> None:
-    """Write `model` to `path` via a temp file and rename; external data beside it when over 2 GB."""
+    """Write `model` to `path` atomically (fxmpq.atomic); external data beside it, `<name>.data`, over 2 GB."""
     import onnx
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    big = model.ByteSize() > _TWO_GB
-    data_name = f"{path.name}.data"
-    try:
-        if big:
-            tmp_data = Path(tmp).parent / f"{Path(tmp).name}.data"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name)
-            # the model refers to tmp_data's name: rewrite to the final name and save again
-            m2 = onnx.load(tmp, load_external_data=False)
-            for t in m2.graph.initializer:
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            onnx.save_model(m2, tmp)
-            os.replace(tmp_data, path.parent / data_name)
+    data = path.with_name(f"{path.name}.data")
+    with atomic_paths(path, data) as (tmp, _):
+        if model.ByteSize() > _TWO_GB:
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
         else:
             onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_fp32(model: nn.Module, path: str | Path, example_inputs: Any) -> Path:

@@ -14,6 +14,7 @@ from torch import nn
 from .batches import split_batch
 from .errors import ArgumentError, DataError, PolicyError
 from .indicators import Indicators
+from .primitives import fake_quantize
 from .quant import LSQQuantizer
 from .quant_model import QuantModel
 
@@ -28,7 +29,7 @@ _SAMPLE = 1 << 18  # elements used to choose an activation step (the error itsel
 @torch.no_grad()
 def quantization_error(v: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """||Q(v) - v||^2 with Q(v) = clamp(round(v / step), qmin, qmax) * step (step broadcastable to v)."""
-    q = torch.clamp(torch.round(v / step), qmin, qmax) * step
+    q = fake_quantize(v, step, qmin, qmax)
     return (q - v).pow(2).sum()
 
 
@@ -48,7 +49,7 @@ def mse_step(v: torch.Tensor, qmin: int, qmax: int, *, channels: bool = False) -
     best = top.clone()
     for frac in torch.linspace(1.0 / _GRID, 1.0, _GRID).tolist():
         s = top * frac
-        err = (torch.clamp(torch.round(rows / s), qmin, qmax) * s - rows).pow(2).sum(dim=1, keepdim=True)
+        err = (fake_quantize(rows, s, qmin, qmax) - rows).pow(2).sum(dim=1, keepdim=True)
         better = err < best_err
         best = torch.where(better, s, best)
         best_err = torch.where(better, err, best_err)
