@@ -8,6 +8,8 @@ from . import models
 from .analysis import Analysis, analyze
 from .budget import Budget
 from .errors import (
+    ArgumentError,
+    BudgetError,
     CheckpointError,
     DataError,
     ExportError,
@@ -39,7 +41,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Analysis",
+    "ArgumentError",
     "Budget",
+    "BudgetError",
     "CheckpointError",
     "DataError",
     "ExportError",
