@@ -26,7 +26,7 @@ from .export import LowerReport, lower
 from .graph import trace
 from .hardware import HardwareSpec, LayerKind, Pins, builtin_hardware, load_hardware
 from .hessian import hessian_indicators
-from .indicators import Indicators
+from .indicators import Cleaning, Indicators
 from .passes.apply_policy import apply_policy
 from .pipeline import QuantizedModel, accuracy, quantize
 from .policy import Policy
@@ -45,6 +45,7 @@ __all__ = [
     "Budget",
     "BudgetError",
     "CheckpointError",
+    "Cleaning",
     "DataError",
     "ExportError",
     "FxmpqError",

@@ -7,7 +7,7 @@ import inspect
 import fxmpq
 
 EXPECTED = {
-    "Analysis", "ArgumentError", "Budget", "BudgetError", "CheckpointError", "DataError", "ExportError", "FxmpqError", "HardwareSpec",
+    "Analysis", "ArgumentError", "Budget", "BudgetError", "CheckpointError", "Cleaning", "DataError", "ExportError", "FxmpqError", "HardwareSpec",
     "HardwareSpecError", "IndicatorError", "Indicators", "InfeasibleBudget", "LayerKind", "LowerReport", "ModelSpecError",
     "ParetoResult", "PassError", "Pins", "Policy", "PolicyError", "QuantModel", "QuantizedModel", "SearchResult",
     "TraceError", "TrainStats", "__version__", "accuracy", "analyze", "apply_policy", "builtin_hardware",
