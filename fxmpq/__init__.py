@@ -32,7 +32,7 @@ from .pipeline import QuantizedModel, accuracy, quantize
 from .policy import Policy
 from .prepare import prepare
 from .quant import QuantModel
-from .search import ParetoResult, SearchResult, pareto, search
+from .search import ParetoResult, SearchResult, SearchStatus, pareto, search
 from .train import TrainStats, finetune, indicators_from_model, train_indicators
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -65,6 +65,7 @@ __all__ = [
     "QuantModel",
     "QuantizedModel",
     "SearchResult",
+    "SearchStatus",
     "TraceError",
     "TrainStats",
     "__version__",

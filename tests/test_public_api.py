@@ -9,7 +9,7 @@ import fxmpq
 EXPECTED = {
     "Analysis", "ArgumentError", "Budget", "BudgetError", "CheckpointError", "Cleaning", "DataError", "ExportError", "FxmpqError", "HardwareSpec",
     "HardwareSpecError", "IndicatorError", "Indicators", "InfeasibleBudget", "LayerKind", "LowerReport", "ModelSpecError",
-    "ParetoResult", "PassError", "Pins", "Policy", "PolicyError", "QuantModel", "QuantizedModel", "SearchResult",
+    "ParetoResult", "PassError", "Pins", "Policy", "PolicyError", "QuantModel", "QuantizedModel", "SearchResult", "SearchStatus",
     "TraceError", "TrainStats", "__version__", "accuracy", "analyze", "apply_policy", "builtin_hardware",
     "finetune", "hessian_indicators", "indicators_from_model", "load_hardware", "lower", "models", "pareto", "prepare", "quantize",
     "search", "trace", "train_indicators",

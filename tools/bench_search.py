@@ -27,6 +27,7 @@ import torchvision
 from torch import nn
 
 import fxmpq
+from fxmpq.problem import Problem
 
 FIXTURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "limpq_resnet50_indicators.json"
 
@@ -108,12 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.resnet18:
         return resnet18_sweep(base, max(5, args.repeats), args.alpha)
     budget = fxmpq.Budget.uniform(3, 4) & fxmpq.Budget.compression(12.2)
-    search_mod = sys.modules["fxmpq.search"]
     rows = []
     for k in (int(s) for s in args.sizes.split(",")):
         analysis, ind = instance(k, base)
         limits = budget.resolve(analysis)
-        prob = search_mod._Problem(analysis, ind, args.alpha, False, "paper")
+        prob = Problem.from_indicators(analysis, ind, args.alpha)
         fx_times, res = [], None
         for _ in range(max(5, args.repeats)):
             t0 = time.perf_counter()
