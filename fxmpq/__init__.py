@@ -9,6 +9,7 @@ from .analysis import Analysis
 from .budget import Budget
 from .errors import (
     ArgumentError,
+    BudgetError,
     CheckpointError,
     DataError,
     ExportError,
@@ -25,12 +26,12 @@ from .export import LowerReport, lower
 from .graph import trace
 from .hardware import HardwareSpec, LayerKind, Pins, builtin_hardware, load_hardware
 from .hessian import hessian_indicators
-from .indicators import Indicators
+from .indicators import Cleaning, Indicators
 from .pipeline import QuantizedModel, accuracy, quantize
 from .policy import Policy
 from .quant_model import QuantModel
 from .record import LayerRecord
-from .search import ParetoResult, SearchResult, pareto, search
+from .search import ParetoResult, SearchResult, SearchStatus, pareto, search
 from .stages import analyze, apply_policy, prepare
 from .train import TrainStats, finetune, indicators_from_model, train_indicators
 
@@ -42,7 +43,9 @@ __all__ = [
     "Analysis",
     "ArgumentError",
     "Budget",
+    "BudgetError",
     "CheckpointError",
+    "Cleaning",
     "DataError",
     "ExportError",
     "FxmpqError",
@@ -63,6 +66,7 @@ __all__ = [
     "QuantModel",
     "QuantizedModel",
     "SearchResult",
+    "SearchStatus",
     "TraceError",
     "TrainStats",
     "__version__",

@@ -13,6 +13,7 @@ from .errors import PolicyError
 from .hardware import HardwareSpec
 from .policy import Policy
 from .record import LayerRecord
+from .tables import render
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,4 @@ def _fmt(x: float) -> str:
 
 
 def _render(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [header, *rows]]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return render(header, rows, left=2)

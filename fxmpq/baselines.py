@@ -1,14 +1,15 @@
-"""Baseline indicators a policy-quality comparison sets the learned ones against: random and inverted."""
+"""Indicators that are not learned on the model: random and inverted baselines, and transplanted real ones."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .errors import IndicatorError
 from .indicators import Indicators
 
-__all__ = ["inverted_indicators", "random_indicators"]
+__all__ = ["inverted_indicators", "random_indicators", "transplanted_indicators"]
 
 
 def random_indicators(layers: tuple[str, ...], bits: tuple[int, ...], seed: int) -> Indicators:
@@ -34,3 +35,14 @@ def inverted_indicators(ind: Indicators) -> Indicators:
 
     return Indicators(layers=ind.layers, bits=ind.bits, weight=flip(ind.weight), act=flip(ind.act),
                       meta={"source": "inverted"})
+
+
+def transplanted_indicators(names: Sequence[str], base: Indicators) -> Indicators:
+    """`base`'s first len(names) rows given to `names` in order: a real indicator set sized for another model
+    (the paper's resnet50 indicators on resnet18's 19 searchable layers, for solver benchmarks and tests)."""
+    if len(names) > len(base.layers):
+        raise IndicatorError(f"{len(base.layers)} indicator rows cannot cover {len(names)} layers")
+    src = base.layers
+    return Indicators(layers=tuple(names), bits=base.bits,
+                      weight={n: dict(base.weight[src[i]]) for i, n in enumerate(names)},
+                      act={n: dict(base.act[src[i]]) for i, n in enumerate(names) if src[i] in base.act})

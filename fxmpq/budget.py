@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from .errors import InfeasibleBudget, PolicyError
+from .errors import BudgetError, PolicyError
+from .policy import Policy
 
 if TYPE_CHECKING:
     from .analysis import Analysis
@@ -58,7 +59,7 @@ class Budget:
         clean = {}
         for k, v in limits.items():
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise InfeasibleBudget(f"budget {k}={v!r}: expected a finite non-negative number")
+                raise BudgetError(f"budget {k}={v!r}: expected a finite non-negative number")
             clean[k] = float(v)
         object.__setattr__(self, "absolute", MappingProxyType(clean))
         object.__setattr__(self, "relative", ())
@@ -73,6 +74,21 @@ class Budget:
         return b
 
     @classmethod
+    def coerce(cls, value: Budget | str | Mapping[str, float]) -> Budget:
+        """`value` as a Budget: a Budget as it is, a string through `parse`, a {metric: limit} mapping as limits."""
+        if isinstance(value, Budget):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, Mapping):
+            bad = [k for k in value if not isinstance(k, str)]
+            if bad:
+                raise BudgetError(f"budget dict keys must be metric names (strings), found {bad[0]!r}")
+            return cls(**value)
+        raise BudgetError(f"budget must be a Budget, a budget string such as 'w3a4&c12.2' or a {{metric: limit}} "
+                          f"dict, found {type(value).__name__}")
+
+    @classmethod
     def uniform(cls, w_bits: int, a_bits: int, *, metric: str = "bitops") -> Budget:
         """No more of `metric` than the whole model with every searchable layer at (w_bits, a_bits)."""
         return cls._make({}, (_Rel("uniform", metric, w=int(w_bits), a=int(a_bits)),), {})
@@ -81,7 +97,7 @@ class Budget:
     def compression(cls, ratio: float, *, metric: str = "size") -> Budget:
         """`metric` (model size by default) at most its FP32 value divided by `ratio`."""
         if not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio > 0):
-            raise InfeasibleBudget(f"compression ratio must be a positive number, found {ratio!r}")
+            raise BudgetError(f"compression ratio must be a positive number, found {ratio!r}")
         return cls._make({}, (_Rel("compression", metric, ratio=float(ratio)),), {})
 
     def __and__(self, other: Budget) -> Budget:
@@ -117,7 +133,7 @@ class Budget:
         hw = analysis.hardware
         unknown = [m for m in self.metrics if m not in hw.metrics]
         if unknown:
-            raise InfeasibleBudget(f"budget {self} names metric(s) {', '.join(map(repr, unknown))} that hardware "
+            raise BudgetError(f"budget {self} names metric(s) {', '.join(map(repr, unknown))} that hardware "
                                    f"{hw.name!r} lacks; its metrics: {', '.join(hw.metrics)}")
         out: dict[str, float] = {}
 
@@ -133,22 +149,20 @@ class Budget:
             elif unit in ("byte", "bytes", "b"):
                 put(k, v)
             else:
-                raise InfeasibleBudget(f"budget {k}<={v:g} bytes: metric {k!r} of hardware {hw.name!r} is in "
+                raise BudgetError(f"budget {k}<={v:g} bytes: metric {k!r} of hardware {hw.name!r} is in "
                                        f"{hw.metrics[k].unit!r}, not bits or bytes; give a plain number")
         fp32 = None
         for r in self.relative:
             if r.kind == "uniform":
                 try:
-                    from .policy import Policy
-
                     value = analysis.cost(Policy.uniform(analysis, r.w, r.a))[r.metric]
                 except PolicyError as e:
-                    raise InfeasibleBudget(f"budget {r}: {e}") from None
+                    raise BudgetError(f"budget {r}: {e}") from None
             else:
                 fp32 = analysis.fp32_cost() if fp32 is None else fp32
                 value = fp32[r.metric] / r.ratio
                 if not math.isfinite(value):
-                    raise InfeasibleBudget(f"budget {r}: metric {r.metric!r} of hardware {hw.name!r} has no FP32 "
+                    raise BudgetError(f"budget {r}: metric {r.metric!r} of hardware {hw.name!r} has no FP32 "
                                            "value (a lookup-table metric); give an absolute limit instead")
             put(r.metric, value)
         return out
@@ -163,7 +177,7 @@ class Budget:
         counted in bits or bytes (`size<=4MB`). Case of `w`, `a`, `c` does not matter; spaces are ignored.
         """
         if not isinstance(text, str) or not text.strip():
-            raise InfeasibleBudget(f"budget string must be non-empty text such as 'w3a4&c12.2', found {text!r}")
+            raise BudgetError(f"budget string must be non-empty text such as 'w3a4&c12.2', found {text!r}")
         out: Budget | None = None
         for raw in text.split("&"):
             term = raw.strip()
@@ -171,7 +185,7 @@ class Budget:
             t = re.sub(r"^(w\d+)A", r"\1a", t)
             m = _TERM.match(t)
             if not m:
-                raise InfeasibleBudget(f"budget {text!r}: cannot read term {term!r}; expected 'w<bits>a<bits>', "
+                raise BudgetError(f"budget {text!r}: cannot read term {term!r}; expected 'w<bits>a<bits>', "
                                        "'c<ratio>' or 'metric<=number[k|M|G|T|B|KB|MB|GB|KiB|MiB|GiB]'")
             if m["w"]:
                 b = cls.uniform(int(m["w"]), int(m["a"]))
@@ -179,22 +193,22 @@ class Budget:
                 try:
                     ratio = float(m["c"])
                 except ValueError:
-                    raise InfeasibleBudget(f"budget {text!r}: bad compression ratio in {term!r}") from None
+                    raise BudgetError(f"budget {text!r}: bad compression ratio in {term!r}") from None
                 b = cls.compression(ratio)
             else:
                 try:
                     num = float(m["num"])
                 except ValueError:
-                    raise InfeasibleBudget(f"budget {text!r}: bad number in {term!r}") from None
+                    raise BudgetError(f"budget {text!r}: bad number in {term!r}") from None
                 unit = m["unit"]
                 if unit in _SI:
                     b = cls(**{m["metric"]: num * _SI[unit]})
                 elif unit in _BYTES:
                     b = cls._make({}, (), {m["metric"]: num * _BYTES[unit]})
                 else:
-                    raise InfeasibleBudget(f"budget {text!r}: unknown unit {unit!r} in {term!r}; use k, M, G, T "
+                    raise BudgetError(f"budget {text!r}: unknown unit {unit!r} in {term!r}; use k, M, G, T "
                                            "or B, KB, MB, GB, KiB, MiB, GiB")
             out = b if out is None else out & b
         if out is None:  # unreachable: split() yields at least one term
-            raise InfeasibleBudget(f"budget {text!r}: no terms")
+            raise BudgetError(f"budget {text!r}: no terms")
         return out

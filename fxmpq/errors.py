@@ -23,8 +23,16 @@ class IndicatorError(FxmpqError):
     """Importance indicators do not match the analysis (missing layers, missing bit-widths) or are malformed."""
 
 
-class InfeasibleBudget(FxmpqError):
+class BudgetError(FxmpqError, ValueError):
+    """A budget string, dict or object is malformed or names an unknown metric."""
+
+
+class InfeasibleBudget(BudgetError):
     """No policy meets the budget; the message states the smallest achievable value of each metric."""
+
+
+class ArgumentError(FxmpqError, ValueError):
+    """An API argument has the wrong type or value."""
 
 
 class PassError(FxmpqError):
@@ -46,6 +54,3 @@ class CheckpointError(FxmpqError):
 class ModelSpecError(FxmpqError):
     """A model named on the command line or in a checkpoint cannot be built (unknown name, bad factory)."""
 
-
-class ArgumentError(FxmpqError, ValueError):
-    """An API argument has the wrong type or value."""

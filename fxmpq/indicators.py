@@ -2,22 +2,72 @@
 
 from __future__ import annotations
 
+import enum
+import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
-from .errors import IndicatorError
+import numpy as np
+
+from .errors import ArgumentError, IndicatorError
 from .jsonio import dump_json, read_json
+from .tables import render
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Indicators"]
+__all__ = ["Cleaned", "Cleaning", "Indicators"]
 
 FORMAT = "fxmpq.indicators/1"
+
+
+class Cleaning(enum.StrEnum):
+    """What the search does with a step size that is smaller than the next higher bit-width's (a non-monotone row)."""
+
+    PAPER = "paper"  # price that bit-width prohibitively (a large finite price), as the paper does
+    ISOTONIC = "isotonic"  # repair the row to be non-increasing in the bits (pool adjacent violators)
+
+    @classmethod
+    def coerce(cls, value: Cleaning | str) -> Cleaning:
+        """`value` as a Cleaning (its string value is accepted); ArgumentError naming the allowed values otherwise."""
+        try:
+            return cls(value)
+        except (ValueError, TypeError):
+            raise ArgumentError(f"clean={value!r}: expected one of {', '.join(c.value for c in cls)}") from None
+
+
+class Cleaned(NamedTuple):
+    """Indicators after cleaning and, per layer, the bit-widths priced prohibitively (the paper's rule)."""
+
+    indicators: Indicators
+    priced_weight: Mapping[str, frozenset[int]]
+    priced_act: Mapping[str, frozenset[int]]
+
+
+def _pav_decreasing(y: np.ndarray) -> np.ndarray:
+    """Least-squares non-increasing fit (pool adjacent violators) of `y` ordered by ascending bits."""
+    vals: list[float] = []
+    counts: list[int] = []
+    for v in -y:  # fit increasing on -y
+        vals.append(float(v))
+        counts.append(1)
+        while len(vals) > 1 and vals[-2] > vals[-1]:
+            c = counts[-2] + counts[-1]
+            vals[-2] = (vals[-2] * counts[-2] + vals[-1] * counts[-1]) / c
+            counts[-2] = c
+            vals.pop()
+            counts.pop()
+    return -np.repeat(vals, counts)
+
+
+def _priced(row: Mapping[int, float]) -> frozenset[int]:
+    """The bits whose step size is smaller than the next higher candidate bit's."""
+    bits = sorted(row)
+    return frozenset(b for b, hi in itertools.pairwise(bits) if row[b] < row[hi])
 
 
 @dataclass(frozen=True)
@@ -76,6 +126,26 @@ class Indicators:
         if problems:
             raise IndicatorError("indicators do not match the analysis: " + "; ".join(problems)
                                  + f" (indicators have bits {list(self.bits)} for {len(self.layers)} layers)")
+
+    def cleaned(self, mode: Cleaning | str = Cleaning.PAPER) -> Cleaned:
+        """These indicators cleaned by `mode`, with the bit-widths each layer prices prohibitively.
+
+        PAPER keeps every step size and prices a bit-width whose step size is smaller than the next higher
+        bit-width's; ISOTONIC replaces each row by its least-squares non-increasing fit and prices nothing.
+        """
+        mode = Cleaning.coerce(mode)
+        if mode is Cleaning.ISOTONIC:
+            def fit(row: Mapping[int, float]) -> dict[int, float]:
+                bits = sorted(row)
+                return dict(zip(bits, _pav_decreasing(np.array([row[b] for b in bits])).tolist()))
+
+            out = Indicators(layers=self.layers, bits=self.bits, weight={n: fit(r) for n, r in self.weight.items()},
+                             act={n: fit(r) for n, r in self.act.items()}, meta=self.meta)
+            none: frozenset[int] = frozenset()
+            return Cleaned(out, MappingProxyType(dict.fromkeys(self.weight, none)),
+                           MappingProxyType(dict.fromkeys(self.act, none)))
+        return Cleaned(self, MappingProxyType({n: _priced(r) for n, r in self.weight.items()}),
+                       MappingProxyType({n: _priced(r) for n, r in self.act.items()}))
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
@@ -142,8 +212,4 @@ class Indicators:
             if self.has_act:
                 r += [f"{self.act[n][b]:.4g}" if n in self.act and b in self.act[n] else "-" for b in desc]
             rows.append(r)
-        widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                 for r in [header, *rows]]
-        lines.insert(1, "-" * len(lines[0]))
-        return "\n".join(lines)
+        return render(header, rows)

@@ -23,7 +23,7 @@ from .indicators import Indicators
 from .jsonio import dump_json
 from .policy import Policy
 from .quant_model import QuantModel
-from .search import SearchResult, pareto, search
+from .search import SearchResult, check_feasible, pareto, search
 from .stages import apply_policy, prepare
 from .train import finetune, train_indicators
 
@@ -111,12 +111,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _check_budget(qmodel: QuantModel, budget: Budget, alpha: float) -> None:
-    """Raise InfeasibleBudget before any training: solve once with placeholder indicators (feasibility only)."""
-    names = [m.name for m in qmodel.analysis.searchable]
-    flat = {n: {b: 2.0 ** -b for b in qmodel.bits} for n in names}
-    placeholder = Indicators(layers=tuple(names), bits=tuple(qmodel.bits), weight=flat, act=flat)
-    search(qmodel.analysis, placeholder, budget, alpha=alpha)
 
 
 def quantize(
@@ -160,8 +154,7 @@ def quantize(
     `tools/lower.py <work_dir>` can rebuild the model later.
     """
     hw = load_hardware(hardware)
-    budget_obj = budget if isinstance(budget, Budget) else (
-        Budget.parse(budget) if isinstance(budget, str) else Budget(**budget))
+    budget_obj = Budget.coerce(budget)
     example = as_input_tuple(example_inputs)
     wd = Path(work_dir) if work_dir is not None else None
     if wd is not None:
@@ -172,8 +165,7 @@ def quantize(
     qmodel = prepare(model, example, hardware=hw, bits=bits, per_channel=per_channel)
     if device is not None:
         qmodel.to(device)
-    budget_limits = budget_obj.resolve(qmodel.analysis)
-    _check_budget(qmodel, budget_obj, alpha)
+    budget_limits = check_feasible(qmodel.analysis, budget_obj, qmodel.bits)  # InfeasibleBudget before training
     check_data(model, data, example, "data")
     if indicator_data is not None:
         check_data(model, indicator_data, example, "indicator_data")

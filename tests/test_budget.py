@@ -7,7 +7,7 @@ import torch
 from models import ResidualNet
 
 import fxmpq
-from fxmpq import Budget, InfeasibleBudget, Policy
+from fxmpq import Budget, BudgetError, FxmpqError, InfeasibleBudget, Policy
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +49,12 @@ def test_frozen() -> None:
 
 
 def test_unknown_metric_names_it_and_the_hardware_metrics(analysis) -> None:
-    with pytest.raises(InfeasibleBudget, match=r"'latency'.*bitops, size"):
+    with pytest.raises(BudgetError, match=r"'latency'.*bitops, size"):
         Budget(latency=3.0).resolve(analysis)
 
 
 def test_negative_limit_rejected() -> None:
-    with pytest.raises(InfeasibleBudget, match="bitops"):
+    with pytest.raises(BudgetError, match="bitops"):
         Budget(bitops=-1)
 
 
@@ -76,10 +76,32 @@ def test_parse_relative(analysis) -> None:
 
 @pytest.mark.parametrize("text", ["", "w3", "c", "bitops<9", "bitops<=3parsecs", "&"])
 def test_parse_errors(text) -> None:
-    with pytest.raises(InfeasibleBudget):
+    with pytest.raises(BudgetError) as e:
         Budget.parse(text)
+    assert not isinstance(e.value, InfeasibleBudget)  # malformed, not infeasible
 
 
 def test_uniform_on_unsupported_pair(analysis) -> None:
-    with pytest.raises(InfeasibleBudget, match="W9A4"):
+    with pytest.raises(BudgetError, match="W9A4"):
         Budget.uniform(9, 4).resolve(analysis)
+
+
+def test_budget_error_classes() -> None:
+    assert issubclass(BudgetError, FxmpqError) and issubclass(BudgetError, ValueError)
+    assert issubclass(InfeasibleBudget, BudgetError)  # `except InfeasibleBudget` still sees only infeasibility
+    assert not issubclass(BudgetError, InfeasibleBudget)
+
+
+def test_coerce(analysis) -> None:
+    b = Budget.uniform(3, 4)
+    assert Budget.coerce(b) is b
+    assert Budget.coerce("w3a4&c12.2").resolve(analysis) == (b & Budget.compression(12.2)).resolve(analysis)
+    assert Budget.coerce({"bitops": 5, "size": 7.0}).resolve(analysis) == {"bitops": 5.0, "size": 7.0}
+    with pytest.raises(BudgetError, match=r"budget must be a Budget, a budget string .* found float"):
+        Budget.coerce(3.5)
+    with pytest.raises(BudgetError, match="budget dict keys must be metric names"):
+        Budget.coerce({1: 2.0})
+    with pytest.raises(BudgetError, match="bitops"):
+        Budget.coerce({"bitops": "many"})
+    with pytest.raises(BudgetError, match="cannot read term"):
+        Budget.coerce("w3a4&x")

@@ -106,7 +106,7 @@ def test_unknown_hardware_fails_before_training(no_training):
 
 
 def test_bad_budget_string_fails_before_training(no_training):
-    with pytest.raises(fxmpq.FxmpqError):
+    with pytest.raises(fxmpq.BudgetError, match="cannot read term 'w3x4'"):
         fxmpq.quantize(tiny_cnn(), "w3x4", random_batches(1), torch.randn(1, 3, 32, 32))
 
 

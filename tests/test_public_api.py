@@ -7,10 +7,11 @@ import inspect
 import fxmpq
 
 EXPECTED = {
-    "Analysis", "ArgumentError", "Budget", "CheckpointError", "DataError", "ExportError", "FxmpqError", "HardwareSpec",
-    "HardwareSpecError", "IndicatorError", "Indicators", "InfeasibleBudget", "LayerKind", "LayerRecord", "LowerReport",
-    "ModelSpecError",
+    "Analysis", "ArgumentError", "Budget", "BudgetError", "CheckpointError", "Cleaning", "DataError", "ExportError",
+    "FxmpqError", "HardwareSpec", "HardwareSpecError", "IndicatorError", "Indicators", "InfeasibleBudget", "LayerKind",
+    "LayerRecord", "LowerReport", "ModelSpecError",
     "ParetoResult", "PassError", "Pins", "Policy", "PolicyError", "QuantModel", "QuantizedModel", "SearchResult",
+    "SearchStatus",
     "TraceError", "TrainStats", "__version__", "accuracy", "analyze", "apply_policy", "builtin_hardware",
     "finetune", "hessian_indicators", "indicators_from_model", "load_hardware", "lower", "models", "pareto", "prepare", "quantize",
     "search", "trace", "train_indicators",

@@ -28,6 +28,8 @@ import torchvision
 from torch import nn
 
 import fxmpq
+from fxmpq.baselines import transplanted_indicators
+from fxmpq.problem import Problem
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "limpq_resnet50_indicators.json"
 
@@ -109,12 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.resnet18:
         return resnet18_sweep(base, max(5, args.repeats), args.alpha)
     budget = fxmpq.Budget.uniform(3, 4) & fxmpq.Budget.compression(12.2)
-    search_mod = sys.modules["fxmpq.search"]
     rows = []
     for k in (int(s) for s in args.sizes.split(",")):
         analysis, ind = instance(k, base)
         limits = budget.resolve(analysis)
-        prob = search_mod._Problem(analysis, ind, args.alpha, False, "paper")
+        prob = Problem.from_indicators(analysis, ind, args.alpha)
         fx_times, res = [], None
         for _ in range(max(5, args.repeats)):
             t0 = time.perf_counter()
@@ -141,19 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def resnet18_indicators(analysis: fxmpq.Analysis, base: fxmpq.Indicators) -> fxmpq.Indicators:
-    """A resnet18-sized instance: the fixture's first 19 resnet50 rows given to resnet18's 19 searchable layers."""
-    names = [m.name for m in analysis.searchable]
-    src = base.layers
-    return fxmpq.Indicators(layers=tuple(names), bits=base.bits,
-                            weight={n: dict(base.weight[src[i]]) for i, n in enumerate(names)},
-                            act={n: dict(base.act[src[i]]) for i, n in enumerate(names)})
-
-
 def resnet18_sweep(base: fxmpq.Indicators, repeats: int, alpha: float) -> int:
     """fxmpq.search on resnet18 (19 searchable layers, 25 pairs) at 36 budgets: min/median wall and CPU ms."""
     analysis = fxmpq.analyze(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
-    ind = resnet18_indicators(analysis, base)
+    ind = transplanted_indicators([m.name for m in analysis.searchable], base)
     budgets = ([f"w{w}a{a}" for w in (2, 3, 4, 5) for a in (2, 3, 4, 5)]
                + [f"w{w}a{a}&c{c}" for w, a in ((3, 4), (4, 4), (3, 3), (2, 4)) for c in (8, 10, 12.2, 14)]
                + ["c8", "c10", "c12.2", "c14"])

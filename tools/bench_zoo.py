@@ -107,7 +107,7 @@ def run_one(name: str, samples: int, progress: Path | None = None) -> dict[str, 
         ind = stage("indicators", lambda: fxmpq.train_indicators(q, data, epochs=1, max_steps=2, progress=False,
                                                                  clip_grad_norm=1.0))
         res = stage("search", lambda: fxmpq.search(a, ind, fxmpq.Budget.uniform(4, 4)))
-        row.update(search_status=res.status, search_ms=1e3 * (res.solve_time + res.build_time),
+        row.update(search_status=res.status.value, search_ms=1e3 * (res.solve_time + res.build_time),
                    avg_bits=list(res.policy.average_bits(a)))
         stage("apply", lambda: fxmpq.apply_policy(q, res.policy, torch.randn(4, 3, size, size, generator=g)))
         with tempfile.TemporaryDirectory() as d:

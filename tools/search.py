@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", required=True, help='e.g. "w3a4&c12.2", "bitops<=9.7G", "size<=4MB"')
     ap.add_argument("--alpha", type=float, default=2.0)
     ap.add_argument("--weight-only", action="store_true")
-    ap.add_argument("--clean", choices=["paper", "isotonic"], default="paper")
+    ap.add_argument("--clean", choices=[c.value for c in fxmpq.Cleaning], default=fxmpq.Cleaning.PAPER.value)
     ap.add_argument("--out", help="write the policy JSON here")
     ap.add_argument("--plot", help="write a bar chart of bits per layer here (PNG)")
     args = ap.parse_args(argv)

@@ -1,0 +1,262 @@
+"""The search problem as arrays: analysis x indicators -> one multiple-choice knapsack (units, choices, costs)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .dominance import nondominated
+from .errors import ArgumentError, FxmpqError, IndicatorError, InfeasibleBudget, PolicyError
+from .indicators import Cleaning, Indicators
+from .policy import Policy
+
+if TYPE_CHECKING:
+    from .analysis import Analysis
+    from .hardware import HardwareSpec
+
+__all__ = ["Problem", "Unit", "candidate_pairs", "infeasible_budget"]
+
+Pair = tuple[int, int]
+
+_MAX_GROUP_CHOICES = 200_000
+
+
+def candidate_pairs(hw: HardwareSpec, bits: Sequence[int] | None, weight_only: bool) -> list[Pair]:
+    """The (w, a) pairs a layer may take: the hardware's, restricted to `bits` (None: all of them).
+
+    Weight-only: one pair per weight bit-width in `bits`, with the widest activation bits the hardware pairs it
+    with (activations are not searched). May be empty; callers say why that is an error.
+    """
+    allowed = set(hw.weight_bits) | set(hw.act_bits) if bits is None else set(bits)
+    if weight_only:
+        best_a: dict[int, int] = {}
+        for w, a in hw.pairs:
+            if w in allowed:
+                best_a[w] = max(a, best_a.get(w, a))
+        return sorted(best_a.items())
+    return [(w, a) for w, a in hw.pairs if w in allowed and a in allowed]
+
+
+def infeasible_budget(limits: Mapping[str, float], smallest: Mapping[str, float], *,
+                      jointly: bool) -> InfeasibleBudget:
+    """The error for a budget no policy meets, stating each limited metric's smallest achievable total."""
+    parts = [f"{k} <= {limits[k]:.6g} (smallest achievable {smallest[k]:.6g})" for k in limits]
+    why = " (each limit alone is reachable, but not all of them at once)" if jointly else ""
+    return InfeasibleBudget("no policy meets the budget" + why + ": " + "; ".join(parts)
+                            + ". Loosen the budget or allow more bit-widths.")
+
+
+@dataclass
+class Unit:
+    """Searchable layers that choose together (one layer, or a group sharing its activation quantizer)."""
+
+    layers: tuple[str, ...]
+    choices: np.ndarray  # [C, len(layers), 2] (w, a)
+    obj: np.ndarray  # [C]
+    cost: np.ndarray  # [C, M] all hardware metrics
+    priced: np.ndarray  # [C] number of prohibitively priced points used
+    values: np.ndarray  # [C, len(layers)] per-layer objective share
+
+
+class Problem:
+    """Numpy arrays of one instance: a column per (unit, choice) with its objective, priced count and costs.
+
+    Build it with `from_indicators` (the search's objective) or `costs_only` (a zero objective: feasibility).
+    Columns are `units` flattened in order: `col_unit`, `col_choice`, `obj` [n], `priced` [n], `cost` [M, n].
+    """
+
+    def __init__(self, analysis: Analysis, pairs: Sequence[Pair], layer_obj: Mapping[str, np.ndarray],
+                 layer_priced: Mapping[str, np.ndarray], *, alpha: float = 0.0, weight_only: bool = False):
+        self.analysis, self.alpha, self.weight_only = analysis, float(alpha), weight_only
+        self.pairs = list(pairs)
+        hw = analysis.hardware
+        self.metrics = list(hw.metrics)
+        searchable = [m.name for m in analysis.searchable]
+        self.layer_obj = dict(layer_obj)
+        self.layer_priced = dict(layer_priced)
+        self.layer_cost: dict[str, np.ndarray] = {}
+        for n in searchable:
+            costs = analysis.layer(n).costs
+            self.layer_cost[n] = np.array([[costs[p][k] for k in self.metrics] for p in self.pairs])
+        self.pinned_cost = np.zeros(len(self.metrics))
+        for m in analysis.pinned:
+            c = analysis.layer_cost(m.name, *m.pin_bits)
+            self.pinned_cost += np.array([c[k] for k in self.metrics])
+        # units: single layers, or groups tied by a shared activation quantizer
+        groups = analysis.shared_input_groups() if hw.share_input_quantizer else []
+        grouped = {n for g in groups for n in g}
+        self.units: list[Unit] = []
+        pair_arr = np.array(self.pairs)[:, None, :]
+        for n in searchable:
+            if n not in grouped:
+                self.units.append(Unit((n,), pair_arr, self.layer_obj[n], self.layer_cost[n],
+                                       self.layer_priced[n], self.layer_obj[n][:, None]))
+        for g in groups:
+            unit = self._group_unit(g)
+            if unit is not None:
+                self.units.append(unit)
+        self.groups = groups
+        self.col_unit = np.concatenate([np.full(len(u.obj), i) for i, u in enumerate(self.units)])
+        self.col_choice = np.concatenate([np.arange(len(u.obj)) for u in self.units])
+        self.obj = np.concatenate([u.obj for u in self.units])
+        self.cost = np.concatenate([u.cost for u in self.units]).T.copy()  # [M, n]
+        self.priced = np.concatenate([u.priced for u in self.units])
+        self.price = 0.0  # the prohibitive price (from_indicators sets it)
+        self.build_time = 0.0
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_indicators(cls, analysis: Analysis, indicators: Indicators, alpha: float = 2.0,
+                        weight_only: bool = False, clean: Cleaning | str = Cleaning.PAPER) -> Problem:
+        """The search's instance: objective `alpha * I_w + I_a` of the cleaned indicators per layer and pair.
+
+        The paper's rule gives a prohibitively priced point the price `10 * (sum of the largest indicator terms)
+        + 1`, more than any objective difference among unpriced policies.
+        """
+        t0 = time.perf_counter()
+        clean = Cleaning.coerce(clean)
+        if isinstance(alpha, bool) or not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha >= 0):
+            raise ArgumentError(f"alpha must be a finite non-negative number, found {alpha!r}")
+        hw = analysis.hardware
+        searchable = _searchable(analysis)
+        pairs = candidate_pairs(hw, indicators.bits, weight_only)
+        bits = sorted(set(indicators.bits))
+        if weight_only:
+            if not pairs:
+                raise IndicatorError(f"indicator bits {bits} share no weight bit-width with hardware "
+                                     f"{hw.name!r} (weight bits {list(hw.weight_bits)})")
+            indicators.check_covers(searchable, sorted({w for w, _ in pairs}))
+        else:
+            if not pairs:
+                raise IndicatorError(f"indicator bits {bits} cover none of hardware {hw.name!r}'s pairs "
+                                     f"({', '.join(f'W{w}A{a}' for w, a in hw.pairs)})")
+            if not indicators.has_act:
+                raise IndicatorError("indicators have no activation step sizes; pass weight_only=True for a "
+                                     "weight-only search")
+            indicators.check_covers(searchable, sorted({w for w, _ in pairs}), sorted({a for _, a in pairs}))
+        ind, pw, pa = indicators.cleaned(clean)
+        iw, ia = ind.weight, ind.act
+        alpha = float(alpha)
+        scale = sum(alpha * max(iw[n].values()) + (max(ia[n].values()) if not weight_only else 0.0)
+                    for n in searchable)
+        price = 10.0 * scale + 1.0  # > any objective difference among unpriced policies
+        pw_arr = [p[0] for p in pairs]
+        pa_arr = [p[1] for p in pairs]
+        layer_obj, layer_priced = {}, {}
+        for n in searchable:
+            wv = np.array([price if w in pw[n] else iw[n][w] for w in pw_arr])
+            pr = np.array([w in pw[n] for w in pw_arr], dtype=np.int64)
+            if weight_only:
+                av = np.zeros(len(pairs))
+            else:
+                av = np.array([price if a in pa[n] else ia[n][a] for a in pa_arr])
+                pr = pr + np.array([a in pa[n] for a in pa_arr], dtype=np.int64)
+            layer_obj[n] = alpha * wv + av
+            layer_priced[n] = pr
+        prob = cls(analysis, pairs, layer_obj, layer_priced, alpha=alpha, weight_only=weight_only)
+        prob.price = price
+        prob.build_time = time.perf_counter() - t0
+        return prob
+
+    @classmethod
+    def costs_only(cls, analysis: Analysis, bits: Sequence[int] | None = None, *,
+                   weight_only: bool = False) -> Problem:
+        """The same units and costs with a zero objective (no indicators): what is feasible, not what is best."""
+        t0 = time.perf_counter()
+        hw = analysis.hardware
+        searchable = _searchable(analysis)
+        pairs = candidate_pairs(hw, bits, weight_only)
+        if not pairs:
+            raise ArgumentError(f"bits {sorted(set(bits or ()))} cover none of hardware {hw.name!r}'s pairs "
+                                f"({', '.join(f'W{w}A{a}' for w, a in hw.pairs)})")
+        zero = np.zeros(len(pairs))
+        none = np.zeros(len(pairs), dtype=np.int64)
+        prob = cls(analysis, pairs, dict.fromkeys(searchable, zero), dict.fromkeys(searchable, none),
+                   weight_only=weight_only)
+        prob.build_time = time.perf_counter() - t0
+        return prob
+
+    def _group_unit(self, group: list[str]) -> Unit | None:
+        an = self.analysis
+        pinned = [n for n in group if an.layer(n).pinned]
+        members = [n for n in group if not an.layer(n).pinned]
+        if not members:
+            return None
+        allowed = {a for _, a in self.pairs}
+        pin_as = {an.layer(n).pin_bits[1] for n in pinned}
+        if len(pin_as) > 1:
+            raise PolicyError(f"layers {', '.join(pinned)} read one tensor (shared activation quantizer) but are "
+                              f"pinned at different activation bits {sorted(pin_as)}")
+        if pin_as:
+            allowed &= pin_as
+        if not allowed:
+            raise PolicyError(f"layers {', '.join(group)} share an activation quantizer but no activation bit-width "
+                              f"is available to all of them (pins {sorted(pin_as)}, pairs {self.pairs})")
+        choices, objs, costs, priced, values = [], [], [], [], []
+        for a in sorted(allowed):
+            ids = np.array([i for i, p in enumerate(self.pairs) if p[1] == a])
+            # incremental Pareto merge over (priced, obj, costs) keeps the combinations few
+            cur_idx = np.zeros((1, 0), dtype=np.int64)
+            cur = np.zeros((1, 2 + len(self.metrics)))
+            for n in members:
+                add = np.column_stack([self.layer_priced[n][ids], self.layer_obj[n][ids], self.layer_cost[n][ids]])
+                nxt = (cur[:, None, :] + add[None, :, :]).reshape(-1, cur.shape[1])
+                nxt_idx = np.concatenate([np.repeat(cur_idx, len(ids), axis=0),
+                                          np.tile(ids, len(cur_idx))[:, None]], axis=1)
+                keep = nondominated(nxt)
+                cur, cur_idx = nxt[keep], nxt_idx[keep]
+                if len(cur) > _MAX_GROUP_CHOICES:
+                    raise FxmpqError(f"shared-activation group {group} has too many combinations to search")
+            for row, sel in zip(cur, cur_idx):
+                choices.append([self.pairs[i] for i in sel])
+                priced.append(row[0])
+                objs.append(row[1])
+                costs.append(row[2:])
+                values.append([self.layer_obj[n][i] for n, i in zip(members, sel)])
+        return Unit(tuple(members), np.array(choices), np.array(objs), np.array(costs),
+                    np.array(priced, dtype=np.int64), np.array(values))
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def unpriced_cols(self) -> np.ndarray | None:
+        """Columns without a prohibitively priced point, or None when some unit has no such column."""
+        cols = np.flatnonzero(self.priced == 0)
+        return cols if len(np.unique(self.col_unit[cols])) == len(self.units) else None
+
+    def min_totals(self, cols: np.ndarray | None = None) -> np.ndarray:
+        """Per metric: the smallest achievable whole-model total using `cols` (default all; per-unit minima)."""
+        cols = np.arange(len(self.obj)) if cols is None else cols
+        out = self.pinned_cost.copy()
+        for k in range(len(self.metrics)):
+            per = np.full(len(self.units), np.inf)
+            np.minimum.at(per, self.col_unit[cols], self.cost[k, cols])
+            out[k] += per.sum()
+        return out
+
+    def limit_arrays(self, limits: Mapping[str, float]) -> tuple[list[int], np.ndarray]:
+        """(metric row of each limit, the limits as an array) in the order of `limits`."""
+        return [self.metrics.index(k) for k in limits], np.array(list(limits.values()), dtype=np.float64)
+
+    def policy(self, sel: np.ndarray) -> tuple[Policy, dict[str, float]]:
+        """The complete policy (pinned included) and per-layer objective values of one column per unit."""
+        bits, values = {}, {}
+        for u, j in enumerate(sel):
+            unit, c = self.units[u], self.col_choice[j]
+            for li, n in enumerate(unit.layers):
+                bits[n] = tuple(int(b) for b in unit.choices[c, li])
+                values[n] = float(unit.values[c, li])
+        for m in self.analysis.pinned:
+            bits[m.name] = m.pin_bits
+        return Policy({m.name: bits[m.name] for m in self.analysis.layers}), values
+
+
+def _searchable(analysis: Analysis) -> list[str]:
+    names = [m.name for m in analysis.searchable]
+    if not names:
+        raise PolicyError("the model has no searchable layers (all are pinned); nothing to search")
+    return names
