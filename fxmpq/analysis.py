@@ -10,6 +10,7 @@ import networkx as nx
 import torch.fx as fx
 
 from .errors import PolicyError
+from .formats import format_name
 from .hardware import HardwareSpec
 from .policy import Policy
 from .record import LayerRecord
@@ -123,7 +124,7 @@ class Analysis:
             cost = self.layer_cost(m.name, *bits) if bits is not None else {}
             for k, v in cost.items():
                 totals[k] += v
-            wa = (f"W{bits[0]}A{bits[1]}" if bits else "search") + ("*" if m.pinned else "")
+            wa = (format_name(bits) if bits else "search") + ("*" if m.pinned else "")
             rows.append([m.name, m.kind.value, f"{m.macs:,}", f"{m.params:,}", wa]
                         + [_fmt(cost[k]) if k in cost else "" for k in metrics])
         rows.append(["total", "", f"{sum(m.macs for m in self.layers):,}",

@@ -12,6 +12,7 @@ import numpy as np
 
 from .dominance import nondominated
 from .errors import ArgumentError, FxmpqError, IndicatorError, InfeasibleBudget, PolicyError
+from .hardware import FLOAT
 from .indicators import Cleaning, Indicators
 from .policy import Policy
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from .analysis import Analysis
     from .hardware import HardwareSpec
 
-__all__ = ["Problem", "Unit", "candidate_pairs", "infeasible_budget"]
+__all__ = ["Problem", "Unit", "candidate_pairs", "float_layers", "infeasible_budget", "layer_formats"]
 
 Pair = tuple[int, int]
 
@@ -79,10 +80,12 @@ class Problem:
         searchable = [m.name for m in analysis.searchable]
         self.layer_obj = dict(layer_obj)
         self.layer_priced = dict(layer_priced)
+        floats = float_layers(analysis)
+        self.layer_pairs = {n: layer_formats(self.pairs, n in floats) for n in searchable}
         self.layer_cost: dict[str, np.ndarray] = {}
         for n in searchable:
             costs = analysis.layer(n).costs
-            self.layer_cost[n] = np.array([[costs[p][k] for k in self.metrics] for p in self.pairs])
+            self.layer_cost[n] = np.array([[costs[p][k] for k in self.metrics] for p in self.layer_pairs[n]])
         self.pinned_cost = np.zeros(len(self.metrics))
         for m in analysis.pinned:
             c = analysis.layer_cost(m.name, *m.pin_bits)
@@ -91,10 +94,10 @@ class Problem:
         groups = analysis.shared_input_groups() if hw.share_input_quantizer else []
         grouped = {n for g in groups for n in g}
         self.units: list[Unit] = []
-        pair_arr = np.array(self.pairs)[:, None, :]
         for n in searchable:
             if n not in grouped:
-                self.units.append(Unit((n,), pair_arr, self.layer_obj[n], self.layer_cost[n],
+                choices = np.array([_code(p) for p in self.layer_pairs[n]])[:, None, :]
+                self.units.append(Unit((n,), choices, self.layer_obj[n], self.layer_cost[n],
                                        self.layer_priced[n], self.layer_obj[n][:, None]))
         for g in groups:
             unit = self._group_unit(g)
@@ -148,6 +151,7 @@ class Problem:
         pw_arr = [p[0] for p in pairs]
         pa_arr = [p[1] for p in pairs]
         layer_obj, layer_priced = {}, {}
+        floats = float_layers(analysis)
         for n in searchable:
             wv = np.array([price if w in pw[n] else iw[n][w] for w in pw_arr])
             pr = np.array([w in pw[n] for w in pw_arr], dtype=np.int64)
@@ -156,7 +160,10 @@ class Problem:
             else:
                 av = np.array([price if a in pa[n] else ia[n][a] for a in pa_arr])
                 pr = pr + np.array([a in pa[n] for a in pa_arr], dtype=np.int64)
-            layer_obj[n] = alpha * wv + av
+            obj = alpha * wv + av
+            if n in floats:  # float: no quantization error, indicator 0
+                obj, pr = np.append(obj, 0.0), np.append(pr, 0)
+            layer_obj[n] = obj
             layer_priced[n] = pr
         prob = cls(analysis, pairs, layer_obj, layer_priced, alpha=alpha, weight_only=weight_only)
         prob.price = price
@@ -174,10 +181,10 @@ class Problem:
         if not pairs:
             raise ArgumentError(f"bits {sorted(set(bits or ()))} cover none of hardware {hw.name!r}'s pairs "
                                 f"({', '.join(f'W{w}A{a}' for w, a in hw.pairs)})")
-        zero = np.zeros(len(pairs))
-        none = np.zeros(len(pairs), dtype=np.int64)
-        prob = cls(analysis, pairs, dict.fromkeys(searchable, zero), dict.fromkeys(searchable, none),
-                   weight_only=weight_only)
+        floats = float_layers(analysis)
+        sizes = {n: len(layer_formats(pairs, n in floats)) for n in searchable}
+        prob = cls(analysis, pairs, {n: np.zeros(k) for n, k in sizes.items()},
+                   {n: np.zeros(k, dtype=np.int64) for n, k in sizes.items()}, weight_only=weight_only)
         prob.build_time = time.perf_counter() - t0
         return prob
 
@@ -248,11 +255,37 @@ class Problem:
         for u, j in enumerate(sel):
             unit, c = self.units[u], self.col_choice[j]
             for li, n in enumerate(unit.layers):
-                bits[n] = tuple(int(b) for b in unit.choices[c, li])
+                bits[n] = _decode(unit.choices[c, li])
                 values[n] = float(unit.values[c, li])
         for m in self.analysis.pinned:
             bits[m.name] = m.pin_bits
         return Policy({m.name: bits[m.name] for m in self.analysis.layers}), values
+
+
+def float_layers(analysis: Analysis) -> frozenset[str]:
+    """Searchable layers the hardware may leave in float (their kind is in `float_kinds`).
+
+    Layers tied by a shared activation quantizer choose among integer pairs only (a float member would not read
+    the shared quantizer).
+    """
+    hw = analysis.hardware
+    grouped = {n for g in analysis.shared_input_groups() for n in g} if hw.share_input_quantizer else set()
+    return frozenset(m.name for m in analysis.searchable if m.kind in hw.float_kinds and m.name not in grouped)
+
+
+def layer_formats(pairs: Sequence[Pair], may_float: bool) -> list[Pair | tuple[None, None]]:
+    """The candidates of one layer: `pairs`, and float last when it may stay in float."""
+    return [*pairs, FLOAT] if may_float else list(pairs)
+
+
+def _code(pair: Pair | tuple[None, None]) -> tuple[int, int]:
+    """A format as two integers for the choice arrays: float is (0, 0) (no layer runs at 0 bits)."""
+    return (0, 0) if pair == FLOAT else pair
+
+
+def _decode(row: np.ndarray) -> Pair | tuple[None, None]:
+    w, a = (int(b) for b in row)
+    return FLOAT if (w, a) == (0, 0) else (w, a)
 
 
 def _searchable(analysis: Analysis) -> list[str]:

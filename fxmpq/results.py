@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .formats import format_name
 from .jsonio import dump_json
 from .policy import Policy
 from .tables import render
@@ -76,7 +77,7 @@ class SearchResult:
                 if m.name in indicators.act:
                     ia = f"{indicators.act[m.name].get(a, float('nan')):.4g}"
             val = self.layer_values.get(m.name)
-            rows.append([m.name, f"W{w}A{a}" + ("*" if m.pinned else ""), iw, ia,
+            rows.append([m.name, format_name((w, a)) + ("*" if m.pinned else ""), iw, ia,
                          "" if val is None else f"{val:.4g}", *shares(analysis.layer_cost(m.name, w, a))])
         rows.append(["total", "", "", "", f"{self.objective:.6g}", *shares(self.totals)])
         lines = [render(header, rows, left=2), "(* pinned)"]

@@ -96,3 +96,32 @@ def test_float_is_refused_where_the_hardware_does_not_offer_it(tmp_path) -> None
     q = fxmpq.prepare(PlainCNN().eval(), x, bits=(2, 4, 8))  # bitops: no float
     with pytest.raises(PolicyError, match="float"):
         fxmpq.apply_policy(q, {"conv2": FLOAT}, x)
+
+
+def test_search_leaves_layers_in_float_under_a_latency_budget(hw) -> None:
+    """Float has indicator 0 (no quantization error): the search keeps layers in float as far as the latency
+    budget allows, and exactly matches a brute force over the float/int choices."""
+    import itertools
+
+    x = torch.randn(1, 3, 16, 16)
+    a = fxmpq.analyze(ResidualNet(), x, hardware=hw)
+    names = [m.name for m in a.searchable]
+    ind = fxmpq.Indicators(layers=tuple(names), bits=(2, 4, 8),
+                           weight={n: {2: 0.3, 4: 0.1, 8: 0.01} for n in names},
+                           act={n: {2: 0.3, 4: 0.1, 8: 0.01} for n in names})
+    all_int8 = a.cost({n: (8, 8) for n in names})["latency"]
+    all_float = a.cost({n: FLOAT for n in names})["latency"]
+    budget = all_int8 + 0.5 * (all_float - all_int8)
+    res = fxmpq.search(a, ind, f"latency<={budget}")
+    assert res.totals["latency"] <= budget * (1 + 1e-9)
+    chosen = [n for n in names if res.policy[n] == FLOAT]
+    assert chosen and len(chosen) < len(names)
+    best = None
+    for combo in itertools.product(*[[*hw.pairs, FLOAT] for _ in names]):
+        pol = dict(zip(names, combo))
+        if a.cost(pol)["latency"] > budget * (1 + 1e-9):
+            continue
+        obj = sum(0.0 if p == FLOAT else 2 * ind.weight[n][p[0]] + ind.act[n][p[1]] for n, p in pol.items())
+        best = obj if best is None else min(best, obj)
+    assert res.objective == pytest.approx(best)
+    assert fxmpq.Policy.from_json(res.policy.to_json()) == res.policy
