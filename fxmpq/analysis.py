@@ -61,34 +61,35 @@ class Analysis:
         return list(self.hardware.metrics)
 
     # -------------------------------------------------------------- costs
-    def layer_cost(self, name: str, w_bits: int, a_bits: int) -> dict[str, float]:
-        """Every metric's value for one layer at (w_bits, a_bits)."""
-        m = self.layer(name)
-        return self.hardware.layer_cost(m.kind, m.macs, m.params, w_bits, a_bits)
+    def layer_cost(self, name: str, w_bits: int | None, a_bits: int | None) -> dict[str, float]:
+        """Every metric's value for one layer at (w_bits, a_bits) ((None, None): in float)."""
+        return self.hardware.layer_cost(self.layer(name), w_bits, a_bits)
 
     def cost(self, policy: Policy | Mapping[str, tuple[int, int]]) -> dict[str, float]:
-        """Metric name -> total over all layers under `policy` (pinned layers at their pins)."""
+        """Metric name -> total under `policy` (pinned layers at their pins): the layers' costs plus the
+        hardware's model-level constants (counted once)."""
         policy = policy if isinstance(policy, Policy) else Policy(policy)
         full = policy.complete(self)
-        totals = dict.fromkeys(self.hardware.metrics, 0.0)
+        totals = self.hardware.model_cost()
         for m in self.layers:
             for k, v in self.layer_cost(m.name, *full[m.name]).items():
                 totals[k] += v
         return totals
 
     def fp32_cost(self) -> dict[str, float]:
-        """Every metric at 32-bit weights and activations (the reference for compression ratios).
+        """Every metric at 32-bit weights and activations (the reference for compression ratios), constants
+        included.
 
         A metric built on a lookup table has no value at 32 bits (its table lists the target's pairs only);
         its total is NaN.
         """
-        totals = dict.fromkeys(self.hardware.metrics, 0.0)
+        totals = self.hardware.model_cost()
         for name, metric in self.hardware.metrics.items():
             if not metric.defined_at(32, 32):
                 totals[name] = float("nan")
                 continue
             for m in self.layers:
-                totals[name] += metric.evaluate(m.kind, m.macs, m.params, 32, 32)
+                totals[name] += metric.evaluate(m, 32, 32)
         return totals
 
     # -------------------------------------------------------------- graph ties
@@ -118,7 +119,8 @@ class Analysis:
         metrics = self.metrics
         header = ["layer", "kind", "MACs", "params", "W/A", *metrics]
         rows = []
-        totals = dict.fromkeys(metrics, 0.0)
+        constant = self.hardware.model_cost()
+        totals = dict(constant)
         for m in self.layers:
             bits = full[m.name] if full is not None else m.pin_bits
             cost = self.layer_cost(m.name, *bits) if bits is not None else {}
@@ -127,6 +129,8 @@ class Analysis:
             wa = (format_name(bits) if bits else "search") + ("*" if m.pinned else "")
             rows.append([m.name, m.kind.value, f"{m.macs:,}", f"{m.params:,}", wa]
                         + [_fmt(cost[k]) if k in cost else "" for k in metrics])
+        if any(constant.values()):
+            rows.append(["(rest of the model)", "", "", "", ""] + [_fmt(constant[k]) for k in metrics])
         rows.append(["total", "", f"{sum(m.macs for m in self.layers):,}",
                      f"{sum(m.params for m in self.layers):,}", ""]
                     + ([_fmt(totals[k]) for k in metrics] if full is not None else [""] * len(metrics)))

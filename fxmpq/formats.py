@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 
 from .errors import PolicyError
-from .hardware import FLOAT, HardwareSpec, LayerKind, Pair
+from .hardware import FLOAT, HardwareSpec, LayerKind, format_name
 
 __all__ = ["FLOAT", "Format", "format_name", "format_of"]
 
@@ -33,12 +33,6 @@ def format_of(kind: LayerKind, w: int | None, a: int | None, hardware: HardwareS
                           f"activation bits")
     if hardware is not None and not hardware.runs(kind, w, a):
         offered = ", ".join(format_name(p) for p in hardware.formats(kind))
-        raise PolicyError(f"hardware {hardware.name!r} does not run a {kind.value} layer as {format_name((w, a))}; "
-                          f"it offers {offered}")
+        raise PolicyError(f"hardware {hardware.name!r} ({hardware.path}) does not run a {kind.value} layer as "
+                          f"{format_name((w, a))}; it offers {offered}")
     return fmt
-
-
-def format_name(pair: Pair) -> str:
-    """"W4A8" for integer bits, "float" for (None, None)."""
-    w, a = pair
-    return "float" if (w, a) == FLOAT else f"W{w}A{a}"

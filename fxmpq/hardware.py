@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import HardwareSpecError
 
@@ -20,13 +20,19 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "HardwareSpec",
+    "Layer",
+    "LayerInfo",
     "LayerKind",
+    "LayerSignature",
     "Metric",
     "Pins",
+    "Provenance",
     "Term",
     "TermType",
     "builtin_hardware",
+    "format_name",
     "load_hardware",
+    "shape_text",
 ]
 
 MIN_BITS, MAX_BITS = 1, 8
@@ -54,6 +60,8 @@ class TermType(enum.StrEnum):
     TABLE = "table"  # quantity x values["WxA"]           (a lookup table per supported pair)
     MACS = "macs"  # MACs, independent of the bits
     PARAMS = "params"  # params, independent of the bits
+    LAYER_TABLE = "layer_table"  # layers["name"]["WxA"]  (measured per layer, its shapes checked)
+    CONSTANT = "constant"  # value, once per model (what no layer accounts for: pooling, adds, ...)
 
 
 class Per(enum.StrEnum):
@@ -64,9 +72,76 @@ class Per(enum.StrEnum):
     LAYER = "layer"
 
 
+class Layer(Protocol):
+    """What a cost term reads about one layer; a LayerRecord (fxmpq.record) is one, so is a LayerInfo."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> LayerKind: ...
+    @property
+    def macs(self) -> int: ...
+    @property
+    def params(self) -> int: ...
+    @property
+    def weight_shape(self) -> tuple[int, ...]: ...
+    @property
+    def in_shape(self) -> tuple[int, ...]: ...
+    @property
+    def out_shape(self) -> tuple[int, ...]: ...
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer described by hand (tests, what-if pricing): kind, MACs and params, optionally name and shapes."""
+
+    kind: LayerKind
+    macs: int
+    params: int
+    name: str = ""
+    weight_shape: tuple[int, ...] = ()
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+
+
+def shape_text(shape: Iterable[int]) -> str:
+    """(1, 64, 56, 56) -> "1x64x56x56"."""
+    return "x".join(str(int(d)) for d in shape)
+
+
+@dataclass(frozen=True)
+class LayerSignature:
+    """What a per-layer measurement was taken on: the layer's kind, input -> output shapes and weight shape."""
+
+    kind: LayerKind
+    shape: str  # "1x64x56x56->1x64x56x56" (batch first)
+    weight: str  # "64x64x3x3"
+
+    @classmethod
+    def of(cls, layer: Layer) -> LayerSignature:
+        """The signature of `layer` as traced."""
+        return cls(layer.kind, f"{shape_text(layer.in_shape)}->{shape_text(layer.out_shape)}",
+                   shape_text(layer.weight_shape))
+
+    def __str__(self) -> str:
+        return f"{self.kind.value} {self.shape}, weight {self.weight}"
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """One layer of a LAYER_TABLE term: its signature and its value per format ((None, None): float)."""
+
+    signature: LayerSignature
+    values: Mapping[Pair, float]
+
+
 @dataclass(frozen=True)
 class Term:
-    """One additive cost term: `scale x <quantity given by type>`, applied to layers of `kinds` only."""
+    """One additive cost term: `scale x <quantity given by type>`, applied to layers of `kinds` only.
+
+    A CONSTANT term is no layer's: it contributes `scale x value` once per model (`Metric.constant`) and 0 to
+    every layer. A LAYER_TABLE term looks the layer up by name in `layers` and checks its signature.
+    """
 
     type: TermType
     scale: float = 1.0
@@ -74,12 +149,22 @@ class Term:
     brick_bits: int = 2
     per: Per = Per.MAC
     values: Mapping[Pair, float] = field(default_factory=lambda: MappingProxyType({}))
+    layers: Mapping[str, LayerEntry] = field(default_factory=lambda: MappingProxyType({}))
+    value: float = 0.0  # CONSTANT
+    origin: str = field(default="<memory>", compare=False)  # "file: key path", for error messages
 
-    def evaluate(self, kind: LayerKind, macs: float, params: float, w: int | None, a: int | None) -> float:
-        """Cost of one layer of `kind` with `macs` and `params` run at `w`-bit weights and `a`-bit inputs.
+    def evaluate(self, layer: Layer, w: int | None, a: int | None) -> float:
+        """Cost of one layer run at `w`-bit weights and `a`-bit inputs.
 
         (None, None) is the layer left in float: FLOAT_BITS in bit-based terms, the "float" value of a table.
+        A LAYER_TABLE term raises HardwareSpecError, naming the file, when it has no entry for the layer, the
+        entry was measured on other shapes, or it prices no value for the format.
         """
+        if self.type is TermType.CONSTANT:
+            return 0.0
+        if self.type is TermType.LAYER_TABLE:
+            return self.scale * self._lookup(layer, w, a)
+        kind, macs, params = layer.kind, layer.macs, layer.params
         if kind not in self.kinds:
             return 0.0
         if (w, a) == FLOAT and self.type is TermType.TABLE:
@@ -102,10 +187,41 @@ class Term:
             q = base * self.values[(w, a)]
         return self.scale * q
 
+    def check_layer(self, layer: Layer) -> LayerEntry | None:
+        """The LAYER_TABLE entry of `layer`, its signature checked (None for other term types)."""
+        if self.type is not TermType.LAYER_TABLE:
+            return None
+        entry = self.layers.get(layer.name)
+        if entry is None:
+            raise HardwareSpecError(
+                f"{self.origin}.layers: no entry for layer {layer.name!r} ({LayerSignature.of(layer)}): the file "
+                f"was measured on another model; profile this one (tools/profile_hw.py)")
+        found = LayerSignature.of(layer)
+        if entry.signature != found:
+            raise HardwareSpecError(
+                f"{self.origin}.layers.{_key(layer.name)}: measured on {entry.signature}, but this model's layer is "
+                f"{found}: the file was profiled on another model or input shape; profile this one "
+                f"(tools/profile_hw.py)")
+        return entry
+
+    def _lookup(self, layer: Layer, w: int | None, a: int | None) -> float:
+        entry = self.check_layer(layer)
+        try:
+            return entry.values[(w, a)]
+        except KeyError:
+            priced = ", ".join(format_name(p) for p in entry.values)
+            raise HardwareSpecError(f"{self.origin}.layers.{_key(layer.name)}: no value for layer {layer.name!r} "
+                                    f"as {format_name((w, a))}; the file prices {priced}") from None
+
+
+def _key(name: str) -> str:
+    """A TOML key as written in a key path: bare when it can be, quoted otherwise."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'"{name}"'
+
 
 @dataclass(frozen=True)
 class Metric:
-    """A named cost (BitOps, size, latency, ...) that is the sum of its terms over all layers."""
+    """A named cost (BitOps, size, latency, ...): the sum of its terms over all layers, plus its constants."""
 
     name: str
     unit: str
@@ -114,11 +230,17 @@ class Metric:
 
     def defined_at(self, w: int | None, a: int | None) -> bool:
         """Whether every term has a value at (w, a) (a lookup table covers only the pairs it lists)."""
-        return all(t.type is not TermType.TABLE or (w, a) in t.values for t in self.terms)
+        return all((t.type is not TermType.TABLE or (w, a) in t.values) and t.type is not TermType.LAYER_TABLE
+                   for t in self.terms)
 
-    def evaluate(self, kind: LayerKind, macs: float, params: float, w: int | None, a: int | None) -> float:
-        """This metric's value for one layer at (w, a) ((None, None): in float)."""
-        return sum(t.evaluate(kind, macs, params, w, a) for t in self.terms)
+    def evaluate(self, layer: Layer, w: int | None, a: int | None) -> float:
+        """This metric's value for one layer at (w, a) ((None, None): in float); constants are not a layer's."""
+        return sum(t.evaluate(layer, w, a) for t in self.terms)
+
+    @property
+    def constant(self) -> float:
+        """The model-level part: the sum of the CONSTANT terms, counted once per model."""
+        return sum(t.scale * t.value for t in self.terms if t.type is TermType.CONSTANT)
 
 
 @dataclass(frozen=True)
@@ -138,6 +260,24 @@ class Pins:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """Where a measured hardware file comes from (its optional [provenance] table): what, where and how."""
+
+    tool: str = ""
+    command: str = ""
+    date: str = ""
+    model: str = ""
+    input: str = ""  # per-sample shape, "3x224x224"
+    batch: int | None = None
+    threads: int | None = None
+    runtime: str = ""  # "onnxruntime 1.32.0 (CPUExecutionProvider)"
+    cpu: str = ""  # /proc/cpuinfo "model name"
+    clock: str = ""  # "thread_cpu" or "wall" (fxmpq.measure.Clock)
+    repeats: int | None = None
+    notes: str = ""
+
+
+@dataclass(frozen=True)
 class HardwareSpec:
     """A target: the bit-widths and (w, a) pairs it runs, its pins and its cost metrics."""
 
@@ -152,6 +292,7 @@ class HardwareSpec:
     share_input_quantizer: bool = False
     float_kinds: frozenset[LayerKind] = frozenset()  # layer kinds the search may leave in float
     path: str = "<memory>"
+    provenance: Provenance | None = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> HardwareSpec:
         return self  # an immutable value: copies of a model share it
@@ -168,10 +309,35 @@ class HardwareSpec:
         """Whether a layer of `kind` may run at (w, a) ((None, None): in float) on this target."""
         return (w, a) in self.formats(kind)
 
-    def layer_cost(self, kind: LayerKind, macs: float, params: float, w: int | None, a: int | None
-                   ) -> dict[str, float]:
-        """Every metric's value for one layer at (w, a) ((None, None): in float)."""
-        return {name: m.evaluate(kind, macs, params, w, a) for name, m in self.metrics.items()}
+    def layer_cost(self, layer: Layer, w: int | None, a: int | None) -> dict[str, float]:
+        """Every metric's value for one layer at (w, a) ((None, None): in float): the one evaluation path."""
+        return {name: m.evaluate(layer, w, a) for name, m in self.metrics.items()}
+
+    def model_cost(self) -> dict[str, float]:
+        """Every metric's model-level constant (0 without CONSTANT terms), added once to a model's total."""
+        return {name: m.constant for name, m in self.metrics.items()}
+
+    def check_layers(self, layers: Iterable[Layer]) -> None:
+        """Check that the per-layer tables describe exactly these layers (names and signatures).
+
+        HardwareSpecError naming the file when a table lacks one of the layers, was measured on other shapes, or
+        lists layers the model does not have (a file profiled on another model).
+        """
+        layers = list(layers)
+        names = {layer.name for layer in layers}
+        for m in self.metrics.values():
+            for t in m.terms:
+                if t.type is not TermType.LAYER_TABLE:
+                    continue
+                for layer in layers:
+                    t.check_layer(layer)
+                extra = [n for n in t.layers if n not in names]
+                if extra:
+                    shown = ", ".join(map(repr, extra[:5])) + (f", ... ({len(extra) - 5} more)" if len(extra) > 5
+                                                               else "")
+                    raise HardwareSpecError(
+                        f"{t.origin}.layers: entries for {len(extra)} layer(s) this model does not have ({shown}): "
+                        f"the file was measured on another model; profile this one (tools/profile_hw.py)")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -282,9 +448,25 @@ def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: froz
     scale = float(t.take("scale", float, 1.0))
     if not math.isfinite(scale) or scale < 0:
         raise t.fail("scale", f"expected a finite non-negative number, found {scale!r}")
+    kwargs: dict[str, Any] = {"origin": t.where()}
+    if ttype is TermType.CONSTANT:  # once per model: no kinds, no layers
+        value = float(t.take("value", float))
+        if not math.isfinite(value):
+            raise t.fail("value", f"expected a finite number, found {value!r}")
+        t.finish()
+        return Term(type=ttype, scale=scale, value=value, **kwargs)
+    if ttype is TermType.LAYER_TABLE:  # the layers say their own kinds
+        lt = t.table("layers")
+        if not lt.data:
+            raise lt.fail(None, "expected at least one layer entry")
+        entries = {}
+        for name in lt.data:
+            entries[name] = _parse_layer_entry(lt.table(name), pairs, float_kinds)
+        lt.finish()
+        t.finish()
+        return Term(type=ttype, scale=scale, layers=MappingProxyType(entries), **kwargs)
     kinds_raw = t.take("kinds", list, None)
     kinds = frozenset(LayerKind) if kinds_raw is None else _kinds(t, "kinds", kinds_raw)
-    kwargs: dict[str, Any] = {}
     if ttype is TermType.BRICKS:
         k = t.take("brick_bits", int)
         if not MIN_BITS <= k <= MAX_BITS:
@@ -312,6 +494,60 @@ def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: froz
         kwargs["values"] = MappingProxyType(values)
     t.finish()
     return Term(type=ttype, scale=scale, kinds=kinds, **kwargs)
+
+
+_SHAPE = r"[0-9]+(?:x[0-9]+)*"
+
+
+def _parse_layer_entry(e: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: frozenset[LayerKind]
+                       ) -> LayerEntry:
+    """One layer of a layer_table: kind, shape "IN->OUT", weight shape, and a value for every format it may run as."""
+    kind_name = e.take("kind", str)
+    try:
+        kind = LayerKind(kind_name)
+    except ValueError:
+        raise e.fail("kind", f"unknown layer kind {kind_name!r}; expected one of "
+                     f"{', '.join(x.value for x in LayerKind)}") from None
+    shape = e.take("shape", str)
+    if not re.fullmatch(f"{_SHAPE}->{_SHAPE}", shape):
+        raise e.fail("shape", f'expected "INPUT->OUTPUT" shapes with the batch first, such as '
+                     f'"1x64x56x56->1x64x56x56", found {shape!r}')
+    weight = e.take("weight", str)
+    if not re.fullmatch(_SHAPE, weight):
+        raise e.fail("weight", f'expected the weight shape such as "64x64x3x3", found {weight!r}')
+    values: dict[Pair, float] = {}
+    for key in e.data:
+        if key in ("kind", "shape", "weight"):
+            continue
+        if key != FLOAT_KEY and not re.fullmatch(r"[0-9]+[xX][0-9]+", key):
+            continue  # left for finish() to name as an unknown key
+        pair = FLOAT if key == FLOAT_KEY else _parse_pair_key(e, key)
+        v = float(e.take(key, float))
+        if not math.isfinite(v) or v < 0:
+            raise e.fail(key, f"expected a finite non-negative number, found {v!r}")
+        values[pair] = v
+    e.finish()
+    needed = [*pairs, FLOAT] if kind in float_kinds else list(pairs)
+    missing = [FLOAT_KEY if p == FLOAT else pair_name(p) for p in needed if p not in values]
+    if missing:
+        raise e.fail(None, f"no value for format(s) {', '.join(missing)}, which the target offers a "
+                     f"{kind.value} layer")
+    return LayerEntry(LayerSignature(kind, shape, weight), MappingProxyType(values))
+
+
+_PROVENANCE_STR = ("tool", "command", "date", "model", "input", "runtime", "cpu", "clock", "notes")
+_PROVENANCE_INT = ("batch", "threads", "repeats")
+
+
+def _parse_provenance(p: _Table) -> Provenance:
+    kwargs: dict[str, Any] = {k: p.take(k, str, "") for k in _PROVENANCE_STR}
+    for k in _PROVENANCE_INT:
+        v = p.take(k, int, None)
+        if v is not None and v < 1:
+            raise p.fail(k, f"expected a positive integer, found {v}")
+        kwargs[k] = v
+    p.finish()
+    return Provenance(**kwargs)
 
 
 def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareSpec:
@@ -387,10 +623,12 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
             terms.append(_parse_term(_Table(rt, f"{m.path}.terms[{i}]", file), pairs, float_kinds))
         m.finish()
         metrics[mname] = Metric(name=mname, unit=unit, description=mdesc, terms=tuple(terms))
+    pv = top.take("provenance", dict, None)
+    provenance = _parse_provenance(_Table(pv, "provenance", file)) if pv is not None else None
     top.finish()
     return HardwareSpec(name=name, description=description, sources=tuple(sources), weight_bits=wbits,
                         act_bits=abits, pairs=pairs, pins=pins, metrics=MappingProxyType(metrics),
-                        share_input_quantizer=share, float_kinds=float_kinds, path=file)
+                        share_input_quantizer=share, float_kinds=float_kinds, path=file, provenance=provenance)
 
 
 def builtin_hardware() -> list[str]:
@@ -432,6 +670,12 @@ def loads_hardware(raw: bytes | str, file: str = "<memory>") -> HardwareSpec:
     except tomllib.TOMLDecodeError as e:
         raise HardwareSpecError(f"{file}: invalid TOML: {e}") from None
     return parse_hardware(data, file)
+
+
+def format_name(pair: Pair) -> str:
+    """"W4A8" for integer bits, "float" for (None, None) (policies, tables, error messages)."""
+    w, a = pair
+    return "float" if (w, a) == FLOAT else f"W{w}A{a}"
 
 
 def pair_name(pair: Iterable[int]) -> str:

@@ -86,7 +86,9 @@ class Problem:
         for n in searchable:
             costs = analysis.layer(n).costs
             self.layer_cost[n] = np.array([[costs[p][k] for k in self.metrics] for p in self.layer_pairs[n]])
-        self.pinned_cost = np.zeros(len(self.metrics))
+        # the fixed part of every total: the model-level constants and the pinned layers' costs
+        constant = hw.model_cost()
+        self.pinned_cost = np.array([constant[k] for k in self.metrics], dtype=np.float64)
         for m in analysis.pinned:
             c = analysis.layer_cost(m.name, *m.pin_bits)
             self.pinned_cost += np.array([c[k] for k in self.metrics])

@@ -48,9 +48,11 @@ def prepare_passes(hardware: HardwareSpec, bits: Sequence[int], *, pins: Pins | 
     return [*analysis_passes(hardware, pins), InsertFakeQuantPass(bits=bits, per_channel=per_channel)]
 
 
-def apply_passes(policy: Policy | Mapping[str, tuple[int, int]], *, output_bits: int = 8) -> list[PassBase]:
-    """Fix the quantizers at `policy`, add output quantizers and the int32-bias simulation."""
-    return [ApplyPolicyPass(policy=policy, output_bits=output_bits)]
+def apply_passes(policy: Policy | Mapping[str, tuple[int, int]], *, output_bits: int = 8,
+                 hardware: HardwareSpec | None = None) -> list[PassBase]:
+    """Fix the quantizers at `policy` (formats `hardware` offers), add output quantizers and the int32-bias
+    simulation."""
+    return [ApplyPolicyPass(policy=policy, output_bits=output_bits, hardware=hardware)]
 
 
 def lower_passes(example_inputs: Any = None) -> list[PassBase]:
@@ -126,7 +128,7 @@ def apply_policy(qmodel: QuantModel, policy: Policy | Mapping[str, tuple[int, in
     With `example_inputs`, the model runs once on them (eval mode, no gradients) so that new output quantizers
     take their initial step size from data (LSQ's init); otherwise they do on the first batch.
     """
-    run_passes(qmodel.graph_module, apply_passes(policy, output_bits=output_bits))
+    run_passes(qmodel.graph_module, apply_passes(policy, output_bits=output_bits, hardware=qmodel.hardware))
     if example_inputs is not None:
         was = qmodel.training
         qmodel.eval()

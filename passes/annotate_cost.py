@@ -22,7 +22,8 @@ class AnnotateCostPass(PassBase):
     """An analysis pass: it replaces records only and returns modified=False (like torch.fx's ShapeProp).
 
     Needs the records capture writes (fxmpq.trace). Pins come from `pins` when given, else from the hardware
-    description; a pinned layer runs at the pins' bits.
+    description; a pinned layer runs at the pins' bits. A hardware file with measured per-layer tables must
+    describe exactly this model's layers (names and shapes): HardwareSpecError naming the file otherwise.
     """
 
     def __init__(self, *, hardware: HardwareSpec, pins: Pins | None = None):
@@ -48,8 +49,9 @@ class AnnotateCostPass(PassBase):
             w, a = self.pins.bits
             raise PolicyError(f"pinned bits W{w}A{a} are not a pair hardware {self.hardware.name!r} runs "
                               f"({self.hardware.path}); supported pairs: {self.hardware.pairs}")
+        self.hardware.check_layers(r for _, r in found)  # per-layer tables: this model's layers and shapes
         for node, rec in found:
-            costs = {pair: MappingProxyType(self.hardware.layer_cost(rec.kind, rec.macs, rec.params, *pair))
+            costs = {pair: MappingProxyType(self.hardware.layer_cost(rec, *pair))
                      for pair in self.hardware.formats(rec.kind)}
             is_pinned = rec.name in pinned
             set_record(node, dataclasses.replace(rec, pinned=is_pinned, pin_bits=self.pins.bits if is_pinned else None,

@@ -11,6 +11,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxmpq.errors import PassError, PolicyError
 from fxmpq.formats import Format, format_name, format_of
+from fxmpq.hardware import HardwareSpec
 from fxmpq.kernels import BiasRounding
 from fxmpq.matcher import layer_input, linear_runs_as_conv, set_weight_arg, weight_arg
 from fxmpq.policy import Policy
@@ -31,6 +32,7 @@ class ApplyPolicyPass(PassBase):
     """Fix every layer's quantizers at `policy` (keeping only that bit's step size and BatchNorm).
 
     A layer at (None, None) is left in float: its quantizers are removed (the record's sites become None).
+    With `hardware`, a format it does not offer a layer is refused naming the hardware file, the layer and the format.
     Then every quantized conv/linear whose output (after the BatchNorm that folds into it, and a following ReLU/ReLU6)
     feeds anything but a single quantizer gets an `output_bits` output quantizer (unsigned after a ReLU, signed
     otherwise), a submodule `<owner>.output_quantizer` whose step size is learned like the others: ONNX Runtime
@@ -41,9 +43,11 @@ class ApplyPolicyPass(PassBase):
     (modified=False).
     """
 
-    def __init__(self, *, policy: Policy | Mapping[str, tuple[int, int]], output_bits: int = 8):
+    def __init__(self, *, policy: Policy | Mapping[str, tuple[int, int]], output_bits: int = 8,
+                 hardware: HardwareSpec | None = None):
         super().__init__()
         self.policy = policy if isinstance(policy, Policy) else Policy(policy)
+        self.hardware = hardware  # when given, a format it does not offer is refused naming the file
         if not 2 <= int(output_bits) <= 8:
             raise PassError(f"ApplyPolicyPass: output_bits must be in 2..8 (uint8 activations), found {output_bits}")
         self.output_bits = int(output_bits)
@@ -78,11 +82,11 @@ class ApplyPolicyPass(PassBase):
                 full[r.name] = tuple(pair)
         for n, pair in full.items():
             try:
-                format_of(next(r.kind for _, r in layers if r.name == n), *pair)
+                format_of(next(r.kind for _, r in layers if r.name == n), *pair, self.hardware)
             except PolicyError as e:
                 problems.append(f"{n}: {e}")
         unsupported = [f"{n} {format_name(full[n])}" for _, r in layers if r.searchable and (n := r.name) in full
-                       and full[n] not in r.costs]
+                       and full[n] not in r.costs and self.hardware is None]
         if unsupported:
             problems.append(f"bits the hardware does not run: {', '.join(unsupported)}")
         if problems:

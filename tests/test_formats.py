@@ -12,7 +12,7 @@ from models import PlainCNN, ResidualNet
 import fxmpq
 from fxmpq.errors import HardwareSpecError, PolicyError
 from fxmpq.formats import Format, format_of
-from fxmpq.hardware import FLOAT, LayerKind, loads_hardware
+from fxmpq.hardware import FLOAT, LayerInfo, LayerKind, loads_hardware
 
 FLOAT_TOML = """
 [target]
@@ -40,8 +40,8 @@ def test_hardware_offers_float_per_kind(hw) -> None:
     assert hw.float_kinds == {LayerKind.CONV, LayerKind.LINEAR}
     assert FLOAT in hw.formats(LayerKind.CONV) and FLOAT not in hw.formats(LayerKind.DEPTHWISE_CONV)
     m = hw.metrics
-    assert m["size"].evaluate(LayerKind.CONV, 10, 100, None, None) == 3200  # float weights: 32 bits
-    assert m["latency"].evaluate(LayerKind.CONV, 1000, 10, None, None) == pytest.approx(4e-3)
+    assert m["size"].evaluate(LayerInfo(LayerKind.CONV, 10, 100), None, None) == 3200  # float weights: 32 bits
+    assert m["latency"].evaluate(LayerInfo(LayerKind.CONV, 1000, 10), None, None) == pytest.approx(4e-3)
     assert format_of(LayerKind.CONV, None, None, hw) is Format.FLOAT
     assert format_of(LayerKind.CONV, 4, 8, hw) is Format.INTEGER
     with pytest.raises(PolicyError, match="does not run a depthwise_conv layer as float"):

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fxmpq import HardwareSpec, HardwareSpecError, LayerKind, builtin_hardware, load_hardware
-from fxmpq.hardware import TermType, loads_hardware, parse_hardware
+from fxmpq.hardware import LayerInfo, TermType, loads_hardware, parse_hardware
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "hardware.md"
 
@@ -83,19 +83,19 @@ def test_bitops_target():
     hw = load_hardware("bitops")
     assert hw.weight_bits == hw.act_bits == (2, 3, 4, 5, 6, 7, 8)
     assert len(hw.pairs) == 49
-    assert hw.layer_cost(LayerKind.CONV, 1000, 10, 3, 5) == {"bitops": 15000, "size": 30}
+    assert hw.layer_cost(LayerInfo(LayerKind.CONV, 1000, 10), 3, 5) == {"bitops": 15000, "size": 30}
 
 
 def test_bitfusion_target_follows_power_of_two_fusion():
     hw = load_hardware("bitfusion")
     us_per_mac = 1 / (512 * 500e6) * 1e6  # 512 Fusion Units at 500 MHz, one 8x8 MAC per unit per cycle
-    lat = {pair: hw.layer_cost(LayerKind.CONV, 1, 0, *pair)["latency"] for pair in hw.pairs}
+    lat = {pair: hw.layer_cost(LayerInfo(LayerKind.CONV, 1, 0), *pair)["latency"] for pair in hw.pairs}
     assert lat[(8, 8)] == pytest.approx(us_per_mac)
     for w, a in hw.pairs:  # the authors' simulator: perf factor int(8 / w) * int(8 / a)
         assert lat[(w, a)] == pytest.approx(us_per_mac / (int(8 / w) * int(8 / a)))
     assert lat[(2, 2)] == pytest.approx(us_per_mac / 16)
     assert lat[(3, 3)] == lat[(4, 4)] and lat[(5, 8)] == lat[(8, 8)]
-    bricks = hw.layer_cost(LayerKind.LINEAR, 10, 0, 3, 5)["bricks"]
+    bricks = hw.layer_cost(LayerInfo(LayerKind.LINEAR, 10, 0), 3, 5)["bricks"]
     assert bricks == 10 * 2 * 3  # ceil(3/2) x ceil(5/2)
     assert hw.share_input_quantizer
 
@@ -104,8 +104,8 @@ def test_a100_target_runs_int4_and_int8_only():
     hw = load_hardware("a100_int")
     assert hw.pairs == ((4, 4), (8, 8))
     assert not hw.supports(4, 8) and not hw.supports(8, 4)
-    c8 = hw.layer_cost(LayerKind.CONV, 1e9, 1000, 8, 8)
-    c4 = hw.layer_cost(LayerKind.CONV, 1e9, 1000, 4, 4)
+    c8 = hw.layer_cost(LayerInfo(LayerKind.CONV, 1e9, 1000), 8, 8)
+    c4 = hw.layer_cost(LayerInfo(LayerKind.CONV, 1e9, 1000), 4, 4)
     assert c8["latency"] == pytest.approx(1e9 * 2 / 624e12 * 1e6)  # 624 dense INT8 TOPS
     assert c4["latency"] == pytest.approx(1e9 * 2 / 1248e12 * 1e6)  # 1248 dense INT4 TOPS
     assert c8["size"] == 1000 and c4["size"] == 500  # bytes
@@ -115,7 +115,7 @@ def test_cortex_m_target_is_weight_only():
     hw = load_hardware("cortex_m")
     assert hw.act_bits == (8,)
     assert hw.pairs == ((4, 8), (8, 8))
-    assert hw.layer_cost(LayerKind.DEPTHWISE_CONV, 5000, 1001, 4, 8) == {"flash": 1001 * 4 / 8, "macs": 5000}
+    assert hw.layer_cost(LayerInfo(LayerKind.DEPTHWISE_CONV, 5000, 1001), 4, 8) == {"flash": 1001 * 4 / 8, "macs": 5000}
 
 
 def test_docs_examples_parse():
@@ -130,7 +130,7 @@ def test_docs_examples_parse():
 def test_base_document_is_valid():
     hw = _load(BASE)
     assert hw.pairs == ((4, 4), (4, 8), (8, 4), (8, 8))
-    assert hw.layer_cost(LayerKind.CONV, 10, 3, 4, 8) == {"bitops": 320, "lat": 10.0}
+    assert hw.layer_cost(LayerInfo(LayerKind.CONV, 10, 3), 4, 8) == {"bitops": 320, "lat": 10.0}
     assert hw.path == "t.toml"
 
 
@@ -142,9 +142,9 @@ def test_kinds_restrict_a_term_and_table_per_param_and_layer():
         {"type": "table", "per": "param", "values": {"4x4": 0, "4x8": 0, "8x4": 0, "8x8": 10}},
     ]}})
     hw = _load(doc)
-    assert hw.layer_cost(LayerKind.DEPTHWISE_CONV, 100, 7, 4, 8)["m"] == 300 + 2
-    assert hw.layer_cost(LayerKind.LINEAR, 100, 7, 8, 8)["m"] == 7 + 4 + 70
-    assert hw.layer_cost(LayerKind.CONV, 100, 7, 4, 4)["m"] == 1
+    assert hw.layer_cost(LayerInfo(LayerKind.DEPTHWISE_CONV, 100, 7), 4, 8)["m"] == 300 + 2
+    assert hw.layer_cost(LayerInfo(LayerKind.LINEAR, 100, 7), 8, 8)["m"] == 7 + 4 + 70
+    assert hw.layer_cost(LayerInfo(LayerKind.CONV, 100, 7), 4, 4)["m"] == 1
 
 
 def test_explicit_pairs_and_pins_off():
@@ -169,7 +169,7 @@ CASES = [
      "t.toml: target.share_input_quantizer: expected a boolean, found an integer 1"),
     ("target.colour", "red",
      f"t.toml: target: unknown key(s) 'colour'; allowed: {ALLOWED_TARGET}"),
-    ("extra", {"a": 1}, "t.toml: <top level>: unknown key(s) 'extra'; allowed: metrics, pins, target"),
+    ("extra", {"a": 1}, "t.toml: <top level>: unknown key(s) 'extra'; allowed: metrics, pins, provenance, target"),
     ("target.weight_bits", [], "t.toml: target.weight_bits: expected a non-empty array of bit-widths"),
     ("target.act_bits", [4, 4], "t.toml: target.act_bits: duplicate bit-widths in [4, 4]"),
     ("target.weight_bits", [4, 2.5], "t.toml: target.weight_bits[1]: expected an integer bit-width, found 2.5"),
@@ -209,7 +209,7 @@ CASES = [
     ("metrics.bitops.unit", 1, "t.toml: metrics.bitops.unit: expected a string, found an integer 1"),
     ("metrics.bitops.terms[0].type", "w*a*macs",
      "t.toml: metrics.bitops.terms[0].type: unknown term type 'w*a*macs'; expected one of "
-     "bitops, weight_bits, bricks, table, macs, params"),
+     "bitops, weight_bits, bricks, table, macs, params, layer_table, constant"),
     ("metrics.bitops.terms[0].type", DROP, "t.toml: metrics.bitops.terms[0].type: missing required field"),
     ("metrics.bitops.terms[0].scale", -1, "t.toml: metrics.bitops.terms[0].scale: expected a finite "
                                           "non-negative number, found -1.0"),
@@ -391,8 +391,32 @@ def test_fuzz_mutated_documents_load_or_raise_hardware_spec_error(doc):
         return
     assert isinstance(hw, HardwareSpec)
     for w, a in hw.pairs:  # a valid spec prices every pair it claims to support
-        for name, value in hw.layer_cost(LayerKind.CONV, 100, 10, w, a).items():
-            assert value >= 0 and math.isfinite(value), name
+        for layer in _priced_layers(hw):
+            try:
+                cost = hw.layer_cost(layer, w, a)
+            except HardwareSpecError as e:  # a layer one per-layer table has and another lacks
+                assert str(e).startswith("fuzz.toml: ")
+                continue
+            for name, value in cost.items():
+                assert value >= 0 and math.isfinite(value), name
+
+
+def _priced_layers(hw: HardwareSpec) -> list[LayerInfo]:
+    """A generic conv, or the layers a per-layer table describes (its names and signatures)."""
+    entries = {n: e for m in hw.metrics.values() for t in m.terms if t.type is TermType.LAYER_TABLE
+               for n, e in t.layers.items()}
+    if not entries:
+        return [LayerInfo(LayerKind.CONV, 100, 10)]
+
+    def dims(text: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in text.split("x"))
+
+    out = []
+    for n, e in entries.items():
+        i, o = e.signature.shape.split("->")
+        out.append(LayerInfo(e.signature.kind, 100, 10, name=n, weight_shape=dims(e.signature.weight),
+                             in_shape=dims(i), out_shape=dims(o)))
+    return out
 
 
 @settings(max_examples=150, deadline=None)
@@ -403,3 +427,119 @@ def test_fuzz_raw_text_loads_or_raises_hardware_spec_error(raw):
     except HardwareSpecError:
         return
     assert isinstance(hw, HardwareSpec)
+
+
+# ------------------------------------------------------------------------------------------ measured terms
+
+MEASURED: dict[str, Any] = {
+    "target": {"name": "ort", "weight_bits": [8], "act_bits": [8], "pairs": [[8, 8]], "float_kinds": ["conv"]},
+    "pins": {"first_layer": False, "last_layer": False},
+    "metrics": {"latency": {"unit": "ms", "terms": [
+        {"type": "constant", "value": -0.5},
+        {"type": "layer_table", "layers": {
+            "conv1": {"kind": "conv", "shape": "1x3x16x16->1x8x16x16", "weight": "8x3x3x3", "8x8": 1.0, "float": 2.0},
+            "fc": {"kind": "linear", "shape": "1x16->1x10", "weight": "10x16", "8x8": 0.25}}},
+    ]}},
+    "provenance": {"tool": "tools/profile_hw.py", "model": "toy", "input": "3x16x16", "batch": 1, "threads": 1,
+                   "clock": "thread_cpu", "repeats": 20},
+}
+CONV1 = LayerInfo(LayerKind.CONV, 3456, 224, name="conv1", weight_shape=(8, 3, 3, 3), in_shape=(1, 3, 16, 16),
+                  out_shape=(1, 8, 16, 16))
+
+
+def _measured(path: str, value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(MEASURED)
+    *parents, last = _split(path)
+    node = doc
+    for p in parents:
+        node = node[p]
+    if value is DROP:
+        del node[last]
+    else:
+        node[last] = value
+    return doc
+
+
+def test_layer_table_and_constant_terms():
+    hw = _load(MEASURED)
+    lat = hw.metrics["latency"]
+    assert lat.constant == -0.5 and hw.model_cost() == {"latency": -0.5}
+    assert hw.layer_cost(CONV1, 8, 8) == {"latency": 1.0}
+    assert hw.layer_cost(CONV1, None, None) == {"latency": 2.0}
+    assert not lat.defined_at(32, 32)  # measured per layer: no 32-bit reference
+    assert hw.provenance.threads == 1 and hw.provenance.clock == "thread_cpu" and hw.provenance.model == "toy"
+    t = lat.terms[1]
+    assert t.type is TermType.LAYER_TABLE and t.origin == "t.toml: metrics.latency.terms[1]"
+
+
+def test_layer_table_refuses_other_shapes_missing_layers_and_formats():
+    hw = _load(MEASURED)
+    other = LayerInfo(LayerKind.CONV, 1, 1, name="conv1", weight_shape=(8, 3, 3, 3), in_shape=(1, 3, 32, 32),
+                      out_shape=(1, 8, 32, 32))
+    with pytest.raises(HardwareSpecError) as exc:
+        hw.layer_cost(other, 8, 8)
+    assert str(exc.value).startswith(
+        "t.toml: metrics.latency.terms[1].layers.conv1: measured on conv 1x3x16x16->1x8x16x16, weight 8x3x3x3, but "
+        "this model's layer is conv 1x3x32x32->1x8x32x32, weight 8x3x3x3: the file was profiled on another model or "
+        "input shape")
+    with pytest.raises(HardwareSpecError, match=r"t.toml: metrics.latency.terms\[1\].layers: no entry for layer "
+                                                r"'layer9.conv' \(conv 1x3x16x16->1x8x16x16"):
+        hw.layer_cost(LayerInfo(**{**CONV1.__dict__, "name": "layer9.conv"}), 8, 8)
+    with pytest.raises(HardwareSpecError, match=r"layers.conv1: no value for layer 'conv1' as W4A8; the file prices "
+                                                r"W8A8, float"):
+        hw.layer_cost(CONV1, 4, 8)
+    with pytest.raises(HardwareSpecError, match=r"layers: entries for 1 layer\(s\) this model does not have \('fc'\)"):
+        hw.check_layers([CONV1])
+
+
+MEASURED_CASES = [
+    ("metrics.latency.terms[0].value", DROP, "t.toml: metrics.latency.terms[0].value: missing required field"),
+    ("metrics.latency.terms[0].value", math.nan,
+     "t.toml: metrics.latency.terms[0].value: expected a finite number, found nan"),
+    ("metrics.latency.terms[0].kinds", ["conv"],
+     "t.toml: metrics.latency.terms[0]: unknown key(s) 'kinds'; allowed: scale, type, value"),
+    ("metrics.latency.terms[1].layers", DROP, "t.toml: metrics.latency.terms[1].layers: missing required field"),
+    ("metrics.latency.terms[1].layers", {},
+     "t.toml: metrics.latency.terms[1].layers: expected at least one layer entry"),
+    ("metrics.latency.terms[1].per", "mac",
+     "t.toml: metrics.latency.terms[1]: unknown key(s) 'per'; allowed: layers, scale, type"),
+    ("metrics.latency.terms[1].layers.conv1.float", DROP,
+     "t.toml: metrics.latency.terms[1].layers.conv1: no value for format(s) float, which the target offers a conv "
+     "layer"),
+    ("metrics.latency.terms[1].layers.fc.8x8", DROP,
+     "t.toml: metrics.latency.terms[1].layers.fc: no value for format(s) 8x8, which the target offers a linear layer"),
+    ("metrics.latency.terms[1].layers.conv1.shape", "3x16x16",
+     't.toml: metrics.latency.terms[1].layers.conv1.shape: expected "INPUT->OUTPUT" shapes with the batch first, '
+     "such as \"1x64x56x56->1x64x56x56\", found '3x16x16'"),
+    ("metrics.latency.terms[1].layers.conv1.shape", 3,
+     "t.toml: metrics.latency.terms[1].layers.conv1.shape: expected a string, found an integer 3"),
+    ("metrics.latency.terms[1].layers.conv1.weight", "8x3x3xk",
+     't.toml: metrics.latency.terms[1].layers.conv1.weight: expected the weight shape such as "64x64x3x3", found '
+     "'8x3x3xk'"),
+    ("metrics.latency.terms[1].layers.conv1.kind", "lstm",
+     "t.toml: metrics.latency.terms[1].layers.conv1.kind: unknown layer kind 'lstm'; expected one of conv, "
+     "depthwise_conv, linear"),
+    ("metrics.latency.terms[1].layers.conv1.kind", DROP,
+     "t.toml: metrics.latency.terms[1].layers.conv1.kind: missing required field"),
+    ("metrics.latency.terms[1].layers.conv1.8x8", "fast",
+     "t.toml: metrics.latency.terms[1].layers.conv1.8x8: expected a number, found a string 'fast'"),
+    ("metrics.latency.terms[1].layers.conv1.8x8", -1,
+     "t.toml: metrics.latency.terms[1].layers.conv1.8x8: expected a finite non-negative number, found -1.0"),
+    ("metrics.latency.terms[1].layers.conv1.colour", "red",
+     "t.toml: metrics.latency.terms[1].layers.conv1: unknown key(s) 'colour'; allowed: 8x8, float, kind, shape, "
+     "weight"),
+    ("metrics.latency.terms[1].layers.conv1", 1.0,
+     "t.toml: metrics.latency.terms[1].layers.conv1: expected a table, found a number 1.0"),
+    ("provenance.threads", 0, "t.toml: provenance.threads: expected a positive integer, found 0"),
+    ("provenance.threads", "1", "t.toml: provenance.threads: expected an integer, found a string '1'"),
+    ("provenance.host", "x",
+     "t.toml: provenance: unknown key(s) 'host'; allowed: batch, clock, command, cpu, date, input, model, notes, "
+     "repeats, runtime, threads, tool"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), MEASURED_CASES, ids=[c[2][7:60] for c in MEASURED_CASES])
+def test_every_measured_term_error_names_file_and_key_path(path, value, message):
+    with pytest.raises(HardwareSpecError) as exc:
+        _load(_measured(path, value))
+    assert str(exc.value) == message
