@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -19,23 +20,45 @@ import torch.fx as fx
 from torch import nn
 
 from .atomic import atomic_paths
-from .errors import ExportError
+from .errors import ArgumentError, ExportError
+from .formats import format_name
 from .graph import as_input_tuple
+from .measure import NodeTime, TimingOptions, profile_nodes, session, time_sessions
 from .passes import run_passes
-from .passes.lower_qdq import DQ_OP, QDQ_META, QDQ_OP
-from .record import records
+from .passes.lower_qdq import DQ_OP, QDQ_CHANNELS_OP, QDQ_META, QDQ_OP
+from .record import LayerRecord, records
 from .stages import lower_passes
+from .tables import render
 
 if TYPE_CHECKING:
     from .quant_model import QuantModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OPSET", "LowerReport", "export_fp32", "lower", "qlinear_counts"]
+__all__ = ["OPSET", "LayerTiming", "LowerReport", "export_fp32", "latency_ms", "lower", "qlinear_counts"]
 
 OPSET = 21
 _TWO_GB = 2**31 - 2**20
 _QLINEAR = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger")
+_MS_PER_UNIT = {"s": 1e3, "ms": 1.0, "us": 1e-3, "µs": 1e-3, "μs": 1e-3, "ns": 1e-6}
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """One layer in ONNX Runtime's profile of the exported model: what it was lowered as and what ORT ran.
+
+    `measured_ms` is the median kernel time of the ORT nodes that compute the layer (the Q/DQ around it are not
+    counted: they belong to no single layer); `predicted_ms` is the hardware file's latency of the layer in its
+    format (None without a latency metric). `flag` says when ORT ran it otherwise than it is priced.
+    """
+
+    layer: str
+    format: str  # "W8A8", "float"
+    kernels: tuple[str, ...]  # ORT op types of the nodes that compute it ("QLinearConv", "Conv", ...)
+    integer: bool  # whether ORT ran it as an integer kernel
+    measured_ms: float
+    predicted_ms: float | None
+    flag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,19 @@ class LowerReport:
     # computes each quantizer from ONNX Runtime's values of the ones before it; <= 1 means every stage of the
     # export is faithful and the end-to-end difference is float rounding amplified by the network
     forced_max_steps: float | None = None
+    # the latency audit (lower(..., measure=True)): the median of `latency_repeats` runs of the exported model in
+    # ONNX Runtime (CPU) at `latency_threads` threads and batch `latency_batch`, on `latency_clock`
+    # (fxmpq.measure.Clock); the hardware file's prediction for the policy (None without a `latency` metric in a
+    # time unit); the layers from ORT's profiler, and the layers ORT ran otherwise than priced
+    measured_latency_ms: float | None = None
+    measured_wall_ms: float | None = None
+    predicted_latency_ms: float | None = None
+    latency_threads: int | None = None
+    latency_batch: int | None = None
+    latency_repeats: int | None = None
+    latency_clock: str | None = None
+    layer_timings: tuple[LayerTiming, ...] = ()
+    format_mismatches: tuple[str, ...] = ()
 
     @property
     def stagewise_faithful(self) -> bool:
@@ -96,7 +132,28 @@ class LowerReport:
                          f"{self.forced_max_steps:.2f} steps ("
                          + ("faithful: the end-to-end difference is float rounding the network amplifies)"
                             if self.stagewise_faithful else "an export stage computes something else)"))
+        if self.measured_latency_ms is not None:
+            pred = (f"predicted {self.predicted_latency_ms:.3f} ms (measured/predicted "
+                    f"{self.measured_latency_ms / self.predicted_latency_ms:.3f})"
+                    if self.predicted_latency_ms else "no latency prediction (the hardware has no latency metric)")
+            lines.append(f"latency        {self.measured_latency_ms:.3f} ms measured ({self.latency_clock} clock, median "
+                         f"of {self.latency_repeats}, {self.latency_threads} thread(s), batch {self.latency_batch}; "
+                         f"wall {self.measured_wall_ms:.3f} ms), {pred}")
+        for m in self.format_mismatches:
+            lines.append(f"NOT AS PRICED  {m}")
         return "\n".join(lines)
+
+    def layer_table(self) -> str:
+        """The per-layer table from ORT's profiler: format, kernels, integer or not, measured vs predicted."""
+        rows = [[t.layer, t.format, "+".join(t.kernels) or "-", "yes" if t.integer else "no", f"{t.measured_ms:.4f}",
+                 "" if t.predicted_ms is None else f"{t.predicted_ms:.4f}", t.flag or ""] for t in self.layer_timings]
+        return render(["layer", "format", "ORT kernels", "integer", "measured ms", "predicted ms", "flag"], rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every field (the path as a string, layer timings as objects)."""
+        out = dataclasses.asdict(self)
+        out["path"] = str(self.path)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- translation
@@ -115,10 +172,20 @@ def _translation_table() -> dict[Any, Any]:
             q = op.Clip(q, u8("lo", qmin), u8("hi", qmax))
         return op.DequantizeLinear(q, scale, zp)
 
+    def qdq_channels(x: Any, scale: Any, zero_point: int, qmin: int, qmax: int, axis: int, channels: int) -> Any:
+        zp = u8("zp", zero_point)
+        q = op.QuantizeLinear(x, scale, zp)
+        if qmin > 0 or qmax < 255:
+            q = op.Clip(q, u8("lo", qmin), u8("hi", qmax))
+        zps = op.Constant(value=onnx.helper.make_tensor("zps", onnx.TensorProto.UINT8, [channels],
+                                                        [int(zero_point)] * channels))
+        scales = op.Expand(scale, op.Constant(value_ints=[channels]))
+        return op.DequantizeLinear(q, scales, zps, axis=axis)
+
     def dq(q: Any, scale: Any, axis: int) -> Any:
         return op.DequantizeLinear(q, scale, axis=axis)
 
-    return {QDQ_OP: qdq, DQ_OP: dq}
+    return {QDQ_OP: qdq, QDQ_CHANNELS_OP: qdq_channels, DQ_OP: dq}
 
 
 def _export(module: nn.Module, inputs: tuple[Any, ...], table: dict[Any, Any] | None) -> Any:
@@ -303,6 +370,91 @@ def _quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.T
     return (first[0] if first else None), max(forced, default=0.0)
 
 
+# ----------------------------------------------------------------------------------------------- latency audit
+def latency_ms(qmodel: QuantModel) -> float | None:
+    """The hardware file's predicted latency of `qmodel`'s policy in milliseconds, or None when its hardware has no
+    `latency` metric in a time unit (s, ms, us, ns) or no policy is in force."""
+    metric = qmodel.hardware.metrics.get("latency")
+    if metric is None or metric.unit.strip() not in _MS_PER_UNIT or qmodel.policy is None:
+        return None
+    return float(qmodel.analysis.cost(qmodel.policy)["latency"]) * _MS_PER_UNIT[metric.unit.strip()]
+
+
+def _node_layers(nodes: list[NodeTime], path: Path, recs: Sequence[LayerRecord]) -> dict[str, list[NodeTime]]:
+    """Layer name -> the ORT nodes (optimized graph) that compute it.
+
+    The exported graph names each layer's weight `fxmpq_lowered.<layer>_weight`: the node reading it (or reading
+    it through a DequantizeLinear) is the layer's in the exported graph. ORT's fused or re-laid-out node keeps
+    either that weight among its inputs (QLinearConv), or the exported node's name, or its output's name, with a
+    suffix (`_token_<n>`, `_nchwc`): each is tried in turn.
+    """
+    import onnx
+
+    weights = {r.lowered.weight_buffer: r.name for r in recs if r.lowered is not None and r.lowered.weight_buffer}
+    exported = onnx.load(str(path), load_external_data=False).graph
+    dq_of = {n.output[0]: n.input[0] for n in exported.node if n.op_type == "DequantizeLinear"}
+    by_name: dict[str, str] = {}
+    for n in exported.node:
+        if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and len(n.input) > 1:
+            w = dq_of.get(n.input[1], n.input[1])
+            if w in weights:
+                by_name[n.name] = by_name[n.output[0]] = weights[w]
+    out: dict[str, list[NodeTime]] = {r.name: [] for r in recs}
+    for node in nodes:
+        layer = next((weights[i] for i in node.inputs if i in weights), None)
+        if layer is None:
+            base = node.name
+            for suffix in ("_nchwc",):
+                base = base.removesuffix(suffix)
+            base = base.split("_token_")[0]
+            layer = by_name.get(node.name) or by_name.get(base)
+        if layer is not None:
+            out[layer].append(node)
+    return out
+
+
+def _latency_audit(qmodel: QuantModel, path: Path, recs: Sequence[LayerRecord], feed_inputs: tuple[torch.Tensor, ...],
+                   timing: TimingOptions) -> dict[str, Any]:
+    """The LowerReport fields of the latency audit (see lower())."""
+    sess = session(path, timing.threads)
+    names = [i.name for i in sess.get_inputs()]
+    feed = {k: x.numpy() for k, x in zip(names, feed_inputs)}
+    t = time_sessions({"model": (sess, feed)}, timing)["model"]
+    nodes = profile_nodes(path, feed, timing.threads, runs=max(3, min(timing.repeats, 10)))
+    per_layer = _node_layers(nodes, path, recs)
+    metric = qmodel.hardware.metrics.get("latency")
+    scale = _MS_PER_UNIT.get(metric.unit.strip()) if metric is not None else None
+    priced = {r.name: r for r in qmodel.records}
+    rows, mismatches = [], []
+    for r in recs:
+        low = r.lowered
+        fmt = (None, None) if low.w_bits is None else (low.w_bits, low.a_bits)
+        ran = per_layer.get(r.name, [])
+        kernels = tuple(dict.fromkeys(n.op_type for n in ran))
+        integer = any(k in _QLINEAR for k in kernels)
+        pr = priced.get(r.name)
+        pred = None
+        if scale is not None and pr is not None:
+            pred = qmodel.hardware.layer_cost(pr, *fmt)["latency"] * scale
+        flag = None
+        if not ran:
+            flag = "not found in ONNX Runtime's graph"
+        elif fmt[0] is not None and not integer:
+            flag = f"priced as an integer kernel ({format_name(fmt)}), ORT ran {'+'.join(kernels)} in float"
+        elif fmt[0] is None and integer:
+            flag = f"priced in float, ORT ran {'+'.join(kernels)} (an integer kernel)"
+        if flag is not None and ran:
+            mismatches.append(f"{r.name}: {flag}")
+        rows.append(LayerTiming(r.name, format_name(fmt), kernels, integer, sum(n.median_ms for n in ran), pred, flag))
+    if mismatches:
+        log.warning("%s: %d layer(s) run otherwise than priced: %s", path, len(mismatches), "; ".join(mismatches))
+    return {"measured_latency_ms": t.median_ms, "measured_wall_ms": t.wall_median_ms,
+            "predicted_latency_ms": latency_ms(qmodel), "latency_threads": timing.threads,
+            "latency_batch": int(feed_inputs[0].shape[0]), "latency_repeats": timing.repeats,
+            "latency_clock": timing.resolved_clock.value, "layer_timings": tuple(rows),
+            "format_mismatches": tuple(mismatches)}
+
+
 # ----------------------------------------------------------------------------------------------- lower
 def lower(
     qmodel: QuantModel,
@@ -317,6 +469,9 @@ def lower(
     batch: int = 64,
     check: bool = True,
     seed: int = 0,
+    measure: bool = True,
+    repeats: int = 20,
+    threads: int | None = None,
 ) -> LowerReport:
     """Lower `qmodel` (policy applied and fixed) to a QDQ ONNX model at `path` and check it.
 
@@ -329,6 +484,13 @@ def lower(
     layers and ops run by two libraries round differently, which can flip a near-tied input by one step). When
     `check` and a tolerance is exceeded, raises
     ExportError naming the first diverging quantizer; the file is then left in place for inspection.
+
+    With `measure` (the default), the exported model is also timed in ONNX Runtime: the median of `repeats` runs at
+    the example inputs' batch and `threads` intra-op threads (default: the thread count the hardware file was
+    profiled at, else 1), and profiled once (SessionOptions.enable_profiling) to map ORT's nodes back to the
+    layers: which ran as integer kernels, each one's kernel time next to the hardware file's prediction; a layer
+    ORT runs otherwise than priced (an integer layer in float, a float layer as an integer kernel) is listed in
+    `format_mismatches`. `predicted_latency_ms` is the hardware's `latency` metric for the policy when it has one.
     """
     import onnx
 
@@ -336,6 +498,14 @@ def lower(
     ex = as_input_tuple(example_inputs)
     if not all(isinstance(x, torch.Tensor) for x in ex):
         raise ExportError("lower() needs tensor example inputs")
+    timing = None
+    if measure:
+        prov = qmodel.hardware.provenance
+        try:
+            timing = TimingOptions(threads=threads if threads is not None else (prov.threads if prov and prov.threads
+                                                                                else 1), repeats=repeats)
+        except ArgumentError as e:
+            raise ExportError(f"lower(measure=True): {e}") from None
     if qmodel.policy is None:
         raise ExportError("lower() needs a quantized model: apply a policy first (fxmpq.apply_policy(qmodel, policy))")
     was = qmodel.training
@@ -409,6 +579,12 @@ def lower(
         if not ok:
             diverging, forced = _quantizer_parity(lowered, path, inputs, batch)
             diverging = diverging or "every quantizer agrees within 1 step"
+        audit: dict[str, Any] = {}
+        if timing is not None:
+            n = ex[0].shape[0]
+            audit = _latency_audit(qmodel, path, [r for r, _ in layers],
+                                   tuple(x[:n] if x.shape[0] >= n else x[:1].expand(n, *x.shape[1:]).contiguous()
+                                         for x in inputs), timing)
         report = LowerReport(
             path=path, samples=int(inputs[0].shape[0]), max_abs_diff=max_abs, output_step=step,
             max_diff_steps=steps, rel_l2=rel_l2, top1_agreement=top1, passed=ok,
@@ -417,7 +593,7 @@ def lower(
             fp32_weight_bytes=int(sum(math.prod(r.weight_shape) for r, _ in layers) * 4),
             quantized_layers=len(quantized), fused_layers=fused, op_counts=dict(counts), diverging=diverging,
             tolerance={"max_steps": max_steps, "min_top1": min_top1, "rtol": rtol},
-            top1_decisive=decisive, top1_ties=ties, within_tolerance=within, forced_max_steps=forced,
+            top1_decisive=decisive, top1_ties=ties, within_tolerance=within, forced_max_steps=forced, **audit,
         )
     finally:
         qmodel.train(was)

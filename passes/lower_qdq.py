@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import operator
 from typing import Any
 
 import torch
@@ -24,7 +25,8 @@ from .patterns import bn_module, relu_bounds
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DQ_OP", "LOWERED", "QDQ_META", "QDQ_OP", "LowerToQDQPass", "dequantize", "quantize_dequantize"]
+__all__ = ["DQ_OP", "LOWERED", "QDQ_CHANNELS_OP", "QDQ_META", "QDQ_OP", "LowerToQDQPass", "dequantize",
+           "quantize_dequantize", "quantize_dequantize_channels"]
 
 LOWERED = "fxmpq_lowered"  # container module of the integer buffers
 QDQ_META = "fxmpq_qdq"  # node.meta key: the quantizer qualname a quantize_dequantize node came from
@@ -58,11 +60,46 @@ def _(q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
     return torch.empty(q.shape, dtype=torch.float32, device=q.device)
 
 
+@torch.library.custom_op("fxmpq_qdq::quantize_dequantize_channels", mutates_args=())
+def quantize_dequantize_channels(x: torch.Tensor, scale: torch.Tensor, zero_point: int, qmin: int, qmax: int,
+                                 axis: int, channels: int) -> torch.Tensor:
+    """quantize_dequantize whose DequantizeLinear carries the (one) scale repeated per channel along `axis`.
+
+    The same values as quantize_dequantize. It feeds float layers: ONNX Runtime (WeightBiasQuantization, 1.20+)
+    quantizes the float weights of a Conv/Gemm whose input comes from a per-tensor DequantizeLinear and runs the
+    layer as an integer kernel, which is not the float layer the policy asked for; a per-channel scale is outside
+    that rewrite.
+    """
+    return fake_quantize(x, scale, qmin - zero_point, qmax - zero_point)
+
+
+@quantize_dequantize_channels.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor, zero_point: int, qmin: int, qmax: int, axis: int,
+      channels: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 QDQ_OP = torch.ops.fxmpq_qdq.quantize_dequantize.default
+QDQ_CHANNELS_OP = torch.ops.fxmpq_qdq.quantize_dequantize_channels.default
 DQ_OP = torch.ops.fxmpq_qdq.dequantize.default
 
 
 # ----------------------------------------------------------------------------------------------- the pass
+_GRID_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout2d)
+_GRID_FUNCTIONS = {torch.flatten, torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d,
+                   torch.max_pool2d, torch.nn.functional.dropout, operator.getitem}
+_GRID_METHODS = {"view", "reshape", "flatten", "contiguous", "permute", "transpose", "squeeze", "unsqueeze"}
+
+
+def _keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` only moves or selects its first input's values (a quantized tensor stays on its grid)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _GRID_MODULES)
+    if node.op == "call_function":
+        return node.target in _GRID_FUNCTIONS
+    return node.op == "call_method" and node.target in _GRID_METHODS
+
+
 def _mangle(name: str) -> str:
     return name.replace(".", "_").replace("#", "_call")
 
@@ -143,6 +180,9 @@ class LowerToQDQPass(PassBase):
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), LSQQuantizer):
                 self._lower_act(gm, node)
+        for node, rec in list(records(gm)):
+            if rec.lowered is not None and rec.lowered.w_bits is None:
+                self._float_input(gm, node, rec)
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         self._drop_unused_attrs(gm)
@@ -342,6 +382,34 @@ class LowerToQDQPass(PassBase):
         new.meta[QDQ_META] = node.target
         node.replace_all_uses_with(new)
         g.erase_node(node)
+
+    @staticmethod
+    def _float_input(gm: fx.GraphModule, node: fx.Node, rec: LayerRecord) -> None:
+        """A float layer reading a quantized tensor (maybe through max pooling or reshapes, which keep values on the
+        grid) reads it through quantize_dequantize_channels, so that ONNX Runtime keeps the layer in float."""
+        g = gm.graph
+        x = layer_input(node)
+        src = x
+        while isinstance(src, fx.Node) and not (src.op == "call_function" and src.target is QDQ_OP):
+            if not _keeps_grid(gm, src):
+                return
+            src = src.args[0]
+        if not isinstance(src, fx.Node):
+            return
+        axis = 1 if rec.conv is not None else len(rec.in_shape) - 1
+        channels = int(rec.in_shape[axis]) if len(rec.in_shape) > axis else 1
+        args = (*src.args, axis, channels)
+        if x is src and len(src.users) == 1:
+            with g.inserting_before(src):
+                new = g.call_function(QDQ_CHANNELS_OP, (src.args[0], *args[1:]))
+            new.meta.update(src.meta)
+            src.replace_all_uses_with(new)
+            g.erase_node(src)
+            return
+        with g.inserting_before(node):
+            new = g.call_function(QDQ_CHANNELS_OP, (x, *args[1:]))
+        new.meta[QDQ_META] = src.meta[QDQ_META]
+        node.replace_input_with(x, new)
 
     @staticmethod
     def _drop_unused_attrs(gm: fx.GraphModule) -> None:

@@ -89,6 +89,30 @@ def test_float_layers_export_as_float_ops_with_parity(tmp_path, hw, model_cls) -
     meta = {p.key: p.value for p in m.metadata_props}
     bits = json.loads(meta["fxmpq.bits"])
     assert all(bits[n] == [None, None] for n in floats) and all(bits[n] == [4, 4] for n in names if n not in floats)
+    # ONNX Runtime runs them in float too (its WeightBiasQuantization would quantize a float Conv that reads a
+    # per-tensor DequantizeLinear): integer kernels for the integer layers only, and the audit agrees
+    assert rep.fused_layers == rep.quantized_layers == len(q.layer_names) - len(floats)
+    assert rep.format_mismatches == ()
+    ran = {t.layer: t.integer for t in rep.layer_timings}
+    assert ran == {n: n not in floats for n in q.layer_names}
+
+
+def test_a_float_layer_after_an_integer_layer_stays_float_in_onnx_runtime(tmp_path, hw):
+    """stem (pinned W8A8) feeds conv1 and shortcut in float, and conv2 W4A4 feeds nothing quantized: the float
+    layers read the stem's quantized output through a per-channel DequantizeLinear, out of ORT's reach."""
+    x = torch.randn(8, 3, 16, 16)
+    q = fxmpq.prepare(ResidualNet().eval(), x, hardware=hw, bits=(2, 4, 8))
+    fxmpq.apply_policy(q, {"conv1": FLOAT, "conv2": FLOAT, "shortcut": FLOAT}, x)
+    q.eval()
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], samples=64)
+    assert rep.passed and rep.op_counts.get("QLinearConv", 0) == 2  # stem, fc
+    assert rep.op_counts.get("Conv", 0) + rep.op_counts.get("FusedConv", 0) == 3
+    assert rep.format_mismatches == ()
+    nodes = onnx.load(str(tmp_path / "m.onnx")).graph.node
+    produced = {o for n in nodes for o in n.output}
+    dqs = [n for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in produced
+           and any(a.name == "axis" for a in n.attribute)]
+    assert dqs  # the per-channel activation DequantizeLinear in front of the float layers
 
 
 def test_float_is_refused_where_the_hardware_does_not_offer_it(tmp_path) -> None:

@@ -299,3 +299,53 @@ def test_metadata_holds_the_policy_bits_and_steps(tmp_path):
     qrange = json.loads(meta["fxmpq.weight_qrange"])
     for name, (w, _) in full.items():
         assert qrange[f"fxmpq_lowered.{name.replace('.', '_')}_weight"] == [-(2 ** (w - 1)), 2 ** (w - 1) - 1]
+
+
+# ----------------------------------------------------------------------------------------------- latency audit
+def test_latency_audit_maps_every_layer_and_states_its_conditions(tmp_path):
+    q, x, _ = _quantized(ResidualNet(), (1, 3, 16, 16), per_channel=True)
+    rep = lower(q, tmp_path / "m.onnx", x, samples=16, repeats=5)
+    assert rep.measured_latency_ms > 0 and rep.measured_wall_ms > 0
+    assert (rep.latency_threads, rep.latency_batch, rep.latency_repeats, rep.latency_clock) == (1, 1, 5, "thread_cpu")
+    assert rep.predicted_latency_ms is None  # bitops: no latency metric
+    assert [t.layer for t in rep.layer_timings] == q.layer_names
+    assert all(t.integer and t.kernels == ("QLinearConv",) and t.predicted_ms is None for t in rep.layer_timings)
+    assert rep.format_mismatches == ()
+    assert "latency" in rep.table() and "QLinearConv" in rep.layer_table()
+    assert json.loads(json.dumps(rep.to_dict()))["layer_timings"][0]["layer"] == "stem"
+    off = lower(q, tmp_path / "n.onnx", x, samples=16, measure=False)
+    assert off.measured_latency_ms is None and off.layer_timings == () and "measured (" not in off.table()
+    with pytest.raises(ExportError, match="repeats must be a positive integer"):
+        lower(q, tmp_path / "n.onnx", x, samples=16, repeats=0)
+
+
+def test_predicted_latency_in_milliseconds_from_the_hardware_unit(tmp_path):
+    """bitfusion's latency is in microseconds: the report states it in milliseconds, per layer and in total."""
+    x = torch.randn(1, 3, 16, 16)
+    q = prepare(PlainCNN().eval(), x, hardware="bitfusion", bits=(4, 8))
+    apply_policy(q, {"conv2": (4, 4)}, torch.randn(8, 3, 16, 16))
+    q.eval()
+    rep = lower(q, tmp_path / "m.onnx", x, samples=16, repeats=3, threads=1)
+    us = q.analysis.cost(q.policy)["latency"]
+    assert rep.predicted_latency_ms == pytest.approx(us / 1000)
+    assert sum(t.predicted_ms for t in rep.layer_timings) == pytest.approx(us / 1000)
+
+
+def test_an_integer_layer_run_in_float_is_flagged(tmp_path, monkeypatch):
+    """A layer priced as an integer kernel that ONNX Runtime runs in float is listed (here: the profile says so)."""
+    import fxmpq.export as export
+
+    q, x, _ = _quantized(PlainCNN(), (1, 3, 16, 16), per_channel=False)
+    real = export.profile_nodes
+
+    def conv2_in_float(*a, **k):
+        nodes = real(*a, **k)
+        return [export.NodeTime(n.name, "Conv", n.inputs, n.outputs, n.median_ms)
+                if "fxmpq_lowered.conv2_weight" in n.inputs else n for n in nodes]
+    monkeypatch.setattr(export, "profile_nodes", conv2_in_float)
+    rep = lower(q, tmp_path / "m.onnx", x, samples=16, repeats=3)
+    assert rep.format_mismatches == (f"conv2: priced as an integer kernel (W{q.policy['conv2'][0]}A"
+                                     f"{q.policy['conv2'][1]}), ORT ran Conv in float",)
+    assert "NOT AS PRICED" in rep.table()
+    flagged = [t for t in rep.layer_timings if t.flag]
+    assert [t.layer for t in flagged] == ["conv2"] and not flagged[0].integer

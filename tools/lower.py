@@ -1,12 +1,14 @@
 """Lower a quantized checkpoint written by fxmpq to a QDQ ONNX model and print its parity report.
 
     python tools/lower.py CHECKPOINT_OR_WORKDIR --out model.onnx [--model pkg.mod:factory]
-        [--model-kwargs JSON] [--input 1x3x224x224]
+        [--model-kwargs JSON] [--input 1x3x224x224] [--repeats 20] [--threads N] [--no-measure]
 
 The checkpoint is self-describing (model factory, input shape, candidate bits, hardware, policy, weights) and is
 loaded with torch.load(weights_only=True); fxmpq.restore.load_quantized rebuilds the model. Exit status 0 when the
 ONNX model was written and matches PyTorch; otherwise 1 with the reason on one line (2 for a missing, corrupt or
-foreign checkpoint, or an indicator-training one: lower the fine-tuning checkpoint).
+foreign checkpoint, or an indicator-training one: lower the fine-tuning checkpoint). The report includes the
+latency audit: the exported model's median latency in ONNX Runtime (threads and batch stated) next to the hardware
+file's prediction, and per layer the kernel ORT ran, its time, and whether it ran as priced.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-kwargs", help="JSON keyword arguments for the factory (overrides the checkpoint's)")
     ap.add_argument("--input", help="input shape such as 1x3x224x224 (overrides the checkpoint's)")
     ap.add_argument("--samples", type=int, default=64, help="random inputs for the parity check (default 64)")
+    ap.add_argument("--repeats", type=int, default=20, help="timed runs of the exported model (default 20)")
+    ap.add_argument("--threads", type=int, help="ONNX Runtime threads for the timing (default: the hardware "
+                    "file's, else 1)")
+    ap.add_argument("--no-measure", action="store_true", help="skip the latency audit")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -39,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         shape = parse_shape(args.input, batch=True) if args.input else None
         kwargs = models.parse_model_kwargs(args.model_kwargs) if args.model_kwargs else None
         q, example, factory = load_quantized(args.checkpoint, args.model, shape, kwargs)
-        rep = lower(q, args.out, example, samples=args.samples)
+        rep = lower(q, args.out, example, samples=args.samples, measure=not args.no_measure, repeats=args.repeats,
+                    threads=args.threads)
         print(rep.table())
+        if rep.layer_timings:
+            print(rep.layer_table())
         with tempfile.TemporaryDirectory() as d:
             fp = export_fp32(factory(), Path(d) / "fp32.onnx", example)
             fp_bytes = fp.stat().st_size
