@@ -38,6 +38,17 @@ SEARCH_JSON = "search.json"
 POLICY_JSON = "policy.json"
 FINETUNE_CKPT = "finetune.pt"
 SUMMARY_JSON = "summary.json"
+ONNX_FILE = "model.onnx"
+AUDIT_JSON = "audit.json"
+
+PAPER_BITS = (2, 3, 4, 5, 6)  # the paper's candidate bit-widths
+
+
+def default_bits(hw: HardwareSpec) -> tuple[int, ...]:
+    """The paper's candidates 2..6 that the hardware runs for weights and activations, else the hardware's own
+    bit-widths (an 8-bit-only target such as a profiled ONNX Runtime CPU file searches 8 bits against float)."""
+    both = sorted(set(hw.weight_bits) & set(hw.act_bits))
+    return tuple(b for b in PAPER_BITS if b in both) or tuple(both)
 
 
 @dataclass
@@ -54,15 +65,21 @@ class QuantizedModel:
     accuracy: float | None = None
     work_dir: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    audit: LowerReport | None = None  # the export's report (parity, kernels, measured vs predicted latency)
 
     def export(self, path: str | Path | None = None, **kwargs: Any) -> LowerReport:
-        """Lower to QDQ ONNX (default: <work_dir>/model.onnx) and check it against PyTorch in ONNX Runtime."""
+        """Lower to QDQ ONNX (default: <work_dir>/model.onnx) and check it against PyTorch in ONNX Runtime; with a
+        work dir, the report (the audit) is written to <work_dir>/audit.json."""
         if path is None:
             if self.work_dir is None:
                 raise FxmpqError("export() needs a path when quantize() ran without a work_dir")
-            path = self.work_dir / "model.onnx"
+            path = self.work_dir / ONNX_FILE
         report = lower(self.model, path, self.example_inputs, **kwargs)
         self.files["onnx"] = Path(path)
+        self.audit = report
+        if self.work_dir is not None:
+            dump_json(report.to_dict(), self.work_dir / AUDIT_JSON)
+            self.files["audit"] = self.work_dir / AUDIT_JSON
         return report
 
     def report(self) -> str:
@@ -120,7 +137,7 @@ def quantize(
     example_inputs: Any,
     *,
     hardware: str | HardwareSpec = "bitops",
-    bits: Sequence[int] = (2, 3, 4, 5, 6),
+    bits: Sequence[int] | None = None,
     indicator_epochs: int = 1,
     finetune_epochs: int = 1,
     alpha: float = 2.0,
@@ -137,6 +154,7 @@ def quantize(
     seed: int = 0,
     progress: bool = True,
     indicator_data: Any = None,
+    export: bool = True,
 ) -> QuantizedModel:
     """FP32 model + data + budget -> a fine-tuned mixed-precision QuantModel (LIMPQ), every stage kept.
 
@@ -147,13 +165,20 @@ def quantize(
     (indicators.json skips indicator training; finetune.pt resumes fine-tuning).
 
     `budget` is a Budget, a dict of absolute limits, or a string: "w3a4" (no more BitOps than uniform W3A4, the
-    paper's 3MP/4MP), "c12.2" (size <= FP32 size / 12.2), "bitops<=9.7G", "size<=4MB", joined with "&".
+    paper's 3MP/4MP), "c12.2" (size <= FP32 size / 12.2), "bitops<=9.7G", "size<=4MB", "latency<=12.5" (a
+    metric of the hardware file, in its unit), joined with "&". `bits` are the candidate bit-widths (default: the
+    paper's 2..6 that the hardware runs, else the hardware's own, e.g. 8 for a profiled ONNX Runtime CPU file).
+    With `work_dir` and `export`, the result is lowered to <work_dir>/model.onnx and the export's report, the audit
+    (parity, integer kernels, measured ONNX Runtime latency next to the hardware's prediction, layers not run as
+    priced), is written to <work_dir>/audit.json and kept as `.audit`; a parity failure is recorded there, not
+    raised.
     `indicator_data` feeds indicator training when given (each joint step costs len(bits) + 1 passes, so a subset
     of `data` is often enough); fine-tuning always uses `data`. `model_factory` ("package.module:function", a
     torchvision or fxmpq.models name) and `model_kwargs` are recorded in the checkpoints, so that
     `tools/lower.py <work_dir>` can rebuild the model later.
     """
     hw = load_hardware(hardware)
+    bits = default_bits(hw) if bits is None else tuple(bits)
     budget_obj = Budget.coerce(budget)
     example = as_input_tuple(example_inputs)
     wd = Path(work_dir) if work_dir is not None else None
@@ -178,7 +203,7 @@ def quantize(
     ind_path = wd / INDICATORS_JSON if wd is not None else None
     if ind_path is not None and ind_path.is_file():
         indicators = Indicators.from_json(ind_path)
-        indicators.check_covers([m.name for m in qmodel.analysis.searchable], bits, bits)
+        indicators.check_covers([m.name for m in qmodel.analysis.searchable], qmodel.bits, qmodel.bits)
         log.info("indicators read from %s; indicator training skipped", ind_path)
     else:
         ckpt = wd / INDICATORS_CKPT if wd is not None else None
@@ -224,6 +249,10 @@ def quantize(
                    "objective": result.objective, "status": result.status, "fp32_accuracy": fp32_acc,
                    "accuracy": q_acc, "average_bits": policy.average_bits(qmodel.analysis)}
         dump_json(summary, wd / SUMMARY_JSON)
+        if export:  # 5. lower and audit (parity, kernels, measured latency)
+            rep = out.export(check=False)
+            if not rep.passed:
+                log.warning("the exported model does not match PyTorch within tolerance (see %s)", wd / AUDIT_JSON)
     return out
 
 

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 __all__ = ["plot_bits", "plot_indicators", "plot_pareto"]
 
+_FLOAT_BAR = 9  # the bar height of a float layer: above every integer bit-width (1..8)
+
 
 def _pyplot():
     import matplotlib
@@ -26,7 +28,8 @@ def _pyplot():
 
 
 def plot_bits(policy: Policy, analysis: Analysis, path: str | Path) -> Path:
-    """Bar chart of weight and activation bits per layer (graph order); pinned layers hatched."""
+    """Bar chart of weight and activation bits per layer (graph order); pinned layers hatched; a float layer is a
+    grey bar at 9 ("float", above every integer width)."""
     plt = _pyplot()
     from matplotlib.patches import Patch
     full = policy.complete(analysis)
@@ -35,12 +38,18 @@ def plot_bits(policy: Policy, analysis: Analysis, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.25), 4))
     pinned = [m.pinned for m in analysis.layers]
     handles = []
+    floats = [full[n][0] is None for n in names]
     for offset, idx, label in ((-0.2, 0, "weight bits"), (0.2, 1, "activation bits")):
-        bars = ax.bar([i + offset for i in x], [full[n][idx] for n in names], width=0.4)
-        for bar, p in zip(bars, pinned):
+        bars = ax.bar([i + offset for i in x], [_FLOAT_BAR if f else full[n][idx] for n, f in zip(names, floats)],
+                      width=0.4)
+        handles.append(Patch(facecolor=bars[0].get_facecolor(), label=label))  # unhatched, whatever comes first
+        for bar, p, f in zip(bars, pinned, floats):
             if p:
                 bar.set_hatch("//")
-        handles.append(Patch(facecolor=bars[0].get_facecolor(), label=label))  # unhatched, whatever comes first
+            if f:
+                bar.set_color("lightgrey")
+    if any(floats):
+        handles.append(Patch(facecolor="lightgrey", label=f"float (drawn at {_FLOAT_BAR})"))
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=90, fontsize=6)
     ax.set_ylabel("bits")

@@ -1,0 +1,333 @@
+"""Measured hardware files: every quantizable layer of a model timed in ONNX Runtime in each format it runs, and
+the rest of the model, written as a hardware TOML (per-layer `layer_table` terms and a `constant` term).
+
+Each layer is profiled alone, exactly as fxmpq deploys it: a one-layer model (a copy of the layer, its real input
+shape) goes through `prepare` (8-bit candidates), `apply_policy` (W8A8 or float) and `lower`, so the ONNX graph
+carries the Q/DQ nodes the exporter emits and ONNX Runtime fuses it as in the full model (QLinearConv for W8A8).
+Every layer session and the two whole models (all float, all W8A8) run in interleaved rounds. The file's
+`latency` metric prices a layer by its one-layer model's median; its constant, the rest of the model, is the
+all-float model minus the float layers; a one-layer model also pays a Q/DQ and layout change at its edges that a
+chain of integer layers does not, so the W8A8 values are scaled by one factor that makes the all-W8A8 model's
+prediction its measurement (both are in the file's comments).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import math
+import shlex
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ArgumentError
+from .export import lower
+from .formats import format_name
+from .hardware import FLOAT, FLOAT_KEY, HardwareSpec, LayerSignature, Pair, loads_hardware, pair_name
+from .measure import TimingOptions, cpu_name, runtime_name, session, time_sessions
+from .record import LayerRecord
+from .stages import analyze, apply_policy, prepare
+
+log = logging.getLogger(__name__)
+
+__all__ = ["INT8", "ORT_FORMATS", "HardwareProfile", "LayerProfile", "one_layer_module", "ort_target",
+           "profile_model"]
+
+INT8: Pair = (8, 8)
+ORT_FORMATS: tuple[Pair, ...] = (INT8, FLOAT)  # what ONNX Runtime's CPU provider executes as priced
+
+_TARGET = """
+[target]
+name = "ort_cpu"
+weight_bits = [8]
+act_bits = [8]
+pairs = [[8, 8]]
+float_kinds = ["conv", "depthwise_conv", "linear"]
+
+[pins]
+first_layer = false
+last_layer = false
+
+[metrics.macs]
+terms = [{ type = "macs" }]
+"""
+
+
+def ort_target() -> HardwareSpec:
+    """The formats ONNX Runtime's CPU provider runs as priced: W8A8 (QLinearConv) and float, for every kind, no
+    pins (8 bits is the narrowest format on offer: a pin would only take float away from the first and last layer)."""
+    return loads_hardware(_TARGET, "ort_cpu (profiling target)")
+
+
+class _OneLayer(nn.Module):
+    """A module holding one layer (`self.layer`), so that the layer is the model's only quantizable op."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def one_layer_module(model: nn.Module, rec: LayerRecord) -> nn.Module:
+    """A plain nn.Conv*/nn.Linear with `rec`'s options and a copy of its weights (module or functional call)."""
+    weight = model.get_parameter(rec.weight).detach().clone()
+    bias = model.get_parameter(rec.bias).detach().clone() if rec.bias is not None else None
+    if rec.conv is None:
+        layer: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    else:
+        c = rec.conv
+        cls = {1: nn.Conv1d, 2: nn.Conv2d}[c.dim]
+        layer = cls(weight.shape[1] * c.groups, weight.shape[0], tuple(weight.shape[2:]), stride=c.stride,
+                    padding=c.padding, dilation=c.dilation, groups=c.groups, bias=bias is not None,
+                    padding_mode=c.padding_mode)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return _OneLayer(layer).eval()
+
+
+def _lowered(module: nn.Module, x: torch.Tensor, fmt: Pair, path: Path, hw: HardwareSpec) -> Path:
+    """`module` prepared at 8 bits, fixed at `fmt` ((8, 8) or float) and lowered to `path`."""
+    q = prepare(module, x, hardware=hw, bits=(8,))
+    apply_policy(q, {n: fmt for n in q.layer_names}, x)
+    q.eval()
+    lower(q, path, x, samples=2, check=False, measure=False)
+    return path
+
+
+def _weight_bytes(path: Path) -> int:
+    """Bytes of the layer's weight, bias and their scales in the exported file (int8 + int32 + float32 scales, or
+    float32 weight and bias): the initializers the lowering names `<layer>_weight*` and `<layer>_bias*`."""
+    import onnx
+    from onnx import numpy_helper
+
+    total = 0
+    for init in onnx.load(str(path)).graph.initializer:
+        short = init.name.rpartition(".")[2]
+        if short.startswith(("layer_weight", "layer_bias")):
+            total += numpy_helper.to_array(init).nbytes
+    return total
+
+
+@dataclass
+class LayerProfile:
+    """One layer: its signature, the median latency of its one-layer model per format (ms) and its weight bytes."""
+
+    name: str
+    signature: LayerSignature
+    measured_ms: dict[Pair, float]
+    spread: dict[Pair, float]  # (p90 - p10) / median of the samples
+    weight_bytes: dict[Pair, int]
+
+
+@dataclass
+class HardwareProfile:
+    """What `profile_model` measured; `to_toml()` is the hardware file."""
+
+    model: str
+    input: tuple[int, ...]  # per-sample shape
+    batch: int
+    threads: int
+    repeats: int
+    clock: str
+    layers: list[LayerProfile]
+    float_model_ms: float  # the whole model, every layer in float
+    int8_model_ms: float  # the whole model, every layer at W8A8
+    command: str = ""
+    date: str = field(default_factory=lambda: datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%MZ"))
+    runtime: str = field(default_factory=runtime_name)
+    cpu: str = field(default_factory=cpu_name)
+    name: str = "ort_cpu"
+
+    @property
+    def remainder_ms(self) -> float:
+        """The rest of the model: the all-float model minus its float layers, each timed alone."""
+        return self.float_model_ms - sum(lp.measured_ms[FLOAT] for lp in self.layers)
+
+    @property
+    def int8_scale(self) -> float:
+        """The factor on every W8A8 value that makes the all-W8A8 prediction equal its measurement."""
+        s = sum(lp.measured_ms[INT8] for lp in self.layers)
+        return (self.int8_model_ms - self.remainder_ms) / s if s > 0 else 1.0
+
+    def latency(self, name: str, fmt: Pair) -> float:
+        """The file's latency of layer `name` in `fmt` (ms)."""
+        lp = next(x for x in self.layers if x.name == name)
+        return lp.measured_ms[fmt] * (self.int8_scale if fmt == INT8 else 1.0)
+
+    def to_toml(self) -> str:
+        """The hardware description: [target], [pins], [metrics.latency], [metrics.bytes], [provenance]."""
+        shape = "x".join(map(str, self.input))
+        q = json.dumps
+        desc = (f"ONNX Runtime CPU, {self.model} {shape} batch {self.batch}, {self.threads} thread(s), measured on "
+                f"{self.cpu}")
+        source = f"tools/profile_hw.py on {self.date}: {self.runtime}, {self.cpu}"
+        latency_desc = f"measured ONNX Runtime latency, {self.threads} thread(s), batch {self.batch}"
+        notes = (f"whole model all float {self.float_model_ms:.4f} ms, all W8A8 {self.int8_model_ms:.4f} ms; "
+                 f"W8A8 scale {self.int8_scale:.4f}")
+        sum_int8 = sum(lp.measured_ms[INT8] for lp in self.layers)
+        sum_float = sum(lp.measured_ms[FLOAT] for lp in self.layers)
+        lines = [
+            f"# ONNX Runtime CPU latency of {self.model} at {shape}, batch {self.batch}, {self.threads} thread(s),",
+            "# measured by tools/profile_hw.py (fxmpq.profiling): every quantizable layer exported alone by fxmpq",
+            "# (prepare at 8 bits, apply_policy W8A8 or float, lower) and timed in ONNX Runtime; the two whole models",
+            "# (all layers float, all W8A8) timed in the same interleaved rounds.",
+            f"#   command: {self.command}",
+            f"#   {self.runtime}; CPU {self.cpu}; {self.date}",
+            f"#   clock {self.clock} (median of {self.repeats} runs after warm-up; thread_cpu = the calling thread's",
+            "#   CPU time, which at one thread is the latency on a core of its own, whatever else the machine runs)",
+            f"# whole model: all float {self.float_model_ms:.4f} ms, all W8A8 {self.int8_model_ms:.4f} ms",
+            f"# layers alone: sum float {sum_float:.4f} ms, sum W8A8 {sum_int8:.4f} ms",
+            f"# rest of the model (constant term) = all float - sum float = {self.remainder_ms:.4f} ms",
+            f"# W8A8 values = layer alone x {self.int8_scale:.4f}, so that all W8A8 is predicted as measured (alone, a",
+            "# W8A8 layer also pays the Q/DQ and layout changes at its edges that a chain of integer layers does not).",
+            "# Pins: none. 8 bits is the narrowest format here, so a pin would only take float away from the first",
+            "# and last layers; the search decides them like the others.",
+            "",
+            "[target]",
+            f"name = {q(self.name)}",
+            f"description = {q(desc)}",
+            f"sources = [{q(source)}]",
+            "weight_bits = [8]",
+            "act_bits = [8]",
+            "pairs = [[8, 8]]",
+            'float_kinds = ["conv", "depthwise_conv", "linear"]',
+            "",
+            "[pins]",
+            "first_layer = false",
+            "last_layer = false",
+            "",
+            "[metrics.latency]",
+            'unit = "ms"',
+            f"description = {q(latency_desc)}",
+            "",
+            "[[metrics.latency.terms]]",
+            'type = "constant"',
+            f"value = {self.remainder_ms!r}",
+            "",
+            "[[metrics.latency.terms]]",
+            'type = "layer_table"',
+            "",
+            "[metrics.latency.terms.layers]",
+        ]
+        for lp in self.layers:
+            vals = {fmt: self.latency(lp.name, fmt) for fmt in lp.measured_ms}
+            lines.append(f"{q(lp.name)} = {{ {_entry(lp.signature, vals)} }}")
+        lines += [
+            "",
+            "[metrics.bytes]",
+            'unit = "bytes"',
+            'description = "weight, bias and scale bytes of the layers in the ONNX file (int8 weights, int32 bias and '
+            'float32 scales; or float32 weights and bias)"',
+            "",
+            "[[metrics.bytes.terms]]",
+            'type = "layer_table"',
+            "",
+            "[metrics.bytes.terms.layers]",
+        ]
+        for lp in self.layers:
+            lines.append(f"{q(lp.name)} = {{ {_entry(lp.signature, {k: float(v) for k, v in lp.weight_bytes.items()})} }}")
+        lines += [
+            "",
+            "[provenance]",
+            'tool = "tools/profile_hw.py"',
+            f"command = {q(self.command)}",
+            f"date = {q(self.date)}",
+            f"model = {q(self.model)}",
+            f"input = {q(shape)}",
+            f"batch = {self.batch}",
+            f"threads = {self.threads}",
+            f"runtime = {q(self.runtime)}",
+            f"cpu = {q(self.cpu)}",
+            f"clock = {q(self.clock)}",
+            f"repeats = {self.repeats}",
+            f"notes = {q(notes)}",
+            "",
+        ]
+        return "\n".join(lines)
+
+
+def _entry(sig: LayerSignature, values: dict[Pair, float]) -> str:
+    parts = [f"kind = {json.dumps(sig.kind.value)}", f"shape = {json.dumps(sig.shape)}",
+             f"weight = {json.dumps(sig.weight)}"]
+    for fmt, v in values.items():
+        key = FLOAT_KEY if fmt == FLOAT else json.dumps(pair_name(fmt))
+        parts.append(f"{key} = {v!r}")
+    return ", ".join(parts)
+
+
+def _spread(samples: Sequence[float]) -> float:
+    s = sorted(samples)
+    med = s[len(s) // 2]
+    lo, hi = s[int(0.1 * (len(s) - 1))], s[math.ceil(0.9 * (len(s) - 1))]
+    return (hi - lo) / med if med > 0 else 0.0
+
+
+def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, threads: int = 1, repeats: int = 20,
+                  warmup: int = 3, progress: bool = True, command: str | None = None,
+                  work_dir: str | Path | None = None) -> HardwareProfile:
+    """Profile every quantizable layer of `model` (on `example`, batch first) in W8A8 and float, and the whole model
+    in each; see the module docstring. `work_dir` keeps the exported ONNX files (default: a temporary directory)."""
+    from tqdm import tqdm
+
+    timing = TimingOptions(threads=threads, repeats=repeats, warmup=warmup)
+    hw = ort_target()
+    model = copy.deepcopy(model).eval()
+    analysis = analyze(model, example, hardware=hw)
+    recs = list(analysis.layers)
+    if not recs:
+        raise ArgumentError(f"{model_name} has no quantizable layers to profile")
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(work_dir) if work_dir is not None else Path(tmp)
+        d.mkdir(parents=True, exist_ok=True)
+        paths: dict[tuple[str, Pair], Path] = {}
+        jobs = [(r, fmt) for r in recs for fmt in ORT_FORMATS if fmt != FLOAT or r.kind in hw.float_kinds]
+        bar = tqdm(total=len(jobs) + 2, desc="export", unit="model", disable=not progress, file=sys.stderr)
+        for i, (r, fmt) in enumerate(jobs):
+            x = torch.randn(r.in_shape, generator=torch.Generator().manual_seed(i))
+            tag = "float" if fmt == FLOAT else pair_name(fmt)
+            paths[(r.name, fmt)] = _lowered(one_layer_module(model, r), x, fmt, d / f"layer{i:03d}_{tag}.onnx", hw)
+            bar.set_postfix_str(f"{r.name} {format_name(fmt)}")
+            bar.update(1)
+        whole = {}
+        for fmt in ORT_FORMATS:
+            tag = "float" if fmt == FLOAT else pair_name(fmt)
+            whole[fmt] = _lowered(model, example, fmt, d / f"model_{tag}.onnx", hw)
+            bar.update(1)
+        bar.close()
+        runs: dict[Any, tuple[Any, dict]] = {}
+        shapes = {r.name: r.in_shape for r in recs}
+        gen = torch.Generator().manual_seed(0)
+        for (name, fmt), p in paths.items():
+            s = session(p, threads)
+            runs[(name, fmt)] = (s, {s.get_inputs()[0].name: torch.randn(shapes[name], generator=gen).numpy()})
+        for fmt, p in whole.items():
+            s = session(p, threads)
+            runs[("<model>", fmt)] = (s, {s.get_inputs()[0].name: example.numpy()})
+        with tqdm(total=repeats, desc="time", unit="round", disable=not progress, file=sys.stderr) as tb:
+            times = time_sessions(runs, timing, progress=tb)
+        layers = []
+        for r in recs:
+            fmts = [f for f in ORT_FORMATS if (r.name, f) in paths]
+            layers.append(LayerProfile(
+                name=r.name, signature=LayerSignature.of(r),
+                measured_ms={f: times[(r.name, f)].median_ms for f in fmts},
+                spread={f: _spread(times[(r.name, f)].samples) for f in fmts},
+                weight_bytes={f: _weight_bytes(paths[(r.name, f)]) for f in fmts}))
+    cmd = command if command is not None else " ".join(shlex.quote(a) for a in sys.argv)
+    return HardwareProfile(model=model_name, input=tuple(example.shape[1:]), batch=int(example.shape[0]),
+                           threads=threads, repeats=repeats, clock=timing.resolved_clock.value, layers=layers,
+                           float_model_ms=times[("<model>", FLOAT)].median_ms,
+                           int8_model_ms=times[("<model>", INT8)].median_ms, command=cmd)

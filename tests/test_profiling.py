@@ -1,0 +1,135 @@
+"""Measured hardware files: the file profile_hw writes, the totals it predicts, and every way it is refused.
+
+The files here are written by fxmpq.profiling.HardwareProfile.to_toml from made-up numbers (no timing), for the
+layers of a tiny model traced at a given input shape, as tools/profile_hw.py would write them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import PlainCNN, ResidualNet
+
+import fxmpq
+from fxmpq.baselines import random_indicators
+from fxmpq.errors import HardwareSpecError, PolicyError
+from fxmpq.hardware import FLOAT, LayerSignature, load_hardware
+from fxmpq.profiling import INT8, HardwareProfile, LayerProfile, ort_target
+
+REMAINDER = 0.125
+
+
+def measured_file(tmp_path, model, shape=(1, 3, 16, 16), *, drop: str | None = None, name: str = "hw.toml"):
+    """A profile_hw-style file for `model` at `shape`: layer i costs i+1 ms at W8A8 and 3(i+1) ms in float."""
+    a = fxmpq.analyze(model, torch.randn(shape), hardware=ort_target())
+    layers = [LayerProfile(r.name, LayerSignature.of(r), {INT8: float(i + 1), FLOAT: 3.0 * (i + 1)},
+                           {INT8: 0.0, FLOAT: 0.0}, {INT8: r.params + 12, FLOAT: 4 * r.params})
+              for i, r in enumerate(a.layers) if r.name != drop]
+    sum_float = sum(lp.measured_ms[FLOAT] for lp in layers)
+    sum_int8 = sum(lp.measured_ms[INT8] for lp in layers)
+    prof = HardwareProfile(model=type(model).__name__, input=tuple(shape[1:]), batch=shape[0], threads=1, repeats=20,
+                           clock="thread_cpu", layers=layers, float_model_ms=sum_float + REMAINDER,
+                           int8_model_ms=sum_int8 + REMAINDER, command="test")
+    path = tmp_path / name
+    path.write_text(prof.to_toml())
+    return path
+
+
+def test_file_parses_and_predicts_layers_plus_the_rest_once(tmp_path):
+    path = measured_file(tmp_path, PlainCNN())
+    hw = load_hardware(path)
+    assert hw.pairs == ((8, 8),) and hw.float_kinds == {*fxmpq.LayerKind}
+    assert not hw.pins.first_layer and not hw.pins.last_layer
+    assert hw.metrics["latency"].unit == "ms" and hw.metrics["bytes"].unit == "bytes"
+    assert hw.provenance.threads == 1 and hw.provenance.batch == 1 and hw.provenance.input == "3x16x16"
+    a = fxmpq.analyze(PlainCNN(), torch.randn(1, 3, 16, 16), hardware=path)
+    assert a.names == ["conv1", "conv2", "fc"]
+    all_int8 = a.cost({n: INT8 for n in a.names})
+    assert all_int8["latency"] == pytest.approx(1 + 2 + 3 + REMAINDER)  # the rest counted once
+    mixed = a.cost({"conv1": FLOAT, "conv2": INT8, "fc": FLOAT})
+    assert mixed["latency"] == pytest.approx(3 + 2 + 9 + REMAINDER)
+    assert mixed["bytes"] == 4 * a.layer("conv1").params + a.layer("conv2").params + 12 + 4 * a.layer("fc").params
+    assert "(rest of the model)" in a.table(fxmpq.Policy({n: INT8 for n in a.names}))
+
+
+def test_search_under_a_latency_budget_counts_the_rest(tmp_path):
+    path = measured_file(tmp_path, PlainCNN())
+    a = fxmpq.analyze(PlainCNN(), torch.randn(1, 3, 16, 16), hardware=path)
+    ind = random_indicators(tuple(a.names), (8,), seed=0)
+    res = fxmpq.search(a, ind, "latency<=12.5")
+    assert res.totals["latency"] == pytest.approx(a.cost(res.policy)["latency"]) and res.totals["latency"] <= 12.5
+    assert any(res.policy[n] == FLOAT for n in a.names)
+    with pytest.raises(fxmpq.InfeasibleBudget, match=r"smallest achievable 6\.125"):  # 1 + 2 + 3 + the rest
+        fxmpq.search(a, ind, "latency<=6")
+
+
+def test_quantize_with_a_measured_file_and_a_latency_budget(tmp_path):
+    path = measured_file(tmp_path, PlainCNN())
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
+    r = fxmpq.quantize(PlainCNN(), "latency<=12.5", data, torch.randn(1, 3, 16, 16), hardware=path,
+                       work_dir=tmp_path / "run", finetune_epochs=0, progress=False)
+    assert r.model.bits == (8,)  # the hardware's bit-widths, the paper's 2..6 being absent
+    assert r.analysis.cost(r.policy)["latency"] <= 12.5
+    audit = r.audit
+    assert audit is not None and audit.predicted_latency_ms == pytest.approx(r.analysis.cost(r.policy)["latency"])
+    assert audit.measured_latency_ms > 0 and audit.latency_threads == 1 and audit.latency_batch == 1
+    assert (tmp_path / "run" / "audit.json").is_file() and (tmp_path / "run" / "model.onnx").is_file()
+
+
+def test_a_file_for_another_model_is_refused(tmp_path):
+    path = measured_file(tmp_path, PlainCNN())
+    with pytest.raises(HardwareSpecError) as exc:
+        fxmpq.analyze(ResidualNet(), torch.randn(1, 3, 16, 16), hardware=path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: metrics.latency.terms[1].layers: no entry for layer 'stem'")
+    assert "measured on another model" in msg
+    # a model with a subset of the file's layers: the extra entries give it away
+    small = torch.nn.Sequential()
+    small.add_module("conv1", torch.nn.Conv2d(3, 8, 3, padding=1))
+    with pytest.raises(HardwareSpecError, match=r"entries for 2 layer\(s\) this model does not have \('conv2', 'fc'\)"):
+        fxmpq.analyze(small, torch.randn(1, 3, 16, 16), hardware=path)
+
+
+def test_a_file_for_another_input_shape_or_batch_is_refused(tmp_path):
+    path = measured_file(tmp_path, PlainCNN())
+    with pytest.raises(HardwareSpecError) as exc:
+        fxmpq.prepare(PlainCNN(), torch.randn(1, 3, 32, 32), hardware=path, bits=(8,))
+    assert str(exc.value).startswith(
+        f"{path}: metrics.latency.terms[1].layers.conv1: measured on conv 1x3x16x16->1x8x16x16, weight 8x3x3x3, but "
+        f"this model's layer is conv 1x3x32x32->1x8x32x32, weight 8x3x3x3")
+    with pytest.raises(HardwareSpecError, match=r"measured on conv 1x3x16x16->1x8x16x16.* is conv 8x3x16x16"):
+        fxmpq.analyze(PlainCNN(), torch.randn(8, 3, 16, 16), hardware=path)
+
+
+def test_a_file_missing_a_layer_is_refused(tmp_path):
+    path = measured_file(tmp_path, PlainCNN(), drop="conv2")
+    with pytest.raises(HardwareSpecError, match=rf"^{path}: metrics.latency.terms\[1\].layers: no entry for layer "
+                                                r"'conv2' \(conv 1x8x16x16->1x16x8x8, weight 16x8x3x3\)"):
+        fxmpq.analyze(PlainCNN(), torch.randn(1, 3, 16, 16), hardware=path)
+
+
+def test_a_format_the_runtime_cannot_run_is_refused(tmp_path):
+    path = measured_file(tmp_path, PlainCNN())
+    x = torch.randn(1, 3, 16, 16)
+    q = fxmpq.prepare(PlainCNN(), x, hardware=path, bits=(8,))
+    with pytest.raises(PolicyError) as exc:
+        fxmpq.apply_policy(q, {"conv1": INT8, "conv2": (4, 8), "fc": FLOAT}, x)
+    assert f"conv2: hardware 'ort_cpu' ({path}) does not run a conv layer as W4A8; it offers W8A8, float" in str(exc.value)
+    with pytest.raises(PolicyError, match=r"candidate bits \[4\] are not supported by hardware 'ort_cpu'"):
+        fxmpq.prepare(PlainCNN(), x, hardware=path, bits=(4, 8))
+    a = fxmpq.analyze(PlainCNN(), x, hardware=path)
+    with pytest.raises(HardwareSpecError, match=r"layers.conv2: no value for layer 'conv2' as W4A8; the file prices "
+                                                r"W8A8, float"):
+        a.layer_cost("conv2", 4, 8)
+
+
+def test_a_format_the_target_offers_but_the_file_does_not_price_is_refused(tmp_path):
+    path = measured_file(tmp_path, PlainCNN())
+    text = path.read_text().replace("weight_bits = [8]", "weight_bits = [4, 8]").replace(
+        "pairs = [[8, 8]]", "pairs = [[4, 8], [8, 8]]")
+    path.write_text(text)
+    with pytest.raises(HardwareSpecError) as exc:
+        load_hardware(path)
+    assert str(exc.value) == (f"{path}: metrics.latency.terms[1].layers.conv1: no value for format(s) 4x8, which the "
+                              f"target offers a conv layer")
