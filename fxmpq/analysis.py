@@ -65,14 +65,27 @@ class Analysis:
         """Every metric's value for one layer at (w_bits, a_bits) ((None, None): in float)."""
         return self.hardware.layer_cost(self.layer(name), w_bits, a_bits)
 
-    def cost(self, policy: Policy | Mapping[str, tuple[int, int]]) -> dict[str, float]:
-        """Metric name -> total under `policy` (pinned layers at their pins): the layers' costs plus the
-        hardware's model-level constants (counted once)."""
+    def policy_costs(self, policy: Policy | Mapping[str, tuple[int, int]]) -> dict[str, dict[str, float]]:
+        """Layer name -> every metric's value for that layer under `policy`: its cost in its format, plus the
+        hardware's chain change when the layer it reads back to back (`input_layer`) runs in the same format."""
         policy = policy if isinstance(policy, Policy) else Policy(policy)
         full = policy.complete(self)
-        totals = self.hardware.model_cost()
+        out = {}
         for m in self.layers:
-            for k, v in self.layer_cost(m.name, *full[m.name]).items():
+            fmt = full[m.name]
+            cost = self.layer_cost(m.name, *fmt)
+            if m.input_layer is not None and full.get(m.input_layer) == fmt and self.hardware.chained:
+                for k, v in self.hardware.chain_cost(m, *fmt).items():
+                    cost[k] += v
+            out[m.name] = cost
+        return out
+
+    def cost(self, policy: Policy | Mapping[str, tuple[int, int]]) -> dict[str, float]:
+        """Metric name -> total under `policy` (pinned layers at their pins): the layers' costs (`policy_costs`)
+        plus the hardware's model-level constants (counted once)."""
+        totals = self.hardware.model_cost()
+        for cost in self.policy_costs(policy).values():
+            for k, v in cost.items():
                 totals[k] += v
         return totals
 
@@ -116,6 +129,7 @@ class Analysis:
     def table(self, policy: Policy | None = None) -> str:
         """A per-layer text table (name, kind, MACs, params, pin or policy bits, every metric) with totals."""
         full = policy.complete(self) if policy is not None else None
+        per_layer = self.policy_costs(full) if full is not None else {}
         metrics = self.metrics
         header = ["layer", "kind", "MACs", "params", "W/A", *metrics]
         rows = []
@@ -123,7 +137,7 @@ class Analysis:
         totals = dict(constant)
         for m in self.layers:
             bits = full[m.name] if full is not None else m.pin_bits
-            cost = self.layer_cost(m.name, *bits) if bits is not None else {}
+            cost = per_layer[m.name] if full is not None else (self.layer_cost(m.name, *bits) if bits else {})
             for k, v in cost.items():
                 totals[k] += v
             wa = (format_name(bits) if bits else "search") + ("*" if m.pinned else "")

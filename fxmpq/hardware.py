@@ -89,6 +89,8 @@ class Layer(Protocol):
     def in_shape(self) -> tuple[int, ...]: ...
     @property
     def out_shape(self) -> tuple[int, ...]: ...
+    @property
+    def input_layer(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class LayerInfo:
     weight_shape: tuple[int, ...] = ()
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
+    input_layer: str | None = None  # the layer it reads back to back (see LayerRecord.input_layer)
 
 
 def shape_text(shape: Iterable[int]) -> str:
@@ -129,10 +132,17 @@ class LayerSignature:
 
 @dataclass(frozen=True)
 class LayerEntry:
-    """One layer of a LAYER_TABLE term: its signature and its value per format ((None, None): float)."""
+    """One layer of a LAYER_TABLE term: its signature and its value per format ((None, None): float).
+
+    `chain` (with `after`, the layer it reads back to back) is what the layer's cost changes by, per format, when
+    `after` runs in the same format: the conversions between two layers (Q/DQ, layout changes) that a layer
+    measured alone pays vanish. Usually negative.
+    """
 
     signature: LayerSignature
     values: Mapping[Pair, float]
+    after: str | None = None
+    chain: Mapping[Pair, float] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -202,7 +212,21 @@ class Term:
                 f"{self.origin}.layers.{_key(layer.name)}: measured on {entry.signature}, but this model's layer is "
                 f"{found}: the file was profiled on another model or input shape; profile this one "
                 f"(tools/profile_hw.py)")
+        if entry.after is not None and entry.after != layer.input_layer:
+            reads = f"reads layer {layer.input_layer!r}" if layer.input_layer else "reads no layer back to back"
+            raise HardwareSpecError(
+                f"{self.origin}.layers.{_key(layer.name)}.after: measured reading layer {entry.after!r} back to back, "
+                f"but in this model it {reads}: the file was profiled on another model; profile this one "
+                f"(tools/profile_hw.py)")
         return entry
+
+    def chain_delta(self, layer: Layer, w: int | None, a: int | None) -> float:
+        """What this term adds to `layer`'s cost at (w, a) when the layer it reads back to back runs at (w, a) too
+        (a LAYER_TABLE entry's `chain`; 0 otherwise)."""
+        if self.type is not TermType.LAYER_TABLE:
+            return 0.0
+        entry = self.check_layer(layer)
+        return self.scale * entry.chain.get((w, a), 0.0)
 
     def _lookup(self, layer: Layer, w: int | None, a: int | None) -> float:
         entry = self.check_layer(layer)
@@ -236,6 +260,15 @@ class Metric:
     def evaluate(self, layer: Layer, w: int | None, a: int | None) -> float:
         """This metric's value for one layer at (w, a) ((None, None): in float); constants are not a layer's."""
         return sum(t.evaluate(layer, w, a) for t in self.terms)
+
+    def chain_delta(self, layer: Layer, w: int | None, a: int | None) -> float:
+        """What this metric adds to the layer at (w, a) when the layer it reads back to back runs at (w, a) too."""
+        return sum(t.chain_delta(layer, w, a) for t in self.terms)
+
+    @property
+    def chained(self) -> bool:
+        """Whether any layer's cost depends on the format of the layer it reads (a `chain` in a layer table)."""
+        return any(e.chain for t in self.terms if t.type is TermType.LAYER_TABLE for e in t.layers.values())
 
     @property
     def constant(self) -> float:
@@ -312,6 +345,15 @@ class HardwareSpec:
     def layer_cost(self, layer: Layer, w: int | None, a: int | None) -> dict[str, float]:
         """Every metric's value for one layer at (w, a) ((None, None): in float): the one evaluation path."""
         return {name: m.evaluate(layer, w, a) for name, m in self.metrics.items()}
+
+    def chain_cost(self, layer: Layer, w: int | None, a: int | None) -> dict[str, float]:
+        """Every metric's change for `layer` at (w, a) when the layer it reads back to back runs at (w, a) too."""
+        return {name: m.chain_delta(layer, w, a) for name, m in self.metrics.items()}
+
+    @property
+    def chained(self) -> bool:
+        """Whether a layer's cost depends on the format of the layer it reads (some layer table has `chain`s)."""
+        return any(m.chained for m in self.metrics.values())
 
     def model_cost(self) -> dict[str, float]:
         """Every metric's model-level constant (0 without CONSTANT terms), added once to a model's total."""
@@ -501,7 +543,8 @@ _SHAPE = r"[0-9]+(?:x[0-9]+)*"
 
 def _parse_layer_entry(e: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: frozenset[LayerKind]
                        ) -> LayerEntry:
-    """One layer of a layer_table: kind, shape "IN->OUT", weight shape, and a value for every format it may run as."""
+    """One layer of a layer_table: kind, shape "IN->OUT", weight shape, a value for every format it may run as, and
+    optionally `after` (the layer it reads back to back) with a `chain` value per format."""
     kind_name = e.take("kind", str)
     try:
         kind = LayerKind(kind_name)
@@ -515,9 +558,24 @@ def _parse_layer_entry(e: _Table, pairs: tuple[tuple[int, int], ...], float_kind
     weight = e.take("weight", str)
     if not re.fullmatch(_SHAPE, weight):
         raise e.fail("weight", f'expected the weight shape such as "64x64x3x3", found {weight!r}')
+    after = e.take("after", str, None)
+    chain: dict[Pair, float] = {}
+    ct = e.table("chain", None) if "chain" in e.data else None
+    if ct is not None:
+        if after is None:
+            raise e.fail("chain", "a chain needs `after`, the layer this one reads back to back")
+        for key in ct.data:
+            pair = FLOAT if key == FLOAT_KEY else _parse_pair_key(ct, key)
+            v = float(ct.take(key, float))
+            if not math.isfinite(v):
+                raise ct.fail(key, f"expected a finite number, found {v!r}")
+            chain[pair] = v
+        ct.finish()
+    else:
+        e.used.add("chain")
     values: dict[Pair, float] = {}
     for key in e.data:
-        if key in ("kind", "shape", "weight"):
+        if key in ("kind", "shape", "weight", "after", "chain"):
             continue
         if key != FLOAT_KEY and not re.fullmatch(r"[0-9]+[xX][0-9]+", key):
             continue  # left for finish() to name as an unknown key
@@ -532,7 +590,13 @@ def _parse_layer_entry(e: _Table, pairs: tuple[tuple[int, int], ...], float_kind
     if missing:
         raise e.fail(None, f"no value for format(s) {', '.join(missing)}, which the target offers a "
                      f"{kind.value} layer")
-    return LayerEntry(LayerSignature(kind, shape, weight), MappingProxyType(values))
+    if ct is not None:
+        missing = [FLOAT_KEY if p == FLOAT else pair_name(p) for p in needed if p not in chain]
+        if missing:
+            raise ct.fail(None, f"no value for format(s) {', '.join(missing)}, which the target offers a "
+                          f"{kind.value} layer")
+    return LayerEntry(LayerSignature(kind, shape, weight), MappingProxyType(values), after,
+                      MappingProxyType(chain))
 
 
 _PROVENANCE_STR = ("tool", "command", "date", "model", "input", "runtime", "cpu", "clock", "notes")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hardware import LayerKind
-from .record import ConvOptions, LayerRecord, set_record
+from .record import ConvOptions, LayerRecord, record_of, set_record
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,13 @@ _LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _LINEAR_ARGS = ("input", "weight", "bias")
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
+# ops between two layers that leave them back to back in one format (folded, fused or run on the integer/blocked
+# layout): BatchNorm, ReLU/ReLU6/Hardtanh, max pooling, reshapes, dropout, identity
+_CHAIN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d,
+                  nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Identity)
+_CHAIN_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, F.max_pool1d, F.max_pool2d, torch.max_pool2d,
+                    torch.flatten, F.dropout, F.batch_norm}
+_CHAIN_METHODS = {"relu", "flatten", "view", "reshape", "contiguous"}
 
 
 def _is_layer_function(node: fx.Node) -> bool:
@@ -179,7 +186,30 @@ def find_layers(gm: fx.GraphModule) -> list[LayerRecord]:
             rec = dataclasses.replace(rec, name=f"{rec.name}#{count}")
         set_record(node, rec)
         found.append(rec)
+    layer_of = {n: r for n in gm.graph.nodes if (r := record_of(n)) is not None}
+    for node, rec in list(layer_of.items()):
+        src = _through_chain_ops(gm, layer_input(node))
+        if src in layer_of:
+            new = dataclasses.replace(rec, input_layer=layer_of[src].name)
+            set_record(node, new)
+            found[found.index(rec)] = new
     return found
+
+
+def _through_chain_ops(gm: fx.GraphModule, x: fx.Node | None) -> fx.Node | None:
+    """The node `x` comes from once BN, ReLU-like, max-pooling and reshaping ops are stepped over (their first
+    argument)."""
+    while isinstance(x, fx.Node) and record_of(x) is None:
+        if x.op == "call_module":
+            chain = isinstance(gm.get_submodule(x.target), _CHAIN_MODULES)
+        elif x.op == "call_function":
+            chain = x.target in _CHAIN_FUNCTIONS
+        else:
+            chain = x.op == "call_method" and x.target in _CHAIN_METHODS
+        if not chain or not x.args or not isinstance(x.args[0], fx.Node):
+            return x
+        x = x.args[0]
+    return x
 
 
 def linear_runs_as_conv(rec: LayerRecord) -> bool:

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import networkx as nx
 import numpy as np
 
 from .dominance import nondominated
@@ -92,9 +93,15 @@ class Problem:
         for m in analysis.pinned:
             c = analysis.layer_cost(m.name, *m.pin_bits)
             self.pinned_cost += np.array([c[k] for k in self.metrics])
-        # units: single layers, or groups tied by a shared activation quantizer
+        # chain terms (a layer's cost changes when the layer it reads back to back runs in the same format): a
+        # pinned end folds into the other end's costs; searchable layers joined by them choose together
+        chains = self._fold_pinned_chains() if hw.chained else []
+        # units: single layers, or groups tied by a shared activation quantizer or by chain terms
         groups = analysis.shared_input_groups() if hw.share_input_quantizer else []
-        grouped = {n for g in groups for n in g}
+        if groups and chains:
+            raise FxmpqError(f"hardware {hw.name!r} ({hw.path}) has both share_input_quantizer and per-layer chain "
+                             f"terms; the search handles one or the other")
+        grouped = {n for g in groups + chains for n in g}
         self.units: list[Unit] = []
         for n in searchable:
             if n not in grouped:
@@ -105,7 +112,10 @@ class Problem:
             unit = self._group_unit(g)
             if unit is not None:
                 self.units.append(unit)
+        for c in chains:
+            self.units.append(self._chain_unit(c))
         self.groups = groups
+        self.chains = chains
         self.col_unit = np.concatenate([np.full(len(u.obj), i) for i, u in enumerate(self.units)])
         self.col_choice = np.concatenate([np.arange(len(u.obj)) for u in self.units])
         self.obj = np.concatenate([u.obj for u in self.units])
@@ -189,6 +199,80 @@ class Problem:
                    {n: np.zeros(k, dtype=np.int64) for n, k in sizes.items()}, weight_only=weight_only)
         prob.build_time = time.perf_counter() - t0
         return prob
+
+    def _chain_delta(self, name: str, pair: Pair | tuple[None, None]) -> np.ndarray:
+        c = self.analysis.layer(name).chain_costs.get(pair)
+        return np.zeros(len(self.metrics)) if c is None else np.array([c[k] for k in self.metrics])
+
+    def _fold_pinned_chains(self) -> list[list[str]]:
+        """Fold every chain term with a pinned end into fixed costs; the groups (size >= 2, graph order) of
+        searchable layers joined by the others."""
+        an = self.analysis
+        searchable = set(self.layer_pairs)
+        g = nx.Graph()
+        for m in an.layers:
+            u = m.input_layer
+            if u is None or not m.chain_costs:
+                continue
+            prod = an.layer(u)
+            if m.pinned and prod.pinned:
+                if m.pin_bits == prod.pin_bits:
+                    self.pinned_cost += self._chain_delta(m.name, m.pin_bits)
+            elif prod.pinned:  # this layer's choice at the producer's pin gets the chain change
+                for i, pair in enumerate(self.layer_pairs[m.name]):
+                    if pair == prod.pin_bits:
+                        self.layer_cost[m.name][i] += self._chain_delta(m.name, pair)
+            elif m.pinned:  # the producer's choice at this layer's pin gets it
+                for i, pair in enumerate(self.layer_pairs[u]):
+                    if pair == m.pin_bits:
+                        self.layer_cost[u][i] += self._chain_delta(m.name, pair)
+            elif u in searchable and m.name in searchable:
+                g.add_edge(u, m.name)
+        order = {n: i for i, n in enumerate(an.names)}
+        return sorted((sorted(c, key=order.__getitem__) for c in nx.connected_components(g)),
+                      key=lambda c: order[c[0]])
+
+    def _chain_unit(self, members: list[str]) -> Unit:
+        """One unit for layers joined by chain terms: every combination of their formats, pruned to the Pareto
+        front of (priced, objective, costs), each with its exact cost (chain changes where a layer and the layer it
+        reads run in the same format). Layers are taken in graph order; a partial combination is kept by the
+        formats of the layers still to be read."""
+        an = self.analysis
+        inside = set(members)
+        prod = {n: an.layer(n).input_layer for n in members if an.layer(n).input_layer in inside}
+        last_read = {}
+        for i, n in enumerate(members):
+            if n in prod:
+                last_read[prod[n]] = i
+        width = 2 + len(self.metrics)
+        # a state: (open layers' choice indices as a sorted tuple of (name, j), vector, choice index per member)
+        states: list[tuple[tuple[tuple[str, int], ...], np.ndarray, tuple[int, ...]]] = [((), np.zeros(width), ())]
+        for i, n in enumerate(members):
+            nxt: dict[tuple[tuple[str, int], ...], list[tuple[np.ndarray, tuple[int, ...]]]] = {}
+            for key, vec, sel in states:
+                open_ = dict(key)
+                for j, pair in enumerate(self.layer_pairs[n]):
+                    add = np.concatenate([[self.layer_priced[n][j], self.layer_obj[n][j]], self.layer_cost[n][j]])
+                    p = prod.get(n)
+                    if p is not None and self.layer_pairs[p][open_[p]] == pair:
+                        add[2:] += self._chain_delta(n, pair)
+                    new_open = {**open_, n: j}
+                    new_open = {k: v for k, v in new_open.items() if last_read.get(k, -1) > i}
+                    nxt.setdefault(tuple(sorted(new_open.items())), []).append((vec + add, (*sel, j)))
+            states = []
+            for key, items in nxt.items():
+                vecs = np.array([v for v, _ in items])
+                for idx in nondominated(vecs):
+                    states.append((key, items[idx][0], items[idx][1]))
+            if len(states) > _MAX_GROUP_CHOICES:
+                raise FxmpqError(f"chained layers {members} have too many format combinations to search")
+        vecs = np.array([v for _, v, _ in states])
+        keep = nondominated(vecs)
+        sels = [states[i][2] for i in keep]
+        choices = np.array([[_code(self.layer_pairs[n][j]) for n, j in zip(members, sel)] for sel in sels])
+        values = np.array([[self.layer_obj[n][j] for n, j in zip(members, sel)] for sel in sels])
+        v = vecs[keep]
+        return Unit(tuple(members), choices, v[:, 1], v[:, 2:], v[:, 0].astype(np.int64), values)
 
     def _group_unit(self, group: list[str]) -> Unit | None:
         an = self.analysis

@@ -4,11 +4,13 @@ the rest of the model, written as a hardware TOML (per-layer `layer_table` terms
 Each layer is profiled alone, exactly as fxmpq deploys it: a one-layer model (a copy of the layer, its real input
 shape) goes through `prepare` (8-bit candidates), `apply_policy` (W8A8 or float) and `lower`, so the ONNX graph
 carries the Q/DQ nodes the exporter emits and ONNX Runtime fuses it as in the full model (QLinearConv for W8A8).
-Every layer session and the two whole models (all float, all W8A8) run in interleaved rounds. The file's
-`latency` metric prices a layer by its one-layer model's median; its constant, the rest of the model, is the
-all-float model minus the float layers; a one-layer model also pays a Q/DQ and layout change at its edges that a
-chain of integer layers does not, so the W8A8 values are scaled by one factor that makes the all-W8A8 model's
-prediction its measurement (both are in the file's comments).
+A layer alone also pays the conversions at its edges (quantize, dequantize, NCHW <-> NHWC or blocked layouts) that
+two layers run back to back in one format do not: each such pair (a layer and the layer it reads through BN, ReLU,
+max pooling or reshapes only, `LayerRecord.input_layer`) is exported and timed as a two-layer model too, and the
+difference (pair - the two alone) is the second layer's `chain` value in that format. Every session and the two
+whole models (all float, all W8A8) run in interleaved rounds. The file's constant, the rest of the model, is the
+all-float model minus its layers (with their chains); one factor on the W8A8 values then makes the all-W8A8
+prediction equal its measurement (both are in the file's comments).
 """
 
 from __future__ import annotations
@@ -27,19 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .errors import ArgumentError
 from .export import lower
 from .formats import format_name
 from .hardware import FLOAT, FLOAT_KEY, HardwareSpec, LayerSignature, Pair, loads_hardware, pair_name
+from .matcher import layer_input
 from .measure import TimingOptions, cpu_name, runtime_name, session, time_sessions
-from .record import LayerRecord
+from .record import LayerRecord, records
 from .stages import analyze, apply_policy, prepare
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INT8", "ORT_FORMATS", "HardwareProfile", "LayerProfile", "one_layer_module", "ort_target",
+__all__ = ["INT8", "ORT_FORMATS", "HardwareProfile", "LayerProfile", "one_layer_module", "ort_target", "pair_module",
            "profile_model"]
 
 INT8: Pair = (8, 8)
@@ -98,6 +102,42 @@ def one_layer_module(model: nn.Module, rec: LayerRecord) -> nn.Module:
     return _OneLayer(layer).eval()
 
 
+def pair_module(gm: fx.GraphModule, producer: fx.Node, consumer: fx.Node) -> fx.GraphModule:
+    """The two layers `producer` -> `consumer` of `gm` and the ops between them (BN, ReLU, pooling, reshapes) as a
+    model of their own, reading the producer's input."""
+    between = []
+    x = layer_input(consumer)
+    while x is not producer:
+        between.append(x)
+        x = x.args[0]
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {layer_input(producer): g.placeholder("x")}
+
+    def arg(a: fx.Node) -> fx.Node:
+        if a not in env:
+            if a.op != "get_attr":
+                raise ArgumentError(f"layers {producer.name} -> {consumer.name}: node {a.format_node()} between them "
+                                    f"reads another value")
+            env[a] = g.node_copy(a)
+        return env[a]
+
+    for n in [producer, *reversed(between), consumer]:
+        env[n] = g.node_copy(n, arg)
+    g.output(env[consumer])
+    return fx.GraphModule(gm, g).eval()
+
+
+def _reads_elsewhere(producer: fx.Node, consumer: fx.Node) -> bool:
+    """Whether the producer's output (through the ops up to the consumer) is also read by something else."""
+    x = layer_input(consumer)
+    path = []
+    while x is not producer:
+        path.append(x)
+        x = x.args[0]
+    chain = {producer, *path}
+    return any(u not in chain and u is not consumer for n in chain for u in n.users)
+
+
 def _lowered(module: nn.Module, x: torch.Tensor, fmt: Pair, path: Path, hw: HardwareSpec) -> Path:
     """`module` prepared at 8 bits, fixed at `fmt` ((8, 8) or float) and lowered to `path`."""
     q = prepare(module, x, hardware=hw, bits=(8,))
@@ -123,13 +163,16 @@ def _weight_bytes(path: Path) -> int:
 
 @dataclass
 class LayerProfile:
-    """One layer: its signature, the median latency of its one-layer model per format (ms) and its weight bytes."""
+    """One layer: its signature, the median latency of its one-layer model per format (ms) and its weight bytes;
+    with `after` (the layer it reads back to back), the chain change per format (ms, the pair measured)."""
 
     name: str
     signature: LayerSignature
     measured_ms: dict[Pair, float]
     spread: dict[Pair, float]  # (p90 - p10) / median of the samples
     weight_bytes: dict[Pair, int]
+    after: str | None = None
+    chain_ms: dict[Pair, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -151,16 +194,19 @@ class HardwareProfile:
     cpu: str = field(default_factory=cpu_name)
     name: str = "ort_cpu"
 
+    def _chains(self, fmt: Pair) -> float:
+        return sum(lp.chain_ms.get(fmt, 0.0) for lp in self.layers)
+
     @property
     def remainder_ms(self) -> float:
-        """The rest of the model: the all-float model minus its float layers, each timed alone."""
-        return self.float_model_ms - sum(lp.measured_ms[FLOAT] for lp in self.layers)
+        """The rest of the model: the all-float model minus its float layers (alone, plus their chains)."""
+        return self.float_model_ms - sum(lp.measured_ms[FLOAT] for lp in self.layers) - self._chains(FLOAT)
 
     @property
     def int8_scale(self) -> float:
-        """The factor on every W8A8 value that makes the all-W8A8 prediction equal its measurement."""
+        """The factor on every W8A8 value (alone) that makes the all-W8A8 prediction equal its measurement."""
         s = sum(lp.measured_ms[INT8] for lp in self.layers)
-        return (self.int8_model_ms - self.remainder_ms) / s if s > 0 else 1.0
+        return (self.int8_model_ms - self.remainder_ms - self._chains(INT8)) / s if s > 0 else 1.0
 
     def latency(self, name: str, fmt: Pair) -> float:
         """The file's latency of layer `name` in `fmt` (ms)."""
@@ -189,8 +235,10 @@ class HardwareProfile:
             f"#   clock {self.clock} (median of {self.repeats} runs after warm-up; thread_cpu = the calling thread's",
             "#   CPU time, which at one thread is the latency on a core of its own, whatever else the machine runs)",
             f"# whole model: all float {self.float_model_ms:.4f} ms, all W8A8 {self.int8_model_ms:.4f} ms",
-            f"# layers alone: sum float {sum_float:.4f} ms, sum W8A8 {sum_int8:.4f} ms",
-            f"# rest of the model (constant term) = all float - sum float = {self.remainder_ms:.4f} ms",
+            f"# layers alone: sum float {sum_float:.4f} ms, sum W8A8 {sum_int8:.4f} ms; chains (layers back to back in "
+            f"one format):",
+            f"#   sum float {self._chains(FLOAT):.4f} ms, sum W8A8 {self._chains(INT8):.4f} ms",
+            f"# rest of the model (constant term) = all float - sum float - float chains = {self.remainder_ms:.4f} ms",
             f"# W8A8 values = layer alone x {self.int8_scale:.4f}, so that all W8A8 is predicted as measured (alone, a",
             "# W8A8 layer also pays the Q/DQ and layout changes at its edges that a chain of integer layers does not).",
             "# Pins: none. 8 bits is the narrowest format here, so a pin would only take float away from the first",
@@ -224,7 +272,7 @@ class HardwareProfile:
         ]
         for lp in self.layers:
             vals = {fmt: self.latency(lp.name, fmt) for fmt in lp.measured_ms}
-            lines.append(f"{q(lp.name)} = {{ {_entry(lp.signature, vals)} }}")
+            lines.append(f"{q(lp.name)} = {{ {_entry(lp.signature, vals, lp.after, lp.chain_ms)} }}")
         lines += [
             "",
             "[metrics.bytes]",
@@ -259,12 +307,15 @@ class HardwareProfile:
         return "\n".join(lines)
 
 
-def _entry(sig: LayerSignature, values: dict[Pair, float]) -> str:
+def _entry(sig: LayerSignature, values: dict[Pair, float], after: str | None = None,
+           chain: dict[Pair, float] | None = None) -> str:
+    def fmt_values(vals: dict[Pair, float]) -> list[str]:
+        return [f"{FLOAT_KEY if f == FLOAT else json.dumps(pair_name(f))} = {v!r}" for f, v in vals.items()]
+
     parts = [f"kind = {json.dumps(sig.kind.value)}", f"shape = {json.dumps(sig.shape)}",
-             f"weight = {json.dumps(sig.weight)}"]
-    for fmt, v in values.items():
-        key = FLOAT_KEY if fmt == FLOAT else json.dumps(pair_name(fmt))
-        parts.append(f"{key} = {v!r}")
+             f"weight = {json.dumps(sig.weight)}", *fmt_values(values)]
+    if after is not None and chain:
+        parts += [f"after = {json.dumps(after)}", f"chain = {{ {', '.join(fmt_values(chain))} }}"]
     return ", ".join(parts)
 
 
@@ -289,17 +340,32 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
     recs = list(analysis.layers)
     if not recs:
         raise ArgumentError(f"{model_name} has no quantizable layers to profile")
+    gm = analysis.graph_module
+    node_of = {r.name: n for n, r in records(gm)}
+    by_name = {r.name: r for r in recs}
+    pairs = [(r.input_layer, r.name) for r in recs if r.input_layer is not None]
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(work_dir) if work_dir is not None else Path(tmp)
         d.mkdir(parents=True, exist_ok=True)
         paths: dict[tuple[str, Pair], Path] = {}
         jobs = [(r, fmt) for r in recs for fmt in ORT_FORMATS if fmt != FLOAT or r.kind in hw.float_kinds]
-        bar = tqdm(total=len(jobs) + 2, desc="export", unit="model", disable=not progress, file=sys.stderr)
+        pair_jobs = [(u, v, fmt) for u, v in pairs for fmt in ORT_FORMATS
+                     if (u, fmt) in {(r.name, f) for r, f in jobs} and (v, fmt) in {(r.name, f) for r, f in jobs}]
+        bar = tqdm(total=len(jobs) + len(pair_jobs) + 2, desc="export", unit="model", disable=not progress,
+                   file=sys.stderr)
         for i, (r, fmt) in enumerate(jobs):
             x = torch.randn(r.in_shape, generator=torch.Generator().manual_seed(i))
             tag = "float" if fmt == FLOAT else pair_name(fmt)
             paths[(r.name, fmt)] = _lowered(one_layer_module(model, r), x, fmt, d / f"layer{i:03d}_{tag}.onnx", hw)
             bar.set_postfix_str(f"{r.name} {format_name(fmt)}")
+            bar.update(1)
+        pair_paths: dict[tuple[str, Pair], Path] = {}
+        for i, (u, v, fmt) in enumerate(pair_jobs):
+            x = torch.randn(by_name[u].in_shape, generator=torch.Generator().manual_seed(i))
+            tag = "float" if fmt == FLOAT else pair_name(fmt)
+            pm = pair_module(gm, node_of[u], node_of[v])
+            pair_paths[(v, fmt)] = _lowered(pm, x, fmt, d / f"pair{i:03d}_{tag}.onnx", hw)
+            bar.set_postfix_str(f"{u} -> {v} {format_name(fmt)}")
             bar.update(1)
         whole = {}
         for fmt in ORT_FORMATS:
@@ -313,6 +379,10 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
         for (name, fmt), p in paths.items():
             s = session(p, threads)
             runs[(name, fmt)] = (s, {s.get_inputs()[0].name: torch.randn(shapes[name], generator=gen).numpy()})
+        for (v, fmt), p in pair_paths.items():
+            s = session(p, threads)
+            runs[("<pair>", v, fmt)] = (s, {s.get_inputs()[0].name: torch.randn(shapes[by_name[v].input_layer],
+                                                                                 generator=gen).numpy()})
         for fmt, p in whole.items():
             s = session(p, threads)
             runs[("<model>", fmt)] = (s, {s.get_inputs()[0].name: example.numpy()})
@@ -321,11 +391,22 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
         layers = []
         for r in recs:
             fmts = [f for f in ORT_FORMATS if (r.name, f) in paths]
+            chain = {}
+            u = r.input_layer
+            if u is not None and all((r.name, f) in pair_paths for f in fmts):
+                shared = _reads_elsewhere(node_of[u], node_of[r.name])
+                for f in fmts:
+                    delta = (times[("<pair>", r.name, f)].median_ms - times[(u, f)].median_ms
+                             - times[(r.name, f)].median_ms)
+                    # the producer's other reader keeps its dequantize: of the quantize and dequantize between the
+                    # two, which the pair saves both, about half
+                    chain[f] = delta / 2 if shared and f != FLOAT else delta
             layers.append(LayerProfile(
                 name=r.name, signature=LayerSignature.of(r),
                 measured_ms={f: times[(r.name, f)].median_ms for f in fmts},
                 spread={f: _spread(times[(r.name, f)].samples) for f in fmts},
-                weight_bytes={f: _weight_bytes(paths[(r.name, f)]) for f in fmts}))
+                weight_bytes={f: _weight_bytes(paths[(r.name, f)]) for f in fmts},
+                after=u if chain else None, chain_ms=chain))
     cmd = command if command is not None else " ".join(shlex.quote(a) for a in sys.argv)
     return HardwareProfile(model=model_name, input=tuple(example.shape[1:]), batch=int(example.shape[0]),
                            threads=threads, repeats=repeats, clock=timing.resolved_clock.value, layers=layers,

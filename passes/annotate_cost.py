@@ -51,11 +51,13 @@ class AnnotateCostPass(PassBase):
                               f"({self.hardware.path}); supported pairs: {self.hardware.pairs}")
         self.hardware.check_layers(r for _, r in found)  # per-layer tables: this model's layers and shapes
         for node, rec in found:
-            costs = {pair: MappingProxyType(self.hardware.layer_cost(rec, *pair))
-                     for pair in self.hardware.formats(rec.kind)}
+            formats = self.hardware.formats(rec.kind)
+            costs = {pair: MappingProxyType(self.hardware.layer_cost(rec, *pair)) for pair in formats}
+            chain = {pair: MappingProxyType(self.hardware.chain_cost(rec, *pair)) for pair in formats
+                     if rec.input_layer is not None and self.hardware.chained}
             is_pinned = rec.name in pinned
             set_record(node, dataclasses.replace(rec, pinned=is_pinned, pin_bits=self.pins.bits if is_pinned else None,
-                                                 costs=MappingProxyType(costs)))
+                                                 costs=MappingProxyType(costs), chain_costs=MappingProxyType(chain)))
         log.debug("annotated %d layers (%d pinned)", len(found), len(pinned))
         return PassResult(graph_module, False)
 

@@ -8,13 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from models import PlainCNN
+
+import fxmpq
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"uniform", "fxmpq", "hessian", "random-1", "random-2", "random-3", "inverted"}  # bench_policy's
 STAGES = {"input", "trace", "prepare", "indicators", "search", "apply", "lower", "validate"}  # bench_zoo's
 
 
-def _tool(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _tool(name: str, *args: str, cwd: Path, tiny_models: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    if tiny_models:  # "models:PlainCNN" names the tests' tiny models
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, str(ROOT / "tools" / name), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
 
@@ -97,3 +104,41 @@ def test_bench_export_smoke(tmp_path):
     row = next(line for line in out.splitlines() if line.startswith("| resnet18 | 1 |"))
     fp32, qdq, ratio = (c.strip() for c in row.strip("|").split("|")[2:5])
     assert float(fp32) > 0 and float(qdq) > 0 and ratio.endswith("x")
+
+
+def test_profile_hw_smoke_writes_a_measured_hardware_file(tmp_path):
+    """tools/profile_hw.py on a tiny model: the file parses, matches the model and prices every layer and format
+    (no assertion on the timings themselves)."""
+    out = tmp_path / "hw.toml"
+    proc = _tool("profile_hw.py", "models:PlainCNN", "--input", "3x16x16", "--repeats", "3", "--quiet", "--out",
+                 str(out), cwd=tmp_path, tiny_models=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "rest of the model" in proc.stdout and f"wrote {out}" in proc.stdout
+    hw = fxmpq.load_hardware(out)
+    assert set(hw.metrics) == {"latency", "bytes"} and hw.metrics["latency"].unit == "ms"
+    prov = hw.provenance
+    assert (prov.model, prov.input, prov.batch, prov.threads, prov.repeats) == ("models:PlainCNN", "3x16x16", 1, 1, 3)
+    assert prov.runtime.startswith("onnxruntime ") and prov.cpu and prov.clock == "thread_cpu"
+    assert "profile_hw.py models:PlainCNN --input 3x16x16" in prov.command
+    a = fxmpq.analyze(PlainCNN(), torch.randn(1, 3, 16, 16), hardware=out)
+    for m in a.layers:
+        assert set(m.costs) == {(8, 8), (None, None)} and m.costs[(8, 8)]["bytes"] > 0
+    assert a.layer("conv2").chain_costs  # conv2 reads conv1 back to back: the pair was measured
+    assert a.cost({n: (8, 8) for n in a.names})["latency"] > 0
+    bad = _tool("profile_hw.py", "small_resnet", "--input", "1x16", "--out", str(tmp_path / "x.toml"), cwd=tmp_path)
+    assert bad.returncode == 1 and "error:" in bad.stderr
+
+
+def test_bench_measured_smoke(tmp_path):
+    out = tmp_path / "bm"
+    proc = _tool("bench_measured.py", "--smoke", "--quiet", "--models", "models:PlainCNN", "--input", "3x16x16",
+                 "--budgets", "2", "--out", str(out), cwd=tmp_path, tiny_models=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in rows] == ["models:PlainCNN"] and len(rows[0]["rows"]) == 2
+    assert set(rows[0]["spread"]) == {"layers_median", "layers_p90", "layers_max", "float_model", "int8_model"}
+    for r in rows[0]["rows"]:
+        assert r["measured"] > 0 and r["predicted"] > 0 and isinstance(r["parity"], bool)
+    text = (out / "results.md").read_text()
+    assert "measured/predicted" in text and "Profiled twice" in text
+    assert len(list(out.glob("*_profile[12].toml"))) == 2

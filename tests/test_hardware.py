@@ -438,6 +438,8 @@ MEASURED: dict[str, Any] = {
         {"type": "constant", "value": -0.5},
         {"type": "layer_table", "layers": {
             "conv1": {"kind": "conv", "shape": "1x3x16x16->1x8x16x16", "weight": "8x3x3x3", "8x8": 1.0, "float": 2.0},
+            "conv2": {"kind": "conv", "shape": "1x8x16x16->1x16x8x8", "weight": "16x8x3x3", "8x8": 0.5, "float": 1.0,
+                      "after": "conv1", "chain": {"8x8": -0.125, "float": -0.0625}},
             "fc": {"kind": "linear", "shape": "1x16->1x10", "weight": "10x16", "8x8": 0.25}}},
     ]}},
     "provenance": {"tool": "tools/profile_hw.py", "model": "toy", "input": "3x16x16", "batch": 1, "threads": 1,
@@ -488,8 +490,22 @@ def test_layer_table_refuses_other_shapes_missing_layers_and_formats():
     with pytest.raises(HardwareSpecError, match=r"layers.conv1: no value for layer 'conv1' as W4A8; the file prices "
                                                 r"W8A8, float"):
         hw.layer_cost(CONV1, 4, 8)
-    with pytest.raises(HardwareSpecError, match=r"layers: entries for 1 layer\(s\) this model does not have \('fc'\)"):
+    with pytest.raises(HardwareSpecError, match=r"layers: entries for 2 layer\(s\) this model does not have "
+                                                r"\('conv2', 'fc'\)"):
         hw.check_layers([CONV1])
+
+
+def test_layer_table_chain_applies_when_the_layer_read_runs_in_the_same_format():
+    hw = _load(MEASURED)
+    assert hw.chained and not load_hardware("bitops").chained
+    conv2 = LayerInfo(LayerKind.CONV, 1, 1, name="conv2", weight_shape=(16, 8, 3, 3), in_shape=(1, 8, 16, 16),
+                      out_shape=(1, 16, 8, 8), input_layer="conv1")
+    assert hw.chain_cost(conv2, 8, 8) == {"latency": -0.125} and hw.chain_cost(conv2, None, None) == {"latency": -0.0625}
+    assert hw.chain_cost(CONV1, 8, 8) == {"latency": 0.0}
+    with pytest.raises(HardwareSpecError) as exc:
+        hw.layer_cost(LayerInfo(**{**conv2.__dict__, "input_layer": None}), 8, 8)
+    assert str(exc.value).startswith("t.toml: metrics.latency.terms[1].layers.conv2.after: measured reading layer "
+                                     "'conv1' back to back, but in this model it reads no layer back to back")
 
 
 MEASURED_CASES = [
@@ -526,8 +542,20 @@ MEASURED_CASES = [
     ("metrics.latency.terms[1].layers.conv1.8x8", -1,
      "t.toml: metrics.latency.terms[1].layers.conv1.8x8: expected a finite non-negative number, found -1.0"),
     ("metrics.latency.terms[1].layers.conv1.colour", "red",
-     "t.toml: metrics.latency.terms[1].layers.conv1: unknown key(s) 'colour'; allowed: 8x8, float, kind, shape, "
-     "weight"),
+     "t.toml: metrics.latency.terms[1].layers.conv1: unknown key(s) 'colour'; allowed: 8x8, after, chain, float, "
+     "kind, shape, weight"),
+    ("metrics.latency.terms[1].layers.fc.chain", {"8x8": -0.1},
+     "t.toml: metrics.latency.terms[1].layers.fc.chain: a chain needs `after`, the layer this one reads back to back"),
+    ("metrics.latency.terms[1].layers.fc.after", 3,
+     "t.toml: metrics.latency.terms[1].layers.fc.after: expected a string, found an integer 3"),
+    ("metrics.latency.terms[1].layers.conv2.chain", {"8x8": -0.1},
+     "t.toml: metrics.latency.terms[1].layers.conv2.chain: no value for format(s) float, which the target offers a "
+     "conv layer"),
+    ("metrics.latency.terms[1].layers.conv2.chain", {"8x8": -0.1, "float": math.inf},
+     "t.toml: metrics.latency.terms[1].layers.conv2.chain.float: expected a finite number, found inf"),
+    ("metrics.latency.terms[1].layers.conv2.chain", {"8x8": -0.1, "float": 0, "fp16": 1},
+     't.toml: metrics.latency.terms[1].layers.conv2.chain.fp16: expected a pair key "WxA" such as "4x8" (weight bits '
+     "x activation bits)"),
     ("metrics.latency.terms[1].layers.conv1", 1.0,
      "t.toml: metrics.latency.terms[1].layers.conv1: expected a table, found a number 1.0"),
     ("provenance.threads", 0, "t.toml: provenance.threads: expected a positive integer, found 0"),

@@ -19,17 +19,23 @@ from fxmpq.profiling import INT8, HardwareProfile, LayerProfile, ort_target
 REMAINDER = 0.125
 
 
-def measured_file(tmp_path, model, shape=(1, 3, 16, 16), *, drop: str | None = None, name: str = "hw.toml"):
-    """A profile_hw-style file for `model` at `shape`: layer i costs i+1 ms at W8A8 and 3(i+1) ms in float."""
+def measured_file(tmp_path, model, shape=(1, 3, 16, 16), *, drop: str | None = None, name: str = "hw.toml",
+                  chains: bool = False):
+    """A profile_hw-style file for `model` at `shape`: layer i costs i+1 ms at W8A8 and 3(i+1) ms in float; with
+    `chains`, a layer read back to back saves 0.75 ms at W8A8 and 0.5 ms in float after a layer in its format."""
     a = fxmpq.analyze(model, torch.randn(shape), hardware=ort_target())
     layers = [LayerProfile(r.name, LayerSignature.of(r), {INT8: float(i + 1), FLOAT: 3.0 * (i + 1)},
-                           {INT8: 0.0, FLOAT: 0.0}, {INT8: r.params + 12, FLOAT: 4 * r.params})
+                           {INT8: 0.0, FLOAT: 0.0}, {INT8: r.params + 12, FLOAT: 4 * r.params},
+                           after=r.input_layer if chains else None,
+                           chain_ms={INT8: -0.75, FLOAT: -0.5} if chains and r.input_layer else {})
               for i, r in enumerate(a.layers) if r.name != drop]
     sum_float = sum(lp.measured_ms[FLOAT] for lp in layers)
     sum_int8 = sum(lp.measured_ms[INT8] for lp in layers)
+    chain_float = sum(lp.chain_ms.get(FLOAT, 0.0) for lp in layers)
+    chain_int8 = sum(lp.chain_ms.get(INT8, 0.0) for lp in layers)
     prof = HardwareProfile(model=type(model).__name__, input=tuple(shape[1:]), batch=shape[0], threads=1, repeats=20,
-                           clock="thread_cpu", layers=layers, float_model_ms=sum_float + REMAINDER,
-                           int8_model_ms=sum_int8 + REMAINDER, command="test")
+                           clock="thread_cpu", layers=layers, float_model_ms=sum_float + chain_float + REMAINDER,
+                           int8_model_ms=sum_int8 + chain_int8 + REMAINDER, command="test")
     path = tmp_path / name
     path.write_text(prof.to_toml())
     return path
@@ -133,3 +139,44 @@ def test_a_format_the_target_offers_but_the_file_does_not_price_is_refused(tmp_p
         load_hardware(path)
     assert str(exc.value) == (f"{path}: metrics.latency.terms[1].layers.conv1: no value for format(s) 4x8, which the "
                               f"target offers a conv layer")
+
+
+def test_chains_price_layers_back_to_back_and_the_search_is_exact(tmp_path):
+    """ResidualNet: stem feeds conv1 and shortcut back to back (through a ReLU), conv1 feeds conv2; fc reads a mean.
+    The search (those four choose together) finds the brute-force optimum under every budget."""
+    import itertools
+
+    path = measured_file(tmp_path, ResidualNet(), chains=True)
+    hw = load_hardware(path)
+    assert hw.chained
+    a = fxmpq.analyze(ResidualNet(), torch.randn(1, 3, 16, 16), hardware=path)
+    assert {m.name: m.input_layer for m in a.layers} == {"stem": None, "conv1": "stem", "conv2": "conv1",
+                                                         "shortcut": "stem", "fc": None}
+    base = {"stem": 1, "conv1": 2, "conv2": 3, "shortcut": 4, "fc": 5}
+    all_int8 = a.cost({n: INT8 for n in a.names})["latency"]
+    assert all_int8 == pytest.approx(sum(base.values()) - 3 * 0.75 + REMAINDER)
+    mixed = {"stem": INT8, "conv1": INT8, "conv2": FLOAT, "shortcut": FLOAT, "fc": FLOAT}
+    assert a.cost(mixed)["latency"] == pytest.approx(1 + 2 - 0.75 + 9 + 12 + 15 + REMAINDER)
+    assert a.policy_costs(mixed)["conv1"]["latency"] == pytest.approx(2 - 0.75)
+    ind = random_indicators(tuple(a.names), (8,), seed=3)
+
+    def objective(pol):
+        return sum(0.0 if pol[n] == FLOAT else 2 * ind.weight[n][8] + ind.act[n][8] for n in pol)
+
+    combos = [dict(zip(a.names, c)) for c in itertools.product([INT8, FLOAT], repeat=len(a.names))]
+    lat_float = a.cost({n: FLOAT for n in a.names})["latency"]
+    for frac in (0.1, 0.3, 0.5, 0.7, 0.9):
+        budget = all_int8 + frac * (lat_float - all_int8)
+        res = fxmpq.search(a, ind, f"latency<={budget!r}")
+        assert res.totals["latency"] == pytest.approx(a.cost(res.policy)["latency"])
+        assert res.totals["latency"] <= budget + 1e-9
+        best = min(objective(p) for p in combos if a.cost(p)["latency"] <= budget + 1e-9)
+        assert res.objective == pytest.approx(best)
+
+
+def test_a_chain_for_another_producer_is_refused(tmp_path):
+    path = measured_file(tmp_path, PlainCNN(), chains=True)
+    path.write_text(path.read_text().replace('after = "conv1"', 'after = "stem"'))
+    with pytest.raises(HardwareSpecError, match=r"layers.conv2.after: measured reading layer 'stem' back to back, but "
+                                                r"in this model it reads layer 'conv1'"):
+        fxmpq.analyze(PlainCNN(), torch.randn(1, 3, 16, 16), hardware=path)
