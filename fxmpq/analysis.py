@@ -67,15 +67,15 @@ class Analysis:
 
     def policy_costs(self, policy: Policy | Mapping[str, tuple[int, int]]) -> dict[str, dict[str, float]]:
         """Layer name -> every metric's value for that layer under `policy`: its cost in its format, plus the
-        hardware's chain change when the layer it reads back to back (`input_layer`) runs in the same format."""
+        hardware's chain change for its format and that of the layer it reads back to back (`input_layer`)."""
         policy = policy if isinstance(policy, Policy) else Policy(policy)
         full = policy.complete(self)
         out = {}
         for m in self.layers:
             fmt = full[m.name]
             cost = self.layer_cost(m.name, *fmt)
-            if m.input_layer is not None and full.get(m.input_layer) == fmt and self.hardware.chained:
-                for k, v in self.hardware.chain_cost(m, *fmt).items():
+            if m.input_layer in full and self.hardware.chained:
+                for k, v in self.hardware.chain_cost(m, fmt, full[m.input_layer]).items():
                     cost[k] += v
             out[m.name] = cost
         return out

@@ -47,9 +47,10 @@ _MS_PER_UNIT = {"s": 1e3, "ms": 1.0, "us": 1e-3, "µs": 1e-3, "μs": 1e-3, "ns":
 class LayerTiming:
     """One layer in ONNX Runtime's profile of the exported model: what it was lowered as and what ORT ran.
 
-    `measured_ms` is the median kernel time of the ORT nodes that compute the layer (the Q/DQ around it are not
-    counted: they belong to no single layer); `predicted_ms` is the hardware file's latency of the layer in its
-    format (None without a latency metric). `flag` says when ORT ran it otherwise than it is priced.
+    `measured_ms` is the median kernel time of the ORT nodes that compute the layer (the Q/DQ and layout changes
+    around it are not counted: they belong to no single layer), from ORT's profiler (wall-clock node times);
+    `predicted_ms` is the hardware file's latency of the layer in its format, its chain included
+    (`Analysis.policy_costs`; None without a latency metric). `flag` says when ORT ran it otherwise than priced.
     """
 
     layer: str
@@ -424,7 +425,9 @@ def _latency_audit(qmodel: QuantModel, path: Path, recs: Sequence[LayerRecord], 
     per_layer = _node_layers(nodes, path, recs)
     metric = qmodel.hardware.metrics.get("latency")
     scale = _MS_PER_UNIT.get(metric.unit.strip()) if metric is not None else None
-    priced = {r.name: r for r in qmodel.records}
+    pred_ms: dict[str, float] = {}
+    if scale is not None and qmodel.policy is not None:
+        pred_ms = {n: c["latency"] * scale for n, c in qmodel.analysis.policy_costs(qmodel.policy).items()}
     rows, mismatches = [], []
     for r in recs:
         low = r.lowered
@@ -432,10 +435,7 @@ def _latency_audit(qmodel: QuantModel, path: Path, recs: Sequence[LayerRecord], 
         ran = per_layer.get(r.name, [])
         kernels = tuple(dict.fromkeys(n.op_type for n in ran))
         integer = any(k in _QLINEAR for k in kernels)
-        pr = priced.get(r.name)
-        pred = None
-        if scale is not None and pr is not None:
-            pred = qmodel.hardware.layer_cost(pr, *fmt)["latency"] * scale
+        pred = pred_ms.get(r.name)
         flag = None
         if not ran:
             flag = "not found in ONNX Runtime's graph"

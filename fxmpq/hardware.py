@@ -134,15 +134,16 @@ class LayerSignature:
 class LayerEntry:
     """One layer of a LAYER_TABLE term: its signature and its value per format ((None, None): float).
 
-    `chain` (with `after`, the layer it reads back to back) is what the layer's cost changes by, per format, when
-    `after` runs in the same format: the conversions between two layers (Q/DQ, layout changes) that a layer
-    measured alone pays vanish. Usually negative.
+    `chain[f][g]` (with `after`, the layer it reads back to back) is what the layer's cost changes by when it runs
+    as `f` and `after` as `g`: measured alone, each of the two pays the conversions at its edges (quantize,
+    dequantize, layout changes); run back to back, ONNX Runtime converts once between them (g != f) or not at all
+    (g == f). Usually negative.
     """
 
     signature: LayerSignature
     values: Mapping[Pair, float]
     after: str | None = None
-    chain: Mapping[Pair, float] = field(default_factory=lambda: MappingProxyType({}))
+    chain: Mapping[Pair, Mapping[Pair, float]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -220,13 +221,13 @@ class Term:
                 f"(tools/profile_hw.py)")
         return entry
 
-    def chain_delta(self, layer: Layer, w: int | None, a: int | None) -> float:
-        """What this term adds to `layer`'s cost at (w, a) when the layer it reads back to back runs at (w, a) too
-        (a LAYER_TABLE entry's `chain`; 0 otherwise)."""
+    def chain_delta(self, layer: Layer, fmt: Pair, after: Pair) -> float:
+        """What this term adds to `layer`'s cost in `fmt` when the layer it reads back to back runs in `after`
+        (a LAYER_TABLE entry's `chain[fmt][after]`; 0 otherwise)."""
         if self.type is not TermType.LAYER_TABLE:
             return 0.0
         entry = self.check_layer(layer)
-        return self.scale * entry.chain.get((w, a), 0.0)
+        return self.scale * entry.chain.get(fmt, {}).get(after, 0.0)
 
     def _lookup(self, layer: Layer, w: int | None, a: int | None) -> float:
         entry = self.check_layer(layer)
@@ -261,9 +262,9 @@ class Metric:
         """This metric's value for one layer at (w, a) ((None, None): in float); constants are not a layer's."""
         return sum(t.evaluate(layer, w, a) for t in self.terms)
 
-    def chain_delta(self, layer: Layer, w: int | None, a: int | None) -> float:
-        """What this metric adds to the layer at (w, a) when the layer it reads back to back runs at (w, a) too."""
-        return sum(t.chain_delta(layer, w, a) for t in self.terms)
+    def chain_delta(self, layer: Layer, fmt: Pair, after: Pair) -> float:
+        """What this metric adds to the layer in `fmt` when the layer it reads back to back runs in `after`."""
+        return sum(t.chain_delta(layer, fmt, after) for t in self.terms)
 
     @property
     def chained(self) -> bool:
@@ -346,9 +347,9 @@ class HardwareSpec:
         """Every metric's value for one layer at (w, a) ((None, None): in float): the one evaluation path."""
         return {name: m.evaluate(layer, w, a) for name, m in self.metrics.items()}
 
-    def chain_cost(self, layer: Layer, w: int | None, a: int | None) -> dict[str, float]:
-        """Every metric's change for `layer` at (w, a) when the layer it reads back to back runs at (w, a) too."""
-        return {name: m.chain_delta(layer, w, a) for name, m in self.metrics.items()}
+    def chain_cost(self, layer: Layer, fmt: Pair, after: Pair) -> dict[str, float]:
+        """Every metric's change for `layer` in `fmt` when the layer it reads back to back runs in `after`."""
+        return {name: m.chain_delta(layer, fmt, after) for name, m in self.metrics.items()}
 
     @property
     def chained(self) -> bool:
@@ -503,8 +504,23 @@ def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: froz
             raise lt.fail(None, "expected at least one layer entry")
         entries = {}
         for name in lt.data:
-            entries[name] = _parse_layer_entry(lt.table(name), pairs, float_kinds)
+            raw = lt.take(name, dict)
+            entries[name] = _parse_layer_entry(_Table(raw, f"{lt.path}.{_key(name)}", t.file), pairs, float_kinds)
         lt.finish()
+        for name, entry in entries.items():  # a chain covers every format of the layer it reads
+            if not entry.chain:
+                continue
+            where = _Table({}, f"{lt.path}.{_key(name)}", t.file)
+            if entry.after not in entries:
+                raise where.fail("after", f"names no layer of this table ({entry.after!r})")
+            prod = entries[entry.after].signature.kind
+            needed = [*pairs, FLOAT] if prod in float_kinds else list(pairs)
+            for own, inner in entry.chain.items():
+                missing = [FLOAT_KEY if p == FLOAT else pair_name(p) for p in needed if p not in inner]
+                if missing:
+                    raise where.fail(f"chain.{FLOAT_KEY if own == FLOAT else pair_name(own)}",
+                                     f"no value for format(s) {', '.join(missing)} of {entry.after!r}, the layer "
+                                     f"it reads")
         t.finish()
         return Term(type=ttype, scale=scale, layers=MappingProxyType(entries), **kwargs)
     kinds_raw = t.take("kinds", list, None)
@@ -559,17 +575,22 @@ def _parse_layer_entry(e: _Table, pairs: tuple[tuple[int, int], ...], float_kind
     if not re.fullmatch(_SHAPE, weight):
         raise e.fail("weight", f'expected the weight shape such as "64x64x3x3", found {weight!r}')
     after = e.take("after", str, None)
-    chain: dict[Pair, float] = {}
+    chain: dict[Pair, dict[Pair, float]] = {}
     ct = e.table("chain", None) if "chain" in e.data else None
     if ct is not None:
         if after is None:
             raise e.fail("chain", "a chain needs `after`, the layer this one reads back to back")
         for key in ct.data:
             pair = FLOAT if key == FLOAT_KEY else _parse_pair_key(ct, key)
-            v = float(ct.take(key, float))
-            if not math.isfinite(v):
-                raise ct.fail(key, f"expected a finite number, found {v!r}")
-            chain[pair] = v
+            inner = ct.table(key)
+            chain[pair] = {}
+            for k2 in inner.data:
+                p2 = FLOAT if k2 == FLOAT_KEY else _parse_pair_key(inner, k2)
+                v = float(inner.take(k2, float))
+                if not math.isfinite(v):
+                    raise inner.fail(k2, f"expected a finite number, found {v!r}")
+                chain[pair][p2] = v
+            inner.finish()
         ct.finish()
     else:
         e.used.add("chain")
@@ -596,7 +617,7 @@ def _parse_layer_entry(e: _Table, pairs: tuple[tuple[int, int], ...], float_kind
             raise ct.fail(None, f"no value for format(s) {', '.join(missing)}, which the target offers a "
                           f"{kind.value} layer")
     return LayerEntry(LayerSignature(kind, shape, weight), MappingProxyType(values), after,
-                      MappingProxyType(chain))
+                      MappingProxyType({k: MappingProxyType(v) for k, v in chain.items()}))
 
 
 _PROVENANCE_STR = ("tool", "command", "date", "model", "input", "runtime", "cpu", "clock", "notes")

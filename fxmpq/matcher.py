@@ -34,12 +34,13 @@ _LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _LINEAR_ARGS = ("input", "weight", "bias")
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
-# ops between two layers that leave them back to back in one format (folded, fused or run on the integer/blocked
-# layout): BatchNorm, ReLU/ReLU6/Hardtanh, max pooling, reshapes, dropout, identity
-_CHAIN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d,
-                  nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Identity)
-_CHAIN_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, F.max_pool1d, F.max_pool2d, torch.max_pool2d,
-                    torch.flatten, F.dropout, F.batch_norm}
+# ops between two layers that leave them back to back in one format (folded into the first layer or its
+# quantizer, or free): BatchNorm, ReLU/ReLU6/Hardtanh, reshapes, dropout, identity. Not max pooling: ONNX Runtime
+# decides which side of it the Q/DQ go (a uint8 max pooling in NCHW can cost more than the layers), so it belongs to
+# neither layer.
+_CHAIN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Flatten, nn.Dropout,
+                  nn.Dropout2d, nn.Identity)
+_CHAIN_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, torch.flatten, F.dropout, F.batch_norm}
 _CHAIN_METHODS = {"relu", "flatten", "view", "reshape", "contiguous"}
 
 
@@ -197,8 +198,7 @@ def find_layers(gm: fx.GraphModule) -> list[LayerRecord]:
 
 
 def _through_chain_ops(gm: fx.GraphModule, x: fx.Node | None) -> fx.Node | None:
-    """The node `x` comes from once BN, ReLU-like, max-pooling and reshaping ops are stepped over (their first
-    argument)."""
+    """The node `x` comes from once BN, ReLU-like and reshaping ops are stepped over (their first argument)."""
     while isinstance(x, fx.Node) and record_of(x) is None:
         if x.op == "call_module":
             chain = isinstance(gm.get_submodule(x.target), _CHAIN_MODULES)

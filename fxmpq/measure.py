@@ -117,21 +117,27 @@ def session(model: str | Path | bytes, threads: int = 1, *, profile_prefix: str 
 
 
 def time_sessions(runs: Mapping[K, tuple[Any, Mapping[str, np.ndarray]]], options: TimingOptions = TimingOptions(),
-                  *, progress: Any = None) -> dict[K, Timing]:
+                  *, progress: Any = None, warm_inputs: bool = False) -> dict[K, Timing]:
     """Time every (session, feed) of `runs`: `warmup` runs each, then `repeats` rounds that run each once in turn.
 
-    Interleaving spreads a slow spell of the machine over all of them instead of one. `progress` (a tqdm bar,
-    optional) is advanced once per round.
+    Interleaving spreads a slow spell of the machine over all of them instead of one (and leaves each model's
+    weights as cold as the rest of a large model leaves them). With `warm_inputs`, each input is written right
+    before its run (not timed), so it is in cache as a tensor just produced by the op before would be: how a layer
+    profiled alone sees its input inside the whole model. `progress` (a tqdm bar, optional) advances per round.
     """
     clock = options.resolved_clock
-    for sess, feed in runs.values():
+    feeds = {k: {n: np.array(v, copy=True) for n, v in feed.items()} for k, (_, feed) in runs.items()}
+    for key, (sess, _) in runs.items():
         for _ in range(options.warmup):
-            sess.run(None, dict(feed))
+            sess.run(None, feeds[key])
     cpu: dict[K, list[float]] = defaultdict(list)
     wall: dict[K, list[float]] = defaultdict(list)
     for _ in range(options.repeats):
         for key, (sess, feed) in runs.items():
-            f = dict(feed)
+            f = feeds[key]
+            if warm_inputs:
+                for n, v in feed.items():
+                    np.copyto(f[n], v)
             w0, c0 = time.perf_counter(), time.thread_time()
             sess.run(None, f)
             c1, w1 = time.thread_time(), time.perf_counter()

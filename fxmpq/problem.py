@@ -200,8 +200,8 @@ class Problem:
         prob.build_time = time.perf_counter() - t0
         return prob
 
-    def _chain_delta(self, name: str, pair: Pair | tuple[None, None]) -> np.ndarray:
-        c = self.analysis.layer(name).chain_costs.get(pair)
+    def _chain_delta(self, name: str, fmt: Pair | tuple[None, None], after: Pair | tuple[None, None]) -> np.ndarray:
+        c = self.analysis.layer(name).chain_costs.get((fmt, after))
         return np.zeros(len(self.metrics)) if c is None else np.array([c[k] for k in self.metrics])
 
     def _fold_pinned_chains(self) -> list[list[str]]:
@@ -216,16 +216,13 @@ class Problem:
                 continue
             prod = an.layer(u)
             if m.pinned and prod.pinned:
-                if m.pin_bits == prod.pin_bits:
-                    self.pinned_cost += self._chain_delta(m.name, m.pin_bits)
-            elif prod.pinned:  # this layer's choice at the producer's pin gets the chain change
+                self.pinned_cost += self._chain_delta(m.name, m.pin_bits, prod.pin_bits)
+            elif prod.pinned:  # each choice of this layer gets its chain change after the producer's pin
                 for i, pair in enumerate(self.layer_pairs[m.name]):
-                    if pair == prod.pin_bits:
-                        self.layer_cost[m.name][i] += self._chain_delta(m.name, pair)
-            elif m.pinned:  # the producer's choice at this layer's pin gets it
+                    self.layer_cost[m.name][i] += self._chain_delta(m.name, pair, prod.pin_bits)
+            elif m.pinned:  # each choice of the producer gets this (pinned) layer's change after it
                 for i, pair in enumerate(self.layer_pairs[u]):
-                    if pair == m.pin_bits:
-                        self.layer_cost[u][i] += self._chain_delta(m.name, pair)
+                    self.layer_cost[u][i] += self._chain_delta(m.name, m.pin_bits, pair)
             elif u in searchable and m.name in searchable:
                 g.add_edge(u, m.name)
         order = {n: i for i, n in enumerate(an.names)}
@@ -234,9 +231,9 @@ class Problem:
 
     def _chain_unit(self, members: list[str]) -> Unit:
         """One unit for layers joined by chain terms: every combination of their formats, pruned to the Pareto
-        front of (priced, objective, costs), each with its exact cost (chain changes where a layer and the layer it
-        reads run in the same format). Layers are taken in graph order; a partial combination is kept by the
-        formats of the layers still to be read."""
+        front of (priced, objective, costs), each with its exact cost (each layer's chain change for its format and
+        that of the layer it reads). Layers are taken in graph order; a partial combination is kept by the formats
+        of the layers still to be read."""
         an = self.analysis
         inside = set(members)
         prod = {n: an.layer(n).input_layer for n in members if an.layer(n).input_layer in inside}
@@ -254,8 +251,8 @@ class Problem:
                 for j, pair in enumerate(self.layer_pairs[n]):
                     add = np.concatenate([[self.layer_priced[n][j], self.layer_obj[n][j]], self.layer_cost[n][j]])
                     p = prod.get(n)
-                    if p is not None and self.layer_pairs[p][open_[p]] == pair:
-                        add[2:] += self._chain_delta(n, pair)
+                    if p is not None:
+                        add[2:] += self._chain_delta(n, pair, self.layer_pairs[p][open_[p]])
                     new_open = {**open_, n: j}
                     new_open = {k: v for k, v in new_open.items() if last_read.get(k, -1) > i}
                     nxt.setdefault(tuple(sorted(new_open.items())), []).append((vec + add, (*sel, j)))

@@ -4,13 +4,15 @@ the rest of the model, written as a hardware TOML (per-layer `layer_table` terms
 Each layer is profiled alone, exactly as fxmpq deploys it: a one-layer model (a copy of the layer, its real input
 shape) goes through `prepare` (8-bit candidates), `apply_policy` (W8A8 or float) and `lower`, so the ONNX graph
 carries the Q/DQ nodes the exporter emits and ONNX Runtime fuses it as in the full model (QLinearConv for W8A8).
-A layer alone also pays the conversions at its edges (quantize, dequantize, NCHW <-> NHWC or blocked layouts) that
-two layers run back to back in one format do not: each such pair (a layer and the layer it reads through BN, ReLU,
-max pooling or reshapes only, `LayerRecord.input_layer`) is exported and timed as a two-layer model too, and the
-difference (pair - the two alone) is the second layer's `chain` value in that format. Every session and the two
-whole models (all float, all W8A8) run in interleaved rounds. The file's constant, the rest of the model, is the
-all-float model minus its layers (with their chains); one factor on the W8A8 values then makes the all-W8A8
-prediction equal its measurement (both are in the file's comments).
+A layer alone also pays the conversions at its edges (quantize, dequantize, NCHW <-> NHWC or blocked layouts);
+two layers run back to back convert once between them when their formats differ, or not at all: each such pair (a
+layer and the layer it reads through BN, ReLU or reshapes only, `LayerRecord.input_layer`) is exported and timed
+as a two-layer model in every combination of formats, and the difference (pair - the two alone) is the second
+layer's `chain` value for that combination. Every session and the two whole models (all float, all W8A8) run in
+interleaved rounds, each input written right before its run (in cache, as the tensor the op before just produced
+would be). The file's constant, the rest of the model, is the all-float model minus its layers (with their
+chains); one factor on the W8A8 values then makes the all-W8A8 prediction equal its measurement (both calibration
+points and the factor are in the file's comments).
 """
 
 from __future__ import annotations
@@ -138,10 +140,12 @@ def _reads_elsewhere(producer: fx.Node, consumer: fx.Node) -> bool:
     return any(u not in chain and u is not consumer for n in chain for u in n.users)
 
 
-def _lowered(module: nn.Module, x: torch.Tensor, fmt: Pair, path: Path, hw: HardwareSpec) -> Path:
-    """`module` prepared at 8 bits, fixed at `fmt` ((8, 8) or float) and lowered to `path`."""
+def _lowered(module: nn.Module, x: torch.Tensor, fmt: Pair | Sequence[Pair], path: Path, hw: HardwareSpec) -> Path:
+    """`module` prepared at 8 bits, fixed at `fmt` ((8, 8) or float; or one per layer, in graph order) and lowered
+    to `path`."""
     q = prepare(module, x, hardware=hw, bits=(8,))
-    apply_policy(q, {n: fmt for n in q.layer_names}, x)
+    fmts = [fmt] * len(q.layer_names) if fmt in ORT_FORMATS else list(fmt)
+    apply_policy(q, dict(zip(q.layer_names, fmts, strict=True)), x)
     q.eval()
     lower(q, path, x, samples=2, check=False, measure=False)
     return path
@@ -172,7 +176,7 @@ class LayerProfile:
     spread: dict[Pair, float]  # (p90 - p10) / median of the samples
     weight_bytes: dict[Pair, int]
     after: str | None = None
-    chain_ms: dict[Pair, float] = field(default_factory=dict)
+    chain_ms: dict[Pair, dict[Pair, float]] = field(default_factory=dict)  # [own format][format of `after`]
 
 
 @dataclass
@@ -194,22 +198,28 @@ class HardwareProfile:
     cpu: str = field(default_factory=cpu_name)
     name: str = "ort_cpu"
 
-    def _chains(self, fmt: Pair) -> float:
-        return sum(lp.chain_ms.get(fmt, 0.0) for lp in self.layers)
+    def chains(self, fmt: Pair) -> float:
+        """The sum of the chains when every layer runs in `fmt` (ms)."""
+        return sum(lp.chain_ms.get(fmt, {}).get(fmt, 0.0) for lp in self.layers)
 
     @property
     def remainder_ms(self) -> float:
         """The rest of the model: the all-float model minus its float layers (alone, plus their chains)."""
-        return self.float_model_ms - sum(lp.measured_ms[FLOAT] for lp in self.layers) - self._chains(FLOAT)
+        return self.float_model_ms - sum(lp.measured_ms[FLOAT] for lp in self.layers) - self.chains(FLOAT)
+
+    @property
+    def int8_predicted_ms(self) -> float:
+        """The all-W8A8 model as the layers alone and their chains predict it (before `int8_scale`)."""
+        return self.remainder_ms + sum(lp.measured_ms[INT8] for lp in self.layers) + self.chains(INT8)
 
     @property
     def int8_scale(self) -> float:
         """The factor on every W8A8 value (alone) that makes the all-W8A8 prediction equal its measurement."""
         s = sum(lp.measured_ms[INT8] for lp in self.layers)
-        return (self.int8_model_ms - self.remainder_ms - self._chains(INT8)) / s if s > 0 else 1.0
+        return 1.0 + (self.int8_model_ms - self.int8_predicted_ms) / s if s > 0 else 1.0
 
     def latency(self, name: str, fmt: Pair) -> float:
-        """The file's latency of layer `name` in `fmt` (ms)."""
+        """The file's latency of layer `name` in `fmt` (ms): alone, W8A8 values times `int8_scale`."""
         lp = next(x for x in self.layers if x.name == name)
         return lp.measured_ms[fmt] * (self.int8_scale if fmt == INT8 else 1.0)
 
@@ -221,10 +231,11 @@ class HardwareProfile:
                 f"{self.cpu}")
         source = f"tools/profile_hw.py on {self.date}: {self.runtime}, {self.cpu}"
         latency_desc = f"measured ONNX Runtime latency, {self.threads} thread(s), batch {self.batch}"
-        notes = (f"whole model all float {self.float_model_ms:.4f} ms, all W8A8 {self.int8_model_ms:.4f} ms; "
-                 f"W8A8 scale {self.int8_scale:.4f}")
+        notes = (f"whole model all float {self.float_model_ms:.4f} ms, all W8A8 {self.int8_model_ms:.4f} ms "
+                 f"(layers alone and chains {self.int8_predicted_ms:.4f} ms; W8A8 scale {self.int8_scale:.4f})")
         sum_int8 = sum(lp.measured_ms[INT8] for lp in self.layers)
         sum_float = sum(lp.measured_ms[FLOAT] for lp in self.layers)
+        n_chains = sum(1 for lp in self.layers if lp.chain_ms)
         lines = [
             f"# ONNX Runtime CPU latency of {self.model} at {shape}, batch {self.batch}, {self.threads} thread(s),",
             "# measured by tools/profile_hw.py (fxmpq.profiling): every quantizable layer exported alone by fxmpq",
@@ -235,12 +246,11 @@ class HardwareProfile:
             f"#   clock {self.clock} (median of {self.repeats} runs after warm-up; thread_cpu = the calling thread's",
             "#   CPU time, which at one thread is the latency on a core of its own, whatever else the machine runs)",
             f"# whole model: all float {self.float_model_ms:.4f} ms, all W8A8 {self.int8_model_ms:.4f} ms",
-            f"# layers alone: sum float {sum_float:.4f} ms, sum W8A8 {sum_int8:.4f} ms; chains (layers back to back in "
-            f"one format):",
-            f"#   sum float {self._chains(FLOAT):.4f} ms, sum W8A8 {self._chains(INT8):.4f} ms",
+            f"# layers alone: sum float {sum_float:.4f} ms, sum W8A8 {sum_int8:.4f} ms; chains of {n_chains} pairs of",
+            f"# layers back to back, all float {self.chains(FLOAT):.4f} ms, all W8A8 {self.chains(INT8):.4f} ms",
             f"# rest of the model (constant term) = all float - sum float - float chains = {self.remainder_ms:.4f} ms",
-            f"# W8A8 values = layer alone x {self.int8_scale:.4f}, so that all W8A8 is predicted as measured (alone, a",
-            "# W8A8 layer also pays the Q/DQ and layout changes at its edges that a chain of integer layers does not).",
+            f"# all W8A8 from the layers alone and their chains: {self.int8_predicted_ms:.4f} ms, measured "
+            f"{self.int8_model_ms:.4f} ms; so W8A8 values = layer alone x {self.int8_scale:.4f}",
             "# Pins: none. 8 bits is the narrowest format here, so a pin would only take float away from the first",
             "# and last layers; the search decides them like the others.",
             "",
@@ -307,15 +317,20 @@ class HardwareProfile:
         return "\n".join(lines)
 
 
+def _key_of(fmt: Pair) -> str:
+    return FLOAT_KEY if fmt == FLOAT else json.dumps(pair_name(fmt))
+
+
 def _entry(sig: LayerSignature, values: dict[Pair, float], after: str | None = None,
-           chain: dict[Pair, float] | None = None) -> str:
+           chain: dict[Pair, dict[Pair, float]] | None = None) -> str:
     def fmt_values(vals: dict[Pair, float]) -> list[str]:
-        return [f"{FLOAT_KEY if f == FLOAT else json.dumps(pair_name(f))} = {v!r}" for f, v in vals.items()]
+        return [f"{_key_of(f)} = {v!r}" for f, v in vals.items()]
 
     parts = [f"kind = {json.dumps(sig.kind.value)}", f"shape = {json.dumps(sig.shape)}",
              f"weight = {json.dumps(sig.weight)}", *fmt_values(values)]
     if after is not None and chain:
-        parts += [f"after = {json.dumps(after)}", f"chain = {{ {', '.join(fmt_values(chain))} }}"]
+        inner = ", ".join(f"{_key_of(f)} = {{ {', '.join(fmt_values(v))} }}" for f, v in chain.items())
+        parts += [f"after = {json.dumps(after)}", f"chain = {{ {inner} }}"]
     return ", ".join(parts)
 
 
@@ -328,7 +343,7 @@ def _spread(samples: Sequence[float]) -> float:
 
 def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, threads: int = 1, repeats: int = 20,
                   warmup: int = 3, progress: bool = True, command: str | None = None,
-                  work_dir: str | Path | None = None) -> HardwareProfile:
+                  work_dir: str | Path | None = None, warm_inputs: bool = True) -> HardwareProfile:
     """Profile every quantizable layer of `model` (on `example`, batch first) in W8A8 and float, and the whole model
     in each; see the module docstring. `work_dir` keeps the exported ONNX files (default: a temporary directory)."""
     from tqdm import tqdm
@@ -349,8 +364,9 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
         d.mkdir(parents=True, exist_ok=True)
         paths: dict[tuple[str, Pair], Path] = {}
         jobs = [(r, fmt) for r in recs for fmt in ORT_FORMATS if fmt != FLOAT or r.kind in hw.float_kinds]
-        pair_jobs = [(u, v, fmt) for u, v in pairs for fmt in ORT_FORMATS
-                     if (u, fmt) in {(r.name, f) for r, f in jobs} and (v, fmt) in {(r.name, f) for r, f in jobs}]
+        offered = {(r.name, f) for r, f in jobs}
+        pair_jobs = [(u, v, fu, fv) for u, v in pairs for fu in ORT_FORMATS for fv in ORT_FORMATS
+                     if (u, fu) in offered and (v, fv) in offered]
         bar = tqdm(total=len(jobs) + len(pair_jobs) + 2, desc="export", unit="model", disable=not progress,
                    file=sys.stderr)
         for i, (r, fmt) in enumerate(jobs):
@@ -359,13 +375,13 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
             paths[(r.name, fmt)] = _lowered(one_layer_module(model, r), x, fmt, d / f"layer{i:03d}_{tag}.onnx", hw)
             bar.set_postfix_str(f"{r.name} {format_name(fmt)}")
             bar.update(1)
-        pair_paths: dict[tuple[str, Pair], Path] = {}
-        for i, (u, v, fmt) in enumerate(pair_jobs):
+        pair_paths: dict[tuple[str, Pair, Pair], Path] = {}
+        for i, (u, v, fu, fv) in enumerate(pair_jobs):
             x = torch.randn(by_name[u].in_shape, generator=torch.Generator().manual_seed(i))
-            tag = "float" if fmt == FLOAT else pair_name(fmt)
+            tag = "_".join("float" if f == FLOAT else pair_name(f) for f in (fu, fv))
             pm = pair_module(gm, node_of[u], node_of[v])
-            pair_paths[(v, fmt)] = _lowered(pm, x, fmt, d / f"pair{i:03d}_{tag}.onnx", hw)
-            bar.set_postfix_str(f"{u} -> {v} {format_name(fmt)}")
+            pair_paths[(v, fu, fv)] = _lowered(pm, x, (fu, fv), d / f"pair{i:03d}_{tag}.onnx", hw)
+            bar.set_postfix_str(f"{u} {format_name(fu)} -> {v} {format_name(fv)}")
             bar.update(1)
         whole = {}
         for fmt in ORT_FORMATS:
@@ -379,28 +395,30 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
         for (name, fmt), p in paths.items():
             s = session(p, threads)
             runs[(name, fmt)] = (s, {s.get_inputs()[0].name: torch.randn(shapes[name], generator=gen).numpy()})
-        for (v, fmt), p in pair_paths.items():
+        for (v, fu, fv), p in pair_paths.items():
             s = session(p, threads)
-            runs[("<pair>", v, fmt)] = (s, {s.get_inputs()[0].name: torch.randn(shapes[by_name[v].input_layer],
-                                                                                 generator=gen).numpy()})
+            runs[("<pair>", v, fu, fv)] = (s, {s.get_inputs()[0].name: torch.randn(shapes[by_name[v].input_layer],
+                                                                                     generator=gen).numpy()})
         for fmt, p in whole.items():
             s = session(p, threads)
             runs[("<model>", fmt)] = (s, {s.get_inputs()[0].name: example.numpy()})
         with tqdm(total=repeats, desc="time", unit="round", disable=not progress, file=sys.stderr) as tb:
-            times = time_sessions(runs, timing, progress=tb)
+            times = time_sessions(runs, timing, progress=tb, warm_inputs=warm_inputs)
         layers = []
         for r in recs:
             fmts = [f for f in ORT_FORMATS if (r.name, f) in paths]
-            chain = {}
+            chain: dict[Pair, dict[Pair, float]] = {}
             u = r.input_layer
-            if u is not None and all((r.name, f) in pair_paths for f in fmts):
+            if u is not None:
                 shared = _reads_elsewhere(node_of[u], node_of[r.name])
-                for f in fmts:
-                    delta = (times[("<pair>", r.name, f)].median_ms - times[(u, f)].median_ms
-                             - times[(r.name, f)].median_ms)
-                    # the producer's other reader keeps its dequantize: of the quantize and dequantize between the
-                    # two, which the pair saves both, about half
-                    chain[f] = delta / 2 if shared and f != FLOAT else delta
+                for (v, fu, fv) in pair_paths:
+                    if v != r.name:
+                        continue
+                    delta = (times[("<pair>", v, fu, fv)].median_ms - times[(u, fu)].median_ms
+                             - times[(v, fv)].median_ms)
+                    # both integer: the producer's other reader (a residual add) keeps the dequantize the pair
+                    # saves; of the quantize and dequantize between the two, about half is saved
+                    chain.setdefault(fv, {})[fu] = delta / 2 if shared and fu == fv == INT8 else delta
             layers.append(LayerProfile(
                 name=r.name, signature=LayerSignature.of(r),
                 measured_ms={f: times[(r.name, f)].median_ms for f in fmts},

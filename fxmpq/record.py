@@ -108,16 +108,16 @@ class LayerRecord(_Value):
     params: int  # weight plus bias elements
     input_node: str  # the name of the fx node the layer reads
     bias_computed: bool = False  # the bias is computed in the graph, not a parameter
-    # the layer whose output this one reads with nothing but BN, ReLU/ReLU6/Hardtanh, max pooling or reshapes in
-    # between (the two run back to back in one format: no Q/DQ or layout change between them); None otherwise
+    # the layer whose output this one reads with nothing but BN, ReLU/ReLU6/Hardtanh or reshapes in between (the
+    # two run back to back: in one format, no Q/DQ or layout change between them); None otherwise
     input_layer: str | None = None
     pinned: bool = False
     pin_bits: tuple[int, int] | None = None
     costs: Mapping[tuple[int | None, int | None], Mapping[str, float]] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
-    # per format: what the hardware adds to this layer's cost when `input_layer` runs in the same format
-    chain_costs: Mapping[tuple[int | None, int | None], Mapping[str, float]] = field(
-        default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
+    # (this layer's format, `input_layer`'s format) -> what the hardware adds to this layer's cost then
+    chain_costs: Mapping[tuple[tuple[int | None, int | None], tuple[int | None, int | None]], Mapping[str, float]] = \
+        field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
     sites: QuantSites | None = None  # None before InsertFakeQuant, and again once ApplyPolicy left it in float
     applied: Applied | None = None
     lowered: Lowered | None = None

@@ -50,11 +50,14 @@ class AnnotateCostPass(PassBase):
             raise PolicyError(f"pinned bits W{w}A{a} are not a pair hardware {self.hardware.name!r} runs "
                               f"({self.hardware.path}); supported pairs: {self.hardware.pairs}")
         self.hardware.check_layers(r for _, r in found)  # per-layer tables: this model's layers and shapes
+        kind_of = {r.name: r.kind for _, r in found}
         for node, rec in found:
             formats = self.hardware.formats(rec.kind)
             costs = {pair: MappingProxyType(self.hardware.layer_cost(rec, *pair)) for pair in formats}
-            chain = {pair: MappingProxyType(self.hardware.chain_cost(rec, *pair)) for pair in formats
-                     if rec.input_layer is not None and self.hardware.chained}
+            chain = {}
+            if rec.input_layer in kind_of and self.hardware.chained:
+                chain = {(f, g): MappingProxyType(self.hardware.chain_cost(rec, f, g)) for f in formats
+                         for g in self.hardware.formats(kind_of[rec.input_layer])}
             is_pinned = rec.name in pinned
             set_record(node, dataclasses.replace(rec, pinned=is_pinned, pin_bits=self.pins.bits if is_pinned else None,
                                                  costs=MappingProxyType(costs), chain_costs=MappingProxyType(chain)))

@@ -439,7 +439,8 @@ MEASURED: dict[str, Any] = {
         {"type": "layer_table", "layers": {
             "conv1": {"kind": "conv", "shape": "1x3x16x16->1x8x16x16", "weight": "8x3x3x3", "8x8": 1.0, "float": 2.0},
             "conv2": {"kind": "conv", "shape": "1x8x16x16->1x16x8x8", "weight": "16x8x3x3", "8x8": 0.5, "float": 1.0,
-                      "after": "conv1", "chain": {"8x8": -0.125, "float": -0.0625}},
+                      "after": "conv1", "chain": {"8x8": {"8x8": -0.125, "float": 0.0},
+                                                  "float": {"8x8": 0.01, "float": -0.0625}}},
             "fc": {"kind": "linear", "shape": "1x16->1x10", "weight": "10x16", "8x8": 0.25}}},
     ]}},
     "provenance": {"tool": "tools/profile_hw.py", "model": "toy", "input": "3x16x16", "batch": 1, "threads": 1,
@@ -500,8 +501,11 @@ def test_layer_table_chain_applies_when_the_layer_read_runs_in_the_same_format()
     assert hw.chained and not load_hardware("bitops").chained
     conv2 = LayerInfo(LayerKind.CONV, 1, 1, name="conv2", weight_shape=(16, 8, 3, 3), in_shape=(1, 8, 16, 16),
                       out_shape=(1, 16, 8, 8), input_layer="conv1")
-    assert hw.chain_cost(conv2, 8, 8) == {"latency": -0.125} and hw.chain_cost(conv2, None, None) == {"latency": -0.0625}
-    assert hw.chain_cost(CONV1, 8, 8) == {"latency": 0.0}
+    int8, flt = (8, 8), (None, None)
+    assert hw.chain_cost(conv2, int8, int8) == {"latency": -0.125}
+    assert hw.chain_cost(conv2, flt, flt) == {"latency": -0.0625}
+    assert hw.chain_cost(conv2, flt, int8) == {"latency": 0.01}  # [own format][format of the layer it reads]
+    assert hw.chain_cost(CONV1, int8, int8) == {"latency": 0.0}
     with pytest.raises(HardwareSpecError) as exc:
         hw.layer_cost(LayerInfo(**{**conv2.__dict__, "input_layer": None}), 8, 8)
     assert str(exc.value).startswith("t.toml: metrics.latency.terms[1].layers.conv2.after: measured reading layer "
@@ -548,14 +552,21 @@ MEASURED_CASES = [
      "t.toml: metrics.latency.terms[1].layers.fc.chain: a chain needs `after`, the layer this one reads back to back"),
     ("metrics.latency.terms[1].layers.fc.after", 3,
      "t.toml: metrics.latency.terms[1].layers.fc.after: expected a string, found an integer 3"),
-    ("metrics.latency.terms[1].layers.conv2.chain", {"8x8": -0.1},
+    ("metrics.latency.terms[1].layers.conv2.chain", {"8x8": {"8x8": -0.1, "float": 0}},
      "t.toml: metrics.latency.terms[1].layers.conv2.chain: no value for format(s) float, which the target offers a "
      "conv layer"),
-    ("metrics.latency.terms[1].layers.conv2.chain", {"8x8": -0.1, "float": math.inf},
-     "t.toml: metrics.latency.terms[1].layers.conv2.chain.float: expected a finite number, found inf"),
-    ("metrics.latency.terms[1].layers.conv2.chain", {"8x8": -0.1, "float": 0, "fp16": 1},
+    ("metrics.latency.terms[1].layers.conv2.chain", {"8x8": {"8x8": -0.1}, "float": {"8x8": 0, "float": 0}},
+     "t.toml: metrics.latency.terms[1].layers.conv2.chain.8x8: no value for format(s) float of 'conv1', the layer "
+     "it reads"),
+    ("metrics.latency.terms[1].layers.conv2.chain", {"8x8": {"8x8": -0.1, "float": math.inf}, "float": {}},
+     "t.toml: metrics.latency.terms[1].layers.conv2.chain.8x8.float: expected a finite number, found inf"),
+    ("metrics.latency.terms[1].layers.conv2.chain", {"8x8": -0.1},
+     "t.toml: metrics.latency.terms[1].layers.conv2.chain.8x8: expected a table, found a number -0.1"),
+    ("metrics.latency.terms[1].layers.conv2.chain", {"fp16": {}},
      't.toml: metrics.latency.terms[1].layers.conv2.chain.fp16: expected a pair key "WxA" such as "4x8" (weight bits '
      "x activation bits)"),
+    ("metrics.latency.terms[1].layers.conv2.after", "stem",
+     "t.toml: metrics.latency.terms[1].layers.conv2.after: names no layer of this table ('stem')"),
     ("metrics.latency.terms[1].layers.conv1", 1.0,
      "t.toml: metrics.latency.terms[1].layers.conv1: expected a table, found a number 1.0"),
     ("provenance.threads", 0, "t.toml: provenance.threads: expected a positive integer, found 0"),

@@ -5,9 +5,9 @@
 MODEL is a torchvision name, a fxmpq.models name or package.module:function (with --model-kwargs JSON). Every
 quantizable layer is exported alone by fxmpq (W8A8, which ONNX Runtime fuses to QLinearConv, and float) and timed
 with the model's real shapes, `R` repeats after warm-up (median), `N` intra-op threads, one inter-op thread,
-sequential execution; so is every pair of layers run back to back (their `chain`: the conversions between two
-layers that vanish when both run in one format); the whole model in float and at W8A8 too (the rest of the model,
-and a check). The file has
+sequential execution; so is every pair of layers run back to back, in each combination of formats (their
+`chain`: what the conversions between them cost run together rather than alone); the whole model in float and at
+W8A8 too (the rest of the model, and a check). The file has
 the metrics `latency` (ms, the whole model at that batch and thread count) and `bytes` (the layers' weight bytes
 in the ONNX file), per-layer `layer_table` terms keyed by layer name and shapes (a file is refused for another
 model or input), and a [provenance] table. See docs/hardware.md, "Measured targets". Exit 0 on success, 2 for bad
@@ -79,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     pred_float = sum(prof.latency(lp.name, f) for lp in prof.layers for f in lp.measured_ms if f != INT8)
     print(f"\nwhole model ({prof.clock} clock, median of {prof.repeats}, {prof.threads} thread(s), batch {prof.batch}): "
           f"all float {prof.float_model_ms:.3f} ms, all W8A8 {prof.int8_model_ms:.3f} ms")
-    chains = {f: sum(lp.chain_ms.get(f, 0.0) for lp in prof.layers) for f in fmts}
-    print(f"layers back to back in one format (chains): {sum(1 for lp in prof.layers if lp.chain_ms)} pairs, "
-          + ", ".join(f"{format_name(f)} {v:+.3f} ms in all" for f, v in chains.items()))
+    print(f"layers back to back (chains): {sum(1 for lp in prof.layers if lp.chain_ms)} pairs, "
+          + ", ".join(f"all {format_name(f)} {prof.chains(f):+.3f} ms" for f in fmts))
     print(f"rest of the model {prof.remainder_ms:.3f} ms (all float - {pred_float:.3f} ms of float layers alone - "
-          f"float chains); W8A8 values x {prof.int8_scale:.3f}")
+          f"float chains); all W8A8 from the layers alone {prof.int8_predicted_ms:.3f} ms, so W8A8 values x "
+          f"{prof.int8_scale:.3f}")
     print(f"wrote {args.out}")
     return 0
 
