@@ -404,10 +404,7 @@ def _node_layers(nodes: list[NodeTime], path: Path, recs: Sequence[LayerRecord])
     for node in nodes:
         layer = next((weights[i] for i in node.inputs if i in weights), None)
         if layer is None:
-            base = node.name
-            for suffix in ("_nchwc",):
-                base = base.removesuffix(suffix)
-            base = base.split("_token_")[0]
+            base = node.name.removesuffix("_nchwc").split("_token_")[0]
             layer = by_name.get(node.name) or by_name.get(base)
         if layer is not None:
             out[layer].append(node)

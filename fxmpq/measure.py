@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import enum
 import json
-import logging
 import os
 import statistics
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,8 +23,6 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .errors import ArgumentError
-
-log = logging.getLogger(__name__)
 
 __all__ = ["Clock", "NodeTime", "Timing", "TimingOptions", "cpu_name", "profile_nodes", "runtime_name", "session",
            "time_sessions"]
@@ -211,8 +208,3 @@ def cpu_name() -> str:
 
     return platform.processor() or platform.machine() or "unknown CPU"
 
-
-def random_feed(sess: Any, shapes: Sequence[Sequence[int]], seed: int = 0) -> dict[str, np.ndarray]:
-    """Standard normal float32 inputs of `shapes` for the session's inputs, in order."""
-    rng = np.random.default_rng(seed)
-    return {i.name: rng.standard_normal(tuple(s)).astype(np.float32) for i, s in zip(sess.get_inputs(), shapes)}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import logging
 import math
 import shlex
 import sys
@@ -42,8 +41,6 @@ from .matcher import layer_input
 from .measure import TimingOptions, cpu_name, runtime_name, session, time_sessions
 from .record import LayerRecord, records
 from .stages import analyze, apply_policy, prepare
-
-log = logging.getLogger(__name__)
 
 __all__ = ["INT8", "ORT_FORMATS", "HardwareProfile", "LayerProfile", "one_layer_module", "ort_target", "pair_module",
            "profile_model"]
@@ -75,18 +72,31 @@ def ort_target() -> HardwareSpec:
 
 
 class _OneLayer(nn.Module):
-    """A module holding one layer (`self.layer`), so that the layer is the model's only quantizable op."""
+    """A module holding one layer (`self.layer`), so that the layer is the model's only quantizable op, and the
+    BatchNorm after it when it has one (folded by the lowering, as in the whole model)."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, bn: nn.Module | None = None):
         super().__init__()
         self.layer = layer
+        self.bn = bn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
+        y = self.layer(x)
+        return self.bn(y) if self.bn is not None else y
 
 
-def one_layer_module(model: nn.Module, rec: LayerRecord) -> nn.Module:
-    """A plain nn.Conv*/nn.Linear with `rec`'s options and a copy of its weights (module or functional call)."""
+def _bn_after(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The BatchNorm module call that is `node`'s only user (the lowering folds it into the layer), or None."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_module":
+        if isinstance(gm.get_submodule(users[0].target), nn.BatchNorm1d | nn.BatchNorm2d):
+            return users[0]
+    return None
+
+
+def one_layer_module(model: nn.Module, rec: LayerRecord, bn: nn.Module | None = None) -> nn.Module:
+    """A plain nn.Conv*/nn.Linear with `rec`'s options and a copy of its weights (module or functional call),
+    followed by a copy of `bn` when given."""
     weight = model.get_parameter(rec.weight).detach().clone()
     bias = model.get_parameter(rec.bias).detach().clone() if rec.bias is not None else None
     if rec.conv is None:
@@ -101,12 +111,12 @@ def one_layer_module(model: nn.Module, rec: LayerRecord) -> nn.Module:
         layer.weight.copy_(weight)
         if bias is not None:
             layer.bias.copy_(bias)
-    return _OneLayer(layer).eval()
+    return _OneLayer(layer, copy.deepcopy(bn) if bn is not None else None).eval()
 
 
 def pair_module(gm: fx.GraphModule, producer: fx.Node, consumer: fx.Node) -> fx.GraphModule:
-    """The two layers `producer` -> `consumer` of `gm` and the ops between them (BN, ReLU, pooling, reshapes) as a
-    model of their own, reading the producer's input."""
+    """The two layers `producer` -> `consumer` of `gm`, the ops between them (BN, ReLU, reshapes) and the consumer's
+    BatchNorm, as a model of their own reading the producer's input."""
     between = []
     x = layer_input(consumer)
     while x is not producer:
@@ -123,9 +133,11 @@ def pair_module(gm: fx.GraphModule, producer: fx.Node, consumer: fx.Node) -> fx.
             env[a] = g.node_copy(a)
         return env[a]
 
-    for n in [producer, *reversed(between), consumer]:
+    bn = _bn_after(gm, consumer)
+    last = bn if bn is not None else consumer
+    for n in [producer, *reversed(between), consumer, *([bn] if bn is not None else [])]:
         env[n] = g.node_copy(n, arg)
-    g.output(env[consumer])
+    g.output(env[last])
     return fx.GraphModule(gm, g).eval()
 
 
@@ -372,7 +384,9 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
         for i, (r, fmt) in enumerate(jobs):
             x = torch.randn(r.in_shape, generator=torch.Generator().manual_seed(i))
             tag = "float" if fmt == FLOAT else pair_name(fmt)
-            paths[(r.name, fmt)] = _lowered(one_layer_module(model, r), x, fmt, d / f"layer{i:03d}_{tag}.onnx", hw)
+            bn = _bn_after(gm, node_of[r.name])
+            one = one_layer_module(model, r, gm.get_submodule(bn.target) if bn is not None else None)
+            paths[(r.name, fmt)] = _lowered(one, x, fmt, d / f"layer{i:03d}_{tag}.onnx", hw)
             bar.set_postfix_str(f"{r.name} {format_name(fmt)}")
             bar.update(1)
         pair_paths: dict[tuple[str, Pair, Pair], Path] = {}

@@ -133,7 +133,13 @@ def test_table_lists_layers_and_totals(plain):
 
 def test_every_shipped_target_prices_a_model():
     for name in fxmpq.builtin_hardware():
-        a = analyze(GroupedNet(), torch.randn(1, 3, 8, 8), hardware=name)
+        prov = fxmpq.load_hardware(name).provenance
+        if prov is not None and prov.model:  # measured on one model: price that model, at its shape
+            model = fxmpq.models.build_model(prov.model)
+            x = torch.randn(prov.batch, *(int(d) for d in prov.input.split("x")))
+        else:
+            model, x = GroupedNet(), torch.randn(1, 3, 8, 8)
+        a = analyze(model, x, hardware=name)
         w, aa = max(a.hardware.pairs)
         cost = a.cost(Policy.uniform(a, w, aa))
         assert set(cost) == set(a.hardware.metrics)

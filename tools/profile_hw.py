@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     ap.add_argument("--repeats", type=int, default=20, help="timed runs per model after warm-up (default 20)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs per model first (default 3)")
-    ap.add_argument("--name", default="ort_cpu", help="the target's name in the file (default ort_cpu)")
+    ap.add_argument("--name", help="the target's name in the file (default: the --out file's name without .toml)")
     ap.add_argument("--keep", type=Path, help="keep the exported ONNX files in this directory")
     ap.add_argument("--out", type=Path, required=True, help="hardware TOML file to write")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         example = torch.randn(args.batch, *shape)
         prof = profile_model(model, example, model_name=args.model, threads=args.threads, repeats=args.repeats,
                              warmup=args.warmup, progress=not args.quiet, work_dir=args.keep)
-        prof.name = args.name
+        prof.name = args.name or args.out.stem
         text = prof.to_toml()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, text)
