@@ -15,6 +15,7 @@ import fxmpq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_export  # noqa: E402
+import bench_int8  # noqa: E402
 import bench_policy  # noqa: E402
 import bench_search  # noqa: E402
 import bench_train_step  # noqa: E402
@@ -119,3 +120,16 @@ def test_bench_export_smoke(capsys):
     row = next(line for line in out.splitlines() if line.startswith("| resnet18 | 1 |"))
     fp32, qdq, ratio = (c.strip() for c in row.strip("|").split("|")[2:5])
     assert float(fp32) > 0 and float(qdq) > 0 and ratio.endswith("x")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_bench_int8_smoke(capsys, tmp_path):
+    bench_int8.main(["--models", "resnet18", "--size", "32", "--repeats", "2", "--warmup", "0", "--calib", "2",
+                     "--profile", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "resnet18: fxmpq W8A8 parity PASS" in out and "21/21 layers as integer kernels" in out
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines() if line.startswith("| resnet18 |")}
+    assert set(rows) == {"fp32", "ort", "fxmpq"}
+    assert "QLinearConv 20" in rows["ort"] and "QLinearConv 21" in rows["fxmpq"]
+    assert "| QLinearConv |" in out  # the per-op-type profile
+    assert (tmp_path / "resnet18_ort.onnx").is_file()
