@@ -1,20 +1,21 @@
 """Uniform W8A8: fxmpq's QDQ export against ONNX Runtime's own quantize_static, timed side by side in ONNX Runtime.
 
     python tools/bench_int8.py [--models resnet18 mobilenet_v2] [--size 224] [--batch 1] [--threads 1]
-                               [--repeats 50] [--warmup 5] [--calib 8] [--profile] [--out DIR]
+                               [--repeats 100] [--warmup 5] [--calib 8] [--profile] [--out DIR]
                                [--also LABEL=PATH_WITH_{model} ...]
 
 For each torchvision model (random weights, seeded): the FP32 ONNX model (fxmpq.export.export_fp32); ONNX Runtime's
-quantize_static on it (after quant_pre_process, as ONNX Runtime recommends: QDQ format, per-channel QInt8 weights,
-QUInt8 activations, MinMax calibration on `--calib` random inputs through a CalibrationDataReader); and fxmpq at
-W8A8 everywhere (prepare with bits (8,), apply_policy on the same random inputs, fxmpq.lower, whose parity check
-must pass). The three sessions (CPU EP, `--threads` intra-op threads, all graph optimizations) are timed
-interleaved: after `--warmup` runs each, every repeat runs each variant once, in a shuffled order, so load on a shared machine
-hits all of them alike; the medians (and 10th percentiles, steadier on a loaded machine, where a run that shares
-its core with another process takes about twice as long), the ratio of medians to ORT's quantize_static, the file sizes and the integer kernels
-of each optimized graph are printed as a Markdown table. `--profile` adds ONNX Runtime's profile: the median
-per-run time of each op type, ORT's model next to fxmpq's. `--also before=old/{model}_fxmpq.onnx` times more ONNX
-files of the same model in the same rounds (e.g. an export made by an earlier version, kept with `--out`).
+quantize_static on it (after quant_pre_process, the pre-processing ONNX Runtime recommends: QDQ format, per-channel
+QInt8 weights, QUInt8 activations, MinMax calibration on `--calib` random inputs through a CalibrationDataReader);
+and fxmpq at W8A8 everywhere (prepare with bits (8,), apply_policy on the same random inputs, fxmpq.lower, whose
+parity check must pass). The sessions (CPU EP, `--threads` intra-op threads, all graph optimizations) are timed
+interleaved: after `--warmup` runs each, every repeat runs each variant once, in an order shuffled per repeat, so
+load on a shared machine hits all of them alike. Printed as a Markdown table: medians and 10th percentiles (steadier
+on a loaded machine, where a run that shares its core with another process takes about twice as long), their
+ratios to ORT's quantize_static, file sizes, and the integer kernels and float ops of each optimized graph.
+`--profile` adds ONNX Runtime's profile: the median per-run time of each op type of each variant. `--also
+before=old/{model}_fxmpq.onnx` times more ONNX files of the same model in the same rounds (e.g. an export made by an
+earlier version, kept with `--out`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import random
 import statistics
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--calib", type=int, default=8, help="random calibration inputs (both quantizers)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--profile", action="store_true", help="also print ORT's per-op-type profile (ORT vs fxmpq)")
+    ap.add_argument("--profile", action="store_true", help="also print ORT's per-op-type profile of each variant")
     ap.add_argument("--out", type=Path, default=None, help="keep the ONNX files here (default: a temp directory)")
     ap.add_argument("--also", nargs="*", default=[], metavar="LABEL=PATH",
                     help="more ONNX files to time alongside; {model} in PATH is replaced by the model name")
@@ -166,8 +167,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name}: fxmpq / ORT {med['fxmpq'] / med['ort']:.3f} (medians; fp32 {1e3 * med['fp32']:.2f} ms, ORT "
                   f"{1e3 * med['ort']:.2f} ms, fxmpq {1e3 * med['fxmpq']:.2f} ms)", flush=True)
             if args.profile:
-                profiles[name] = {v: op_profile(paths[v], x, args.threads, args.repeats, str(out / f"prof_{name}_{v}"))
-                                  for v in ("ort", "fxmpq")}
+                profiles[name] = {v: op_profile(p, x, args.threads, args.repeats, str(out / f"prof_{name}_{v}"))
+                                  for v, p in paths.items() if v != "fp32"}
     print(f"\nONNX Runtime {ort.__version__}, CPU EP, {args.threads} thread(s), batch {args.batch}, "
           f"{args.size}x{args.size}, median of {args.repeats} interleaved runs after {args.warmup} warm-up runs\n")
     print("| model | variant | median ms | / ORT | p10 ms | / ORT | file MB | integer kernels | float ops |")
@@ -176,18 +177,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {v} | {1e3 * t:.2f} | {ratio:.3f} | {1e3 * t10:.2f} | {ratio10:.3f} | {size / 1e6:.1f} | "
               f"{kernels} | {floats} |")
     for name, prof in profiles.items():
-        ops = sorted(set(prof["ort"]) | set(prof["fxmpq"]), key=lambda o: -(prof["ort"].get(o, 0) +
-                                                                             prof["fxmpq"].get(o, 0)))
-        print(f"\n{name}: ONNX Runtime profile, median ms per run of each op type\n")
-        print("| op type | ORT quantize_static | fxmpq |")
-        print("|---|---:|---:|")
-        tot: dict[str, float] = defaultdict(float)
+        ops = sorted({op for p in prof.values() for op in p}, key=lambda o: -sum(p.get(o, 0.0) for p in prof.values()))
+        print(f"\n{name}: ONNX Runtime profile, median ms per run of each op type ({args.repeats} runs each)\n")
+        print("| op type | " + " | ".join(prof) + " |")
+        print("|---|" + "---:|" * len(prof))
         for op in ops:
-            for v in ("ort", "fxmpq"):
-                tot[v] += prof[v].get(op, 0.0)
-            print(f"| {op} | {prof['ort'].get(op, 0.0):.3f} | {prof['fxmpq'].get(op, 0.0):.3f} |")
-        print(f"| sum | {tot['ort']:.3f} | {tot['fxmpq']:.3f} |")
-
+            print(f"| {op} | " + " | ".join(f"{p.get(op, 0.0):.3f}" for p in prof.values()) + " |")
+        print("| sum | " + " | ".join(f"{sum(p.values()):.3f}" for p in prof.values()) + " |")
 
 if __name__ == "__main__":
     main()
