@@ -167,7 +167,10 @@ class ApplyPolicyPass(PassBase):
                            and (add_operands(u) is not None or is_max_pool(gm, u))]
                 if not rest and not readers:
                     continue
-                t.append(keep)  # right after the tensor: every reader rewired below comes after it
+                order = {n: i for i, n in enumerate(gm.graph.nodes)}
+                earliest = min([keep, *rest, *readers], key=order.__getitem__)
+                if earliest is not keep:  # before every reader rewired to it (all of them read t, so after t)
+                    earliest.prepend(keep)
                 for u in rest:
                     self._merge_into(gm, u, keep)
                 for u in readers:

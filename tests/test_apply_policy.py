@@ -176,3 +176,31 @@ def test_bias_rounding_makes_simulation_equal_the_integer_graph():
     r = next(m for m in q.modules() if isinstance(m, BiasRounding))
     y = torch.randn(2, 8, 4, 4)
     assert r(y, torch.tensor(0.1), torch.ones(8) * 0.05, bias=torch.randn(8)) is y
+
+
+class _SumFirst(torch.nn.Module):
+    """A tensor whose first reader in graph order is a sum, the layer reading it after: the shared quantizer
+    must move before the sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        s = h + h
+        return self.fc((s + self.conv(h)).mean((2, 3)))
+
+
+def test_shared_quantizer_moves_before_readers_that_come_first():
+    x = torch.randn(8, 3, 8, 8)
+    q = prepare(_SumFirst().eval(), x, bits=(8,))
+    apply_policy(q, {n: (8, 8) for n in q.searchable_names}, x)  # run_passes lints the graph
+    gm = q.graph_module
+    call = next(n for n in gm.graph.nodes if n.target == "conv.input_quantizer")
+    first_sum = next(n for n in gm.graph.nodes if n.op == "call_function" and "add" in str(n.target))
+    assert first_sum.args == (call, call)
+    with torch.no_grad():
+        assert q(x).shape == (8, 4)
