@@ -13,9 +13,9 @@ interleaved: after `--warmup` runs each, every repeat runs each variant once, in
 load on a shared machine hits all of them alike. Printed as a Markdown table: medians and 10th percentiles (steadier
 on a loaded machine, where a run that shares its core with another process takes about twice as long), their
 ratios to ORT's quantize_static, file sizes, and the integer kernels and float ops of each optimized graph.
-`--profile` adds ONNX Runtime's profile: the median per-run time of each op type of each variant. `--also
-before=old/{model}_fxmpq.onnx` times more ONNX files of the same model in the same rounds (e.g. an export made by an
-earlier version, kept with `--out`).
+`--profile` adds ONNX Runtime's profile (the variants profiled interleaved the same way): the median per-run
+time of each op type of each variant. `--also before=old/{model}_fxmpq.onnx` times more ONNX files of the same
+model in the same rounds (e.g. an export made by an earlier version, kept with `--out`).
 """
 
 from __future__ import annotations
@@ -108,24 +108,27 @@ def time_interleaved(sessions: dict[str, ort.InferenceSession], x: np.ndarray, w
     return times
 
 
-def op_profile(path: Path, x: np.ndarray, threads: int, runs: int, prefix: str) -> dict[str, float]:
-    """Median per-run milliseconds of each op type in ONNX Runtime's profile (`runs` runs after 3 warm-ups)."""
-    s = session(path, threads, profile=prefix)
-    feed = {s.get_inputs()[0].name: x}
-    for _ in range(3 + runs):
-        s.run(None, feed)
-    events = json.loads(Path(s.end_profiling()).read_text())
-    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[3:]
-    per_run: list[Counter[str]] = [Counter() for _ in windows]
-    starts = [w[0] for w in windows]
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
-            continue
-        i = int(np.searchsorted(starts, e["ts"], side="right")) - 1
-        if 0 <= i < len(windows) and e["ts"] <= windows[i][1]:
-            per_run[i][e["args"]["op_name"]] += e["dur"]
-    ops = sorted({k for c in per_run for k in c})
-    return {op: statistics.median(c[op] for c in per_run) / 1e3 for op in ops}
+def op_profiles(paths: dict[str, Path], x: np.ndarray, threads: int, runs: int, prefix: str
+                ) -> dict[str, dict[str, float]]:
+    """Per variant, the median per-run milliseconds of each op type in ONNX Runtime's profile: the profiling
+    sessions run interleaved like the timing (3 warm-up runs each, then `runs` shuffled rounds)."""
+    sessions = {v: session(p, threads, profile=f"{prefix}_{v}") for v, p in paths.items()}
+    time_interleaved(sessions, x, 3, runs)
+    result = {}
+    for v, s in sessions.items():
+        events = json.loads(Path(s.end_profiling()).read_text())
+        windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[3:]
+        per_run: list[Counter[str]] = [Counter() for _ in windows]
+        starts = [w[0] for w in windows]
+        for e in events:
+            if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+                continue
+            i = int(np.searchsorted(starts, e["ts"], side="right")) - 1
+            if 0 <= i < len(windows) and e["ts"] <= windows[i][1]:
+                per_run[i][e["args"]["op_name"]] += e["dur"]
+        ops = sorted({k for c in per_run for k in c})
+        result[v] = {op: statistics.median(c[op] for c in per_run) / 1e3 for op in ops}
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,8 +170,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name}: fxmpq / ORT {med['fxmpq'] / med['ort']:.3f} (medians; fp32 {1e3 * med['fp32']:.2f} ms, ORT "
                   f"{1e3 * med['ort']:.2f} ms, fxmpq {1e3 * med['fxmpq']:.2f} ms)", flush=True)
             if args.profile:
-                profiles[name] = {v: op_profile(p, x, args.threads, args.repeats, str(out / f"prof_{name}_{v}"))
-                                  for v, p in paths.items() if v != "fp32"}
+                profiles[name] = op_profiles({v: p for v, p in paths.items() if v != "fp32"}, x, args.threads,
+                                             args.repeats, str(out / f"prof_{name}"))
     print(f"\nONNX Runtime {ort.__version__}, CPU EP, {args.threads} thread(s), batch {args.batch}, "
           f"{args.size}x{args.size}, median of {args.repeats} interleaved runs after {args.warmup} warm-up runs\n")
     print("| model | variant | median ms | / ORT | p10 ms | / ORT | file MB | integer kernels | float ops |")
