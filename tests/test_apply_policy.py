@@ -146,6 +146,9 @@ def test_a_max_pool_is_quantized_once_before_and_after_and_the_identity_reads_th
     assert calls[1] in add.args  # the identity is the quantized pooled tensor
     rounding = next(iter(add.users))
     assert isinstance(gm.get_submodule(rounding.target), AddRounding)
+    code = gm.code
+    assert run_passes(gm, [ApplyPolicyPass(policy={n: (8, 8) for n in q.searchable_names})]).modified is False
+    assert gm.code == code
 
 
 def test_policy_outside_fixed_bits_is_refused():
