@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 import torchvision
-from models import GroupedNet, PlainCNN, ResidualNet
+from models import GroupedNet, PlainCNN, PoolResNet, ResidualNet
 from onnx import numpy_helper
 
 from fxmpq.errors import ExportError
@@ -74,6 +74,36 @@ def test_tiny_models_match_bit_for_bit(tmp_path, model_cls, per_channel):
     assert rep.fused_layers == rep.quantized_layers == len(q.layer_names)
     _check_model_file(tmp_path / "m.onnx", q, pol)
     assert "parity" in rep.table()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_residual_sums_run_as_qlinear_add_bit_for_bit(tmp_path, seed):
+    """Random 2..8-bit policies: every residual sum of quantized tensors is a QLinearAdd, simulated exactly."""
+    q, x, pol = _quantized(PoolResNet(), (2, 3, 16, 16), per_channel=seed == 1, seed=seed)
+    rep = lower(q, tmp_path / "m.onnx", x, samples=512)
+    assert rep.passed and rep.max_diff_steps == 0.0 and rep.top1_agreement == 1.0
+    assert rep.fused_layers == rep.quantized_layers == len(q.layer_names)
+    _check_model_file(tmp_path / "m.onnx", q, pol)
+    counts = qlinear_counts(tmp_path / "m.onnx")
+    # the second sum always reads two output quantizers; the first reads the pooled stem output quantized only
+    # when the block's first conv quantizes it at 8 bits (then the pool runs on uint8 too)
+    eight = q.act_quantizer("a1").active_bits == 8
+    assert counts["QLinearAdd"] == (2 if eight else 1) and counts["Add"] == (0 if eight else 1)
+    assert counts["NhwcMaxPool"] == (1 if eight else 0)
+
+
+def test_uniform_w8a8_runs_integer_end_to_end(tmp_path):
+    """W8A8 everywhere: each tensor quantized once, no float op left between the input and the pooling."""
+    x = torch.randn(2, 3, 16, 16)
+    q = prepare(PoolResNet().eval(), x, bits=(8,))
+    apply_policy(q, {n: (8, 8) for n in q.searchable_names}, torch.randn(16, 3, 16, 16))
+    rep = lower(q, tmp_path / "m.onnx", x, samples=512)
+    assert rep.passed and rep.max_diff_steps == 0.0 and rep.top1_agreement == 1.0
+    counts = qlinear_counts(tmp_path / "m.onnx")
+    assert counts["QLinearConv"] == 7 and counts["QLinearAdd"] == 2 and counts["NhwcMaxPool"] == 1
+    assert not {"Conv", "Add", "MaxPool", "Relu", "FusedConv"} & set(counts)
+    # one QuantizeLinear for the input, one before the pooling; every other requantization is in a kernel
+    assert counts["QuantizeLinear"] == 2 and counts["DequantizeLinear"] == 2
 
 
 def _torchvision(tmp_path, name, per_channel, samples):
