@@ -329,3 +329,43 @@ def test_metadata_holds_the_policy_bits_and_steps(tmp_path):
     qrange = json.loads(meta["fxmpq.weight_qrange"])
     for name, (w, _) in full.items():
         assert qrange[f"fxmpq_lowered.{name.replace('.', '_')}_weight"] == [-(2 ** (w - 1)), 2 ** (w - 1) - 1]
+
+
+def test_a_wrong_lowering_is_found_against_the_quant_model(tmp_path, monkeypatch):
+    """The lowered graph itself wrong (one layer's weight scale off by 1.5x): ONNX Runtime runs it faithfully, so
+    only comparing the QuantModel with the lowered graph finds it; the diagnosis must not call it faithful."""
+    import fxmpq.export as E
+    from fxmpq.passes import LowerToQDQPass, PassBase, PassResult
+
+    class Corrupt(PassBase):
+        def call(self, gm):
+            name = next(n for n, _ in gm.named_buffers() if n.endswith("conv2_weight_scale"))
+            buf = gm.get_buffer(name)
+            buf.mul_(1.5)
+            return PassResult(gm, False)
+
+    q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
+    monkeypatch.setattr(E, "lower_passes", lambda ex=None: [LowerToQDQPass(example_inputs=ex), Corrupt()])
+    rep = lower(q, tmp_path / "m.onnx", x, samples=16, check=False)
+    assert not rep.passed
+    assert rep.forced_max_steps is not None and rep.forced_max_steps <= 1  # ORT agrees with the (wrong) graph
+    assert rep.lowered_max_steps > 1 and not rep.stagewise_faithful
+    assert rep.lowered_diverging.startswith("quantizer ")
+    assert "QuantModel vs lowered graph" in rep.table()
+
+
+def test_output_step_is_found_through_a_trailing_identity_module(tmp_path):
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 10)
+            self.out = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Identity(), torch.nn.Dropout())
+
+        def forward(self, x):
+            return self.out(self.fc(torch.relu(self.conv(x)).mean((2, 3))))
+
+    torch.manual_seed(0)
+    q, x, _ = _quantized(Head(), (2, 3, 8, 8), False)
+    rep = lower(q, tmp_path / "m.onnx", x, samples=32)
+    assert rep.output_step is not None and rep.max_diff_steps is not None and rep.passed
