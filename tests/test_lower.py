@@ -369,3 +369,35 @@ def test_output_step_is_found_through_a_trailing_identity_module(tmp_path):
     q, x, _ = _quantized(Head(), (2, 3, 8, 8), False)
     rep = lower(q, tmp_path / "m.onnx", x, samples=32)
     assert rep.output_step is not None and rep.max_diff_steps is not None and rep.passed
+
+
+class _PlainBNHead(torch.nn.Module):
+    """A plain BN CNN whose head is conv -> ReLU -> global average pool -> Linear (the issue's pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.last = nn.Conv2d(64, 64, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.relu(self.last(self.body(x)))), 1))
+
+
+def test_conv_relu_pool_linear_head_is_fused_and_accepted(tmp_path):
+    torch.manual_seed(0)
+    model = _PlainBNHead().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    q, x, _ = _quantized(model, (2, 3, 32, 32), per_channel=False, seed=3)
+    rep = lower(q, tmp_path / "m.onnx", x, samples=512)  # check=True: raises unless it passes by default
+    assert rep.quantized_layers == 6 and rep.fused_layers == 6  # every conv and the linear an integer kernel
+    assert rep.top1_agreement >= 0.995
