@@ -191,11 +191,11 @@ class Indicators:
             out = {}
             for layer, row in raw.items():
                 if not isinstance(row, dict):
-                    raise IndicatorError(f"{where}: {key}.{brief(layer)}: expected an object of bit -> step size, "
+                    raise IndicatorError(f"{where}: {key}.{layer[:60]}: expected an object of bit -> step size, "
                                          f"found {brief(row)}")
                 bad = [b for b in row if not re.fullmatch(r"[0-9]{1,2}", b)]
                 if bad:
-                    raise IndicatorError(f"{where}: {key}.{brief(layer)}: bit keys must be small integers such as "
+                    raise IndicatorError(f"{where}: {key}.{layer[:60]}: bit keys must be small integers such as "
                                          f"\"4\", found {brief(bad[0])}")
                 out[layer] = {int(b): v for b, v in row.items()}
             return out

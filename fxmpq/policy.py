@@ -149,7 +149,7 @@ class Policy(Mapping[str, Bits]):
         bits = {}
         for name, entry in data["layers"].items():
             if not (isinstance(entry, dict) and set(entry) == {"w", "a"}):
-                raise PolicyError(f'{where}: layers.{brief(name)}: expected {{"w": bits, "a": bits}}, found '
+                raise PolicyError(f'{where}: layers.{name[:60]}: expected {{"w": bits, "a": bits}}, found '
                                   f'{brief(entry)}')
             bits[name] = (entry["w"], entry["a"])
         return cls(bits)
