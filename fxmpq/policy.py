@@ -152,4 +152,7 @@ class Policy(Mapping[str, Bits]):
                 raise PolicyError(f'{where}: layers.{name[:60]}: expected {{"w": bits, "a": bits}}, found '
                                   f'{brief(entry)}')
             bits[name] = (entry["w"], entry["a"])
-        return cls(bits)
+        try:
+            return cls(bits)
+        except PolicyError as e:
+            raise PolicyError(f"{where}: {e}") from None

@@ -118,7 +118,7 @@ def test_from_json_errors(tmp_path):
     assert str(exc.value) == """<text>: layers.conv: expected {"w": bits, "a": bits}, found {'w': 4}"""
     with pytest.raises(PolicyError) as exc:
         Policy.from_json('{"layers": {"conv": {"w": 4, "a": "8"}}}')
-    assert str(exc.value) == "policy entry 'conv' must hold integer bits, found (4, '8') (or (None, None) for a layer left in float)"
+    assert str(exc.value) == "<text>: policy entry 'conv' must hold integer bits 1..32, found (4, '8') (or (None, None) for a layer left in float)"
 
 
 def test_average_bits(grouped):
