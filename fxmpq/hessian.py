@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batches import split_batch
+from .devices import as_device
 from .errors import ArgumentError, DataError, PolicyError
 from .indicators import Indicators
 from .primitives import fake_quantize
@@ -100,7 +101,7 @@ def hessian_indicators(
         raise ArgumentError(f"hessian_indicators: batches and probes must be >= 1, found {batches}, {probes}")
     names = qmodel.searchable_names
     loss_fn = loss_fn or F.cross_entropy
-    dev = torch.device(device) if device is not None else next(qmodel.parameters()).device
+    dev = as_device(device, "hessian_indicators: device") or next(qmodel.parameters()).device
     before, was_training = qmodel.policy, qmodel.training
     qmodel.to(dev)
     qmodel.disable_quant()

@@ -15,6 +15,7 @@ from torch import nn
 from .analysis import Analysis
 from .batches import check_data, split_batch
 from .budget import Budget
+from .devices import as_device
 from .errors import DataError, FxmpqError
 from .export import LowerReport, lower
 from .graph import as_input_tuple
@@ -87,7 +88,7 @@ class QuantizedModel:
 def accuracy(model: nn.Module, data: Any, *, device: str | torch.device | None = None,
              max_batches: int | None = None) -> float:
     """Top-1 accuracy of `model` (put in eval mode for the call) over (inputs, targets) batches."""
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = as_device(device, "accuracy: device") or _model_device(model)
     was = model.training
     model.eval()
     correct = total = 0

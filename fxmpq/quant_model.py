@@ -190,4 +190,6 @@ class QuantModel(nn.Module):
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.graph_module(*args, **kwargs)
+        # the generated forward directly: GraphModule.__call__ prints the generated code's traceback to stderr
+        # before re-raising a failure, which fxmpq's one-line errors must not be preceded by
+        return self.graph_module.forward(*args, **kwargs)

@@ -97,7 +97,7 @@ def test_wrong_arguments_raise_argument_error() -> None:
     for train in (fxmpq.train_indicators, fxmpq.finetune):
         with pytest.raises(ArgumentError, match=r"expected a QuantModel \(from fxmpq.prepare\), found TinyNet"):
             train(TinyNet(), random_batches(1), progress=False)
-    with pytest.raises(ArgumentError, match="epochs and max_steps must be >= 0"):
+    with pytest.raises(ArgumentError, match="epochs must be an integer >= 0, found -1"):
         fxmpq.train_indicators(_prepare(), random_batches(1), epochs=-1, progress=False)
 
 
