@@ -33,7 +33,8 @@ from .quant_model import QuantModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Stage", "TrainStats", "finetune", "indicators_from_model", "random_policy", "train_indicators"]
+__all__ = ["CHECKPOINT_EVERY", "Stage", "TrainStats", "finetune", "indicators_from_model", "random_policy",
+           "restore_model_state", "train_indicators"]
 
 # A checkpoint every this many optimizer steps (besides the one at each epoch's end) when checkpoint= is given:
 # a run killed mid-epoch loses at most this many steps. Measured cost: docs/RESULTS.md (checkpoint cost).
@@ -385,7 +386,7 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: S
         n = skip
         stopped = False
         for i, batch in enumerate(bar, start=skip):
-            inputs, targets = split_batch(batch, i, shapes, classes=classes)
+            inputs, targets = split_batch(batch, i, shapes, what=f"{stage}: data", classes=classes)
             inputs, targets = _to(inputs, dev), _to(targets, dev)
             ctx.step = step
             ctx.where = f"{stage}: step {step} (epoch {epoch + 1}, batch {i})"
@@ -544,6 +545,26 @@ def _restore(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, stag
         qmodel.set_policy({n: tuple(p) for n, p in meta["policy"].items()})
     log.info("%s: resumed from %s at epoch %d, batch %d, step %d", stage, path, pos.epoch, pos.batch, pos.step)
     return pos
+
+
+def restore_model_state(qmodel: QuantModel, path: str | Path, stage: Stage) -> dict[str, Any]:
+    """Load the model state (weights, BatchNorm statistics, step sizes) of a `stage` checkpoint into `qmodel`; its
+    metadata. The quantizers are left switched as the checkpoint had them. CheckpointError naming the file when it
+    is corrupt, from another stage, or does not fit the model."""
+    path = Path(path)
+    tensors, meta = load_checkpoint(path)
+    if meta.get("kind") != stage.value:
+        raise CheckpointError(f"{path}: written by {meta.get('kind')!r} training, not {stage.value!r}")
+    if list(meta.get("bits", [])) != list(qmodel.bits):
+        raise CheckpointError(f"{path}: candidate bits {meta.get('bits')} differ from the model's {list(qmodel.bits)}")
+    try:
+        qmodel.load_state_dict(join_state(meta["model_state"], tensors, str(path)))
+    except CheckpointError:
+        raise
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, PolicyError) as e:
+        raise CheckpointError(f"{path}: checkpoint does not fit this model ({type(e).__name__}: {first_line(e)})"
+                              ) from None
+    return meta
 
 
 # ------------------------------------------------------------------------------------------- the two trainings
