@@ -13,7 +13,7 @@ from torch import nn
 
 from .batches import split_batch
 from .devices import as_device
-from .errors import ArgumentError, DataError, PolicyError
+from .errors import ArgumentError, DataError, PolicyError, first_line
 from .indicators import Indicators
 from .primitives import fake_quantize
 from .quant import LSQQuantizer
@@ -120,9 +120,15 @@ def hessian_indicators(
         for i, batch in enumerate(data):
             if seen >= batches:
                 break
-            x, y = split_batch(batch, i, qmodel.example_shapes, what="hessian_indicators")
+            x, y = split_batch(batch, i, qmodel.example_shapes, what="hessian_indicators",
+                               classes=qmodel.classes if loss_fn is F.cross_entropy else None)
             inputs = tuple(t.to(dev) for t in x)
-            loss = loss_fn(qmodel(*inputs), y.to(dev))
+            try:
+                out = qmodel(*inputs)
+            except Exception as e:
+                raise DataError(f"hessian_indicators: the model fails on batch {i}: {type(e).__name__}: "
+                                f"{first_line(e)}") from e
+            loss = loss_fn(out, y.to(dev))
             keys = list(taps)
             tensors = [taps[k].tensor for k in keys]
             if any(t is None for t in tensors):

@@ -350,7 +350,7 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: S
     params = [p for g in opt.param_groups for p in g["params"]]
     ctx = _StepContext(net=net, qmodel=qmodel, loss_fn=loss_fn or F.cross_entropy, seed=seed, step=pos.step)
     shapes = qmodel.example_shapes
-    classes = _classes(qmodel) if loss_fn is None else None  # cross-entropy: targets must index the outputs
+    classes = qmodel.classes if loss_fn is None else None  # cross-entropy: targets must index the outputs
     qmodel.train()
     epoch_losses: dict[str, float] = {}
     done, step = pos.epoch, pos.step
@@ -429,14 +429,6 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: S
 
 
 _END = object()
-
-
-def _classes(qmodel: QuantModel) -> int | None:
-    """The number of classes the model outputs (logits [N, classes] at capture), or None when it is not that."""
-    out = next((n for n in qmodel.graph_module.graph.nodes if n.op == "output"), None)
-    tm = out.args[0].meta.get("tensor_meta") if out is not None and isinstance(out.args[0], torch.fx.Node) else None
-    shape = getattr(tm, "shape", None)
-    return int(shape[1]) if shape is not None and len(shape) == 2 else None
 
 
 def _check_gradients(qmodel: QuantModel, params: list[torch.Tensor], clip: float | None, *, stage: Stage, step: int,
