@@ -185,7 +185,7 @@ def test_a_wrong_stage_is_found_stage_by_stage(tmp_path, monkeypatch):
     import fxmpq.export as E
 
     q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
-    real = E._write_atomic
+    real = E._save_model
 
     def corrupt(model, path):
         dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
@@ -194,7 +194,7 @@ def test_a_wrong_stage_is_found_stage_by_stage(tmp_path, monkeypatch):
         scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.5, scale.name))
         real(model, path)
 
-    monkeypatch.setattr(E, "_write_atomic", corrupt)
+    monkeypatch.setattr(E, "_save_model", corrupt)
     rep = lower(q, tmp_path / "m.onnx", x, samples=16, check=False)
     assert not rep.passed
     assert rep.diverging is not None and rep.diverging.startswith("quantizer ")
@@ -213,10 +213,30 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(onnx, "save_model", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ExportError, match="m.onnx: cannot write the ONNX model: disk full"):
         lower(q, path, x, samples=8)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_a_failing_export_leaves_the_previous_good_file(tmp_path, monkeypatch):
+    """The file is checked before it replaces anything: a parity failure keeps the old model and the failed one
+    beside it under another name, and says so."""
+    import fxmpq.export as E
+
+    q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
+    path = tmp_path / "m.onnx"
+    lower(q, path, x, samples=8)
+    good = path.read_bytes()
+    real = E._run_torch
+    monkeypatch.setattr(E, "_run_torch", lambda *a: real(*a) + 1.0)
+    with pytest.raises(ExportError) as exc:
+        lower(q, path, x, samples=8)
+    msg = str(exc.value)
+    assert "m.onnx was not replaced" in msg and "m.failed.onnx" in msg and "does not match PyTorch" in msg
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.failed.onnx", "m.onnx"]
+    onnx.checker.check_model(str(tmp_path / "m.failed.onnx"))  # the failed export is whole, for inspection
 
 
 class _ClassifierHead(torch.nn.Module):
