@@ -27,7 +27,8 @@ from .policy import Policy
 from .quant_model import QuantModel
 from .search import SearchResult, check_feasible, pareto, search
 from .stages import apply_policy, prepare
-from .train import CHECKPOINT_EVERY, Stage, finetune, restore_model_state, train_indicators
+from .train import CHECKPOINT_EVERY, finetune, train_indicators
+from .train_state import Stage, restore_model_state
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import math
-import os
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -15,26 +13,32 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from .atomic import check_writable, remove_stale_temps
-from .batches import check_reiterable, split_batch
-from .checkpoint import join_state, load_checkpoint, save_checkpoint, split_state
-from .devices import as_device
+from .batches import split_batch
+from .ddp import dist_on, make_loader, pick_device, rank, world_size
 from .errors import ArgumentError, CheckpointError, DataError, PolicyError, first_line
 from .indicators import Indicators
 from .policy import Policy
 from .quant_model import QuantModel
+from .train_state import (
+    Position,
+    Stage,
+    loader_generators,
+    restore_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_EVERY", "Stage", "TrainStats", "finetune", "indicators_from_model", "random_policy",
-           "restore_model_state", "train_indicators"]
+__all__ = ["CHECKPOINT_EVERY", "TrainStats", "finetune", "indicators_from_model", "random_policy",
+           "train_indicators"]
 
 # A checkpoint every this many optimizer steps (besides the one at each epoch's end) when checkpoint= is given:
 # a run killed mid-epoch loses at most this many steps. Measured cost: docs/RESULTS.md (checkpoint cost).
@@ -42,13 +46,6 @@ CHECKPOINT_EVERY = 100
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
-
-
-class Stage(enum.StrEnum):
-    """Which training wrote a checkpoint (its meta "kind" holds the value): joint indicator training or fine-tuning."""
-
-    INDICATORS = "indicators"
-    FINETUNE = "finetune"
 
 
 @dataclass(frozen=True)
@@ -93,48 +90,6 @@ def _expect_quant_model(qmodel: Any, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- DDP helpers
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _dist_on() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if _dist_on() else 1
-
-
-def _pick_device(qmodel: QuantModel, device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return as_device(device)
-    if _dist_on() and dist.get_backend() == "nccl":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", _rank() % max(torch.cuda.device_count(), 1))))
-    p = next(qmodel.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _loader(data: Any, *, batch_size: int, seed: int, what: str = "data") -> Iterable[Any]:
-    """`data` as an iterable of batches; a Dataset gets a DataLoader; under DDP a DistributedSampler.
-
-    A one-shot iterator is refused (DataError): epochs after the first and a resume need the data again."""
-    check_reiterable(data, what)
-    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        sampler = (DistributedSampler(data, shuffle=True, seed=seed) if _dist_on() else RandomSampler(data))
-        return DataLoader(data, batch_size=batch_size, sampler=sampler)
-    if isinstance(data, DataLoader) and _dist_on() and not isinstance(data.sampler, DistributedSampler) \
-            and not isinstance(data.dataset, torch.utils.data.IterableDataset):
-        shuffle = isinstance(data.sampler, RandomSampler)
-        log.info("rank %d: giving the DataLoader a DistributedSampler (shuffle=%s)", _rank(), shuffle)
-        return DataLoader(data.dataset, batch_size=data.batch_size, drop_last=data.drop_last,
-                          sampler=DistributedSampler(data.dataset, shuffle=shuffle, seed=seed),
-                          num_workers=data.num_workers, collate_fn=data.collate_fn, pin_memory=data.pin_memory)
-    if not isinstance(data, Iterable):
-        raise DataError(f"data must be an iterable of (inputs, targets) batches or a Dataset, "
-                        f"found {type(data).__name__}")
-    return data
-
-
 def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
         return x.to(device, non_blocking=True)
@@ -195,54 +150,6 @@ def _param_groups(qmodel: QuantModel, lr: float, step_lr: float | None, weight_d
     return [g for g in groups if g["params"]]
 
 
-def _generators(loader: Iterable[Any]) -> list[torch.Generator]:
-    """The torch.Generators a DataLoader draws its order from (its own, its sampler's), each once, in a fixed order.
-
-    Their states belong to the run's random state: a loader built with generator=g (fxmpq.datasets) advances g
-    every epoch, so a resumed run must put g where it was."""
-    found: list[torch.Generator] = []
-    sampler = getattr(loader, "sampler", None)
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    for owner in (loader, sampler, getattr(batch_sampler, "sampler", None)):
-        g = getattr(owner, "generator", None)
-        if isinstance(g, torch.Generator) and g.device.type == "cpu" and all(g is not h for h in found):
-            found.append(g)
-    return found
-
-
-def _rng_state(device: torch.device, gens: list[torch.Generator], prefix: str = "rng"
-               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {f"{prefix}/torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        tensors[f"{prefix}/cuda"] = torch.cuda.get_rng_state(device)
-    for i, g in enumerate(gens):
-        tensors[f"{prefix}/loader{i}"] = g.get_state()
-    np_state = np.random.get_state()
-    tensors[f"{prefix}/numpy_keys"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
-    py_version, py_state, py_gauss = random.getstate()
-    meta = {"python": [py_version, list(py_state), py_gauss],
-            "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "loader_generators": len(gens)}
-    return tensors, meta
-
-
-def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], device: torch.device,
-                   gens: list[torch.Generator], prefix: str = "rng") -> None:
-    torch.set_rng_state(tensors[f"{prefix}/torch"])
-    if device.type == "cuda" and f"{prefix}/cuda" in tensors:
-        torch.cuda.set_rng_state(tensors[f"{prefix}/cuda"], device)
-    saved = int(meta.get("loader_generators", 0))
-    if saved != len(gens):
-        log.warning("the data loader draws from %d generator(s), the checkpoint holds %d: the data order after "
-                    "resuming may differ from the interrupted run's", len(gens), saved)
-    for i, g in enumerate(gens[:saved]):
-        g.set_state(tensors[f"{prefix}/loader{i}"])
-    name, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, tensors[f"{prefix}/numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, state, gauss = meta["python"]
-    random.setstate((version, tuple(state), gauss))
-
-
 def _run(
     qmodel: QuantModel,
     data: Any,
@@ -270,11 +177,11 @@ def _run(
     """The one training loop: data checks, device, DDP, epochs, optimizer steps, progress, checkpoints, resume."""
     _expect_quant_model(qmodel, stage)
     _check_counts(stage, epochs=epochs, max_steps=max_steps, batch_size=batch_size, checkpoint_every=checkpoint_every)
-    dev = _pick_device(qmodel, device)
+    dev = pick_device(qmodel, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     qmodel.to(dev)
-    loader = _loader(data, batch_size=batch_size, seed=seed, what=f"{stage}: data")
+    loader = make_loader(data, batch_size=batch_size, seed=seed, what=f"{stage}: data")
     if checkpoint is not None:
         check_writable(checkpoint, f"{stage}: checkpoint")
         remove_stale_temps(Path(checkpoint).parent, [Path(checkpoint).name])
@@ -294,7 +201,7 @@ def _run(
                          weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed, dev=dev,
                          checkpoint=checkpoint, resume_path=resume_path, max_steps=max_steps, progress=progress,
                          extra_meta=extra_meta, cosine=cosine, clip_grad_norm=clip_grad_norm,
-                         checkpoint_every=checkpoint_every, gens=_generators(loader))
+                         checkpoint_every=checkpoint_every, gens=loader_generators(loader))
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
@@ -308,19 +215,6 @@ def _check_counts(stage: Stage, **counts: int | None) -> None:
         least = 0 if name in ("epochs", "max_steps") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ArgumentError(f"{stage}: {name} must be an integer >= {least}, found {value!r}")
-
-
-@dataclass
-class _Position:
-    """Where a run stands: epochs completed, optimizer steps, batches consumed of the current epoch and their
-    summed losses (a checkpoint written mid-epoch resumes there, bit for bit)."""
-
-    epoch: int = 0
-    step: int = 0
-    batch: int = 0
-    sums: dict[str, float] = field(default_factory=dict)
-    epoch_rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None  # the random state the epoch began with
-    rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None  # the random state after `step`
 
 
 def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: StepFn, epochs: int, lr: float,
@@ -337,13 +231,13 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: S
     for g in groups:
         g["base_lr"] = g["lr"]
     opt = optimizer(groups) if optimizer is not None else torch.optim.SGD(groups, lr=lr, momentum=0.9)
-    pos = _Position()
+    pos = Position()
     if resume_path is not None:
-        pos = _restore(resume_path, qmodel, opt, stage=stage, dev=dev)
+        pos = restore_state(resume_path, qmodel, opt, stage=stage, dev=dev)
         if pos.batch == 0 and pos.rng is not None:
-            _set_rng_state(*pos.rng, dev, gens)
+            set_rng_state(*pos.rng, dev, gens)
     net: nn.Module = qmodel
-    if _dist_on() and _world_size() > 1:
+    if dist_on() and world_size() > 1:
         net = DistributedDataParallel(qmodel, device_ids=[dev.index] if dev.type == "cuda" else None,
                                       find_unused_parameters=True)
     total_steps = _total_steps(loader, epochs, max_steps) if cosine else None
@@ -358,7 +252,7 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: S
 
     def save(epoch_done: int, batch: int, sums: dict[str, float], epoch_rng: Any) -> None:
         if path is not None:
-            _save(path, qmodel, opt, stage=stage, epoch=epoch_done, step=step, epochs=epochs, seed=seed, dev=dev,
+            save_state(path, qmodel, opt, stage=stage, epoch=epoch_done, step=step, epochs=epochs, seed=seed, dev=dev,
                   extra_meta=extra_meta, batch=batch, sums=sums, epoch_rng=epoch_rng if batch else None, gens=gens)
 
     for epoch in range(pos.epoch, epochs):
@@ -369,8 +263,8 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: S
             sampler.set_epoch(epoch)
         skip = pos.batch if epoch == pos.epoch else 0
         if skip:  # resuming mid-epoch: the epoch's data order, then the random state after the last step taken
-            _set_rng_state(*pos.epoch_rng, dev, gens, prefix="epoch_rng")
-        epoch_rng = _rng_state(dev, gens, prefix="epoch_rng") if path is not None else None
+            set_rng_state(*pos.epoch_rng, dev, gens, prefix="epoch_rng")
+        epoch_rng = rng_state(dev, gens, prefix="epoch_rng") if path is not None else None
         batches = iter(loader)
         for k in range(skip):
             if next(batches, _END) is _END:
@@ -378,10 +272,10 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: S
                                       f"{epoch + 1}, but the data has only {k} batches per epoch; resume with the "
                                       f"data the run was started with")
         if skip:
-            _set_rng_state(*pos.rng, dev, gens)
+            set_rng_state(*pos.rng, dev, gens)
         total = len(loader) if hasattr(loader, "__len__") else None
         bar = tqdm(batches, total=total, initial=skip, desc=f"{stage} {epoch + 1}/{epochs}", leave=True,
-                   disable=not progress or _rank() != 0, dynamic_ncols=True)
+                   disable=not progress or rank() != 0, dynamic_ncols=True)
         sums: dict[str, float] = dict(pos.sums) if skip else {}
         n = skip
         stopped = False
@@ -471,92 +365,6 @@ def _set_cosine_lr(opt: torch.optim.Optimizer, step: int, total: int) -> None:
     factor = 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
     for g in opt.param_groups:
         g["lr"] = g.get("base_lr", g["lr"]) * factor
-
-
-def _meta(qmodel: QuantModel, extra: Mapping[str, Any]) -> dict[str, Any]:
-    hw = qmodel.analysis.hardware
-    policy = qmodel.policy
-    return {
-        "bits": list(qmodel.bits),
-        "policy": {n: list(p) for n, p in policy.items()} if policy is not None else None,
-        "quant_state": qmodel.quant_state(),
-        "hardware": {"name": hw.name, "path": hw.path},
-        "example_shapes": [list(s) for s in qmodel.example_shapes],
-        **extra,
-    }
-
-
-def _save(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, stage: Stage, epoch: int, step: int,
-          epochs: int, seed: int, dev: torch.device, extra_meta: Mapping[str, Any], batch: int = 0,
-          sums: Mapping[str, float] | None = None, epoch_rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
-          gens: list[torch.Generator] | None = None) -> None:
-    """Write the run's state: model, optimizer, random state, and where it stands (`batch` batches into the epoch
-    after the `epoch` completed ones, with their summed losses and the random state the epoch began with)."""
-    if _rank() == 0:
-        model_t, model_s = split_state(qmodel.state_dict(), "model")
-        opt_t, opt_s = split_state(opt.state_dict(), "optim")
-        rng_t, rng_m = _rng_state(dev, gens or [])
-        meta = {"kind": stage.value, "epoch": epoch, "step": step, "epochs": epochs, "seed": seed,
-                "world_size": _world_size(), **_meta(qmodel, extra_meta),
-                "model_state": model_s, "optim_state": opt_s, "rng": rng_m,
-                "batch": batch, "sums": dict(sums or {})}
-        tensors = {**model_t, **opt_t, **rng_t}
-        if batch:
-            if epoch_rng is None:
-                raise CheckpointError(f"{path}: a mid-epoch checkpoint needs the random state the epoch began with")
-            tensors.update(epoch_rng[0])
-            meta["epoch_rng"] = epoch_rng[1]
-        save_checkpoint(path, tensors, meta)
-        log.info("%s: checkpoint %s (epoch %d, batch %d, step %d)", stage, path, epoch, batch, step)
-    if _dist_on():
-        dist.barrier()
-
-
-def _restore(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, stage: Stage,
-             dev: torch.device) -> _Position:
-    tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != stage.value:
-        raise CheckpointError(f"{path}: written by {meta.get('kind')!r} training, cannot resume {stage.value!r} from it")
-    if list(meta.get("bits", [])) != list(qmodel.bits):
-        raise CheckpointError(f"{path}: candidate bits {meta.get('bits')} differ from the model's {list(qmodel.bits)}")
-    try:
-        qmodel.load_state_dict(join_state(meta["model_state"], tensors, str(path)))
-        opt.load_state_dict(join_state(meta["optim_state"], tensors, str(path)))
-        pos = _Position(epoch=int(meta["epoch"]), step=int(meta["step"]), batch=int(meta.get("batch", 0)),
-                        sums={str(k): float(v) for k, v in meta.get("sums", {}).items()},
-                        rng=(tensors, meta["rng"]))
-        if pos.batch:
-            pos.epoch_rng = (tensors, meta["epoch_rng"])
-    except CheckpointError:
-        raise
-    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, PolicyError) as e:
-        raise CheckpointError(f"{path}: checkpoint does not fit this model/optimizer ({type(e).__name__}: "
-                              f"{first_line(e)})") from None
-    qmodel.to(dev)
-    if meta.get("policy") is not None:
-        qmodel.set_policy({n: tuple(p) for n, p in meta["policy"].items()})
-    log.info("%s: resumed from %s at epoch %d, batch %d, step %d", stage, path, pos.epoch, pos.batch, pos.step)
-    return pos
-
-
-def restore_model_state(qmodel: QuantModel, path: str | Path, stage: Stage) -> dict[str, Any]:
-    """Load the model state (weights, BatchNorm statistics, step sizes) of a `stage` checkpoint into `qmodel`; its
-    metadata. The quantizers are left switched as the checkpoint had them. CheckpointError naming the file when it
-    is corrupt, from another stage, or does not fit the model."""
-    path = Path(path)
-    tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != stage.value:
-        raise CheckpointError(f"{path}: written by {meta.get('kind')!r} training, not {stage.value!r}")
-    if list(meta.get("bits", [])) != list(qmodel.bits):
-        raise CheckpointError(f"{path}: candidate bits {meta.get('bits')} differ from the model's {list(qmodel.bits)}")
-    try:
-        qmodel.load_state_dict(join_state(meta["model_state"], tensors, str(path)))
-    except CheckpointError:
-        raise
-    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, PolicyError) as e:
-        raise CheckpointError(f"{path}: checkpoint does not fit this model ({type(e).__name__}: {first_line(e)})"
-                              ) from None
-    return meta
 
 
 # ------------------------------------------------------------------------------------------- the two trainings
@@ -701,7 +509,7 @@ def finetune(
     if distill_from is not None:
         teacher = distill_from
         teacher.eval()
-        dev = _pick_device(qmodel, device)
+        dev = pick_device(qmodel, device)
         teacher.to(dev)
     return _run(qmodel, data, stage=Stage.FINETUNE, step_fn=_plain_step(teacher), epochs=epochs, lr=lr,
                 step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,

@@ -213,7 +213,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(onnx, "save_model", boom)
-    with pytest.raises(ExportError, match="m.onnx: cannot write the ONNX model: disk full"):
+    with pytest.raises(ExportError, match=r"m\.onnx: cannot write the ONNX model: disk full"):
         lower(q, path, x, samples=8)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
