@@ -133,26 +133,44 @@ def save_state(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, st
         dist.barrier()
 
 
-def restore_state(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, stage: Stage,
-             dev: torch.device) -> Position:
+def _load_for(path: Path, qmodel: QuantModel, stage: Stage) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The checkpoint at `path` with its model state loaded into `qmodel`, after checking it is `stage`'s and has
+    the model's candidate bits; CheckpointError naming the file otherwise."""
     tensors, meta = load_checkpoint(path)
     if meta.get("kind") != stage.value:
         raise CheckpointError(f"{path}: written by {meta.get('kind')!r} training, cannot resume {stage.value!r} from it")
     if list(meta.get("bits", [])) != list(qmodel.bits):
         raise CheckpointError(f"{path}: candidate bits {meta.get('bits')} differ from the model's {list(qmodel.bits)}")
+    _fit(path, lambda: qmodel.load_state_dict(join_state(meta["model_state"], tensors, str(path))))
+    return tensors, meta
+
+
+def _fit(path: Path, load: Any) -> Any:
+    """Run `load`; a state that does not fit becomes a CheckpointError naming the file."""
     try:
-        qmodel.load_state_dict(join_state(meta["model_state"], tensors, str(path)))
-        opt.load_state_dict(join_state(meta["optim_state"], tensors, str(path)))
-        pos = Position(epoch=int(meta["epoch"]), step=int(meta["step"]), batch=int(meta.get("batch", 0)),
-                        sums={str(k): float(v) for k, v in meta.get("sums", {}).items()},
-                        rng=(tensors, meta["rng"]))
-        if pos.batch:
-            pos.epoch_rng = (tensors, meta["epoch_rng"])
+        return load()
     except CheckpointError:
         raise
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, PolicyError) as e:
         raise CheckpointError(f"{path}: checkpoint does not fit this model/optimizer ({type(e).__name__}: "
                               f"{first_line(e)})") from None
+
+
+def restore_state(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, stage: Stage,
+                  dev: torch.device) -> Position:
+    """Load model, optimizer and position from the `stage` checkpoint at `path`; where the run resumes."""
+    tensors, meta = _load_for(path, qmodel, stage)
+
+    def position() -> Position:
+        opt.load_state_dict(join_state(meta["optim_state"], tensors, str(path)))
+        pos = Position(epoch=int(meta["epoch"]), step=int(meta["step"]), batch=int(meta.get("batch", 0)),
+                       sums={str(k): float(v) for k, v in meta.get("sums", {}).items()},
+                       rng=(tensors, meta["rng"]))
+        if pos.batch:
+            pos.epoch_rng = (tensors, meta["epoch_rng"])
+        return pos
+
+    pos = _fit(path, position)
     qmodel.to(dev)
     if meta.get("policy") is not None:
         qmodel.set_policy({n: tuple(p) for n, p in meta["policy"].items()})
@@ -164,17 +182,4 @@ def restore_model_state(qmodel: QuantModel, path: str | Path, stage: Stage) -> d
     """Load the model state (weights, BatchNorm statistics, step sizes) of a `stage` checkpoint into `qmodel`; its
     metadata. The quantizers are left switched as the checkpoint had them. CheckpointError naming the file when it
     is corrupt, from another stage, or does not fit the model."""
-    path = Path(path)
-    tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != stage.value:
-        raise CheckpointError(f"{path}: written by {meta.get('kind')!r} training, not {stage.value!r}")
-    if list(meta.get("bits", [])) != list(qmodel.bits):
-        raise CheckpointError(f"{path}: candidate bits {meta.get('bits')} differ from the model's {list(qmodel.bits)}")
-    try:
-        qmodel.load_state_dict(join_state(meta["model_state"], tensors, str(path)))
-    except CheckpointError:
-        raise
-    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, PolicyError) as e:
-        raise CheckpointError(f"{path}: checkpoint does not fit this model ({type(e).__name__}: {first_line(e)})"
-                              ) from None
-    return meta
+    return _load_for(Path(path), qmodel, stage)[1]
