@@ -105,8 +105,9 @@ class Budget:
         if isinstance(ratio, bool) or not (isinstance(ratio, int | float) and math.isfinite(ratio)):
             raise BudgetError(f"compression ratio must be a finite number >= 1, found {brief(ratio)}")
         if ratio < 1:
-            raise BudgetError(f"compression ratio {ratio:g} is below 1: it allows a model {1 / ratio:.3g}x larger "
-                              f"than FP32 ({metric} <= FP32 {metric} / {ratio:g}), which limits nothing; give a "
+            larger = f"{1 / ratio:.3g}x larger than FP32" if ratio > 0 else "of any size"
+            raise BudgetError(f"compression ratio {ratio:g} is below 1: it allows a model {larger} "
+                              f"({metric} <= FP32 {metric} / {ratio:g}), which limits nothing; give a "
                               f"ratio >= 1 such as c4 (4x smaller than FP32) or an absolute limit such as "
                               f"'{metric}<=4MB'")
         return cls._make({}, (_Rel("compression", metric, ratio=float(ratio)),), {})
