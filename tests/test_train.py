@@ -140,6 +140,12 @@ def test_checkpoint_errors_name_the_file(tmp_path) -> None:
         load_checkpoint(foreign)
     with pytest.raises(CheckpointError, match=r"missing\.ckpt does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")
+    pickled = tmp_path / "pickled.pt"  # a module pickled whole: torch would advise weights_only=False; we never do
+    torch.save({"model": torch.nn.Linear(2, 2)}, pickled)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(pickled)
+    assert "pickled.pt" in str(exc.value) and "pickled Python object (torch.nn.modules.linear.Linear)" in str(exc.value)
+    assert "weights_only" not in str(exc.value) and "safe_globals" not in str(exc.value)
     ok = save_checkpoint(tmp_path / "ok.ckpt", {"a": torch.arange(3)}, {"k": [1, "x"]})
     tensors, meta = load_checkpoint(ok)
     assert torch.equal(tensors["a"], torch.arange(3)) and meta == {"k": [1, "x"]}
