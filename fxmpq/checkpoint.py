@@ -59,15 +59,16 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, meta
 
 
-def load_tensors(path: str | Path, what: str = "not a loadable tensors file") -> Any:
-    """torch.load(path, weights_only=True) on the CPU, quietly: CheckpointError "<path>: <what> (<reason>)" when it
-    fails, the reason without torch's unsafe advice (load_error_reason) and no warning printed before it."""
+def load_tensors(path: str | Path, what: str = "not a loadable tensors file", where: str | None = None) -> Any:
+    """torch.load(path, weights_only=True) on the CPU, quietly: CheckpointError "<where>: <what> (<reason>)" when
+    it fails (`where` defaults to the path), the reason without torch's unsafe advice (load_error_reason) and no
+    warning printed before it."""
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise before the one-line error
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types on corrupt or foreign files
-        raise CheckpointError(f"{path}: {what} ({load_error_reason(e)})") from None
+        raise CheckpointError(f"{where or path}: {what} ({load_error_reason(e)})") from None
 
 
 _UNSAFE_ADVICE = re.compile(r"weights_only|safe_globals|trust|arbitrary code|pickle|file an issue|documentation of "

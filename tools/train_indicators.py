@@ -61,10 +61,7 @@ def parse_bits(text: str) -> tuple[int, ...]:
 def load_weights(model: torch.nn.Module, path: str, spec: str) -> None:
     """Load the FP32 state_dict at `path` into `model`; CheckpointError naming the file and, when the keys differ,
     a few of the missing and unexpected ones (and how many in all)."""
-    try:
-        state: Any = load_tensors(path, "not a loadable state_dict")
-    except CheckpointError as e:
-        raise CheckpointError(f"--weights {e}") from None
+    state: Any = load_tensors(path, "not a loadable state_dict", where=f"--weights {path}")
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CheckpointError(f"--weights {path}: expected a state_dict (parameter name -> tensor), found "
                               f"{type(state).__name__}")
