@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import ArgumentError
 
-__all__ = ["atomic_path", "atomic_paths", "atomic_write_text"]
+log = logging.getLogger(__name__)
+
+__all__ = ["atomic_path", "atomic_paths", "atomic_write_text", "check_writable", "remove_stale_temps"]
 
 
 @contextlib.contextmanager
@@ -79,6 +83,55 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> P
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding=encoding)
     return Path(path)
+
+
+def check_writable(path: str | Path, what: str, *, directory: bool = False) -> Path:
+    """`path` as a Path once it is clear that a file (or, with `directory`, a folder) can be written there.
+
+    Checked before any long work, so that an output that cannot be written is refused at once, not after the
+    work: the path must not be a folder (a file: a file), and its nearest existing ancestor must be a folder this
+    process may write in (missing folders are created by the writer). ArgumentError naming `what` otherwise.
+    """
+    path = Path(path)
+    kind = "folder" if directory else "file"
+    if path.exists():
+        if directory and not path.is_dir():
+            raise ArgumentError(f"{what} {path} is a file, not a folder; give a folder (it is created when missing)")
+        if not directory and path.is_dir():
+            raise ArgumentError(f"{what} {path} is a folder; give the path of a file to write")
+        target = path if directory else path.parent
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise ArgumentError(f"{what} {path}: no permission to write in {target}")
+        return path
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ArgumentError(f"{what} {path}: cannot create this {kind}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ArgumentError(f"{what} {path}: cannot create this {kind}: no permission to write in {ancestor}")
+    return path
+
+
+def remove_stale_temps(directory: str | Path, names: Iterable[str]) -> list[Path]:
+    """Remove the temp files (and temp folders) that a writer killed mid-write left beside the artefacts `names`
+    in `directory`: `.{name}.XXXXXXXX.tmp`, the names atomic_path and atomic_paths reserve. Returns what went."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    patterns = [re.compile(rf"^\.{re.escape(n)}\.[A-Za-z0-9_]{{8}}\.tmp$") for n in names]
+    removed = []
+    for p in directory.iterdir():
+        if any(pat.match(p.name) for pat in patterns):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        log.info("removed %d stale temp file(s) of an interrupted write in %s: %s", len(removed), directory,
+                 ", ".join(p.name for p in removed))
+    return removed
 
 
 def _reserve(directory: Path, name: str) -> Path:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from .errors import BudgetError, PolicyError
+from .errors import BudgetError, PolicyError, brief
 from .policy import Policy
 
 if TYPE_CHECKING:
@@ -55,11 +55,15 @@ class Budget:
     relative: tuple[_Rel, ...]
     unit_bytes: Mapping[str, float]  # metric -> limit given in bytes (resolved against the metric's unit)
 
-    def __init__(self, **limits: float):
+    def __init__(self, /, **limits: float):  # positional-only: a metric may be called "self"
         clean = {}
         for k, v in limits.items():
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise BudgetError(f"budget {k}={v!r}: expected a finite non-negative number")
+            try:
+                ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and v >= 0
+            except OverflowError:  # an int too large for a float
+                ok = False
+            if not ok:
+                raise BudgetError(f"budget {k}={brief(v)}: expected a finite non-negative number")
             clean[k] = float(v)
         object.__setattr__(self, "absolute", MappingProxyType(clean))
         object.__setattr__(self, "relative", ())
@@ -85,8 +89,10 @@ class Budget:
             if bad:
                 raise BudgetError(f"budget dict keys must be metric names (strings), found {bad[0]!r}")
             return cls(**value)
+        hint = (f"; for an absolute limit write {{'bitops': {value}}} or 'bitops<={value}'"
+                if isinstance(value, int | float) and not isinstance(value, bool) else "")
         raise BudgetError(f"budget must be a Budget, a budget string such as 'w3a4&c12.2' or a {{metric: limit}} "
-                          f"dict, found {type(value).__name__}")
+                          f"dict, found {type(value).__name__} {brief(value)}{hint}")
 
     @classmethod
     def uniform(cls, w_bits: int, a_bits: int, *, metric: str = "bitops") -> Budget:
@@ -96,8 +102,14 @@ class Budget:
     @classmethod
     def compression(cls, ratio: float, *, metric: str = "size") -> Budget:
         """`metric` (model size by default) at most its FP32 value divided by `ratio`."""
-        if not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio > 0):
-            raise BudgetError(f"compression ratio must be a positive number, found {ratio!r}")
+        if isinstance(ratio, bool) or not (isinstance(ratio, int | float) and math.isfinite(ratio)):
+            raise BudgetError(f"compression ratio must be a finite number >= 1, found {brief(ratio)}")
+        if ratio < 1:
+            larger = f"{1 / ratio:.3g}x larger than FP32" if ratio > 0 else "of any size"
+            raise BudgetError(f"compression ratio {ratio:g} is below 1: it allows a model {larger} "
+                              f"({metric} <= FP32 {metric} / {ratio:g}), which limits nothing; give a "
+                              f"ratio >= 1 such as c4 (4x smaller than FP32) or an absolute limit such as "
+                              f"'{metric}<=4MB'")
         return cls._make({}, (_Rel("compression", metric, ratio=float(ratio)),), {})
 
     def __and__(self, other: Budget) -> Budget:
@@ -177,7 +189,7 @@ class Budget:
         counted in bits or bytes (`size<=4MB`). Case of `w`, `a`, `c` does not matter; spaces are ignored.
         """
         if not isinstance(text, str) or not text.strip():
-            raise BudgetError(f"budget string must be non-empty text such as 'w3a4&c12.2', found {text!r}")
+            raise BudgetError(f"budget string must be non-empty text such as 'w3a4&c12.2', found {brief(text)}")
         out: Budget | None = None
         for raw in text.split("&"):
             term = raw.strip()
@@ -185,30 +197,38 @@ class Budget:
             t = re.sub(r"^(w\d+)A", r"\1a", t)
             m = _TERM.match(t)
             if not m:
-                raise BudgetError(f"budget {text!r}: cannot read term {term!r}; expected 'w<bits>a<bits>', "
+                raise BudgetError(f"budget {brief(text)}: cannot read term {brief(term)}; expected 'w<bits>a<bits>', "
                                        "'c<ratio>' or 'metric<=number[k|M|G|T|B|KB|MB|GB|KiB|MiB|GiB]'")
             if m["w"]:
+                if len(m["w"]) > 3 or len(m["a"]) > 3:
+                    raise BudgetError(f"budget {brief(text)}: bit-widths in {brief(term)} must be small integers "
+                                      f"such as w3a4")
                 b = cls.uniform(int(m["w"]), int(m["a"]))
             elif m["c"]:
                 try:
                     ratio = float(m["c"])
                 except ValueError:
-                    raise BudgetError(f"budget {text!r}: bad compression ratio in {term!r}") from None
-                b = cls.compression(ratio)
+                    raise BudgetError(f"budget {brief(text)}: bad compression ratio in {brief(term)}") from None
+                try:
+                    b = cls.compression(ratio)
+                except BudgetError as e:
+                    raise BudgetError(f"budget {brief(text)}: {e}") from None
             else:
                 try:
                     num = float(m["num"])
                 except ValueError:
-                    raise BudgetError(f"budget {text!r}: bad number in {term!r}") from None
+                    raise BudgetError(f"budget {brief(text)}: bad number in {brief(term)}") from None
                 unit = m["unit"]
+                if not math.isfinite(num * _SI.get(unit, 1.0) * _BYTES.get(unit, 1.0)):
+                    raise BudgetError(f"budget {brief(text)}: the limit in {brief(term)} is not a finite number")
                 if unit in _SI:
                     b = cls(**{m["metric"]: num * _SI[unit]})
                 elif unit in _BYTES:
                     b = cls._make({}, (), {m["metric"]: num * _BYTES[unit]})
                 else:
-                    raise BudgetError(f"budget {text!r}: unknown unit {unit!r} in {term!r}; use k, M, G, T "
+                    raise BudgetError(f"budget {brief(text)}: unknown unit {unit!r} in {brief(term)}; use k, M, G, T "
                                            "or B, KB, MB, GB, KiB, MiB, GiB")
             out = b if out is None else out & b
         if out is None:  # unreachable: split() yields at least one term
-            raise BudgetError(f"budget {text!r}: no terms")
+            raise BudgetError(f"budget {brief(text)}: no terms")
         return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "join_state", "load_checkpoint", "save_checkpoint", "split_state"]
+__all__ = ["FORMAT", "join_state", "load_checkpoint", "load_error_reason", "load_tensors", "save_checkpoint", "split_state"]
 
 FORMAT = "fxmpq.checkpoint/1"
 
@@ -43,11 +45,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types on corrupt or foreign files
-        raise CheckpointError(f"{path}: not a readable fxmpq checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    payload = load_tensors(path, "not a readable fxmpq checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path}: not an fxmpq checkpoint (expected format {FORMAT!r}, found {found!r})")
@@ -59,6 +57,43 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON ({e.msg})") from None
     return tensors, meta
+
+
+def load_tensors(path: str | Path, what: str = "not a loadable tensors file", where: str | None = None) -> Any:
+    """torch.load(path, weights_only=True) on the CPU, quietly: CheckpointError "<where>: <what> (<reason>)" when
+    it fails (`where` defaults to the path), the reason without torch's unsafe advice (load_error_reason) and no
+    warning printed before it."""
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise before the one-line error
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types on corrupt or foreign files
+        raise CheckpointError(f"{where or path}: {what} ({load_error_reason(e)})") from None
+
+
+_UNSAFE_ADVICE = re.compile(r"weights_only|safe_globals|trust|arbitrary code|pickle|file an issue|documentation of "
+                            r"torch\.load|can still be loaded|two options", re.IGNORECASE)
+
+
+def load_error_reason(e: BaseException) -> str:
+    """What was wrong with a file torch.load(weights_only=True) refused, without torch's advice to load it with
+    weights_only=False or to allow-list its classes: that would run whatever code the file holds, and a file that
+    fxmpq cannot read safely is not one to unpickle. Every message that relays a torch.load error goes through here.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if "WeightsUnpickler error:" in text:  # the part after it says what the file holds
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            return (f"it holds a pickled Python object ({found[1]}), not only tensors; fxmpq reads tensors only and "
+                    f"never runs code from a file")
+        operand = re.search(r"Unsupported operand \d+", text)
+        if operand:
+            return f"not a tensors-only torch file ({operand[0]}); fxmpq loads tensors only"
+    sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+|\n+", text) if x.strip()]
+    kept = [x.rstrip(".") for x in sentences if not _UNSAFE_ADVICE.search(x)]
+    reason = kept[0] if kept else "not a tensors-only torch file"
+    return f"{type(e).__name__}: {reason}" if kept else reason
 
 
 def split_state(state: Any, prefix: str) -> tuple[dict[str, torch.Tensor], Any]:

@@ -54,3 +54,23 @@ class CheckpointError(FxmpqError):
 class ModelSpecError(FxmpqError):
     """A model named on the command line or in a checkpoint cannot be built (unknown name, bad factory)."""
 
+
+
+# ------------------------------------------------------------------------ message helpers (shared by every module)
+def brief(value: object, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters for an error message; an integer too long to print is described."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (a library's multi-line advice is left out)."""
+    for line in str(e).splitlines():
+        if line.strip():
+            return line.strip()
+    return ""

@@ -1,4 +1,9 @@
-"""lower(): a fixed QuantModel to a QDQ ONNX model (opset 21), checked and compared against PyTorch in ORT."""
+"""lower(): a fixed QuantModel to a QDQ ONNX model (opset 21), checked and compared against PyTorch in ORT.
+
+Over 550 lines because it holds one job end to end: export, the file check at a temp path, and the three parity
+diagnoses (end to end, QuantModel vs lowered graph, stage by stage against ONNX Runtime) that a failed check runs;
+the diagnoses are the next to move out (into their own module) when the latency audit joins this one.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -19,13 +26,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .atomic import atomic_paths
-from .errors import ArgumentError, ExportError
+from .atomic import atomic_paths, check_writable
+from .batches import check_inputs
+from .errors import ArgumentError, DataError, ExportError, first_line
 from .formats import format_name
-from .graph import as_input_tuple
+from .graph import NodeFailure, as_input_tuple, run_graph
 from .measure import NodeTime, TimingOptions, profile_nodes, session, time_sessions
 from .passes import run_passes
 from .passes.lower_qdq import DQ_OP, QDQ_CHANNELS_OP, QDQ_META, QDQ_OP
+from .quant import LSQQuantizer
 from .record import LayerRecord, records
 from .stages import lower_passes
 from .tables import render
@@ -105,11 +114,20 @@ class LowerReport:
     latency_clock: str | None = None
     layer_timings: tuple[LayerTiming, ...] = ()
     format_mismatches: tuple[str, ...] = ()
+    # measured only when parity fails: the largest difference at any quantizer, in its own steps, between the
+    # QuantModel and the lowered graph (both PyTorch) on the same inputs; > 1 means the lowering changed what the
+    # model computes (an export bug), whatever ONNX Runtime does with the lowered graph
+    lowered_max_steps: float | None = None
+    lowered_diverging: str | None = None
 
     @property
     def stagewise_faithful(self) -> bool:
-        """Every quantizer within one step of PyTorch given the same inputs (checked only when parity fails)."""
-        return self.passed or (self.forced_max_steps is not None and self.forced_max_steps <= 1.0 + 1e-3)
+        """Every stage within one step (checked only when parity fails): the lowered graph computes what the
+        QuantModel computes, and ONNX Runtime computes each quantizer from its inputs as PyTorch does."""
+        if self.passed:
+            return True
+        return (self.forced_max_steps is not None and self.forced_max_steps <= 1.0 + 1e-3
+                and self.lowered_max_steps is not None and self.lowered_max_steps <= 1.0 + 1e-3)
 
     def table(self) -> str:
         """A short human-readable summary."""
@@ -128,6 +146,10 @@ class LowerReport:
         ]
         if self.diverging:
             lines.append(f"first divergence {self.diverging}")
+        if self.lowered_max_steps is not None:
+            lines.append(f"lowering       QuantModel vs lowered graph at every quantizer: max |diff| "
+                         f"{self.lowered_max_steps:.2f} steps"
+                         + (f" (first: {self.lowered_diverging})" if self.lowered_diverging else ""))
         if self.forced_max_steps is not None:
             lines.append(f"stage by stage  every quantizer fed ONNX Runtime's inputs: max |diff| "
                          f"{self.forced_max_steps:.2f} steps ("
@@ -207,23 +229,56 @@ def _export(module: nn.Module, inputs: tuple[Any, ...], table: dict[Any, Any] | 
     return prog.model_proto
 
 
-def _write_atomic(model: Any, path: Path) -> None:
-    """Write `model` to `path` atomically (fxmpq.atomic); external data beside it, `<name>.data`, over 2 GB."""
+def _save_model(model: Any, path: Path) -> None:
+    """Write `model` to `path` (not atomically: callers give a temp path); external data beside it,
+    `<name>.data`, over 2 GB. ExportError naming the file when it cannot be written."""
     import onnx
 
-    data = path.with_name(f"{path.name}.data")
-    with atomic_paths(path, data) as (tmp, _):
+    try:
         if model.ByteSize() > _TWO_GB:
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+            onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{path.name}.data")
         else:
-            onnx.save_model(model, tmp)
+            onnx.save_model(model, path)
+    except OSError as e:
+        raise ExportError(f"{path.name}: cannot write the ONNX model: {e.strerror or e}") from None
+
+
+def _write_atomic(model: Any, path: Path) -> None:
+    """Write `model` to `path` atomically (fxmpq.atomic); external data beside it, `<name>.data`, over 2 GB."""
+    with atomic_paths(path, _sidecar(path)) as (tmp, _):
+        _save_model(model, tmp)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(f"{path.name}.data")
+
+
+def failed_path(path: Path) -> Path:
+    """Where an export that failed its checks is kept for inspection: model.onnx -> model.failed.onnx."""
+    return path.with_name(f"{path.stem}.failed{path.suffix or '.onnx'}")
+
+
+def _keep_failed(tmp: Path, tmp_data: Path, path: Path) -> Path:
+    """Move a failed export out of the temp directory before atomic_paths removes it; returns where it went (with
+    external data, the folder holding both files under their final names, as the model refers to them)."""
+    if tmp_data.is_file():
+        dest = path.with_name(f"{path.name}.failed")
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir()
+        os.replace(tmp, dest / path.name)
+        os.replace(tmp_data, dest / tmp_data.name)
+        return dest
+    dest = failed_path(path)
+    os.replace(tmp, dest)
+    return dest
 
 
 def export_fp32(model: nn.Module, path: str | Path, example_inputs: Any) -> Path:
     """Export a float model to ONNX (opset 21, dynamic batch), atomically; for size and latency comparisons."""
+    path = check_writable(path, "export_fp32: path")
     model = copy.deepcopy(model).eval()
     proto = _export(model, as_input_tuple(example_inputs), None)
-    path = Path(path)
     _write_atomic(proto, path)
     return path
 
@@ -280,18 +335,68 @@ def _run_torch(module: nn.Module, inputs: tuple[torch.Tensor, ...], batch: int) 
 
 
 def _output_step(lowered: fx.GraphModule) -> float | None:
-    """The step of the quantizer that produces the graph output (through flatten/reshape), if any."""
+    """The step of the quantizer that produces the graph output (through flatten/reshape/view, and Flatten,
+    Identity and Dropout modules: a head that ends in one still has a quantized output), if any."""
     out = next(n for n in lowered.graph.nodes if n.op == "output").args[0]
     node = out
     while isinstance(node, fx.Node):
         if node.op == "call_function" and node.target is QDQ_OP:
             s = node.args[1]
             return float(lowered.get_buffer(s.target)) if isinstance(s, fx.Node) else None
-        if node.op == "call_method" and node.target in ("flatten", "reshape", "view"):
+        if (node.op == "call_method" and node.target in ("flatten", "reshape", "view", "contiguous")) or (
+                node.op == "call_function" and node.target in (torch.flatten, torch.reshape)) or (
+                node.op == "call_module" and isinstance(lowered.get_submodule(node.target), _SHAPE_ONLY)):
             node = node.args[0]
             continue
         return None
     return None
+
+
+_SHAPE_ONLY = (nn.Flatten, nn.Identity, nn.Dropout, nn.Unflatten)
+
+
+def _lowering_parity(qmodel: QuantModel, lowered: fx.GraphModule, inputs: tuple[torch.Tensor, ...], batch: int
+                     ) -> tuple[str | None, float]:
+    """(first divergence, max steps): every activation quantizer's output in the QuantModel (eval) against the
+    quantize_dequantize node the lowering made of it (call by call), on the same inputs, in its own steps."""
+    x = tuple(t[:batch] for t in inputs)
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, q in qmodel.graph_module.named_modules():
+        if isinstance(q, LSQQuantizer) and q.active_bits is not None:
+            handles.append(q.register_forward_hook(
+                lambda m, a, out, name=name: seen.setdefault(name, []).append(out.detach())))
+    try:
+        with torch.no_grad():
+            qmodel(*x)
+    finally:
+        for h in handles:
+            h.remove()
+    mine: dict[str, list[torch.Tensor]] = {}
+
+    class Capture(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            r = super().run_node(n)
+            if QDQ_META in n.meta:
+                mine.setdefault(n.meta[QDQ_META], []).append(r.detach())
+            return r
+
+    with torch.no_grad():
+        Capture(lowered).run(*x)
+    worst, first = 0.0, None
+    for name, outs in mine.items():
+        step = float(qmodel.graph_module.get_submodule(name).step_size().detach().float())
+        for i, (a, b) in enumerate(zip(seen.get(name, []), outs)):
+            if a.numel() != b.numel():
+                d = float("inf")
+            else:
+                diff = (a.reshape(-1).float() - b.reshape(-1).float()).abs()
+                d = float(diff.max()) / step if diff.numel() else 0.0
+            if d > worst:
+                worst = d
+            if d > 1.0 + 1e-3 and first is None:
+                first = f"quantizer {name}{f' (call {i + 1})' if len(outs) > 1 else ''}: {d:.2f} steps"
+    return first, worst
 
 
 def _qdq_nodes(lowered: fx.GraphModule) -> list[fx.Node]:
@@ -472,15 +577,19 @@ def lower(
 ) -> LowerReport:
     """Lower `qmodel` (policy applied and fixed) to a QDQ ONNX model at `path` and check it.
 
-    The model is written atomically, checked with onnx.checker (full check), run in ONNX Runtime (CPU) on
+    The model is written to a temp file beside `path`, checked there with onnx.checker (full check), run in ONNX
+    Runtime (CPU) on
     `inputs` (or `samples` random normal inputs shaped like `example_inputs`) and compared with `qmodel` in
     eval mode: max |diff| in units of the output quantizer's step (or relative to max |y| when the output is
     not quantized), relative L2 error, top-1 agreement. It passes when the max |diff| is within tolerance and the
     top-1 agreement is at least `min_top1` on the inputs whose two largest PyTorch logits are more than twice the
     tolerance apart (a difference within tolerance cannot flip those; the others are counted in `top1_ties`: float
-    layers and ops run by two libraries round differently, which can flip a near-tied input by one step). When
-    `check` and a tolerance is exceeded, raises
-    ExportError naming the first diverging quantizer; the file is then left in place for inspection.
+    layers and ops run by two libraries round differently, which can flip a near-tied input by one step). Only
+    then is it moved onto `path` (atomically): a failing export never replaces a previous good file. When the
+    checker or ONNX Runtime rejects the file, or `check` and a tolerance is exceeded, raises ExportError naming the
+    first diverging quantizer, and keeps the failed model for inspection as `<name>.failed.onnx` (with external
+    data: the folder `<name>.onnx.failed`). With `check=False` a model that misses the tolerance is written and
+    its report says so.
 
     With `measure` (the default), the exported model is also timed in ONNX Runtime: the median of `repeats` runs at
     the example inputs' batch and `threads` intra-op threads (default: the thread count the hardware file was
@@ -489,9 +598,7 @@ def lower(
     ORT runs otherwise than priced (an integer layer in float, a float layer as an integer kernel) is listed in
     `format_mismatches`. `predicted_latency_ms` is the hardware's `latency` metric for the policy when it has one.
     """
-    import onnx
-
-    path = Path(path)
+    path = check_writable(path, "lower: path")
     ex = as_input_tuple(example_inputs)
     if not all(isinstance(x, torch.Tensor) for x in ex):
         raise ExportError("lower() needs tensor example inputs")
@@ -505,11 +612,23 @@ def lower(
             raise ExportError(f"lower(measure=True): {e}") from None
     if qmodel.policy is None:
         raise ExportError("lower() needs a quantized model: apply a policy first (fxmpq.apply_policy(qmodel, policy))")
+    shapes = qmodel.example_shapes
+    ex = check_inputs(ex, shapes, "lower: example_inputs")
+    if inputs is not None:
+        inputs = check_inputs(as_input_tuple(inputs), shapes, "lower: inputs")
+    elif isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ArgumentError(f"lower: samples must be a positive integer (random inputs for the parity check), "
+                            f"found {samples!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ArgumentError(f"lower: batch must be a positive integer, found {batch!r}")
     was = qmodel.training
     qmodel.eval()
     try:
-        with torch.no_grad():
-            qmodel(*ex)  # initialises any quantizer that has not seen data yet
+        try:
+            with torch.no_grad():
+                run_graph(qmodel.graph_module, ex)  # initialises any quantizer that has not seen data yet
+        except NodeFailure as f:
+            raise DataError(f"lower: the model fails on example_inputs at {f.describe()}") from f.__cause__
         gm = copy.deepcopy(qmodel.graph_module).eval()
         lowered = run_passes(gm, lower_passes(ex)).graph_module
         layers = [(r, r.lowered) for _, r in records(lowered)]
@@ -530,79 +649,105 @@ def lower(
             p = proto.metadata_props.add()
             p.key, p.value = k, v
         proto.producer_name = "fxmpq"
-        _write_atomic(proto, path)
-        try:
-            onnx.checker.check_model(str(path), full_check=True)
-        except Exception as e:
-            raise ExportError(f"{path}: onnx.checker rejected the exported model: {e}") from e
-
-        # parity
         if inputs is None:
             g = torch.Generator().manual_seed(seed)
             inputs = tuple(torch.randn((samples, *x.shape[1:]), generator=g, dtype=x.dtype) for x in ex)
-        inputs = tuple(x.detach().cpu().float() for x in as_input_tuple(inputs))
-        y_pt = _run_torch(qmodel, inputs, batch)
-        try:
-            y_ort = _run_ort(_session(path), inputs, batch)[0]
-        except Exception as e:
-            raise ExportError(f"{path}: ONNX Runtime could not run the exported model: {e}") from e
-        y_ort = y_ort.reshape(y_pt.shape)
-        diff = np.abs(y_pt.astype(np.float64) - y_ort.astype(np.float64))
-        max_abs = float(diff.max()) if diff.size else 0.0
-        step = _output_step(lowered)
-        steps = max_abs / step if step else None
-        rel_l2 = float(np.linalg.norm(diff) / max(np.linalg.norm(y_pt.astype(np.float64)), 1e-30))
-        top1 = decisive = None
-        ties = 0
-        band = 2 * (max_steps * step if step else rtol * max(float(np.abs(y_pt).max()), 1e-12))
-        if y_pt.ndim == 2 and y_pt.shape[1] > 1:
-            agree = y_pt.argmax(1) == y_ort.argmax(1)
-            top1 = float(agree.mean())
-            top2 = np.sort(y_pt, axis=1)[:, -2:]
-            clear = (top2[:, 1] - top2[:, 0]) > band
-            ties = int((~clear).sum())
-            decisive = float(agree[clear].mean()) if clear.any() else None
-        if step:
-            ok = steps <= max_steps * (1 + 1e-4)
-        else:
-            ok = max_abs <= rtol * max(float(np.abs(y_pt).max()), 1e-12)
-        within = ok
-        if top1 is not None:  # judged on the inputs whose top-1 a difference within tolerance cannot flip
-            ok = ok and (decisive if decisive is not None else 1.0) >= min_top1
-        counts = qlinear_counts(path)
-        fused = sum(counts.get(k, 0) for k in _QLINEAR)
-        quantized = [(r, low) for r, low in layers if low.w_bits is not None]
-        diverging = forced = None
-        if not ok:
-            diverging, forced = _quantizer_parity(lowered, path, inputs, batch)
-            diverging = diverging or "every quantizer agrees within 1 step"
-        audit: dict[str, Any] = {}
-        if timing is not None:
+        inputs = tuple(x.detach().cpu().float() for x in inputs)
+        # written to a temp path and checked there: only a model that passed replaces the file at `path`
+        with atomic_paths(path, _sidecar(path)) as (tmp, tmp_data):
+            _save_model(proto, tmp)
+            try:
+                report = _check_file(tmp, path, qmodel, lowered, layers, inputs, batch=batch, max_steps=max_steps,
+                                     min_top1=min_top1, rtol=rtol)
+                if check and not report.passed:
+                    raise ExportError(_mismatch(report))
+            except ExportError as e:
+                kept = _keep_failed(tmp, tmp_data, path)
+                reason = str(e).removeprefix(f"{path}: ")
+                raise ExportError(f"{path}: the export failed its check, so {path.name} was not replaced (the "
+                                  f"failed model is kept for inspection as {kept}): {reason}") from e.__cause__
+        if timing is not None:  # the latency audit, on the file now in place
             n = ex[0].shape[0]
-            audit = _latency_audit(qmodel, path, [r for r, _ in layers],
-                                   tuple(x[:n] if x.shape[0] >= n else x[:1].expand(n, *x.shape[1:]).contiguous()
-                                         for x in inputs), timing)
-        report = LowerReport(
-            path=path, samples=int(inputs[0].shape[0]), max_abs_diff=max_abs, output_step=step,
-            max_diff_steps=steps, rel_l2=rel_l2, top1_agreement=top1, passed=ok,
-            onnx_bytes=path.stat().st_size,
-            packed_weight_bytes=int(sum(math.prod(r.weight_shape) * low.w_bits for r, low in quantized) // 8),
-            fp32_weight_bytes=int(sum(math.prod(r.weight_shape) for r, _ in layers) * 4),
-            quantized_layers=len(quantized), fused_layers=fused, op_counts=dict(counts), diverging=diverging,
-            tolerance={"max_steps": max_steps, "min_top1": min_top1, "rtol": rtol},
-            top1_decisive=decisive, top1_ties=ties, within_tolerance=within, forced_max_steps=forced, **audit,
-        )
+            feed = tuple(x[:n] if x.shape[0] >= n else x[:1].expand(n, *x.shape[1:]).contiguous() for x in inputs)
+            report = dataclasses.replace(report, **_latency_audit(qmodel, path, [r for r, _ in layers], feed, timing))
     finally:
         qmodel.train(was)
     log.info("lowered to %s\n%s", path, report.table())
-    if check and not ok:
-        raise ExportError(
-            f"{path}: ONNX Runtime does not match PyTorch: max |diff| {max_abs:.3g}"
-            f"{f' ({steps:.2f} output steps, limit {max_steps})' if steps is not None else ''}, top-1 agreement "
-            f"{top1 if top1 is None else f'{100 * top1:.2f} %'}, relative L2 {rel_l2:.3g}; first divergence: "
-            f"{diverging}; stage by stage (each quantizer fed ONNX Runtime's inputs) max |diff| "
-            f"{forced if forced is None else f'{forced:.2f}'} steps"
+    return report
+
+
+def _check_file(tmp: Path, path: Path, qmodel: QuantModel, lowered: fx.GraphModule, layers: list[Any],
+                inputs: tuple[torch.Tensor, ...], *, batch: int, max_steps: float, min_top1: float, rtol: float
+                ) -> LowerReport:
+    """onnx.checker, ONNX Runtime against PyTorch, and the integer kernels, on the file at `tmp` (the export before
+    it replaces `path`, the name the report and the messages give)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except Exception as e:
+        raise ExportError(f"{path}: onnx.checker rejected the exported model: {first_line(e)}") from e
+    y_pt = _run_torch(qmodel, inputs, batch)
+    try:
+        y_ort = _run_ort(_session(tmp), inputs, batch)[0]
+    except Exception as e:
+        raise ExportError(f"{path}: ONNX Runtime could not run the exported model: {first_line(e)}") from e
+    y_ort = y_ort.reshape(y_pt.shape)
+    diff = np.abs(y_pt.astype(np.float64) - y_ort.astype(np.float64))
+    max_abs = float(diff.max()) if diff.size else 0.0
+    step = _output_step(lowered)
+    steps = max_abs / step if step else None
+    rel_l2 = float(np.linalg.norm(diff) / max(np.linalg.norm(y_pt.astype(np.float64)), 1e-30))
+    top1 = decisive = None
+    ties = 0
+    band = 2 * (max_steps * step if step else rtol * max(float(np.abs(y_pt).max()), 1e-12))
+    if y_pt.ndim == 2 and y_pt.shape[1] > 1:
+        agree = y_pt.argmax(1) == y_ort.argmax(1)
+        top1 = float(agree.mean())
+        top2 = np.sort(y_pt, axis=1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) > band
+        ties = int((~clear).sum())
+        decisive = float(agree[clear].mean()) if clear.any() else None
+    if step:
+        ok = steps <= max_steps * (1 + 1e-4)
+    else:
+        ok = max_abs <= rtol * max(float(np.abs(y_pt).max()), 1e-12)
+    within = ok
+    if top1 is not None:  # judged on the inputs whose top-1 a difference within tolerance cannot flip
+        ok = ok and (decisive if decisive is not None else 1.0) >= min_top1
+    counts = qlinear_counts(tmp)
+    fused = sum(counts.get(k, 0) for k in _QLINEAR)
+    quantized = [(r, low) for r, low in layers if low.w_bits is not None]
+    diverging = forced = low_steps = low_div = None
+    if not ok:
+        diverging, forced = _quantizer_parity(lowered, tmp, inputs, batch)
+        diverging = diverging or "every quantizer agrees within 1 step"
+        low_div, low_steps = _lowering_parity(qmodel, lowered, inputs, batch)
+    return LowerReport(
+        path=path, samples=int(inputs[0].shape[0]), max_abs_diff=max_abs, output_step=step,
+        max_diff_steps=steps, rel_l2=rel_l2, top1_agreement=top1, passed=ok,
+        onnx_bytes=tmp.stat().st_size,
+        packed_weight_bytes=int(sum(math.prod(r.weight_shape) * low.w_bits for r, low in quantized) // 8),
+        fp32_weight_bytes=int(sum(math.prod(r.weight_shape) for r, _ in layers) * 4),
+        quantized_layers=len(quantized), fused_layers=fused, op_counts=dict(counts), diverging=diverging,
+        tolerance={"max_steps": max_steps, "min_top1": min_top1, "rtol": rtol},
+        top1_decisive=decisive, top1_ties=ties, within_tolerance=within, forced_max_steps=forced,
+        lowered_max_steps=low_steps, lowered_diverging=low_div,
+    )
+
+
+def _mismatch(report: LowerReport) -> str:
+    """The ExportError text of a parity failure: the figures, the first divergence, the stage-by-stage verdict."""
+    steps, top1, forced = report.max_diff_steps, report.top1_agreement, report.forced_max_steps
+    low = report.lowered_max_steps
+    limit = report.tolerance["max_steps"]
+    return (f"{report.path}: ONNX Runtime does not match PyTorch: max |diff| {report.max_abs_diff:.3g}"
+            f"{f' ({steps:.2f} output steps, limit {limit})' if steps is not None else ''}"
+            f", top-1 agreement {top1 if top1 is None else f'{100 * top1:.2f} %'}, relative L2 {report.rel_l2:.3g}; "
+            f"first divergence: {report.diverging}; QuantModel vs lowered graph max |diff| "
+            f"{low if low is None else f'{low:.2f}'} steps"
+            f"{f' (first: {report.lowered_diverging})' if report.lowered_diverging else ''}; stage by stage (each "
+            f"quantizer fed ONNX Runtime's inputs) max |diff| {forced if forced is None else f'{forced:.2f}'} steps"
             + ("" if not report.stagewise_faithful else
                " (each stage is faithful: the network amplifies float rounding differences; check on trained "
                "weights and real inputs, or relax max_steps)"))
-    return report

@@ -17,12 +17,13 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from .errors import TraceError
+from .errors import ArgumentError, TraceError, first_line
 from .matcher import find_layers
+from .quant import LSQQuantizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["as_input_tuple", "propagate_shapes", "trace"]
+__all__ = ["NodeFailure", "as_input_tuple", "input_hint", "propagate_shapes", "refuse_quantized", "run_graph", "trace"]
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -89,7 +90,9 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module to trace, found {type(model).__name__}")
+    refuse_quantized(model, "trace")
     inputs = as_input_tuple(example_inputs)
+    _check_runnable(model, inputs)
     model = copy.deepcopy(model)
     tracer = _Tracer(leaf_modules)
     try:
@@ -103,7 +106,7 @@ def trace(
         hint_target = f"'{tracer.stack[-1][0]}'" if tracer.stack and tracer.stack[-1][0] else "<SubmoduleName>"
         raise TraceError(
             f"torch.fx cannot trace {type(model).__name__}{where}"
-            f"{' at ' + frame if frame else ''}: {type(e).__name__}: {e}. "
+            f"{' at ' + frame if frame else ''}: {type(e).__name__}: {first_line(e)}. "
             f"Mark the offending submodule a leaf so it is kept as one opaque call (its layers are then not "
             f"quantized): fxmpq.trace(model, inputs, leaf_modules=[{hint_target}]), or make the code traceable "
             f"(no Python control flow on tensor values)."
@@ -113,35 +116,97 @@ def trace(
     gm.eval()
     try:
         propagate_shapes(gm, inputs)
-    except _NodeFailure as f:
-        e = f.__cause__
-        raise TraceError(
-            f"running the traced {type(model).__name__} on the example inputs failed at node {f.node.name} "
-            f"({f.node.format_node()}): {type(e).__name__}: {_first_line(e)}. Check that example_inputs have "
-            f"the shape and dtype the model expects (got {[_describe(x) for x in inputs]})."
-        ) from e
+    except NodeFailure as f:
+        raise TraceError(f"running the traced {type(model).__name__} on the example inputs failed at "
+                         f"{f.describe()}. {input_hint(model, inputs)}") from f.__cause__
     finally:
         gm.train(was_training)
     find_layers(gm)
     return gm
 
 
-class _NodeFailure(Exception):
-    """A node failed while shapes were propagated; the original exception is the cause."""
+def refuse_quantized(model: nn.Module, where: str) -> None:
+    """ArgumentError when `model` is already quantized (a QuantModel, or a module holding LSQ quantizers):
+    tracing it again would quantize the quantizers."""
+    holder = next((n for n, m in model.named_modules() if isinstance(m, LSQQuantizer)), None)
+    if holder is None:
+        return
+    what = ("a QuantModel (from fxmpq.prepare)" if type(model).__name__ == "QuantModel"
+            else f"a {type(model).__name__} that holds fxmpq quantizers (at {holder!r})")
+    raise ArgumentError(f"{where}: the model is already quantized: {what}. Pass the FP32 nn.Module instead; "
+                        f"to go on with this one, use it as it is (fxmpq.train_indicators, fxmpq.apply_policy, "
+                        f"fxmpq.finetune, fxmpq.lower take a QuantModel).")
+
+
+def _check_runnable(model: nn.Module, inputs: Sequence[Any]) -> None:
+    """TraceError before any tracing when the model or the inputs hold no data (the meta device)."""
+    meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if meta:
+        raise TraceError(f"{type(model).__name__}'s parameters are on the meta device (shapes without data, e.g. "
+                         f"{meta[0]!r}): nothing can run on them. Materialise the model first, e.g. "
+                         f"model.to_empty(device='cpu') and then model.load_state_dict(weights).")
+    bad = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.is_meta]
+    if bad:
+        raise TraceError(f"example input {bad[0]} is on the meta device (a shape without data); give real tensors, "
+                         f"e.g. torch.randn{tuple(inputs[bad[0]].shape)}")
+
+
+def input_hint(model: nn.Module, inputs: Sequence[Any]) -> str:
+    """What is most likely wrong with `inputs` for `model` (dtype, device), for a message after the model failed."""
+    got = [_describe(x) for x in inputs]
+    tensors = [(i, x) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+    p = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+    ints = [(i, x) for i, x in tensors if not x.is_floating_point()]
+    if ints and p is not None:
+        i, x = ints[0]
+        return (f"Example input {i} is {x.dtype}: inputs must be floating point like the model's parameters "
+                f"({p.dtype}); convert them, e.g. x.float() (images as x.float() / 255 if the model was trained "
+                f"so) (got {got}).")
+    if p is not None:
+        other = [(i, x) for i, x in tensors if x.is_floating_point() and x.dtype != p.dtype]
+        if other:
+            i, x = other[0]
+            return (f"Example input {i} is {x.dtype} but the model's parameters are {p.dtype}: convert the inputs "
+                    f"(x.to({p.dtype})) or the model (got {got}).")
+        far = [(i, x) for i, x in tensors if x.device != p.device]
+        if far:
+            i, x = far[0]
+            return (f"Example input {i} is on {x.device} but the model's parameters are on {p.device}: move one "
+                    f"to the other (got {got}).")
+    return f"Check that example_inputs have the shape and dtype the model expects (got {got})."
+
+
+class NodeFailure(Exception):
+    """A node failed while the graph ran node by node; the original exception is the cause."""
 
     def __init__(self, node: fx.Node):
         super().__init__(node.format_node())
         self.node = node
 
+    def describe(self) -> str:
+        """'node conv1 (%conv1 = call_module[...]): RuntimeError: <first line of the cause>'."""
+        e = self.__cause__
+        return (f"node {self.node.name} ({self.node.format_node()}): {type(e).__name__}: "
+                f"{first_line(e) if e is not None else ''}")
 
-class _ShapeProp(fx.Interpreter):
-    """torch.fx's ShapeProp without its printed traceback: a failing node raises _NodeFailure naming it."""
+
+class _NodeByNode(fx.Interpreter):
+    """Runs a graph node by node; a failing node raises NodeFailure naming it (no traceback is printed)."""
 
     def run_node(self, n: fx.Node) -> Any:
         try:
-            result = super().run_node(n)
+            return super().run_node(n)
+        except NodeFailure:
+            raise
         except Exception as e:
-            raise _NodeFailure(n) from e
+            raise NodeFailure(n) from e
+
+
+class _ShapeProp(_NodeByNode):
+    """torch.fx's ShapeProp without its printed traceback: a failing node raises NodeFailure naming it."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
         found = False
 
         def meta(obj: Any) -> Any:
@@ -158,15 +223,19 @@ class _ShapeProp(fx.Interpreter):
         return result
 
 
+def run_graph(gm: fx.GraphModule, inputs: Sequence[Any]) -> Any:
+    """Run `gm` on `inputs` node by node (same results as gm(*inputs)); NodeFailure naming the failing node.
+
+    For one-off runs on inputs the user gave (a quantizer's initialisation, an export's first pass), where a
+    failure must name the node and must not print torch.fx's traceback of the generated code.
+    """
+    return _NodeByNode(gm).run(*inputs)
+
+
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     """Run `gm` on `inputs` without gradients, recording every node's tensor_meta (shape, dtype)."""
     with torch.no_grad():
         _ShapeProp(gm).run(*inputs)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _describe(x: Any) -> str:

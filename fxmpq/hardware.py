@@ -14,7 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from .errors import HardwareSpecError
+from .errors import HardwareSpecError, brief, first_line
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ class _Table:
             return default
         value = self.data[key]
         if not _isinstance(value, types):
-            raise self.fail(key, f"expected {_type_name(types)}, found {_type_name(type(value))} {value!r}")
+            raise self.fail(key, f"expected {_type_name(types)}, found {_type_name(type(value))} {brief(value)}")
         return value
 
     def table(self, key: str, default: Any = _MISSING) -> _Table:
@@ -441,13 +441,22 @@ def _type_name(t: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(x, x.__name__) for x in ts)
 
 
+def _number(t: _Table, key: str, default: Any = _MISSING) -> float:
+    """A TOML number as a float; an integer too large for a float is refused naming the key, like a wrong type."""
+    value = t.take(key, float, default)
+    try:
+        return float(value)
+    except OverflowError:
+        raise t.fail(key, f"expected a finite non-negative number, found {brief(value)}") from None
+
+
 def _kinds(t: _Table, key: str, raw: list[Any]) -> frozenset[LayerKind]:
     parsed = []
     for i, k in enumerate(raw):
         try:
             parsed.append(LayerKind(k))
         except ValueError:
-            raise t.fail(f"{key}[{i}]", f"unknown layer kind {k!r}; expected one of "
+            raise t.fail(f"{key}[{i}]", f"unknown layer kind {brief(k)}; expected one of "
                          f"{', '.join(x.value for x in LayerKind)}") from None
     return frozenset(parsed)
 
@@ -465,14 +474,14 @@ def _bits_list(t: _Table, key: str) -> tuple[int, ...]:
 
 def _check_bits(t: _Table, key: str, b: Any) -> int:
     if isinstance(b, bool) or not isinstance(b, int):
-        raise t.fail(key, f"expected an integer bit-width, found {b!r}")
+        raise t.fail(key, f"expected an integer bit-width, found {brief(b)}")
     if not MIN_BITS <= b <= MAX_BITS:
-        raise t.fail(key, f"bit-width {b} outside {MIN_BITS}..{MAX_BITS}")
+        raise t.fail(key, f"bit-width {brief(b)} outside {MIN_BITS}..{MAX_BITS}")
     return b
 
 
 def _parse_pair_key(t: _Table, key: str) -> tuple[int, int]:
-    match = re.fullmatch(r"([0-9]+)[xX]([0-9]+)", key)  # ASCII digits only: "²x4".isdigit() is True
+    match = re.fullmatch(r"([0-9]{1,4})[xX]([0-9]{1,4})", key)  # ASCII digits only: "²x4".isdigit() is True
     if match is None:
         raise t.fail(key, 'expected a pair key "WxA" such as "4x8" (weight bits x activation bits)')
     w, a = int(match[1]), int(match[2])
@@ -488,7 +497,7 @@ def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: froz
     except ValueError:
         raise t.fail("type", f"unknown term type {type_name!r}; expected one of "
                      f"{', '.join(x.value for x in TermType)}") from None
-    scale = float(t.take("scale", float, 1.0))
+    scale = _number(t, "scale", 1.0)
     if not math.isfinite(scale) or scale < 0:
         raise t.fail("scale", f"expected a finite non-negative number, found {scale!r}")
     kwargs: dict[str, Any] = {"origin": t.where()}
@@ -528,7 +537,7 @@ def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: froz
     if ttype is TermType.BRICKS:
         k = t.take("brick_bits", int)
         if not MIN_BITS <= k <= MAX_BITS:
-            raise t.fail("brick_bits", f"brick width {k} outside {MIN_BITS}..{MAX_BITS}")
+            raise t.fail("brick_bits", f"brick width {brief(k)} outside {MIN_BITS}..{MAX_BITS}")
         kwargs["brick_bits"] = k
     if ttype is TermType.TABLE:
         per = t.take("per", str, "mac")
@@ -540,7 +549,7 @@ def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: froz
         values = {}
         for key in vt.data:
             pair = FLOAT if key == FLOAT_KEY else _parse_pair_key(vt, key)
-            v = float(vt.take(key, float))
+            v = _number(vt, key)
             if not math.isfinite(v) or v < 0:
                 raise vt.fail(key, f"expected a finite non-negative number, found {v!r}")
             values[pair] = v
@@ -644,7 +653,7 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
     sources = tg.take("sources", list, [])
     for i, s in enumerate(sources):
         if not isinstance(s, str):
-            raise tg.fail(f"sources[{i}]", f"expected a string, found {s!r}")
+            raise tg.fail(f"sources[{i}]", f"expected a string, found {brief(s)}")
     wbits = _bits_list(tg, "weight_bits")
     abits = _bits_list(tg, "act_bits")
     raw_pairs = tg.take("pairs", list, None)
@@ -655,7 +664,7 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
         for i, p in enumerate(raw_pairs):
             key = f"pairs[{i}]"
             if not isinstance(p, list) or len(p) != 2:
-                raise tg.fail(key, f"expected a [w_bits, a_bits] array, found {p!r}")
+                raise tg.fail(key, f"expected a [w_bits, a_bits] array, found {brief(p)}")
             w, a = _check_bits(tg, key, p[0]), _check_bits(tg, key, p[1])
             if w not in wbits or a not in abits:
                 raise tg.fail(key, f"unsupported pair [{w}, {a}]: weight bits must be in {list(wbits)} "
@@ -680,7 +689,7 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
     )
     for i, layer in enumerate(pins.layers):
         if not isinstance(layer, str):
-            raise pt.fail(f"layers[{i}]", f"expected a layer name (string), found {layer!r}")
+            raise pt.fail(f"layers[{i}]", f"expected a layer name (string), found {brief(layer)}")
     pt.finish()
     pins_anything = pins.first_layer or pins.last_layer or bool(pins.layers)
     if pins_anything and pins.bits not in pairs:
@@ -704,7 +713,7 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
         terms = []
         for i, rt in enumerate(raw_terms):
             if not isinstance(rt, dict):
-                raise m.fail(f"terms[{i}]", f"expected a table such as {{ type = \"bitops\" }}, found {rt!r}")
+                raise m.fail(f"terms[{i}]", f"expected a table such as {{ type = \"bitops\" }}, found {brief(rt)}")
             terms.append(_parse_term(_Table(rt, f"{m.path}.terms[{i}]", file), pairs, float_kinds))
         m.finish()
         metrics[mname] = Metric(name=mname, unit=unit, description=mdesc, terms=tuple(terms))
@@ -747,6 +756,8 @@ def load_hardware(name_or_path: str | Path | HardwareSpec) -> HardwareSpec:
 
 def loads_hardware(raw: bytes | str, file: str = "<memory>") -> HardwareSpec:
     """Parse the text of a hardware description; `file` names it in error messages."""
+    if not isinstance(raw, bytes | str):
+        raise HardwareSpecError(f"{file}: expected the text of a TOML file (str or bytes), found {type(raw).__name__}")
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         data = tomllib.loads(text)
@@ -754,7 +765,16 @@ def loads_hardware(raw: bytes | str, file: str = "<memory>") -> HardwareSpec:
         raise HardwareSpecError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise HardwareSpecError(f"{file}: invalid TOML: {e}") from None
-    return parse_hardware(data, file)
+    except RecursionError:
+        raise HardwareSpecError(f"{file}: invalid TOML: arrays or tables nested too deeply") from None
+    except (ValueError, OverflowError) as e:  # an integer of more than 4300 digits, a surrogate, ...
+        reason = ("an integer has more digits than Python converts (4300)" if "digits" in str(e)
+                  else first_line(e) or type(e).__name__)
+        raise HardwareSpecError(f"{file}: invalid TOML: {reason}") from None
+    try:
+        return parse_hardware(data, file)
+    except RecursionError:  # a value nested deep enough that printing it in a message recurses too far
+        raise HardwareSpecError(f"{file}: a value is nested too deeply to be a hardware description") from None
 
 
 def format_name(pair: Pair) -> str:

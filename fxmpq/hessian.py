@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batches import split_batch
-from .errors import ArgumentError, DataError, PolicyError
+from .devices import as_device
+from .errors import ArgumentError, DataError, PolicyError, first_line
 from .indicators import Indicators
 from .primitives import fake_quantize
 from .quant import LSQQuantizer
@@ -100,7 +101,7 @@ def hessian_indicators(
         raise ArgumentError(f"hessian_indicators: batches and probes must be >= 1, found {batches}, {probes}")
     names = qmodel.searchable_names
     loss_fn = loss_fn or F.cross_entropy
-    dev = torch.device(device) if device is not None else next(qmodel.parameters()).device
+    dev = as_device(device, "hessian_indicators: device") or next(qmodel.parameters()).device
     before, was_training = qmodel.policy, qmodel.training
     qmodel.to(dev)
     qmodel.disable_quant()
@@ -119,9 +120,15 @@ def hessian_indicators(
         for i, batch in enumerate(data):
             if seen >= batches:
                 break
-            x, y = split_batch(batch, i, qmodel.example_shapes, what="hessian_indicators")
+            x, y = split_batch(batch, i, qmodel.example_shapes, what="hessian_indicators",
+                               classes=qmodel.classes if loss_fn is F.cross_entropy else None)
             inputs = tuple(t.to(dev) for t in x)
-            loss = loss_fn(qmodel(*inputs), y.to(dev))
+            try:
+                out = qmodel(*inputs)
+            except Exception as e:
+                raise DataError(f"hessian_indicators: the model fails on batch {i}: {type(e).__name__}: "
+                                f"{first_line(e)}") from e
+            loss = loss_fn(out, y.to(dev))
             keys = list(taps)
             tensors = [taps[k].tensor for k in keys]
             if any(t is None for t in tensors):

@@ -6,6 +6,7 @@ import enum
 import itertools
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .errors import ArgumentError, IndicatorError
+from .errors import ArgumentError, IndicatorError, brief
 from .jsonio import dump_json, read_json
 from .tables import render
 
@@ -91,13 +92,19 @@ class Indicators:
             frozen = {}
             for layer, per_bit in table.items():
                 if layer not in self.layers:
-                    raise IndicatorError(f"{kind} indicators name layer {layer!r}, which is not in layers")
+                    raise IndicatorError(f"{kind} indicators name layer {brief(layer)}, which is not in layers")
                 row = {}
                 for b, v in per_bit.items():
                     if b not in self.bits:
-                        raise IndicatorError(f"{kind}[{layer!r}] has bit-width {b}, not a candidate {self.bits}")
-                    if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-                        raise IndicatorError(f"{kind}[{layer!r}][{b}] must be a positive finite step size, found {v!r}")
+                        raise IndicatorError(f"{kind}[{brief(layer)}] has bit-width {brief(b)}, not a candidate "
+                                             f"{self.bits}")
+                    try:
+                        ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and v > 0
+                    except OverflowError:  # an int too large for a float
+                        ok = False
+                    if not ok:
+                        raise IndicatorError(f"{kind}[{brief(layer)}][{b}] must be a positive finite step size "
+                                             f"(a number), found {brief(v)}")
                     row[int(b)] = float(v)
                 frozen[layer] = MappingProxyType(row)
             object.__setattr__(self, kind, MappingProxyType(frozen))
@@ -184,19 +191,30 @@ class Indicators:
             out = {}
             for layer, row in raw.items():
                 if not isinstance(row, dict):
-                    raise IndicatorError(f"{where}: {key}.{layer}: expected an object of bit -> step size")
-                try:
-                    out[layer] = {int(b): v for b, v in row.items()}
-                except ValueError:
-                    raise IndicatorError(f"{where}: {key}.{layer}: bit keys must be integers, found "
-                                         f"{list(row)}") from None
+                    raise IndicatorError(f"{where}: {key}.{layer[:60]}: expected an object of bit -> step size, "
+                                         f"found {brief(row)}")
+                bad = [b for b in row if not re.fullmatch(r"[0-9]{1,2}", b)]
+                if bad:
+                    raise IndicatorError(f"{where}: {key}.{layer[:60]}: bit keys must be small integers such as "
+                                         f"\"4\", found {brief(bad[0])}")
+                out[layer] = {int(b): v for b, v in row.items()}
             return out
 
+        bits = data["candidate_bits"]
+        if not (isinstance(bits, list) and bits and all(isinstance(b, int) and not isinstance(b, bool)
+                                                        and 1 <= b <= 32 for b in bits)):
+            raise IndicatorError(f"{where}: candidate_bits must be a non-empty array of bit-widths (integers 1..32) "
+                                 f"such as [6, 5, 4, 3, 2], found {brief(bits)}")
+        layers = data["layers"]
+        if not (isinstance(layers, list) and all(isinstance(n, str) for n in layers)):
+            raise IndicatorError(f"{where}: layers must be an array of layer names (strings), found {brief(layers)}")
+        fmt = data.get("format", FORMAT)
+        if fmt != FORMAT:
+            raise IndicatorError(f"{where}: format {brief(fmt)} is not {FORMAT!r}; not an fxmpq indicators file")
         meta = {k: v for k, v in data.items()
                 if k not in ("format", "candidate_bits", "layers", "weight", "act") and isinstance(v, str)}
         try:
-            return cls(layers=tuple(data["layers"]), bits=tuple(int(b) for b in data["candidate_bits"]),
-                       weight=table("weight"), act=table("act"), meta=meta)
+            return cls(layers=tuple(layers), bits=tuple(bits), weight=table("weight"), act=table("act"), meta=meta)
         except IndicatorError as e:
             raise IndicatorError(f"{where}: {e}") from None
         except (TypeError, ValueError) as e:

@@ -7,7 +7,7 @@ from torch import nn
 
 from .primitives import round_to_grid
 
-__all__ = ["BiasRounding"]
+__all__ = ["AddRounding", "BiasRounding", "fma_float32"]
 
 
 class BiasRounding(nn.Module):
@@ -59,3 +59,63 @@ class BiasRounding(nn.Module):
             if ready is not None:  # the output quantizer has no step size yet (its first batch): do not use it
                 out = torch.where(ready, out, rounded)
         return out
+
+
+def fma_float32(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """x * y + z rounded once to float32 (a fused multiply-add), for float32 x, y, z (broadcastable).
+
+    Computed in float64: the product of two float32 values is exact there, and the sum's rounding error is
+    recovered exactly (TwoSum); rounding the float64 sum to float32 is then correct except when it lies exactly
+    halfway between two float32 values while the exact sum does not, which the error term resolves.
+    """
+    p = x.double() * y.double()
+    zd = z.double()
+    s = p + zd
+    bb = s - p
+    err = (p - (s - bb)) + (zd - bb)  # s + err == p + z exactly
+    r = s.float()
+    d = s - r.double()  # exact: r is within a factor of two of s
+    toward = torch.nextafter(r, torch.where(d > 0, torch.full_like(r, float("inf")), torch.full_like(r, -float("inf"))))
+    mid = (r.double() + toward.double()) * 0.5
+    # s halfway between r and its neighbour, the exact value beyond it: round to the neighbour instead
+    past = (d != 0) & (s == mid) & (err * d > 0)
+    return torch.where(past, toward, r)
+
+
+class AddRounding(nn.Module):
+    """In eval mode, what ONNX Runtime's QLinearAdd computes for a + b requantized to the step s_c; identity in
+    training.
+
+    `a` and `b` are fake-quantized tensors (steps s_a, s_b; stored as uint8 with zero points za, zb) and the
+    quantizer that reads the sum has step s_c and zero point zc. The exported graph (DQ, DQ -> Add -> Q) runs
+    as QLinearAdd, whose CPU kernel (MLAS, this machine's AVX2/AVX-512 path) computes on the uint8 values A, B
+    in float32 with fused multiply-adds: n = round_half_even(fma(A, s_a/s_c, fma(B, s_b/s_c, zc - (s_a/s_c * za
+    + s_b/s_c * zb)))), saturated to uint8 (matched bit for bit against ONNX Runtime on every pair of uint8
+    inputs, tests/test_kernels.py). This node returns (n - zc) * s_c, from which the following quantizer recovers
+    n - zc exactly and clamps it to its range (the uint8 saturation or tighter), so the PyTorch model computes
+    what the integer kernel computes. Float addition and rounding differs from it near rounding ties.
+    """
+
+    def __init__(self, *, zero_points: tuple[int, int, int]):
+        super().__init__()
+        self.zero_points = tuple(int(z) for z in zero_points)
+
+    def forward(self, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor,
+                s_c: torch.Tensor, ready: torch.Tensor | None = None) -> torch.Tensor:
+        if self.training:
+            return y
+        za, zb, zc = self.zero_points
+        with torch.no_grad():
+            sa, sb, sc = (s.detach().float().reshape(()) for s in (s_a, s_b, s_c))
+            qa = round_to_grid(a.float(), sa) + za  # the uint8 values ONNX Runtime holds
+            qb = round_to_grid(b.float(), sb) + zb
+            ra, rb = sa / sc, sb / sc
+            fixed = zc - (ra * za + rb * zb)
+            n = torch.round(fma_float32(qa, ra, fma_float32(qb, rb, fixed.expand_as(qb))))
+            out = ((n - zc) * sc).to(y.dtype)
+            if ready is not None:  # the quantizer after the sum has no step size yet (its first batch)
+                out = torch.where(ready, out, y)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"zero_points={self.zero_points}"

@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 from .analysis import Analysis
+from .atomic import check_writable, remove_stale_temps
 from .batches import check_data, split_batch
 from .budget import Budget
-from .errors import DataError, FxmpqError
+from .devices import as_device
+from .errors import ArgumentError, CheckpointError, DataError, FxmpqError, IndicatorError
 from .export import LowerReport, lower
-from .graph import as_input_tuple
+from .graph import as_input_tuple, refuse_quantized
 from .hardware import HardwareSpec, load_hardware
 from .indicators import Indicators
 from .jsonio import dump_json
@@ -25,7 +27,8 @@ from .policy import Policy
 from .quant_model import QuantModel
 from .search import SearchResult, check_feasible, pareto, search
 from .stages import apply_policy, prepare
-from .train import finetune, train_indicators
+from .train import CHECKPOINT_EVERY, finetune, train_indicators
+from .train_state import Stage, restore_model_state
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,6 @@ SEARCH_JSON = "search.json"
 POLICY_JSON = "policy.json"
 FINETUNE_CKPT = "finetune.pt"
 SUMMARY_JSON = "summary.json"
-ONNX_FILE = "model.onnx"
 AUDIT_JSON = "audit.json"
 
 PAPER_BITS = (2, 3, 4, 5, 6)  # the paper's candidate bit-widths
@@ -49,6 +51,12 @@ def default_bits(hw: HardwareSpec) -> tuple[int, ...]:
     bit-widths (an 8-bit-only target such as a profiled ONNX Runtime CPU file searches 8 bits against float)."""
     both = sorted(set(hw.weight_bits) & set(hw.act_bits))
     return tuple(b for b in PAPER_BITS if b in both) or tuple(both)
+
+
+PLOTS = ("bits_per_layer.png", "indicators.png", "pareto.png")
+MODEL_ONNX = "model.onnx"
+ARTEFACTS = (INDICATORS_JSON, INDICATORS_CKPT, SEARCH_JSON, POLICY_JSON, FINETUNE_CKPT, SUMMARY_JSON, *PLOTS,
+             MODEL_ONNX, AUDIT_JSON)
 
 
 @dataclass
@@ -73,7 +81,7 @@ class QuantizedModel:
         if path is None:
             if self.work_dir is None:
                 raise FxmpqError("export() needs a path when quantize() ran without a work_dir")
-            path = self.work_dir / ONNX_FILE
+            path = self.work_dir / MODEL_ONNX
         report = lower(self.model, path, self.example_inputs, **kwargs)
         self.files["onnx"] = Path(path)
         self.audit = report
@@ -104,7 +112,7 @@ class QuantizedModel:
 def accuracy(model: nn.Module, data: Any, *, device: str | torch.device | None = None,
              max_batches: int | None = None) -> float:
     """Top-1 accuracy of `model` (put in eval mode for the call) over (inputs, targets) batches."""
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = as_device(device, "accuracy: device") or _model_device(model)
     was = model.training
     model.eval()
     correct = total = 0
@@ -155,6 +163,7 @@ def quantize(
     progress: bool = True,
     indicator_data: Any = None,
     export: bool = True,
+    checkpoint_every: int | None = CHECKPOINT_EVERY,
 ) -> QuantizedModel:
     """FP32 model + data + budget -> a fine-tuned mixed-precision QuantModel (LIMPQ), every stage kept.
 
@@ -162,7 +171,10 @@ def quantize(
     `budget` -> apply the policy -> LSQ fine-tuning (distilled from the FP32 model, cosine learning rate). Bad input (unknown hardware,
     a budget below the smallest achievable, data of the wrong shape, an untraceable model) fails before any
     training. With `work_dir`, each stage's artefact is written there and a re-run reuses what exists
-    (indicators.json skips indicator training; finetune.pt resumes fine-tuning).
+    (indicators.json skips indicator training, and fine-tuning then starts from the joint-training state kept in
+    indicators.ckpt, as in an uninterrupted run; finetune.pt resumes fine-tuning). Both trainings checkpoint every
+    `checkpoint_every` optimizer steps and at each epoch's end, and resume mid-epoch bit for bit (CPU); temp files
+    that a killed run left in the work dir are removed at the start.
 
     `budget` is a Budget, a dict of absolute limits, or a string: "w3a4" (no more BitOps than uniform W3A4, the
     paper's 3MP/4MP), "c12.2" (size <= FP32 size / 12.2), "bitops<=9.7G", "size<=4MB", "latency<=12.5" (a
@@ -177,13 +189,14 @@ def quantize(
     torchvision or fxmpq.models name) and `model_kwargs` are recorded in the checkpoints, so that
     `tools/lower.py <work_dir>` can rebuild the model later.
     """
+    if isinstance(model, nn.Module):
+        refuse_quantized(model, "quantize")
     hw = load_hardware(hardware)
     bits = default_bits(hw) if bits is None else tuple(bits)
     budget_obj = Budget.coerce(budget)
+    device = as_device(device, "quantize: device")
     example = as_input_tuple(example_inputs)
-    wd = Path(work_dir) if work_dir is not None else None
-    if wd is not None:
-        wd.mkdir(parents=True, exist_ok=True)
+    wd = _work_dir(work_dir)
     files: dict[str, Path] = {}
 
     # 1. prepare: trace + cost analysis + fake-quant insertion (TraceError here, before any long work)
@@ -202,15 +215,15 @@ def quantize(
     # 2. joint indicator training (skipped when the work dir holds indicators)
     ind_path = wd / INDICATORS_JSON if wd is not None else None
     if ind_path is not None and ind_path.is_file():
-        indicators = Indicators.from_json(ind_path)
-        indicators.check_covers([m.name for m in qmodel.analysis.searchable], qmodel.bits, qmodel.bits)
+        indicators = _work_dir_indicators(ind_path, qmodel)
+        _resume_joint_state(qmodel, wd / INDICATORS_CKPT)
         log.info("indicators read from %s; indicator training skipped", ind_path)
     else:
         ckpt = wd / INDICATORS_CKPT if wd is not None else None
         indicators = train_indicators(qmodel, data if indicator_data is None else indicator_data, epochs=indicator_epochs, lr=lr, distill=distill, seed=seed,
                                       device=device, checkpoint=ckpt, resume=bool(ckpt and ckpt.is_file()),
                                       max_steps=max_steps, progress=progress, model_factory=model_factory,
-                                      model_kwargs=model_kwargs)
+                                      model_kwargs=model_kwargs, checkpoint_every=checkpoint_every)
         if ind_path is not None:
             indicators.to_json(ind_path)
     if ind_path is not None:
@@ -235,7 +248,7 @@ def quantize(
         finetune(qmodel, data, epochs=finetune_epochs, lr=finetune_lr if finetune_lr is not None else lr,
                  distill_from=teacher, seed=seed, device=device, checkpoint=ft_ckpt, cosine=True,
                  resume=bool(ft_ckpt and ft_ckpt.is_file()), max_steps=max_steps, progress=progress,
-                 model_factory=model_factory, model_kwargs=model_kwargs)
+                 model_factory=model_factory, model_kwargs=model_kwargs, checkpoint_every=checkpoint_every)
     if ft_ckpt is not None and ft_ckpt.is_file():
         files["checkpoint"] = ft_ckpt
     qmodel.eval()
@@ -254,6 +267,53 @@ def quantize(
             if not rep.passed:
                 log.warning("the exported model does not match PyTorch within tolerance (see %s)", wd / AUDIT_JSON)
     return out
+
+
+def _work_dir(work_dir: str | Path | None) -> Path | None:
+    """The work directory, created (ArgumentError when it is a file or cannot be created), without the temp files
+    a run killed mid-write left there."""
+    if work_dir is None:
+        return None
+    if not isinstance(work_dir, str | Path):
+        raise ArgumentError(f"quantize: work_dir must be a path (str or Path), found {type(work_dir).__name__}")
+    wd = check_writable(work_dir, "quantize: work_dir", directory=True)
+    try:
+        wd.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArgumentError(f"quantize: work_dir {wd} cannot be created: {e.strerror or e}") from None
+    remove_stale_temps(wd, ARTEFACTS)
+    return wd
+
+
+def _work_dir_indicators(path: Path, qmodel: QuantModel) -> Indicators:
+    """The indicators a previous run left in the work dir, checked against this model; IndicatorError naming the
+    file and what to do when they are unreadable or another model's."""
+    remedy = (f"delete {path} to train the indicators again (training resumes from {path.parent / INDICATORS_CKPT} "
+              f"when it is there), or replace it with indicators of this model")
+    try:
+        indicators = Indicators.from_json(path)
+        indicators.check_covers([m.name for m in qmodel.analysis.searchable], qmodel.bits, qmodel.bits)
+    except IndicatorError as e:
+        text = str(e)
+        text = text if text.startswith(str(path)) else f"{path}: {text}"
+        raise IndicatorError(f"{text}. The work dir holds indicators this run cannot use: {remedy}") from None
+    return indicators
+
+
+def _resume_joint_state(qmodel: QuantModel, ckpt: Path) -> None:
+    """Put `qmodel` where indicator training left it (weights, BatchNorm statistics, step sizes), as an
+    uninterrupted run fine-tunes from it; quantizers off, as train_indicators leaves them."""
+    if not ckpt.is_file():
+        log.warning("%s is missing: fine-tuning starts from the FP32 weights, not from the joint-training state "
+                    "(an uninterrupted run starts from the latter)", ckpt)
+        return
+    try:
+        restore_model_state(qmodel, ckpt, Stage.INDICATORS)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; it should hold the joint-training state that fine-tuning starts from: delete "
+                              f"it together with {ckpt.parent / INDICATORS_JSON} to train the indicators again") from None
+    qmodel.disable_quant()
+    log.info("joint-training state read from %s", ckpt)
 
 
 def _plots(analysis: Analysis, indicators: Indicators, result: SearchResult, budget: Budget, alpha: float,

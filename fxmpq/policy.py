@@ -9,7 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from .errors import PolicyError
+from .errors import PolicyError, brief
 from .formats import format_name
 from .hardware import FLOAT, FLOAT_BITS
 from .jsonio import dump_json, read_json
@@ -42,14 +42,16 @@ class Policy(Mapping[str, Bits]):
         clean: dict[str, Bits] = {}
         for name, pair in (bits or {}).items():
             if not isinstance(name, str):
-                raise PolicyError(f"policy keys must be layer names (strings), found {name!r}")
+                raise PolicyError(f"policy keys must be layer names (strings), found {brief(name)}")
             try:
                 w, a = pair
             except (TypeError, ValueError):
-                raise PolicyError(f"policy entry {name!r} must be a (w_bits, a_bits) pair, found {pair!r}") from None
-            if (w, a) != FLOAT and not all(isinstance(b, int) and not isinstance(b, bool) for b in (w, a)):
-                raise PolicyError(f"policy entry {name!r} must hold integer bits, found {pair!r} (or (None, None) "
-                                  f"for a layer left in float)")
+                raise PolicyError(f"policy entry {brief(name)} must be a (w_bits, a_bits) pair, found "
+                                  f"{brief(pair)}") from None
+            if (w, a) != FLOAT and not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= FLOAT_BITS
+                                           for b in (w, a)):
+                raise PolicyError(f"policy entry {brief(name)} must hold integer bits 1..{FLOAT_BITS}, found "
+                                  f"{brief(pair)} (or (None, None) for a layer left in float)")
             clean[name] = (w, a)
         object.__setattr__(self, "bits", MappingProxyType(clean))
 
@@ -141,9 +143,16 @@ class Policy(Mapping[str, Bits]):
         data, where = read_json(source, PolicyError, "policy")
         if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
             raise PolicyError(f'{where}: expected {{"format": "{FORMAT}", "layers": {{name: {{"w": .., "a": ..}}}}}}')
+        fmt = data.get("format", FORMAT)
+        if fmt != FORMAT:
+            raise PolicyError(f"{where}: format {brief(fmt)} is not {FORMAT!r}; not an fxmpq policy file")
         bits = {}
         for name, entry in data["layers"].items():
             if not (isinstance(entry, dict) and set(entry) == {"w", "a"}):
-                raise PolicyError(f'{where}: layers.{name}: expected {{"w": bits, "a": bits}}, found {entry!r}')
+                raise PolicyError(f'{where}: layers.{name[:60]}: expected {{"w": bits, "a": bits}}, found '
+                                  f'{brief(entry)}')
             bits[name] = (entry["w"], entry["a"])
-        return cls(bits)
+        try:
+            return cls(bits)
+        except PolicyError as e:
+            raise PolicyError(f"{where}: {e}") from None

@@ -373,6 +373,14 @@ def _decode(row: np.ndarray) -> Pair | tuple[None, None]:
 
 def _searchable(analysis: Analysis) -> list[str]:
     names = [m.name for m in analysis.searchable]
+    if not analysis.layers:
+        raise PolicyError("the model has no quantizable layers (no Conv1d, Conv2d or Linear call in the traced graph); "
+                          "nothing to quantize or search. Check that the model computes with such layers, and that "
+                          "none sits inside a module kept opaque (leaf_modules)")
     if not names:
-        raise PolicyError("the model has no searchable layers (all are pinned); nothing to search")
+        pinned = [m.name for m in analysis.layers]
+        raise PolicyError(f"all {len(pinned)} quantizable layer(s) are pinned ({', '.join(pinned[:5])}"
+                          f"{', ...' if len(pinned) > 5 else ''}), so there is nothing to search; the pins come from "
+                          f"hardware {analysis.hardware.name!r}'s [pins] table or prepare(pins=...), e.g. "
+                          f"pins=fxmpq.Pins(first_layer=False, last_layer=False) searches every layer")
     return names

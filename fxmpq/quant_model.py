@@ -67,6 +67,15 @@ class QuantModel(nn.Module):
         """Layers whose bits a policy chooses."""
         return [r.name for r in self.records if r.searchable]
 
+    @property
+    def classes(self) -> int | None:
+        """The number of outputs when the model was captured producing logits [N, classes], else None (what
+        class-index targets must stay below)."""
+        out = next((n for n in self.graph_module.graph.nodes if n.op == "output"), None)
+        arg = out.args[0] if out is not None else None
+        shape = getattr(arg.meta.get("tensor_meta"), "shape", None) if isinstance(arg, fx.Node) else None
+        return int(shape[1]) if shape is not None and len(shape) == 2 else None
+
     def _site(self, name: str) -> QuantSites:
         try:
             return self.sites[name]
@@ -190,4 +199,6 @@ class QuantModel(nn.Module):
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.graph_module(*args, **kwargs)
+        # the generated forward directly: GraphModule.__call__ prints the generated code's traceback to stderr
+        # before re-raising a failure, which fxmpq's one-line errors must not be preceded by
+        return self.graph_module.forward(*args, **kwargs)

@@ -2,7 +2,8 @@
 
 The record is the only channel between passes. Capture writes the structural part (kind, parameter references,
 conv options, shapes, MACs, params, input tensor); AnnotateCost adds pins and costs; InsertFakeQuant the quantizer
-sites; ApplyPolicy the chosen bits and the output quantizer; LowerToQDQ what it emitted. A pass replaces a record
+sites; ApplyPolicy the chosen bits and the output quantizer (and re-points the sites of layers that now share an
+input quantizer); LowerToQDQ what it emitted. A pass replaces a record
 (`dataclasses.replace`), never mutates it; records are immutable values, so copies of a graph share them.
 """
 
@@ -59,7 +60,11 @@ class ConvOptions(_Value):
 
 @dataclass(frozen=True)
 class QuantSites(_Value):
-    """Where InsertFakeQuant put the layer's quantization (module qualnames in the graph module)."""
+    """Where InsertFakeQuant put the layer's quantization (module qualnames in the graph module).
+
+    `act_quantizer` is the quantizer the layer's input goes through: its own, until ApplyPolicyPass merges the
+    same-bit input quantizers of layers reading one tensor into the first of them and re-points the others here.
+    """
 
     weight_quantizer: str
     act_quantizer: str
@@ -73,7 +78,9 @@ class Applied(_Value):
     format: Format
     w_bits: int | None  # None in float
     a_bits: int | None
-    output_quantizer: str | None = None  # qualname of an added output quantizer
+    # qualname of the quantizer the pass put after the layer's output: an added output quantizer, or the
+    # output_bits input quantizer that reads the max pool after the layer (called before the pool too)
+    output_quantizer: str | None = None
     bias_rounding: str | None = None  # qualname of the BiasRounding module simulating the int32 bias
 
 

@@ -17,7 +17,7 @@ from .pipeline import FINETUNE_CKPT, INDICATORS_CKPT
 from .policy import Policy
 from .quant_model import QuantModel
 from .stages import apply_policy, prepare
-from .train import Stage
+from .train_state import Stage
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ParetoResult", "SearchResult", "SearchStatus", "check_feasible", "pareto", "search"]
+__all__ = ["DEFAULT_TIME_LIMIT", "ParetoResult", "SearchResult", "SearchStatus", "check_feasible", "pareto", "search"]
+
+DEFAULT_TIME_LIMIT = 60.0  # seconds per solve; real networks prove their optimum in milliseconds (docs/RESULTS.md)
 
 
 def search(
@@ -35,7 +37,7 @@ def search(
     *,
     weight_only: bool = False,
     clean: Cleaning | str = Cleaning.PAPER,
-    time_limit: float | None = None,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> SearchResult:
     """The policy minimising `sum_l I_act[l][a] + alpha * I_w[l][w]` within `budget`, proven optimal.
 
@@ -44,8 +46,9 @@ def search(
     higher one's prohibitively (a large finite price); `Cleaning.ISOTONIC` ("isotonic") repairs the indicators to
     be monotone instead. `weight_only` ignores activation indicators (each weight bit-width runs with the widest
     activation bits the hardware pairs it with). With `hardware.share_input_quantizer`, layers reading one tensor
-    share their activation bits. `time_limit` (seconds) bounds each HiGHS call; a policy found when it is hit has
-    status FEASIBLE and its gap stated. Raises InfeasibleBudget (with the smallest achievable value of each limited
+    share their activation bits. `time_limit` (seconds, default 60, None: none) bounds the whole solve; a policy
+    found when it is hit has status FEASIBLE and its proven gap stated. The solve stops as soon as the incumbent
+    meets the bound. Raises InfeasibleBudget (with the smallest achievable value of each limited
     metric), BudgetError (a malformed budget), IndicatorError (listing what the indicators lack) and
     ArgumentError (a bad alpha, clean or time_limit).
     """
@@ -69,7 +72,7 @@ def pareto(
     budget: Budget | str | Mapping[str, float] | None = None,
     weight_only: bool = False,
     clean: Cleaning | str = Cleaning.PAPER,
-    time_limit: float | None = None,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> ParetoResult:
     """Optimal policies for `points` limits on `metric` from `low` to `high` (ascending), other limits from `budget`.
 

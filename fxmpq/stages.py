@@ -8,6 +8,7 @@ capture (fxmpq.trace: records) -> AnnotateCost -> InsertFakeQuant -> [indicator 
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,8 +17,9 @@ import torch.fx as fx
 from torch import nn
 
 from .analysis import Analysis
-from .errors import PolicyError
-from .graph import as_input_tuple, trace
+from .batches import check_inputs
+from .errors import ArgumentError, DataError, PolicyError
+from .graph import NodeFailure, as_input_tuple, refuse_quantized, run_graph, trace
 from .hardware import HardwareSpec, Pins, load_hardware
 from .passes import (
     AnnotateCostPass,
@@ -73,6 +75,7 @@ def analyze(
 
     `pins` overrides the hardware file's pins (by default the first and last quantizable layers at 8/8).
     """
+    refuse_quantized(model, "analyze")
     hw = load_hardware(hardware)
     gm = run_passes(trace(model, example_inputs, leaf_modules=leaf_modules), analysis_passes(hw, pins)).graph_module
     layers = tuple(r for _, r in records(gm))
@@ -98,8 +101,10 @@ def prepare(
     `bits` (which `hardware` must support for weights and activations); pinned layers get their pin bits.
     The returned QuantModel starts with every quantizer off: call `set_uniform`/`set_policy` to quantize.
     """
+    if isinstance(model, nn.Module):
+        refuse_quantized(model, "prepare")
     hw = load_hardware(hardware)
-    bits = tuple(sorted({int(b) for b in bits}))
+    bits = _candidate_bits(bits)
     if not bits:
         raise PolicyError("prepare: bits must name at least one candidate bit-width")
     bad = [b for b in bits if b not in hw.weight_bits or b not in hw.act_bits]
@@ -121,6 +126,19 @@ def prepare(
     return qmodel
 
 
+def _candidate_bits(bits: Any) -> tuple[int, ...]:
+    """`bits` (an iterable of integers) sorted without repeats; PolicyError for anything that is not bit-widths."""
+    try:
+        items = list(bits)
+    except TypeError:
+        raise PolicyError(f"prepare: bits must be a sequence of bit-widths such as (2, 3, 4, 5, 6), found "
+                          f"{type(bits).__name__}") from None
+    bad = [b for b in items if isinstance(b, bool) or not isinstance(b, numbers.Integral)]
+    if bad:
+        raise PolicyError(f"prepare: bits must be integers such as (2, 3, 4, 5, 6), found {bad[0]!r}")
+    return tuple(sorted({int(b) for b in items}))
+
+
 def apply_policy(qmodel: QuantModel, policy: Policy | Mapping[str, tuple[int, int]], example_inputs: Any = None,
                  *, output_bits: int = 8) -> QuantModel:
     """Fix `qmodel` (in place) at `policy` and add output quantizers; returns `qmodel`.
@@ -128,11 +146,20 @@ def apply_policy(qmodel: QuantModel, policy: Policy | Mapping[str, tuple[int, in
     With `example_inputs`, the model runs once on them (eval mode, no gradients) so that new output quantizers
     take their initial step size from data (LSQ's init); otherwise they do on the first batch.
     """
-    run_passes(qmodel.graph_module, apply_passes(policy, output_bits=output_bits, hardware=qmodel.hardware))
+    if not isinstance(qmodel, QuantModel):
+        raise ArgumentError(f"apply_policy: expected a QuantModel (from fxmpq.prepare), found {type(qmodel).__name__}")
+    inputs = None
     if example_inputs is not None:
+        inputs = check_inputs(as_input_tuple(example_inputs), qmodel.example_shapes, "apply_policy: example_inputs")
+    run_passes(qmodel.graph_module, apply_passes(policy, output_bits=output_bits, hardware=qmodel.hardware))
+    if inputs is not None:
         was = qmodel.training
         qmodel.eval()
-        with torch.no_grad():
-            qmodel(*as_input_tuple(example_inputs))
-        qmodel.train(was)
+        try:
+            with torch.no_grad():
+                run_graph(qmodel.graph_module, inputs)
+        except NodeFailure as f:
+            raise DataError(f"apply_policy: the model fails on example_inputs at {f.describe()}") from f.__cause__
+        finally:
+            qmodel.train(was)
     return qmodel

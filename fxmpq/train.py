@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import math
-import os
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -15,33 +13,39 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
+from .atomic import check_writable, remove_stale_temps
 from .batches import split_batch
-from .checkpoint import join_state, load_checkpoint, save_checkpoint, split_state
-from .errors import ArgumentError, CheckpointError, DataError, PolicyError
+from .ddp import dist_on, make_loader, pick_device, rank, world_size
+from .errors import ArgumentError, CheckpointError, DataError, PolicyError, first_line
 from .indicators import Indicators
 from .policy import Policy
 from .quant_model import QuantModel
+from .train_state import (
+    Position,
+    Stage,
+    loader_generators,
+    restore_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Stage", "TrainStats", "finetune", "indicators_from_model", "random_policy", "train_indicators"]
+__all__ = ["CHECKPOINT_EVERY", "TrainStats", "finetune", "indicators_from_model", "random_policy",
+           "train_indicators"]
+
+# A checkpoint every this many optimizer steps (besides the one at each epoch's end) when checkpoint= is given:
+# a run killed mid-epoch loses at most this many steps. Measured cost: docs/RESULTS.md (checkpoint cost).
+CHECKPOINT_EVERY = 100
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
-
-
-class Stage(enum.StrEnum):
-    """Which training wrote a checkpoint (its meta "kind" holds the value): joint indicator training or fine-tuning."""
-
-    INDICATORS = "indicators"
-    FINETUNE = "finetune"
 
 
 @dataclass(frozen=True)
@@ -86,45 +90,6 @@ def _expect_quant_model(qmodel: Any, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- DDP helpers
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _dist_on() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if _dist_on() else 1
-
-
-def _pick_device(qmodel: QuantModel, device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if _dist_on() and dist.get_backend() == "nccl":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", _rank() % max(torch.cuda.device_count(), 1))))
-    p = next(qmodel.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _loader(data: Any, *, batch_size: int, seed: int) -> Iterable[Any]:
-    """`data` as an iterable of batches; a Dataset gets a DataLoader; under DDP a DistributedSampler."""
-    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        sampler = (DistributedSampler(data, shuffle=True, seed=seed) if _dist_on() else RandomSampler(data))
-        return DataLoader(data, batch_size=batch_size, sampler=sampler)
-    if isinstance(data, DataLoader) and _dist_on() and not isinstance(data.sampler, DistributedSampler) \
-            and not isinstance(data.dataset, torch.utils.data.IterableDataset):
-        shuffle = isinstance(data.sampler, RandomSampler)
-        log.info("rank %d: giving the DataLoader a DistributedSampler (shuffle=%s)", _rank(), shuffle)
-        return DataLoader(data.dataset, batch_size=data.batch_size, drop_last=data.drop_last,
-                          sampler=DistributedSampler(data.dataset, shuffle=shuffle, seed=seed),
-                          num_workers=data.num_workers, collate_fn=data.collate_fn, pin_memory=data.pin_memory)
-    if not isinstance(data, Iterable):
-        raise DataError(f"data must be an iterable of (inputs, targets) batches or a Dataset, "
-                        f"found {type(data).__name__}")
-    return data
-
-
 def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
         return x.to(device, non_blocking=True)
@@ -150,12 +115,22 @@ class _StepContext:
     loss_fn: LossFn
     seed: int
     step: int = 0
+    where: str = ""
 
     def sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         """Accumulate gradients locally except on the step's last backward (DDP's no_sync)."""
         if isinstance(self.net, DistributedDataParallel) and not last:
             return self.net.no_sync()
         return contextlib.nullcontext()
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The model on one batch; a failing forward is a DataError naming the batch (never torch's traceback)."""
+        try:
+            return self.net(*inputs)
+        except Exception as e:
+            shapes = ", ".join(f"Tensor{tuple(x.shape)} {x.dtype}" for x in inputs)
+            raise DataError(f"{self.where}: the model fails on the batch (inputs {shapes}): {type(e).__name__}: "
+                            f"{first_line(e)}") from e
 
 
 StepFn = Callable[[_StepContext, tuple[torch.Tensor, ...], Any], dict[str, float]]
@@ -173,28 +148,6 @@ def _param_groups(qmodel: QuantModel, lr: float, step_lr: float | None, weight_d
          "weight_decay": 0.0, "name": "bias_bn"},
     ]
     return [g for g in groups if g["params"]]
-
-
-def _rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"rng/torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
-    np_state = np.random.get_state()
-    tensors["rng/numpy_keys"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
-    py_version, py_state, py_gauss = random.getstate()
-    meta = {"python": [py_version, list(py_state), py_gauss],
-            "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
-    return tensors, meta
-
-
-def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(tensors["rng/torch"])
-    if device.type == "cuda" and "rng/cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng/cuda"], device)
-    name, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, tensors["rng/numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, state, gauss = meta["python"]
-    random.setstate((version, tuple(state), gauss))
 
 
 def _run(
@@ -219,16 +172,19 @@ def _run(
     extra_meta: Mapping[str, Any],
     cosine: bool = False,
     clip_grad_norm: float | None = None,
+    checkpoint_every: int | None = CHECKPOINT_EVERY,
 ) -> TrainStats:
     """The one training loop: data checks, device, DDP, epochs, optimizer steps, progress, checkpoints, resume."""
     _expect_quant_model(qmodel, stage)
-    if epochs < 0 or (max_steps is not None and max_steps < 0):
-        raise ArgumentError(f"{stage}: epochs and max_steps must be >= 0, found epochs={epochs}, max_steps={max_steps}")
-    dev = _pick_device(qmodel, device)
+    _check_counts(stage, epochs=epochs, max_steps=max_steps, batch_size=batch_size, checkpoint_every=checkpoint_every)
+    dev = pick_device(qmodel, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     qmodel.to(dev)
-    loader = _loader(data, batch_size=batch_size, seed=seed)
+    loader = make_loader(data, batch_size=batch_size, seed=seed, what=f"{stage}: data")
+    if checkpoint is not None:
+        check_writable(checkpoint, f"{stage}: checkpoint")
+        remove_stale_temps(Path(checkpoint).parent, [Path(checkpoint).name])
     resume_path = None
     if resume:
         resume_path = Path(checkpoint) if resume is True else Path(resume)
@@ -244,17 +200,30 @@ def _run(
             return _loop(qmodel, loader, stage=stage, step_fn=step_fn, epochs=epochs, lr=lr, step_lr=step_lr,
                          weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed, dev=dev,
                          checkpoint=checkpoint, resume_path=resume_path, max_steps=max_steps, progress=progress,
-                         extra_meta=extra_meta, cosine=cosine, clip_grad_norm=clip_grad_norm)
+                         extra_meta=extra_meta, cosine=cosine, clip_grad_norm=clip_grad_norm,
+                         checkpoint_every=checkpoint_every, gens=loader_generators(loader))
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+
+
+def _check_counts(stage: Stage, **counts: int | None) -> None:
+    """ArgumentError for a count that is not an integer or out of range (epochs, max_steps >= 0; the rest >= 1)."""
+    for name, value in counts.items():
+        if value is None and name in ("max_steps", "checkpoint_every"):
+            continue
+        least = 0 if name in ("epochs", "max_steps") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ArgumentError(f"{stage}: {name} must be an integer >= {least}, found {value!r}")
 
 
 def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: StepFn, epochs: int, lr: float,
           step_lr: float | None, weight_decay: float, optimizer: OptimizerFactory | None, loss_fn: LossFn | None,
           seed: int, dev: torch.device, checkpoint: str | Path | None, resume_path: Path | None,
           max_steps: int | None, progress: bool, extra_meta: Mapping[str, Any], cosine: bool = False,
-          clip_grad_norm: float | None = None) -> TrainStats:
+          clip_grad_norm: float | None = None, checkpoint_every: int | None = None,
+          gens: list[torch.Generator] | None = None) -> TrainStats:
+    gens = gens or []
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -262,36 +231,59 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: S
     for g in groups:
         g["base_lr"] = g["lr"]
     opt = optimizer(groups) if optimizer is not None else torch.optim.SGD(groups, lr=lr, momentum=0.9)
-    start_epoch, step = 0, 0
+    pos = Position()
     if resume_path is not None:
-        start_epoch, step = _restore(resume_path, qmodel, opt, stage=stage, dev=dev)
+        pos = restore_state(resume_path, qmodel, opt, stage=stage, dev=dev)
+        if pos.batch == 0 and pos.rng is not None:
+            set_rng_state(*pos.rng, dev, gens)
     net: nn.Module = qmodel
-    if _dist_on() and _world_size() > 1:
+    if dist_on() and world_size() > 1:
         net = DistributedDataParallel(qmodel, device_ids=[dev.index] if dev.type == "cuda" else None,
                                       find_unused_parameters=True)
     total_steps = _total_steps(loader, epochs, max_steps) if cosine else None
     params = [p for g in opt.param_groups for p in g["params"]]
-    ctx = _StepContext(net=net, qmodel=qmodel, loss_fn=loss_fn or F.cross_entropy, seed=seed, step=step)
+    ctx = _StepContext(net=net, qmodel=qmodel, loss_fn=loss_fn or F.cross_entropy, seed=seed, step=pos.step)
     shapes = qmodel.example_shapes
+    classes = qmodel.classes if loss_fn is None else None  # cross-entropy: targets must index the outputs
     qmodel.train()
     epoch_losses: dict[str, float] = {}
-    done = start_epoch
-    for epoch in range(start_epoch, epochs):
+    done, step = pos.epoch, pos.step
+    path = Path(checkpoint) if checkpoint is not None else None
+
+    def save(epoch_done: int, batch: int, sums: dict[str, float], epoch_rng: Any) -> None:
+        if path is not None:
+            save_state(path, qmodel, opt, stage=stage, epoch=epoch_done, step=step, epochs=epochs, seed=seed, dev=dev,
+                  extra_meta=extra_meta, batch=batch, sums=sums, epoch_rng=epoch_rng if batch else None, gens=gens)
+
+    for epoch in range(pos.epoch, epochs):
         if max_steps is not None and step >= max_steps:
             break
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        skip = pos.batch if epoch == pos.epoch else 0
+        if skip:  # resuming mid-epoch: the epoch's data order, then the random state after the last step taken
+            set_rng_state(*pos.epoch_rng, dev, gens, prefix="epoch_rng")
+        epoch_rng = rng_state(dev, gens, prefix="epoch_rng") if path is not None else None
+        batches = iter(loader)
+        for k in range(skip):
+            if next(batches, _END) is _END:
+                raise CheckpointError(f"{resume_path}: the checkpoint stopped after batch {skip} of epoch "
+                                      f"{epoch + 1}, but the data has only {k} batches per epoch; resume with the "
+                                      f"data the run was started with")
+        if skip:
+            set_rng_state(*pos.rng, dev, gens)
         total = len(loader) if hasattr(loader, "__len__") else None
-        bar = tqdm(loader, total=total, desc=f"{stage} {epoch + 1}/{epochs}", leave=True,
-                   disable=not progress or _rank() != 0, dynamic_ncols=True)
-        sums: dict[str, float] = {}
-        n = 0
+        bar = tqdm(batches, total=total, initial=skip, desc=f"{stage} {epoch + 1}/{epochs}", leave=True,
+                   disable=not progress or rank() != 0, dynamic_ncols=True)
+        sums: dict[str, float] = dict(pos.sums) if skip else {}
+        n = skip
         stopped = False
-        for i, batch in enumerate(bar):
-            inputs, targets = split_batch(batch, i, shapes)
+        for i, batch in enumerate(bar, start=skip):
+            inputs, targets = split_batch(batch, i, shapes, what=f"{stage}: data", classes=classes)
             inputs, targets = _to(inputs, dev), _to(targets, dev)
             ctx.step = step
+            ctx.where = f"{stage}: step {step} (epoch {epoch + 1}, batch {i})"
             opt.zero_grad(set_to_none=True)
             losses = step_fn(ctx, inputs, targets)
             bad = [k for k, v in losses.items() if not math.isfinite(v)]
@@ -311,6 +303,8 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: S
             if max_steps is not None and step >= max_steps:
                 stopped = True
                 break
+            if checkpoint_every and step % checkpoint_every == 0 and (total is None or n < total):
+                save(done, n, sums, epoch_rng)  # mid-epoch (the epoch's end writes its own)
         if n:  # the bar's last line keeps the epoch's mean loss per bit-width (whatever the refresh timing)
             bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items()}, refresh=True)
         bar.close()
@@ -319,15 +313,16 @@ def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: S
         epoch_losses = {k: v / n for k, v in sums.items()}
         log.info("%s epoch %d/%d: %d steps, mean losses %s", stage, epoch + 1, epochs, n,
                  ", ".join(f"{k}={v:.4f}" for k, v in epoch_losses.items()))
-        if not stopped:
-            done = epoch + 1
-        if checkpoint is not None:
-            _save(Path(checkpoint), qmodel, opt, stage=stage, epoch=done, step=step, epochs=epochs, seed=seed,
-                  dev=dev, extra_meta=extra_meta)
         if stopped:
+            save(done, n, sums, epoch_rng)
             break
+        done = epoch + 1
+        save(done, 0, {}, None)
     return TrainStats(epochs=done, steps=step, losses=epoch_losses,
                       checkpoint=str(checkpoint) if checkpoint is not None else None)
+
+
+_END = object()
 
 
 def _check_gradients(qmodel: QuantModel, params: list[torch.Tensor], clip: float | None, *, stage: Stage, step: int,
@@ -372,58 +367,6 @@ def _set_cosine_lr(opt: torch.optim.Optimizer, step: int, total: int) -> None:
         g["lr"] = g.get("base_lr", g["lr"]) * factor
 
 
-def _meta(qmodel: QuantModel, extra: Mapping[str, Any]) -> dict[str, Any]:
-    hw = qmodel.analysis.hardware
-    policy = qmodel.policy
-    return {
-        "bits": list(qmodel.bits),
-        "policy": {n: list(p) for n, p in policy.items()} if policy is not None else None,
-        "quant_state": qmodel.quant_state(),
-        "hardware": {"name": hw.name, "path": hw.path},
-        "example_shapes": [list(s) for s in qmodel.example_shapes],
-        **extra,
-    }
-
-
-def _save(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, stage: Stage, epoch: int, step: int,
-          epochs: int, seed: int, dev: torch.device, extra_meta: Mapping[str, Any]) -> None:
-    if _rank() == 0:
-        model_t, model_s = split_state(qmodel.state_dict(), "model")
-        opt_t, opt_s = split_state(opt.state_dict(), "optim")
-        rng_t, rng_m = _rng_state(dev)
-        meta = {"kind": stage.value, "epoch": epoch, "step": step, "epochs": epochs, "seed": seed,
-                "world_size": _world_size(), **_meta(qmodel, extra_meta),
-                "model_state": model_s, "optim_state": opt_s, "rng": rng_m}
-        save_checkpoint(path, {**model_t, **opt_t, **rng_t}, meta)
-        log.info("%s: checkpoint %s (epoch %d, step %d)", stage, path, epoch, step)
-    if _dist_on():
-        dist.barrier()
-
-
-def _restore(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, stage: Stage,
-             dev: torch.device) -> tuple[int, int]:
-    tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != stage.value:
-        raise CheckpointError(f"{path}: written by {meta.get('kind')!r} training, cannot resume {stage.value!r} from it")
-    if list(meta.get("bits", [])) != list(qmodel.bits):
-        raise CheckpointError(f"{path}: candidate bits {meta.get('bits')} differ from the model's {list(qmodel.bits)}")
-    try:
-        qmodel.load_state_dict(join_state(meta["model_state"], tensors, str(path)))
-        opt.load_state_dict(join_state(meta["optim_state"], tensors, str(path)))
-        _set_rng_state(tensors, meta["rng"], dev)
-        epoch, step = int(meta["epoch"]), int(meta["step"])
-    except CheckpointError:
-        raise
-    except (KeyError, RuntimeError, ValueError, TypeError, PolicyError) as e:
-        raise CheckpointError(f"{path}: checkpoint does not fit this model/optimizer ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    qmodel.to(dev)
-    if meta.get("policy") is not None:
-        qmodel.set_policy({n: tuple(p) for n, p in meta["policy"].items()})
-    log.info("%s: resumed from %s at epoch %d, step %d", stage, path, epoch, step)
-    return epoch, step
-
-
 # ------------------------------------------------------------------------------------------- the two trainings
 def _joint_step(distill: bool) -> StepFn:
     def step(ctx: _StepContext, inputs: tuple[torch.Tensor, ...], targets: Any) -> dict[str, float]:
@@ -438,7 +381,7 @@ def _joint_step(distill: bool) -> StepFn:
             else:
                 qm.set_uniform(b)
             with ctx.sync(last=i == len(passes) - 1):
-                out = ctx.net(*inputs)
+                out = ctx.forward(inputs)
                 if teacher is None or not distill:
                     loss = ctx.loss_fn(out, targets)
                 else:
@@ -454,7 +397,7 @@ def _joint_step(distill: bool) -> StepFn:
 
 def _plain_step(teacher: nn.Module | None) -> StepFn:
     def step(ctx: _StepContext, inputs: tuple[torch.Tensor, ...], targets: Any) -> dict[str, float]:
-        out = ctx.net(*inputs)
+        out = ctx.forward(inputs)
         if teacher is not None:
             with torch.no_grad():
                 soft = teacher(*inputs).softmax(dim=-1)
@@ -488,6 +431,7 @@ def train_indicators(
     model_factory: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     clip_grad_norm: float | None = None,
+    checkpoint_every: int | None = CHECKPOINT_EVERY,
 ) -> Indicators:
     """Learn every layer's step sizes at every candidate bit in one joint run; returns them as Indicators.
 
@@ -497,9 +441,10 @@ def train_indicators(
     output (KL divergence over the last dim of the logits, in-place distillation) instead of the labels. `data` yields (inputs, targets)
     batches (a Dataset is wrapped in a DataLoader of `batch_size`). Default optimizer: SGD with momentum 0.9,
     `lr` for weights, `step_lr` (default `lr`) for step sizes, `weight_decay` on conv/linear weights only.
-    A checkpoint is written atomically after each epoch when `checkpoint` is given; `resume=True` continues
-    from it (or `resume=<path>`), at the start of the epoch after the last completed one, and ends identical
-    to an uninterrupted run on CPU. Under torch.distributed (torchrun) the model is wrapped in DDP; the
+    A checkpoint is written atomically after each epoch and every `checkpoint_every` optimizer steps (None: at
+    epoch ends only) when `checkpoint` is given; `resume=True` continues from it (or `resume=<path>`), mid-epoch
+    where it was written there (the batches already seen in that epoch are skipped in the same order, with the
+    same random state), and ends identical to an uninterrupted run on CPU. Under torch.distributed (torchrun) the model is wrapped in DDP; the
     earlier passes of a step accumulate under no_sync and the last one all-reduces. Before each optimizer
     step the gradients' total norm is clipped to `clip_grad_norm` when given, and a non-finite gradient
     raises DataError naming the parameters (so a diverging run stops before it corrupts the model). The quantizers are left
@@ -512,7 +457,8 @@ def train_indicators(
              step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
              device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
              batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {}),
-                         "distill": distill}, clip_grad_norm=clip_grad_norm)
+                         "distill": distill}, clip_grad_norm=clip_grad_norm,
+             checkpoint_every=checkpoint_every)
     finally:
         if before is None:
             qmodel.disable_quant()
@@ -543,6 +489,7 @@ def finetune(
     model_kwargs: Mapping[str, Any] | None = None,
     cosine: bool = False,
     clip_grad_norm: float | None = None,
+    checkpoint_every: int | None = CHECKPOINT_EVERY,
 ) -> TrainStats:
     """LSQ quantization-aware training of weights and step sizes at the model's current policy.
 
@@ -562,11 +509,11 @@ def finetune(
     if distill_from is not None:
         teacher = distill_from
         teacher.eval()
-        dev = _pick_device(qmodel, device)
+        dev = pick_device(qmodel, device)
         teacher.to(dev)
     return _run(qmodel, data, stage=Stage.FINETUNE, step_fn=_plain_step(teacher), epochs=epochs, lr=lr,
                 step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
                 device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
                 batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {})},
-                cosine=cosine, clip_grad_norm=clip_grad_norm)
+                cosine=cosine, clip_grad_norm=clip_grad_norm, checkpoint_every=checkpoint_every)
 

@@ -1,4 +1,4 @@
-"""ApplyPolicyPass: fix every layer's quantizers at a policy, quantize outputs no quantizer reads, round biases."""
+"""ApplyPolicyPass: fix every layer's quantizers at a policy, quantize each tensor once, round biases and sums."""
 
 from __future__ import annotations
 
@@ -6,19 +6,33 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 
+import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxmpq.errors import PassError, PolicyError
 from fxmpq.formats import Format, format_name, format_of
 from fxmpq.hardware import HardwareSpec
-from fxmpq.kernels import BiasRounding
+from fxmpq.kernels import AddRounding, BiasRounding
 from fxmpq.matcher import layer_input, linear_runs_as_conv, set_weight_arg, weight_arg
 from fxmpq.policy import Policy
+from fxmpq.primitives import container_zero_point
 from fxmpq.quant import QUANT_LAYER_TYPES, LSQQuantizer, to_plain_layer
 from fxmpq.record import Applied, LayerRecord, records, set_record
 
-from .patterns import device_of, is_bias_rounding, is_bn, is_quantizer, relu_bounds, set_submodule, sole_user
+from .patterns import (
+    add_operands,
+    device_of,
+    is_add_rounding,
+    is_bias_rounding,
+    is_bn,
+    is_max_pool,
+    is_nonnegative,
+    is_quantizer,
+    relu_bounds,
+    set_submodule,
+    sole_user,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +40,7 @@ __all__ = ["OUTPUT_QUANTIZER", "ApplyPolicyPass"]
 
 OUTPUT_QUANTIZER = "output_quantizer"
 BIAS_ROUNDING = "bias_rounding"
+SUMS = "fxmpq_sums"  # container of the sums' modules (a sum belongs to no layer): <add node>.rounding, .output_quantizer
 
 
 class ApplyPolicyPass(PassBase):
@@ -33,14 +48,22 @@ class ApplyPolicyPass(PassBase):
 
     A layer at (None, None) is left in float: its quantizers are removed (the record's sites become None).
     With `hardware`, a format it does not offer a layer is refused naming the hardware file, the layer and the format.
-    Then every quantized conv/linear whose output (after the BatchNorm that folds into it, and a following ReLU/ReLU6)
-    feeds anything but a single quantizer gets an `output_bits` output quantizer (unsigned after a ReLU, signed
-    otherwise), a submodule `<owner>.output_quantizer` whose step size is learned like the others: ONNX Runtime
-    fuses a layer into an integer kernel only when one QuantizeLinear reads it. A BiasRounding node after each
-    layer simulates the int32 bias (and the requantization into the quantizer that follows), so the PyTorch model
-    in eval mode computes what the exported QDQ graph computes. Each record gets `Applied(w, a, ...)`. The result
-    depends only on the graph and the policy; running it again with the same policy changes nothing
-    (modified=False).
+    Then each tensor is quantized once per bit-width: the input quantizers of layers reading one tensor at the
+    same bits (and signedness) become one, the first in graph order (the records' `sites.act_quantizer` then
+    name it; the others are removed), and when that quantizer is at `output_bits` the sums and max pools reading
+    the tensor read it quantized too (a residual path that ONNX Runtime can keep in uint8). Every conv/linear
+    whose output (after the BatchNorm that folds into it, and a following ReLU/ReLU6) still feeds anything but a
+    single quantizer gets an `output_bits` output quantizer (unsigned after a ReLU, signed otherwise), a
+    submodule `<owner>.output_quantizer` whose step size is learned like the others: ONNX Runtime fuses a layer
+    into an integer kernel only when one QuantizeLinear reads it; a layer feeding only a max pool whose values one
+    `output_bits` quantizer reads uses that quantizer before the pool as well (max pooling commutes with
+    rounding, so ONNX Runtime pools uint8 values). A BiasRounding node after each layer simulates the int32 bias
+    (and the requantization into the quantizer that follows), and an AddRounding node after each sum of two
+    quantized tensors simulates the QLinearAdd it runs as (with an `output_bits` quantizer after the sum, and its
+    ReLU, when no single quantizer reads it: `fxmpq_sums.<add node>.output_quantizer`), so
+    the PyTorch model in eval mode computes what the exported QDQ graph computes. Each record gets
+    `Applied(w, a, ...)`. The result depends only on the graph and the policy; running it again with the same
+    policy changes nothing (modified=False).
     """
 
     def __init__(self, *, policy: Policy | Mapping[str, tuple[int, int]], output_bits: int = 8,
@@ -104,6 +127,7 @@ class ApplyPolicyPass(PassBase):
                 modified |= self._to_float(gm, node, rec)
             else:
                 modified |= self._fix(gm, rec, w, a)
+        modified |= self._share_quantizers(gm)
         added = 0
         for node, rec in list(records(gm)):
             w, a = full[rec.name]
@@ -121,8 +145,10 @@ class ApplyPolicyPass(PassBase):
                 modified = True
                 set_record(node, dataclasses.replace(rec, applied=dataclasses.replace(rec.applied,
                                                                                       bias_rounding=path)))
-        modified |= added > 0
-        log.info("applied policy to %d layers; %d output quantizers added", len(layers), added)
+        sums = self._add_rounding(gm)
+        modified |= added > 0 or sums > 0
+        log.info("applied policy to %d layers; %d output quantizers added, %d sums simulated as QLinearAdd",
+                 len(layers), added, sums)
         return PassResult(gm, modified)
 
     @staticmethod
@@ -177,6 +203,50 @@ class ApplyPolicyPass(PassBase):
             bn.fix(w)
         return changed
 
+    def _share_quantizers(self, gm: fx.GraphModule) -> bool:
+        """One quantizer per tensor and bit-width: merge the same-bit input quantizers reading one tensor, and
+        let sums and max pools read the tensor through the `output_bits` one; whether anything changed."""
+        changed = False
+        for t in list(gm.graph.nodes):
+            groups: dict[tuple[int, bool], list[fx.Node]] = {}
+            for u in t.users:
+                if is_quantizer(gm, u) and u.args and u.args[0] is t:
+                    q = gm.get_submodule(u.target)
+                    if q.active_bits is not None and not q.channels:
+                        groups.setdefault((q.active_bits, q.signed), []).append(u)
+            for (bits, _), calls in groups.items():
+                keep, rest = calls[0], calls[1:]
+                readers = [u for u in t.users if u is not keep and bits == self.output_bits
+                           and (add_operands(u) is not None or is_max_pool(gm, u))]
+                if not rest and not readers:
+                    continue
+                order = {n: i for i, n in enumerate(gm.graph.nodes)}
+                earliest = min([keep, *rest, *readers], key=order.__getitem__)
+                if earliest is not keep:  # before every reader rewired to it (all of them read t, so after t)
+                    earliest.prepend(keep)
+                for u in rest:
+                    self._merge_into(gm, u, keep)
+                for u in readers:
+                    u.replace_input_with(t, keep)
+                log.debug("tensor %s: one %d-bit quantizer %s for %d layer(s) and %d other reader(s)", t.name, bits,
+                          keep.target, len(rest) + 1, len(readers))
+                changed = True
+        return changed
+
+    @staticmethod
+    def _merge_into(gm: fx.GraphModule, call: fx.Node, keep: fx.Node) -> None:
+        """Replace the quantizer call `call` by `keep` (same input, bits, signedness); re-point the records."""
+        gone = call.target
+        call.replace_all_uses_with(keep)
+        gm.graph.erase_node(call)
+        for node, rec in list(records(gm)):
+            if rec.sites is not None and rec.sites.act_quantizer == gone:
+                set_record(node, dataclasses.replace(rec, sites=dataclasses.replace(rec.sites,
+                                                                                    act_quantizer=keep.target)))
+        if not any(n.op == "call_module" and n.target == gone for n in gm.graph.nodes):
+            parent, _, leaf = gone.rpartition(".")
+            delattr(gm.get_submodule(parent) if parent else gm, leaf)
+
     def _output_quantizer(self, gm: fx.GraphModule, node: fx.Node, rec: LayerRecord) -> str | None:
         """Add an output quantizer when the layer's output reaches anything but one quantizer; its path or None."""
         end = node
@@ -195,6 +265,13 @@ class ApplyPolicyPass(PassBase):
         users = list(end.users)
         if len(users) == 1 and is_quantizer(gm, users[0]):
             return None
+        pooled = self._pooled_quantizer(gm, users, signed=not unsigned)
+        if pooled is not None:  # quantize before the max pool with the quantizer that reads the pooled values
+            with gm.graph.inserting_after(end):
+                qn = gm.graph.call_module(pooled, (end,))
+            users[0].replace_input_with(end, qn)
+            log.debug("layer %s: quantized before its max pool by %s", rec.name, pooled)
+            return pooled
         owner = rec.sites.weight_quantizer.rpartition(".")[0]
         path = f"{owner}.{OUTPUT_QUANTIZER}"
         parent = gm.get_submodule(owner)
@@ -210,6 +287,68 @@ class ApplyPolicyPass(PassBase):
             u.replace_input_with(end, qn)
         log.debug("layer %s: %d-bit output quantizer %s after %s", rec.name, self.output_bits, path, end.name)
         return path
+
+    def _pooled_quantizer(self, gm: fx.GraphModule, users: list[fx.Node], *, signed: bool) -> str | None:
+        """The quantizer path when `users` is one max pool whose only reader is an `output_bits` per-tensor
+        quantizer of the given signedness, else None."""
+        if len(users) != 1 or not is_max_pool(gm, users[0]) or len(users[0].users) != 1:
+            return None
+        q = next(iter(users[0].users))
+        if not is_quantizer(gm, q):
+            return None
+        m = gm.get_submodule(q.target)
+        ok = m.active_bits == self.output_bits and not m.channels and m.signed == signed
+        return q.target if ok else None
+
+    def _add_rounding(self, gm: fx.GraphModule) -> int:
+        """Make every sum of two quantizer outputs an integer sum: an AddRounding node after it (ONNX Runtime
+        runs DQ, DQ -> Add -> Q as QLinearAdd), and an `output_bits` output quantizer after it (and its ReLU)
+        when no single quantizer reads it. Returns how many sums were made integer."""
+        g = gm.graph
+
+        def quantizer(n: fx.Node | None) -> LSQQuantizer | None:
+            if n is None or not is_quantizer(gm, n):
+                return None
+            q = gm.get_submodule(n.target)
+            return q if q.active_bits is not None and q.active_bits <= 8 and not q.channels else None
+
+        done = 0
+        for node in list(g.nodes):
+            ops = add_operands(node)
+            if ops is None or quantizer(ops[0]) is None or quantizer(ops[1]) is None:
+                continue
+            if any(is_add_rounding(gm, u) for u in node.users):
+                continue
+            if not hasattr(gm, SUMS):
+                gm.add_module(SUMS, torch.nn.Module())
+            holder = torch.nn.Module()
+            gm.get_submodule(SUMS).add_module(node.name, holder)
+            first = sole_user(node)
+            end = first if first is not None and relu_bounds(gm, first) is not None else node
+            out = sole_user(end)
+            if quantizer(out) is None:  # no single quantizer reads the sum: quantize it once, for all readers
+                users = list(end.users)
+                q = LSQQuantizer((self.output_bits,), signed=not is_nonnegative(gm, end))
+                q.set_bits(self.output_bits)
+                q.train(gm.training)
+                q.to(device_of(gm))
+                holder.add_module(OUTPUT_QUANTIZER, q)
+                with g.inserting_after(end):
+                    out = g.call_module(f"{SUMS}.{node.name}.{OUTPUT_QUANTIZER}", (end,))
+                for u in users:
+                    u.replace_input_with(end, out)
+                first = sole_user(node)
+            qa, qb, qc = quantizer(ops[0]), quantizer(ops[1]), quantizer(out)
+            holder.add_module("rounding", AddRounding(
+                zero_points=tuple(container_zero_point(q.signed) for q in (qa, qb, qc))))
+            holder.train(gm.training)
+            with g.inserting_before(first):
+                steps = [g.get_attr(f"{n.target}.step") for n in (*ops, out)]
+                rn = g.call_module(f"{SUMS}.{node.name}.rounding", (node, *ops, *steps),
+                                   {"ready": g.get_attr(f"{out.target}.initialized")})
+            first.replace_input_with(node, rn)
+            done += 1
+        return done
 
     @staticmethod
     def _bias_rounding(gm: fx.GraphModule, node: fx.Node, rec: LayerRecord) -> str | None:

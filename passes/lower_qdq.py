@@ -15,7 +15,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxmpq.errors import ExportError
 from fxmpq.graph import as_input_tuple, propagate_shapes
-from fxmpq.kernels import BiasRounding
+from fxmpq.kernels import AddRounding, BiasRounding
 from fxmpq.matcher import emit_call, layer_input, linear_runs_as_conv
 from fxmpq.primitives import INT32_MAX, container_zero_point, fake_quantize, quantize, round_to_grid
 from fxmpq.quant import LSQQuantizer
@@ -165,13 +165,13 @@ class LowerToQDQPass(PassBase):
             propagate_shapes(gm, as_input_tuple(self.example_inputs))
         layers = list(records(gm))
         quantizers = [n for n in gm.graph.nodes if n.op == "call_module"
-                      and isinstance(gm.get_submodule(n.target), LSQQuantizer | BiasRounding)]
+                      and isinstance(gm.get_submodule(n.target), LSQQuantizer | BiasRounding | AddRounding)]
         if not layers and not quantizers:
             return PassResult(gm, False)
         if not hasattr(gm, LOWERED):
             gm.add_module(LOWERED, nn.Module())
-        for node in quantizers:  # the int32 bias realises what BiasRounding simulates
-            if isinstance(gm.get_submodule(node.target), BiasRounding):
+        for node in quantizers:  # the int32 bias and QLinearAdd realise what BiasRounding and AddRounding simulate
+            if isinstance(gm.get_submodule(node.target), BiasRounding | AddRounding):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
         gm.graph.eliminate_dead_code()

@@ -9,11 +9,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxmpq.kernels import BiasRounding
+from fxmpq.kernels import AddRounding, BiasRounding
 from fxmpq.quant import LSQQuantizer
 
-__all__ = ["bn_module", "device_of", "is_bias_rounding", "is_bn", "is_nonnegative", "is_quantizer", "relu_bounds",
-           "set_submodule", "sole_user"]
+__all__ = ["add_operands", "bn_module", "device_of", "is_add_rounding", "is_bias_rounding", "is_bn", "is_max_pool",
+           "is_nonnegative", "is_quantizer", "relu_bounds", "set_submodule", "sole_user"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -141,6 +141,36 @@ def device_of(gm: fx.GraphModule) -> torch.device:
 def is_bias_rounding(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether `node` calls a BiasRounding module."""
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), BiasRounding)
+
+
+def is_add_rounding(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` calls an AddRounding module."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), AddRounding)
+
+
+_MAX_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d)
+_MAX_POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, torch.max_pool1d, torch.max_pool2d}
+
+
+def is_max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` max-pools one tensor without returning indices (it commutes with rounding to a grid)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return isinstance(m, _MAX_POOL_MODULES) and not m.return_indices
+    if node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS:
+        positional = node.args[6] if len(node.args) > 6 else False  # (input, kernel, stride, padding, dilation, ceil)
+        return not (node.kwargs.get("return_indices", False) or positional)
+    return False
+
+
+def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(a, b) when `node` computes a + b of two graph tensors (operator / torch.add without alpha / Tensor.add)."""
+    is_add = ((node.op == "call_function" and node.target in (operator.add, torch.add))
+              or (node.op == "call_method" and node.target == "add"))
+    if not is_add or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    return (a, b) if isinstance(a, fx.Node) and isinstance(b, fx.Node) else None
 
 
 def is_quantizer(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -42,6 +42,28 @@ class ResidualNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class PoolResNet(nn.Module):
+    """resnet18 in small: conv BN ReLU max pool, an identity block, a stride-2 block with a 1x1 downsample; 3x16x16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.a1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.a2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.b1 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.b2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.down = nn.Conv2d(8, 16, 1, stride=2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.bn(self.stem(x))))
+        x = F.relu(x + self.a2(F.relu(self.a1(x))))
+        x = F.relu(self.b2(F.relu(self.b1(x))) + self.down(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 class FunctionalNet(nn.Module):
     """F.conv2d and F.linear with nn.Parameter weights, plus an F.conv2d whose weight is a buffer (not quantized)."""
 

@@ -39,9 +39,13 @@ def test_malformed_batches(batch, message):
 def test_class_targets_and_prefix():
     x = torch.randn(4, 3, 8, 8)
     for y in (torch.zeros(4), torch.zeros(4, dtype=torch.bool), torch.zeros(4, 1, dtype=torch.long),
-              torch.zeros(3, dtype=torch.long), [0, 1, 2, 3]):
+              [0, 1, 2, 3]):
         with pytest.raises(DataError, match=r"^val_data: batch 0: targets must be class indices of shape \[4\]"):
             split_batch((x, y), 0, SHAPES, what="val_data", class_targets=True)
+    with pytest.raises(DataError, match=r"^val_data: batch 0: targets have batch size 3 but inputs 4"):
+        split_batch((x, torch.zeros(3, dtype=torch.long)), 0, SHAPES, what="val_data", class_targets=True)
+    with pytest.raises(DataError, match=r"^batch 1: targets range over \[0, 10\] but the model has 10 outputs"):
+        split_batch((x, torch.tensor([0, 1, 10, 2])), 1, SHAPES, classes=10)
     for dtype in (torch.int64, torch.int32, torch.uint8):
         split_batch((x, torch.zeros(4, dtype=dtype)), 0, SHAPES, class_targets=True)
 
@@ -56,5 +60,6 @@ def test_check_data_runs_the_model_on_the_first_batch():
         check_data(model, [], example, "data")
     with pytest.raises(DataError, match=r"^data must be an iterable of \(inputs, targets\) batches, found int$"):
         check_data(model, 3, example, "data")
-    with pytest.raises(DataError, match=r"^data: the model fails on batch 0 \(RuntimeError"):
+    with pytest.raises(DataError, match=r"^data: the model fails on batch 0 \(inputs Tensor\(4, 3, 8, 8\) "
+                                         r"torch.float32\): RuntimeError: mat1"):
         check_data(nn.Linear(2, 2), [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))], example, "data")

@@ -142,3 +142,14 @@ def test_bench_measured_smoke(tmp_path):
     text = (out / "results.md").read_text()
     assert "measured/predicted" in text and "Profiled twice" in text
     assert len(list(out.glob("*_profile[12].toml"))) == 2
+def test_bench_int8_smoke(tmp_path):
+    proc = _tool("bench_int8.py", "--models", "resnet18", "--size", "32", "--repeats", "2", "--warmup", "0",
+                 "--calib", "2", "--profile", "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "resnet18: fxmpq W8A8 parity PASS" in out and "21/21 layers as integer kernels" in out
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines() if line.startswith("| resnet18 |")}
+    assert set(rows) == {"fp32", "ort", "fxmpq"}
+    assert "QLinearConv 20" in rows["ort"] and "QLinearConv 21" in rows["fxmpq"]
+    assert "| QLinearConv |" in out  # the per-op-type profile
+    assert (tmp_path / "resnet18_ort.onnx").is_file()

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 import torchvision
-from models import GroupedNet, PlainCNN, ResidualNet
+from models import GroupedNet, PlainCNN, PoolResNet, ResidualNet
 from onnx import numpy_helper
 
 from fxmpq.errors import ExportError
@@ -74,6 +74,36 @@ def test_tiny_models_match_bit_for_bit(tmp_path, model_cls, per_channel):
     assert rep.fused_layers == rep.quantized_layers == len(q.layer_names)
     _check_model_file(tmp_path / "m.onnx", q, pol)
     assert "parity" in rep.table()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_residual_sums_run_as_qlinear_add_bit_for_bit(tmp_path, seed):
+    """Random 2..8-bit policies: every residual sum of quantized tensors is a QLinearAdd, simulated exactly."""
+    q, x, pol = _quantized(PoolResNet(), (2, 3, 16, 16), per_channel=seed == 1, seed=seed)
+    rep = lower(q, tmp_path / "m.onnx", x, samples=512)
+    assert rep.passed and rep.max_diff_steps == 0.0 and rep.top1_agreement == 1.0
+    assert rep.fused_layers == rep.quantized_layers == len(q.layer_names)
+    _check_model_file(tmp_path / "m.onnx", q, pol)
+    counts = qlinear_counts(tmp_path / "m.onnx")
+    # the second sum always reads two output quantizers; the first reads the pooled stem output quantized only
+    # when the block's first conv quantizes it at 8 bits (then the pool runs on uint8 too)
+    eight = q.act_quantizer("a1").active_bits == 8
+    assert counts["QLinearAdd"] == (2 if eight else 1) and counts["Add"] == (0 if eight else 1)
+    assert counts["NhwcMaxPool"] == (1 if eight else 0)
+
+
+def test_uniform_w8a8_runs_integer_end_to_end(tmp_path):
+    """W8A8 everywhere: each tensor quantized once, no float op left between the input and the pooling."""
+    x = torch.randn(2, 3, 16, 16)
+    q = prepare(PoolResNet().eval(), x, bits=(8,))
+    apply_policy(q, {n: (8, 8) for n in q.searchable_names}, torch.randn(16, 3, 16, 16))
+    rep = lower(q, tmp_path / "m.onnx", x, samples=512)
+    assert rep.passed and rep.max_diff_steps == 0.0 and rep.top1_agreement == 1.0
+    counts = qlinear_counts(tmp_path / "m.onnx")
+    assert counts["QLinearConv"] == 7 and counts["QLinearAdd"] == 2 and counts["NhwcMaxPool"] == 1
+    assert not {"Conv", "Add", "MaxPool", "Relu", "FusedConv"} & set(counts)
+    # one QuantizeLinear for the input, one before the pooling; every other requantization is in a kernel
+    assert counts["QuantizeLinear"] == 2 and counts["DequantizeLinear"] == 2
 
 
 def _torchvision(tmp_path, name, per_channel, samples):
@@ -155,7 +185,7 @@ def test_a_wrong_stage_is_found_stage_by_stage(tmp_path, monkeypatch):
     import fxmpq.export as E
 
     q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
-    real = E._write_atomic
+    real = E._save_model
 
     def corrupt(model, path):
         dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
@@ -164,7 +194,7 @@ def test_a_wrong_stage_is_found_stage_by_stage(tmp_path, monkeypatch):
         scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.5, scale.name))
         real(model, path)
 
-    monkeypatch.setattr(E, "_write_atomic", corrupt)
+    monkeypatch.setattr(E, "_save_model", corrupt)
     rep = lower(q, tmp_path / "m.onnx", x, samples=16, check=False)
     assert not rep.passed
     assert rep.diverging is not None and rep.diverging.startswith("quantizer ")
@@ -183,10 +213,30 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(onnx, "save_model", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ExportError, match=r"m\.onnx: cannot write the ONNX model: disk full"):
         lower(q, path, x, samples=8)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_a_failing_export_leaves_the_previous_good_file(tmp_path, monkeypatch):
+    """The file is checked before it replaces anything: a parity failure keeps the old model and the failed one
+    beside it under another name, and says so."""
+    import fxmpq.export as E
+
+    q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
+    path = tmp_path / "m.onnx"
+    lower(q, path, x, samples=8)
+    good = path.read_bytes()
+    real = E._run_torch
+    monkeypatch.setattr(E, "_run_torch", lambda *a: real(*a) + 1.0)
+    with pytest.raises(ExportError) as exc:
+        lower(q, path, x, samples=8)
+    msg = str(exc.value)
+    assert "m.onnx was not replaced" in msg and "m.failed.onnx" in msg and "does not match PyTorch" in msg
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.failed.onnx", "m.onnx"]
+    onnx.checker.check_model(str(tmp_path / "m.failed.onnx"))  # the failed export is whole, for inspection
 
 
 class _ClassifierHead(torch.nn.Module):
@@ -349,3 +399,73 @@ def test_an_integer_layer_run_in_float_is_flagged(tmp_path, monkeypatch):
     assert "NOT AS PRICED" in rep.table()
     flagged = [t for t in rep.layer_timings if t.flag]
     assert [t.layer for t in flagged] == ["conv2"] and not flagged[0].integer
+def test_a_wrong_lowering_is_found_against_the_quant_model(tmp_path, monkeypatch):
+    """The lowered graph itself wrong (one layer's weight scale off by 1.5x): ONNX Runtime runs it faithfully, so
+    only comparing the QuantModel with the lowered graph finds it; the diagnosis must not call it faithful."""
+    import fxmpq.export as E
+    from fxmpq.passes import LowerToQDQPass, PassBase, PassResult
+
+    class Corrupt(PassBase):
+        def call(self, gm):
+            name = next(n for n, _ in gm.named_buffers() if n.endswith("conv2_weight_scale"))
+            buf = gm.get_buffer(name)
+            buf.mul_(1.5)
+            return PassResult(gm, False)
+
+    q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
+    monkeypatch.setattr(E, "lower_passes", lambda ex=None: [LowerToQDQPass(example_inputs=ex), Corrupt()])
+    rep = lower(q, tmp_path / "m.onnx", x, samples=16, check=False)
+    assert not rep.passed
+    assert rep.forced_max_steps is not None and rep.forced_max_steps <= 1  # ORT agrees with the (wrong) graph
+    assert rep.lowered_max_steps > 1 and not rep.stagewise_faithful
+    assert rep.lowered_diverging.startswith("quantizer ")
+    assert "QuantModel vs lowered graph" in rep.table()
+
+
+def test_output_step_is_found_through_a_trailing_identity_module(tmp_path):
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 10)
+            self.out = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Identity(), torch.nn.Dropout())
+
+        def forward(self, x):
+            return self.out(self.fc(torch.relu(self.conv(x)).mean((2, 3))))
+
+    torch.manual_seed(0)
+    q, x, _ = _quantized(Head(), (2, 3, 8, 8), False)
+    rep = lower(q, tmp_path / "m.onnx", x, samples=32)
+    assert rep.output_step is not None and rep.max_diff_steps is not None and rep.passed
+
+
+class _PlainBNHead(torch.nn.Module):
+    """A plain BN CNN whose head is conv -> ReLU -> global average pool -> Linear (the issue's pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.last = nn.Conv2d(64, 64, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.relu(self.last(self.body(x)))), 1))
+
+
+def test_conv_relu_pool_linear_head_is_fused_and_accepted(tmp_path):
+    torch.manual_seed(0)
+    model = _PlainBNHead().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    q, x, _ = _quantized(model, (2, 3, 32, 32), per_channel=False, seed=3)
+    rep = lower(q, tmp_path / "m.onnx", x, samples=512)  # check=True: raises unless it passes by default
+    assert rep.quantized_layers == 6 and rep.fused_layers == 6  # every conv and the linear an integer kernel
+    assert rep.top1_agreement >= 0.995

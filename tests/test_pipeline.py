@@ -79,6 +79,47 @@ def test_work_dir_with_indicators_skips_indicator_training(tmp_path, monkeypatch
     assert (tmp_path / "indicators.json").read_text() == saved
 
 
+class _Killed(Exception):
+    pass
+
+
+class _DiesAtFetch:
+    """Re-iterable batches that raise _Killed at the n-th batch fetched (over every pass), like a kill there."""
+
+    def __init__(self, batches, n: int | None):
+        self.batches, self.n, self.fetched = batches, n, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for b in self.batches:
+            self.fetched += 1
+            if self.fetched == self.n:
+                raise _Killed
+            yield b
+
+
+def test_resume_in_first_fine_tuning_epoch_starts_from_the_joint_training_state(tmp_path):
+    """Killed in fine-tuning's first epoch before its first checkpoint: the re-run skips indicator training
+    (indicators.json exists) and must fine-tune from the weights, BatchNorm statistics and step sizes joint training
+    left (indicators.ckpt), not from the FP32 model; it ends identical to the uninterrupted run."""
+    data = random_batches(3, shape=(3, 8, 8))
+    x = torch.randn(1, 3, 8, 8)
+    kw = {"finetune_epochs": 1, "progress": False, "distill": False}
+    whole = fxmpq.quantize(tiny_cnn(), "w4a4", data, x, work_dir=tmp_path / "whole", **kw)
+    wd = tmp_path / "killed"
+    with pytest.raises(_Killed):  # fetch 1: the data check; 2-4: indicator training; 5-7: fine-tuning
+        fxmpq.quantize(tiny_cnn(), "w4a4", _DiesAtFetch(data, 6), x, work_dir=wd, **kw)
+    assert (wd / "indicators.json").is_file() and not (wd / "finetune.pt").exists()
+    again = fxmpq.quantize(tiny_cnn(), "w4a4", data, x, work_dir=wd, **kw)
+    assert again.indicators == whole.indicators and again.policy == whole.policy
+    ref, got = whole.model.state_dict(), again.model.state_dict()
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]) if isinstance(ref[k], torch.Tensor) else ref[k] == got[k], k
+
+
 def test_budget_below_smallest_achievable_fails_before_training(no_training):
     with pytest.raises(fxmpq.InfeasibleBudget, match=r"bitops.*smallest achievable"):
         fxmpq.quantize(tiny_cnn(), "bitops<=1", random_batches(1), torch.randn(1, 3, 32, 32))

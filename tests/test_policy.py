@@ -65,8 +65,8 @@ def test_validate_unsupported_pair_on_a100(a100):
     ({3: (4, 4)}, "policy keys must be layer names (strings), found 3"),
     ({"a": 4}, "policy entry 'a' must be a (w_bits, a_bits) pair, found 4"),
     ({"a": (4, 4, 4)}, "policy entry 'a' must be a (w_bits, a_bits) pair, found (4, 4, 4)"),
-    ({"a": (4.0, 4)}, "policy entry 'a' must hold integer bits, found (4.0, 4) (or (None, None) for a layer left in float)"),
-    ({"a": (True, 4)}, "policy entry 'a' must hold integer bits, found (True, 4) (or (None, None) for a layer left in float)"),
+    ({"a": (4.0, 4)}, "policy entry 'a' must hold integer bits 1..32, found (4.0, 4) (or (None, None) for a layer left in float)"),
+    ({"a": (True, 4)}, "policy entry 'a' must hold integer bits 1..32, found (True, 4) (or (None, None) for a layer left in float)"),
 ])
 def test_constructor_rejects_malformed_entries(bits, message):
     with pytest.raises(PolicyError) as exc:
@@ -118,7 +118,7 @@ def test_from_json_errors(tmp_path):
     assert str(exc.value) == """<text>: layers.conv: expected {"w": bits, "a": bits}, found {'w': 4}"""
     with pytest.raises(PolicyError) as exc:
         Policy.from_json('{"layers": {"conv": {"w": 4, "a": "8"}}}')
-    assert str(exc.value) == "policy entry 'conv' must hold integer bits, found (4, '8') (or (None, None) for a layer left in float)"
+    assert str(exc.value) == "<text>: policy entry 'conv' must hold integer bits 1..32, found (4, '8') (or (None, None) for a layer left in float)"
 
 
 def test_average_bits(grouped):

@@ -147,3 +147,32 @@ def test_many_undecided_layers_are_proved_by_the_dynamic_program() -> None:
     res = fxmpq.search(a, ind, Budget.uniform(4, 4))
     assert res.optimal and res.gap == 0 and res.n_vars_mip == 0
     check_feasible_policy(a, res.policy, res.limits)
+
+
+def _scaled(ind: Indicators, factor: dict[str, float]) -> Indicators:
+    return Indicators(layers=ind.layers, bits=ind.bits,
+                      weight={n: {b: v * factor.get(n, 1.0) for b, v in r.items()} for n, r in ind.weight.items()},
+                      act={n: {b: v * factor.get(n, 1.0) for b, v in r.items()} for n, r in ind.act.items()})
+
+
+def test_indicators_of_any_magnitude_solve_to_the_same_optimum() -> None:
+    """Random-weight nets give step sizes up to 4e14 (timm mobileone_s0): the solver works on the objective in
+    units of its largest term, so a uniform scale changes nothing and a huge outlier neither hangs nor misleads."""
+    analysis, ind = resnet18_case()
+    budget = Budget.uniform(3, 4)
+    base = fxmpq.search(analysis, ind, budget)
+    huge = fxmpq.search(analysis, _scaled(ind, dict.fromkeys(ind.layers, 4e14)), budget)
+    assert huge.policy == base.policy and huge.status is SearchStatus.OPTIMAL
+    assert huge.objective == pytest.approx(base.objective * 4e14, rel=1e-9)
+    outlier = _scaled(ind, {ind.layers[3]: 4e14})
+    res = fxmpq.search(analysis, outlier, budget, time_limit=10)
+    assert res.status is SearchStatus.OPTIMAL and res.gap <= 1e-9 * res.objective
+    check_feasible_policy(analysis, res.policy, res.limits)
+
+
+def test_a_time_limit_bounds_the_whole_solve_and_states_the_gap() -> None:
+    analysis, ind = resnet18_case()
+    res = fxmpq.search(analysis, ind, Budget.uniform(3, 4), time_limit=1e-6)
+    assert res.status in (SearchStatus.OPTIMAL, SearchStatus.FEASIBLE)
+    assert res.gap >= 0 and (res.status is SearchStatus.OPTIMAL or res.gap > 0 or res.bound <= res.objective)
+    check_feasible_policy(analysis, res.policy, res.limits)

@@ -97,7 +97,7 @@ def test_wrong_arguments_raise_argument_error() -> None:
     for train in (fxmpq.train_indicators, fxmpq.finetune):
         with pytest.raises(ArgumentError, match=r"expected a QuantModel \(from fxmpq.prepare\), found TinyNet"):
             train(TinyNet(), random_batches(1), progress=False)
-    with pytest.raises(ArgumentError, match="epochs and max_steps must be >= 0"):
+    with pytest.raises(ArgumentError, match="epochs must be an integer >= 0, found -1"):
         fxmpq.train_indicators(_prepare(), random_batches(1), epochs=-1, progress=False)
 
 
@@ -140,6 +140,12 @@ def test_checkpoint_errors_name_the_file(tmp_path) -> None:
         load_checkpoint(foreign)
     with pytest.raises(CheckpointError, match=r"missing\.ckpt does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")
+    pickled = tmp_path / "pickled.pt"  # a module pickled whole: torch would advise weights_only=False; we never do
+    torch.save({"model": torch.nn.Linear(2, 2)}, pickled)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(pickled)
+    assert "pickled.pt" in str(exc.value) and "pickled Python object (torch.nn.modules.linear.Linear)" in str(exc.value)
+    assert "weights_only" not in str(exc.value) and "safe_globals" not in str(exc.value)
     ok = save_checkpoint(tmp_path / "ok.ckpt", {"a": torch.arange(3)}, {"k": [1, "x"]})
     tensors, meta = load_checkpoint(ok)
     assert torch.equal(tensors["a"], torch.arange(3)) and meta == {"k": [1, "x"]}
@@ -254,3 +260,34 @@ def _prepare_uniform() -> fxmpq.QuantModel:
     q = _prepare()
     q.set_uniform(3)
     return q
+
+
+def test_mid_epoch_checkpoint_resumes_bit_identically(tmp_path) -> None:
+    """Killed after step 5 of an 8-batch epoch with a checkpoint every 2 steps: the resumed run skips the 4 batches
+    already seen (a shuffling DataLoader with its own generator, so the order must come from the checkpoint) and
+    ends with the uninterrupted run's weights, BatchNorm statistics, step sizes and indicators."""
+    data = torch.utils.data.TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,)))
+
+    def loader():
+        return torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1))
+
+    ref_q = _prepare()
+    ref = fxmpq.train_indicators(ref_q, loader(), epochs=2, progress=False)
+    ck = tmp_path / "run.ckpt"
+    with pytest.raises(_Killed):  # the 14th step: epoch 2, batch 6; the last checkpoint is after step 12
+        fxmpq.train_indicators(_prepare(), loader(), epochs=2, checkpoint=ck, checkpoint_every=4, progress=False,
+                               loss_fn=_ce_killed_at(14))
+    meta = load_checkpoint(ck)[1]
+    assert (meta["epoch"], meta["batch"], meta["step"]) == (1, 4, 12)
+    q = _prepare()
+    out = fxmpq.train_indicators(q, loader(), epochs=2, checkpoint=ck, checkpoint_every=4, resume=True,
+                                 progress=False)
+    assert out == ref
+    ref_state, state = ref_q.state_dict(), q.state_dict()
+    assert ref_state.keys() == state.keys()
+    for k in ref_state:
+        a, b = ref_state[k], state[k]
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, k
+    meta = load_checkpoint(ck)[1]
+    assert (meta["epoch"], meta["batch"], meta["step"]) == (2, 0, 16)
+    assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]

@@ -14,16 +14,12 @@ from torch import nn
 
 import fxmpq
 import fxmpq.models
-from fxmpq import FxmpqError, Pins, Policy
-from fxmpq.cli import parse_shape
+from fxmpq import ArgumentError, FxmpqError, Pins, Policy
+from fxmpq.cli import check_count, fail, parse_shape
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
-
-
-class BadInput(Exception):
-    """A command-line value that cannot be used; reported on one line with exit code 2."""
-
+PROG = "analyze.py"
 
 def parse_input_size(text: str) -> tuple[int, ...]:
     """"3x224x224" -> (1, 3, 224, 224): the per-sample shape, with a batch of one prepended."""
@@ -32,9 +28,9 @@ def parse_input_size(text: str) -> tuple[int, ...]:
 
 def parse_uniform(text: str) -> tuple[int, int]:
     """"w4a8" or "W4A8" -> (4, 8)."""
-    m = re.fullmatch(r"w([0-9]+)a([0-9]+)", text.strip().lower())
+    m = re.fullmatch(r"w([0-9]{1,2})a([0-9]{1,2})", text.strip().lower())
     if m is None:
-        raise BadInput(f"--uniform {text!r}: expected wNaM, e.g. w4a4 or w8a8")
+        raise ArgumentError(f"--uniform {text[:60]!r}: expected wNaM, e.g. w4a4 or w8a8")
     return int(m[1]), int(m[2])
 
 
@@ -93,17 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = args.model_factory or args.model
         if spec is None:
-            raise BadInput("give a model name (positional) or --model-factory package.module:function")
+            raise ArgumentError("give a model name (positional) or --model-factory package.module:function")
         if args.model_factory and args.model:
-            raise BadInput("give either a positional model or --model-factory, not both")
+            raise ArgumentError("give either a positional model or --model-factory, not both")
+        check_count(args.num_classes, "--num-classes")
         shape = parse_input_size(args.input)
         hw = fxmpq.load_hardware(args.hardware)
         uniform = parse_uniform(args.uniform) if args.uniform else None
         policy = Policy.from_json(args.policy) if args.policy else None
         model = build_model(spec, args.num_classes).eval()
-    except (BadInput, FxmpqError) as e:
-        print(f"analyze.py: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except FxmpqError as e:
+        return fail(e, EXIT_BAD_INPUT, prog=PROG)
 
     pins = Pins(first_layer=False, last_layer=False, w_bits=hw.pins.w_bits, a_bits=hw.pins.a_bits,
                 layers=hw.pins.layers) if args.no_pins else None
@@ -115,11 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if policy is not None:
             policy = policy.complete(analysis)
     except fxmpq.PolicyError as e:
-        print(f"analyze.py: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail(e, EXIT_BAD_INPUT, prog=PROG)
     except FxmpqError as e:
-        print(f"analyze.py: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return fail(e, EXIT_FAILED, prog=PROG)
 
     total_params = sum(q.numel() for q in model.parameters())
     layer_params = sum(m.params for m in analysis.layers)

@@ -18,6 +18,7 @@ import torch
 from common import train_fp32
 
 import fxmpq
+from fxmpq.cli import check_count, check_output, fail
 from fxmpq.datasets import load_small
 from fxmpq.models import small_resnet
 
@@ -39,11 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     t0 = time.time()
-    try:
+    try:  # every option checked before the minutes of FP32 training
+        fxmpq.Budget.parse(args.budget)
+        check_output(args.out, "--out", directory=True)
+        for option, value, least in (("--fp32-epochs", args.fp32_epochs, 0), ("--indicator-epochs",
+                                      args.indicator_epochs, 0), ("--finetune-epochs", args.finetune_epochs, 0),
+                                     ("--indicator-samples", args.indicator_samples, 1),
+                                     ("--finetune-samples", args.finetune_samples, 1)):
+            check_count(value, option, least=least)
         data = load_small(args.data)
     except fxmpq.FxmpqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e, 2)
     quick = args.quick
     fp32_limit = 512 if quick else None
     print(f"fxmpq demo: {data.name}, {len(data.train_y)} train / {len(data.test_y)} test images of "
@@ -63,14 +70,16 @@ def main(argv: list[str] | None = None) -> int:
                            val_data=val, work_dir=args.out, seed=args.seed, max_steps=4 if quick else None,
                            model_factory="fxmpq.models:small_resnet")
     except fxmpq.FxmpqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(e, 1)
 
     print("\n3) per-layer policy")
     print(r.report())
     print("\n4) export to QDQ ONNX and check in ONNX Runtime")
     x = data.test_x[: 64 if quick else 512]
-    rep = r.export(Path(args.out) / "model.onnx", inputs=x)
+    try:
+        rep = r.export(Path(args.out) / "model.onnx", inputs=x)
+    except fxmpq.FxmpqError as e:
+        return fail(e, 1)
     print(rep.table())
     print(f"\nFP32 top-1 {100 * r.fp32_accuracy:.2f} %  |  mixed-precision ({args.budget}) top-1 "
           f"{100 * r.accuracy:.2f} %  |  ONNX parity {'PASS' if rep.passed else 'FAIL'}")

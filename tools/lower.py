@@ -5,10 +5,11 @@
 
 The checkpoint is self-describing (model factory, input shape, candidate bits, hardware, policy, weights) and is
 loaded with torch.load(weights_only=True); fxmpq.restore.load_quantized rebuilds the model. Exit status 0 when the
-ONNX model was written and matches PyTorch; otherwise 1 with the reason on one line (2 for a missing, corrupt or
-foreign checkpoint, or an indicator-training one: lower the fine-tuning checkpoint). The report includes the
-latency audit: the exported model's median latency in ONNX Runtime (threads and batch stated) next to the hardware
-file's prediction, and per layer the kernel ORT ran, its time, and whether it ran as priced.
+ONNX model was written and matches PyTorch; otherwise 1 with the reason on one line (2 for a bad option, a missing,
+corrupt or foreign checkpoint, or an indicator-training one: lower the fine-tuning checkpoint). A model that fails the
+check does not replace --out; it is kept beside it as <name>.failed.onnx. The report includes the latency audit:
+the exported model's median latency in ONNX Runtime (threads and batch stated) next to the hardware file's
+prediction, and per layer the kernel ORT ran, its time, and whether it ran as priced.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 from fxmpq import models
-from fxmpq.cli import parse_shape
-from fxmpq.errors import CheckpointError, FxmpqError
+from fxmpq.cli import check_count, check_output, fail, parse_shape
+from fxmpq.errors import ArgumentError, CheckpointError, FxmpqError
 from fxmpq.export import export_fp32, lower
 from fxmpq.restore import load_quantized
 
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
+        check_count(args.samples, "--samples")
+        check_output(args.out, "--out")
         shape = parse_shape(args.input, batch=True) if args.input else None
         kwargs = models.parse_model_kwargs(args.model_kwargs) if args.model_kwargs else None
         q, example, factory = load_quantized(args.checkpoint, args.model, shape, kwargs)
@@ -56,12 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"size           {rep.onnx_bytes / 1e6:.3f} MB vs FP32 ONNX {fp_bytes / 1e6:.3f} MB "
               f"({fp_bytes / rep.onnx_bytes:.2f}x smaller; packed {rep.packed_weight_bytes / 1e6:.3f} MB "
               f"at the policy's bit-widths)")
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (CheckpointError, ArgumentError) as e:
+        return fail(e, 2)
     except FxmpqError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+        return fail(e, 1)
     return 0
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import fxmpq
-from fxmpq.cli import parse_shape
+from fxmpq.cli import check_output, fail, parse_shape
 from fxmpq.models import build_model, parse_model_kwargs
 from fxmpq.report import plot_bits
 
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
+        out = check_output(args.out, "--out")  # before the search, not after it
+        plot = check_output(args.plot, "--plot")
         kwargs = parse_model_kwargs(args.model_kwargs)
         ind = fxmpq.Indicators.from_json(Path(args.indicators))
         budget = fxmpq.Budget.parse(args.budget)
@@ -46,15 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         print(res.table(analysis, ind))
         w, a = res.policy.average_bits(analysis)
         print(f"objective {res.objective:.10g}; average bits W{w:.2f} A{a:.2f} (searchable layers)")
-        if args.out:
-            res.policy.to_json(args.out)
-            print(f"policy written to {args.out}")
-        if args.plot:
-            plot_bits(res.policy, analysis, args.plot)
-            print(f"bar chart written to {args.plot}")
+        if out is not None:
+            res.policy.to_json(out)
+            print(f"policy written to {out}")
+        if plot is not None:
+            plot_bits(res.policy, analysis, plot)
+            print(f"bar chart written to {plot}")
     except fxmpq.FxmpqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e, 2)
     return 0
 
 

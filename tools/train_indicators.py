@@ -16,18 +16,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 import fxmpq
-from fxmpq.cli import parse_shape
+from fxmpq.checkpoint import load_tensors
+from fxmpq.cli import check_count, check_output, fail, parse_shape
 from fxmpq.datasets import load_digits, load_fashion_mnist, load_small
-from fxmpq.errors import DataError, ModelSpecError
+from fxmpq.devices import as_device
+from fxmpq.errors import ArgumentError, CheckpointError, DataError, ModelSpecError
 from fxmpq.models import build_model, parse_model_kwargs, resolve_factory
+from fxmpq.train import CHECKPOINT_EVERY
 
 
 def load_dataset(spec: str, limit: int | None) -> tuple[torch.utils.data.Dataset, tuple[int, ...] | None]:
@@ -49,11 +52,38 @@ def load_dataset(spec: str, limit: int | None) -> tuple[torch.utils.data.Dataset
 
 def parse_bits(text: str) -> tuple[int, ...]:
     """"2,3,4,5,6" -> (2, 3, 4, 5, 6)."""
+    parts = [b.strip() for b in text.split(",")]
+    if not all(re.fullmatch(r"[0-9]{1,2}", b) for b in parts):
+        raise ArgumentError(f"--bits {text[:60]!r}: expected comma-separated integers such as 2,3,4,5,6")
+    return tuple(sorted({int(b) for b in parts}))
+
+
+def load_weights(model: torch.nn.Module, path: str, spec: str) -> None:
+    """Load the FP32 state_dict at `path` into `model`; CheckpointError naming the file and, when the keys differ,
+    a few of the missing and unexpected ones (and how many in all)."""
+    state: Any = load_tensors(path, "not a loadable state_dict", where=f"--weights {path}")
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"--weights {path}: expected a state_dict (parameter name -> tensor), found "
+                              f"{type(state).__name__}")
+    if isinstance(state.get("state_dict"), dict):  # {"state_dict": ...}, as many training scripts save it
+        state = state["state_dict"]
+    target = model.state_dict()
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    if missing or unexpected:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f", ... ({len(keys)} in all)" if len(keys) > 3 else "")
+
+        parts = ([f"missing {len(missing)} key(s): {few(missing)}"] if missing else []) + (
+            [f"unexpected {len(unexpected)} key(s): {few(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"--weights {path}: does not fit model {spec}: {'; '.join(parts)}")
     try:
-        bits = tuple(sorted({int(b) for b in text.split(",")}))
-    except ValueError:
-        raise fxmpq.FxmpqError(f"--bits {text!r}: expected comma-separated integers such as 2,3,4,5,6") from None
-    return bits
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, ValueError) as e:
+        shapes = [f"{k} {tuple(v.shape)} (model {tuple(target[k].shape)})" for k, v in state.items()
+                  if isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(target[k].shape)]
+        detail = f"shape mismatch for {', '.join(shapes[:3])}" if shapes else " ".join(str(e).split())[:300]
+        raise CheckpointError(f"--weights {path}: does not fit model {spec}: {detail}") from None
 
 
 def _init_distributed() -> torch.device | None:
@@ -70,35 +100,30 @@ def _init_distributed() -> torch.device | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for option, value, least in (("--samples", args.samples, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--epochs", args.epochs, 0), ("--max-steps", args.max_steps, 0),
+                                 ("--checkpoint-every", args.checkpoint_every, 1)):
+        check_count(value, option, least=least)
+    out = check_output(args.out, "--out", directory=True)
     kwargs = parse_model_kwargs(args.model_kwargs)
     bits = parse_bits(args.bits)
+    shape = parse_shape(args.input) if args.input else None
+    hw = fxmpq.load_hardware(args.hardware)
+    device = as_device(args.device, "--device") if args.device else None
     model = build_model(args.model, kwargs)
     if args.weights:
-        try:
-            state: Any = torch.load(args.weights, map_location="cpu", weights_only=True)
-        except Exception as e:  # missing, corrupt, or holding more than tensors: one line, naming the file
-            raise fxmpq.CheckpointError(f"--weights {args.weights}: not a loadable state_dict "
-                                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as e:
-            raise fxmpq.CheckpointError(f"--weights {args.weights}: does not fit model {args.model} "
-                                        f"({str(e).splitlines()[0]})") from None
-    dataset, shape = load_dataset(args.dataset, args.samples)
-    if args.input:
-        shape = parse_shape(args.input)
+        load_weights(model, args.weights, args.model)
+    dataset, data_shape = load_dataset(args.dataset, args.samples)
+    shape = shape or data_shape
     if shape is None:
         raise DataError(f"--dataset {args.dataset!r} is the user's: give the per-sample shape with --input")
-    device = _init_distributed()
-    if device is None and args.device:
-        device = torch.device(args.device)
-    q = fxmpq.prepare(model, torch.randn(2, *shape), hardware=args.hardware, bits=bits,
-                      per_channel=args.per_channel)
-    out = Path(args.out)
+    device = _init_distributed() or device
+    q = fxmpq.prepare(model, torch.randn(2, *shape), hardware=hw, bits=bits, per_channel=args.per_channel)
     ckpt = out / "indicators.ckpt"
     ind = fxmpq.train_indicators(q, dataset, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                  seed=args.seed, device=device, checkpoint=ckpt, resume=ckpt.is_file(),
-                                 max_steps=args.max_steps, model_factory=args.model, model_kwargs=kwargs)
+                                 max_steps=args.max_steps, model_factory=args.model, model_kwargs=kwargs,
+                                 checkpoint_every=args.checkpoint_every)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         ind.to_json(out / "indicators.json")
@@ -131,14 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64, help="per process")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", help="cuda, cuda:1, cpu (single process; torchrun picks LOCAL_RANK's GPU)")
+    ap.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
+                    help="also checkpoint every N optimizer steps (default %(default)s; a kill loses at most N)")
     ap.add_argument("--out", required=True, help="folder for indicators.json and indicators.ckpt")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return run(args)
     except fxmpq.FxmpqError as e:
-        print(f"train_indicators.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return fail(e, 2, prog="train_indicators.py")
 
 
 if __name__ == "__main__":

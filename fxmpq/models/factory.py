@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ModelSpecError
+from ..errors import ModelSpecError, brief, first_line
 
 __all__ = ["build_model", "parse_model_kwargs", "resolve_factory"]
 
@@ -55,7 +55,7 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module
     try:
         model = factory(**dict(kwargs or {}))
     except Exception as e:  # a user's factory may raise anything: report it on one line, naming the spec
-        raise ModelSpecError(f"model {spec!r}: the factory raised {type(e).__name__}: {e}") from None
+        raise ModelSpecError(f"model {spec!r}: the factory raised {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
     return model
@@ -68,7 +68,10 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ModelSpecError(f"model kwargs {text!r}: not valid JSON ({e.msg})") from None
+        raise ModelSpecError(f"model kwargs {brief(text)}: not valid JSON ({e.msg})") from None
+    except (ValueError, RecursionError):  # an integer of more than 4300 digits, arrays nested too deeply
+        raise ModelSpecError(f"model kwargs {brief(text)}: not readable JSON (a number with too many digits or "
+                             f"arrays nested too deeply)") from None
     if not isinstance(value, dict):
-        raise ModelSpecError(f"model kwargs {text!r}: expected a JSON object such as '{{\"num_classes\": 10}}'")
+        raise ModelSpecError(f"model kwargs {brief(text)}: expected a JSON object such as '{{\"num_classes\": 10}}'")
     return value

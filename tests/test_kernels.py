@@ -1,0 +1,94 @@
+"""The integer-kernel simulations: AddRounding against ONNX Runtime's QLinearAdd bit for bit, an exact float32 fma."""
+
+from __future__ import annotations
+
+import random
+from fractions import Fraction
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from fxmpq.kernels import AddRounding, fma_float32
+from fxmpq.primitives import quantize
+
+
+def _exact_fma32(x: float, y: float, z: float) -> float:
+    """x * y + z rounded once to float32, in exact rational arithmetic (ties to even)."""
+    v = Fraction(x) * Fraction(y) + Fraction(z)
+    f = np.float32(float(v))
+    near = [np.nextafter(f, np.float32(-np.inf)), f, np.nextafter(f, np.float32(np.inf))]
+    return float(min(near, key=lambda c: (abs(Fraction(float(c)) - v), int(c.view(np.uint32)) & 1)))
+
+
+def test_fma_float32_rounds_once():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3000,), generator=g).float()
+    y = torch.rand(3000, generator=g) * 2
+    z = torch.randn(3000, generator=g) * 50
+    r = fma_float32(x, y, z)
+    assert all(r[i].item() == _exact_fma32(x[i].item(), y[i].item(), z[i].item()) for i in range(3000))
+    # the float64 sum lands exactly halfway between two float32 values while the exact sum lies just below it
+    # (then z odd) or just above it (z odd, the product negative): rounding the float64 sum again to even goes
+    # the wrong way
+    for sign in (1, -1):
+        xs = torch.full((4,), sign * (1 + 2**-15) * 2**-24)
+        ys = torch.full((4,), 1 - 2**-15)
+        zs = torch.tensor([1 + k * 2**-23 for k in (1, 3, 5, 7)])
+        r = fma_float32(xs, ys, zs)
+        naive = (xs.double() * ys.double() + zs.double()).float()
+        for i in range(4):
+            want = _exact_fma32(xs[i].item(), ys[i].item(), zs[i].item())
+            assert r[i].item() == want and naive[i].item() != want
+
+
+def _ort_add(sa: float, za: int, sb: float, zb: int, sc: float, zc: int, fused: bool) -> ort.InferenceSession:
+    n = 256 * 256
+    inits = [numpy_helper.from_array(np.array(v, np.float32), k) for v, k in ((sa, "sa"), (sb, "sb"), (sc, "sc"))]
+    inits += [numpy_helper.from_array(np.array(v, np.uint8), k) for v, k in ((za, "za"), (zb, "zb"), (zc, "zc"))]
+    if fused:  # what fxmpq exports: ONNX Runtime fuses it into QLinearAdd
+        nodes = [helper.make_node("DequantizeLinear", ["A", "sa", "za"], ["fa"]),
+                 helper.make_node("DequantizeLinear", ["B", "sb", "zb"], ["fb"]),
+                 helper.make_node("Add", ["fa", "fb"], ["s"]), helper.make_node("QuantizeLinear", ["s", "sc", "zc"], ["C"])]
+    else:
+        nodes = [helper.make_node("QLinearAdd", ["A", "sa", "za", "B", "sb", "zb", "sc", "zc"], ["C"],
+                                  domain="com.microsoft")]
+    graph = helper.make_graph(nodes, "add", [helper.make_tensor_value_info(k, TensorProto.UINT8, [n]) for k in "AB"],
+                              [helper.make_tensor_value_info("C", TensorProto.UINT8, [n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_add_rounding_is_qlinear_add_bit_for_bit(seed):
+    rng = random.Random(seed)
+    a, b = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
+    a, b = a.ravel(), b.ravel()
+    for _ in range(6):
+        sa, sb, sc = (float(np.float32(10 ** rng.uniform(-3, 0))) for _ in range(3))
+        za, zb, zc = (rng.choice((0, 128)) for _ in range(3))  # fxmpq's zero points: unsigned 0, signed 128
+        want = _ort_add(sa, za, sb, zb, sc, zc, fused=True).run(None, {"A": a, "B": b})[0]
+        assert np.array_equal(want, _ort_add(sa, za, sb, zb, sc, zc, fused=False).run(None, {"A": a, "B": b})[0])
+        s = [torch.tensor(v, dtype=torch.float32) for v in (sa, sb, sc)]
+        xa = (torch.from_numpy(a.astype(np.float32)) - za) * s[0]  # DequantizeLinear
+        xb = (torch.from_numpy(b.astype(np.float32)) - zb) * s[1]
+        y = AddRounding(zero_points=(za, zb, zc)).eval()(xa + xb, xa, xb, *s)
+        got = (quantize(y, s[2], -zc, 255 - zc) + zc).to(torch.uint8).numpy()  # the quantizer that reads it
+        plain = (quantize(xa + xb, s[2], -zc, 255 - zc) + zc).to(torch.uint8).numpy()
+        assert np.array_equal(got, want), (sa, sb, sc, za, zb, zc, int((got != want).sum()))
+        assert (plain != want).sum() <= 8  # float add-then-round: the same but near ties
+
+
+def test_add_rounding_is_identity_in_training_and_before_the_step_is_set():
+    m = AddRounding(zero_points=(0, 128, 0))
+    y = torch.randn(4, 8)
+    s = torch.tensor(0.1)
+    assert m(y, y, y, s, s, s) is y
+    m.eval()
+    assert torch.equal(m(y, y, y, s, s, s, ready=torch.tensor(False)), y)
