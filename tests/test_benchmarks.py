@@ -153,3 +153,17 @@ def test_bench_int8_smoke(tmp_path):
     assert "QLinearConv 20" in rows["ort"] and "QLinearConv 21" in rows["fxmpq"]
     assert "| QLinearConv |" in out  # the per-op-type profile
     assert (tmp_path / "resnet18_ort.onnx").is_file()
+
+
+def test_bench_latency_policy_smoke(tmp_path):
+    """Fashion-MNIST (or digits) under a measured-latency budget: the tool runs end to end and every policy it
+    searched stays within its predicted budget (no assertion on accuracy or timings)."""
+    out = tmp_path / "blp"
+    proc = _tool("bench_latency_policy.py", "--smoke", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [r["policy"] for r in res["rows"]] == ["uniform-int8", "fxmpq@0.5", "random@0.5"]
+    for r in res["rows"]:
+        assert r["measured"] > 0 and 0.0 <= r["acc"][0] <= 1.0
+        assert r["budget"] is None or r["predicted"] <= r["budget"] * (1 + 1e-9)
+    assert "measured/budget" in (out / "results.md").read_text()

@@ -1,0 +1,194 @@
+"""Accuracy under a measured-latency budget on real data: fxmpq's float-or-int8 policy against uniform int8.
+
+    python tools/bench_latency_policy.py [--net small_resnet] [--fractions 0.25,0.5,0.75] [--seeds 2]
+        [--batch 1] [--threads 1] [--repeats 50] [--out runs/bench_latency_policy] [--smoke]
+
+On Fashion-MNIST: train the FP32 network once (cached in --out), profile it in ONNX Runtime with
+tools/profile_hw.py's code (fxmpq.profiling: every layer alone and in back-to-back pairs, W8A8 and float), learn
+the indicators once with that file as the hardware (joint training; candidates W8A8 and float), then put latency
+budgets at --fractions of the way from the all-int8 to the all-float prediction and find for each:
+
+  uniform-int8  every layer W8A8 (the file's cheapest policy, below every budget)
+  fxmpq         learned indicators under the budget (float layers where they are worth their time)
+  random        seeded random indicators under the same budget (a random policy that fills it)
+
+Each policy is fine-tuned from the FP32 weights with one recipe (LSQ, SGD + cosine, distilled from the FP32 model)
+for --seeds seeds and its test top-1 reported; the seed-0 model of each policy is lowered to ONNX (parity checked)
+and all of them are then timed together in interleaved rounds (`measured`, thread CPU clock at one thread).
+Writes results.json and results.md in --out. `--smoke` runs in seconds (one budget, one seed, a few repeats,
+tiny training; digits when Fashion-MNIST is missing): its numbers mean nothing. Exit 0 when everything ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import train_fp32
+
+import fxmpq
+from fxmpq.atomic import atomic_write_text
+from fxmpq.baselines import random_indicators
+from fxmpq.datasets import ImageData, load_fashion_mnist, load_small
+from fxmpq.errors import FxmpqError
+from fxmpq.hardware import FLOAT, load_hardware
+from fxmpq.measure import TimingOptions, session, time_sessions
+from fxmpq.models import build_model
+from fxmpq.profiling import INT8, profile_model
+from fxmpq.tables import render
+
+
+def _recipe(smoke: bool) -> dict[str, Any]:
+    if smoke:
+        return {"fp32_epochs": 1, "fp32_limit": 512, "indicator_samples": 256, "finetune_samples": 256,
+                "test_samples": 256, "max_steps": 2, "lr": 0.01, "batch_size": 64}
+    return {"fp32_epochs": 4, "fp32_limit": None, "indicator_samples": 20000, "finetune_samples": 30000,
+            "test_samples": None, "max_steps": None, "lr": 0.01, "batch_size": 64}
+
+
+def finetune_policy(model: torch.nn.Module, hw: fxmpq.HardwareSpec, data: ImageData, policy: fxmpq.Policy,
+                    seed: int, r: dict[str, Any]) -> tuple[fxmpq.QuantModel, float]:
+    """`policy` applied to a fresh QuantModel of `model` and fine-tuned with `seed`; (model, test top-1)."""
+    torch.manual_seed(seed)
+    q = fxmpq.prepare(model, data.train_x[:1], hardware=hw, bits=(8,))
+    g = torch.Generator().manual_seed(seed)
+    fxmpq.apply_policy(q, policy, data.train_x[torch.randperm(len(data.train_x), generator=g)[:256]])
+    sub = torch.randperm(len(data.train_y), generator=g)[:min(r["finetune_samples"], len(data.train_y))]
+    fxmpq.finetune(q, torch.utils.data.TensorDataset(data.train_x[sub], data.train_y[sub]), epochs=1, lr=r["lr"],
+                   batch_size=r["batch_size"], distill_from=model, seed=seed, cosine=True, max_steps=r["max_steps"],
+                   progress=False)
+    q.eval()
+    return q, fxmpq.accuracy(q, data.loader("test", 1000, limit=r["test_samples"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 2)[2])
+    ap.add_argument("--net", default="small_resnet", help="fxmpq.models network (default small_resnet)")
+    ap.add_argument("--fractions", default="0.25,0.5,0.75",
+                    help="budgets as fractions of the way from all-int8 to all-float latency (default 0.25,0.5,0.75)")
+    ap.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds per policy (default 2)")
+    ap.add_argument("--batch", type=int, default=1, help="batch the latency is profiled and measured at (default 1)")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    ap.add_argument("--repeats", type=int, default=50, help="timed runs per model (default 50)")
+    ap.add_argument("--data", help="Fashion-MNIST folder (default: Debian's /usr/share/datasets/fashion-mnist)")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_latency_policy"))
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run on digits (numbers meaningless)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        return run(args)
+    except FxmpqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.time()
+    r = _recipe(args.smoke)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    if args.smoke:
+        fractions, args.seeds, args.repeats = fractions[len(fractions) // 2:][:1], 1, 3
+    data = load_small(args.data) if args.smoke else load_fashion_mnist(args.data)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.net, {"in_channels": data.input_shape[0], "num_classes": data.num_classes})
+    fp32_path = out / f"{args.net}_fp32.pt"
+    if fp32_path.is_file():
+        model.load_state_dict(torch.load(fp32_path, weights_only=True))
+    else:
+        print(f"FP32 training of {args.net}, {r['fp32_epochs']} epoch(s)", flush=True)
+        train_fp32(model, data, r["fp32_epochs"], limit=r["fp32_limit"], seed=0, log=False)
+        torch.save(model.state_dict(), fp32_path)
+    model.eval()
+    fp32_acc = fxmpq.accuracy(model, data.loader("test", 1000, limit=r["test_samples"]))
+    x = data.train_x[:args.batch].contiguous()
+
+    hw_path = out / f"{args.net}_hw.toml"
+    t = time.time()
+    prof = profile_model(model, x, model_name=args.net, threads=args.threads, repeats=3 if args.smoke else 20,
+                         progress=False,
+                         command=f"tools/bench_latency_policy.py --net {args.net} --batch {args.batch}")
+    prof.name = hw_path.stem
+    atomic_write_text(hw_path, prof.to_toml())
+    hw = load_hardware(hw_path)
+    print(f"profiled in {time.time() - t:.0f} s -> {hw_path}: all float {prof.float_model_ms:.4f} ms, all W8A8 "
+          f"{prof.int8_model_ms:.4f} ms", flush=True)
+
+    q = fxmpq.prepare(model, x, hardware=hw, bits=(8,))
+    a = q.analysis
+    names = a.names
+    t = time.time()
+    ind = fxmpq.train_indicators(q, data.loader("train", r["batch_size"], limit=r["indicator_samples"], seed=1),
+                                 epochs=1, lr=r["lr"], seed=0, max_steps=r["max_steps"], progress=False)
+    print(f"indicators in {time.time() - t:.0f} s", flush=True)
+    lat_int8 = a.cost({n: INT8 for n in names})["latency"]
+    lat_float = a.cost({n: FLOAT for n in names})["latency"]
+    searchable = tuple(m.name for m in a.searchable)
+    policies: dict[str, tuple[fxmpq.Policy, float | None]] = {"uniform-int8": (fxmpq.Policy.uniform(a, 8, 8), None)}
+    for f in fractions:
+        budget = lat_int8 + f * (lat_float - lat_int8)
+        policies[f"fxmpq@{f:g}"] = (fxmpq.search(a, ind, f"latency<={budget!r}").policy, budget)
+        rnd = random_indicators(searchable, (8,), seed=1)
+        policies[f"random@{f:g}"] = (fxmpq.search(a, rnd, f"latency<={budget!r}").policy, budget)
+
+    rows, sessions = [], {}
+    for key, (policy, budget) in policies.items():
+        accs = []
+        for seed in range(args.seeds):
+            t = time.time()
+            qm, acc = finetune_policy(model, hw, data, policy, seed, r)
+            accs.append(acc)
+            if seed == 0:
+                path = out / f"{args.net}_{key.replace('@', '_')}.onnx"
+                rep = fxmpq.lower(qm, path, x, samples=64, check=False, measure=False)
+                s = session(path, args.threads)
+                sessions[key] = (s, {s.get_inputs()[0].name: x.numpy()})
+                parity = rep.passed
+            print(f"{key} seed {seed}: top-1 {100 * acc:.2f} % ({time.time() - t:.0f} s)", flush=True)
+        rows.append({"policy": key, "budget": budget, "predicted": a.cost(policy)["latency"],
+                     "float_layers": sum(1 for n in names if policy[n] == FLOAT), "layers": len(names),
+                     "acc": accs, "parity": parity})
+    times = time_sessions(sessions, TimingOptions(threads=args.threads, repeats=args.repeats))
+    for row in rows:
+        row["measured"] = times[row["policy"]].median_ms
+    result = {"net": args.net, "data": data.name, "fp32_acc": fp32_acc, "batch": args.batch, "threads": args.threads,
+              "repeats": args.repeats, "seeds": args.seeds, "hardware": str(hw_path), "predicted_int8": lat_int8,
+              "predicted_float": lat_float, "measured_float_model": prof.float_model_ms,
+              "measured_int8_model": prof.int8_model_ms, "clock": prof.clock, "recipe": r, "rows": rows,
+              "wall_s": time.time() - t_start}
+    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
+    text = render_results(result)
+    atomic_write_text(out / "results.md", text)
+    print(text)
+    return 0
+
+
+def render_results(res: dict[str, Any]) -> str:
+    """The markdown table: per policy, budget, predicted and measured latency, float layers, top-1."""
+    def acc(xs: list[float]) -> str:
+        m = 100 * statistics.mean(xs)
+        return f"{m:.2f}" + (f" ± {100 * statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
+
+    table = [[r["policy"], "-" if r["budget"] is None else f"{r['budget']:.4f}", f"{r['predicted']:.4f}",
+              f"{r['measured']:.4f}", "-" if r["budget"] is None else f"{r['measured'] / r['budget']:.3f}",
+              f"{r['measured'] / r['predicted']:.3f}", f"{r['float_layers']}/{r['layers']}", acc(r["acc"]),
+              "pass" if r["parity"] else "FAIL"] for r in res["rows"]]
+    head = ["policy", "budget ms", "predicted ms", "measured ms", "measured/budget", "measured/predicted",
+            "float layers", "top-1 % (mean ± sd)", "parity"]
+    return (f"{res['net']} on {res['data']}: FP32 top-1 {100 * res['fp32_acc']:.2f} %; batch {res['batch']}, "
+            f"{res['threads']} thread(s), {res['clock']} clock, median of {res['repeats']} interleaved runs; "
+            f"predicted all-int8 {res['predicted_int8']:.4f} ms, all-float {res['predicted_float']:.4f} ms "
+            f"(measured when profiled {res['measured_int8_model']:.4f} / {res['measured_float_model']:.4f} ms); "
+            f"{res['seeds']} fine-tuning seed(s); {res['wall_s'] / 60:.1f} min\n\n" + render(head, table) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
