@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .errors import HardwareSpecError, brief, first_line
 
@@ -490,13 +490,20 @@ def _parse_pair_key(t: _Table, key: str) -> tuple[int, int]:
     return w, a
 
 
-def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: frozenset[LayerKind]) -> Term:
-    type_name = t.take("type", str)
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _enum(t: _Table, key: str, cls: type[E], what: str) -> E:
+    """The string at `key` as a member of the enum `cls`; HardwareSpecError listing the members otherwise."""
+    value = t.take(key, str)
     try:
-        ttype = TermType(type_name)
+        return cls(value)
     except ValueError:
-        raise t.fail("type", f"unknown term type {type_name!r}; expected one of "
-                     f"{', '.join(x.value for x in TermType)}") from None
+        raise t.fail(key, f"unknown {what} {value!r}; expected one of {', '.join(x.value for x in cls)}") from None
+
+
+def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: frozenset[LayerKind]) -> Term:
+    ttype = _enum(t, "type", TermType, "term type")
     scale = _number(t, "scale", 1.0)
     if not math.isfinite(scale) or scale < 0:
         raise t.fail("scale", f"expected a finite non-negative number, found {scale!r}")
@@ -570,12 +577,7 @@ def _parse_layer_entry(e: _Table, pairs: tuple[tuple[int, int], ...], float_kind
                        ) -> LayerEntry:
     """One layer of a layer_table: kind, shape "IN->OUT", weight shape, a value for every format it may run as, and
     optionally `after` (the layer it reads back to back) with a `chain` value per format."""
-    kind_name = e.take("kind", str)
-    try:
-        kind = LayerKind(kind_name)
-    except ValueError:
-        raise e.fail("kind", f"unknown layer kind {kind_name!r}; expected one of "
-                     f"{', '.join(x.value for x in LayerKind)}") from None
+    kind = _enum(e, "kind", LayerKind, "layer kind")
     shape = e.take("shape", str)
     if not re.fullmatch(f"{_SHAPE}->{_SHAPE}", shape):
         raise e.fail("shape", f'expected "INPUT->OUTPUT" shapes with the batch first, such as '

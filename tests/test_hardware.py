@@ -40,9 +40,9 @@ def _load(doc: dict[str, Any]) -> HardwareSpec:
     return loads_hardware(tomli_w.dumps(doc), "t.toml")
 
 
-def _with(path: str, value: Any) -> dict[str, Any]:
-    """BASE with the value at dotted `path` replaced (or removed when value is DROP)."""
-    doc = copy.deepcopy(BASE)
+def _with(path: str, value: Any, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`base` (default BASE) with the value at dotted `path` replaced (or removed when value is DROP)."""
+    doc = copy.deepcopy(BASE if base is None else base)
     *parents, last = _split(path)
     node = doc
     for p in parents:
@@ -451,16 +451,7 @@ CONV1 = LayerInfo(LayerKind.CONV, 3456, 224, name="conv1", weight_shape=(8, 3, 3
 
 
 def _measured(path: str, value: Any) -> dict[str, Any]:
-    doc = copy.deepcopy(MEASURED)
-    *parents, last = _split(path)
-    node = doc
-    for p in parents:
-        node = node[p]
-    if value is DROP:
-        del node[last]
-    else:
-        node[last] = value
-    return doc
+    return _with(path, value, MEASURED)
 
 
 def test_layer_table_and_constant_terms():
