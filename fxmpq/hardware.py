@@ -1,30 +1,62 @@
-"""Hardware descriptions: a strict TOML schema parsed into frozen dataclasses, and per-layer cost terms."""
+"""Hardware descriptions: a strict TOML schema parsed into a frozen HardwareSpec (targets, pins, metrics, provenance).
+
+The cost terms themselves (layer kinds, Term, Metric, the layer view they price) live in fxmpq/cost_terms.py; this
+module re-exports them, so `from fxmpq.hardware import LayerKind, FLOAT, ...` stays the one import users need."""
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
+from .cost_terms import (
+    FLOAT,
+    FLOAT_BITS,
+    FLOAT_KEY,
+    MAX_BITS,
+    MIN_BITS,
+    Layer,
+    LayerEntry,
+    LayerInfo,
+    LayerKind,
+    LayerSignature,
+    Metric,
+    Pair,
+    Per,
+    Term,
+    TermType,
+    _key,
+    format_name,
+    pair_name,
+    shape_text,
+)
 from .errors import HardwareSpecError, brief, first_line
+from .strict_toml import Table, enum_value, number
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "FLOAT",
+    "FLOAT_BITS",
+    "FLOAT_KEY",
+    "MAX_BITS",
+    "MIN_BITS",
     "HardwareSpec",
     "Layer",
+    "LayerEntry",
     "LayerInfo",
     "LayerKind",
     "LayerSignature",
     "Metric",
+    "Pair",
+    "Per",
     "Pins",
     "Provenance",
     "Term",
@@ -32,249 +64,11 @@ __all__ = [
     "builtin_hardware",
     "format_name",
     "load_hardware",
+    "loads_hardware",
+    "pair_name",
+    "parse_hardware",
     "shape_text",
 ]
-
-MIN_BITS, MAX_BITS = 1, 8
-FLOAT_BITS = 32  # what a float layer counts as in bit-based terms (BitOps, weight bits, bricks)
-FLOAT = (None, None)  # the (w, a) spelling of "this layer stays in float" in policies and cost tables
-FLOAT_KEY = "float"  # its key in a table term's values
-
-Pair = tuple[int | None, int | None]
-
-
-class LayerKind(enum.StrEnum):
-    """The kinds of quantizable layer; cost terms may apply to a subset of them."""
-
-    CONV = "conv"
-    DEPTHWISE_CONV = "depthwise_conv"
-    LINEAR = "linear"
-
-
-class TermType(enum.StrEnum):
-    """The fixed vocabulary of cost terms a metric is built from (no user text is evaluated)."""
-
-    BITOPS = "bitops"  # MACs x w x a
-    WEIGHT_BITS = "weight_bits"  # params x w
-    BRICKS = "bricks"  # MACs x ceil(w / k) x ceil(a / k)   (bit-decomposable arrays)
-    TABLE = "table"  # quantity x values["WxA"]           (a lookup table per supported pair)
-    MACS = "macs"  # MACs, independent of the bits
-    PARAMS = "params"  # params, independent of the bits
-    LAYER_TABLE = "layer_table"  # layers["name"]["WxA"]  (measured per layer, its shapes checked)
-    CONSTANT = "constant"  # value, once per model (what no layer accounts for: pooling, adds, ...)
-
-
-class Per(enum.StrEnum):
-    """The layer quantity a TABLE term multiplies."""
-
-    MAC = "mac"
-    PARAM = "param"
-    LAYER = "layer"
-
-
-class Layer(Protocol):
-    """What a cost term reads about one layer; a LayerRecord (fxmpq.record) is one, so is a LayerInfo."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def kind(self) -> LayerKind: ...
-    @property
-    def macs(self) -> int: ...
-    @property
-    def params(self) -> int: ...
-    @property
-    def weight_shape(self) -> tuple[int, ...]: ...
-    @property
-    def in_shape(self) -> tuple[int, ...]: ...
-    @property
-    def out_shape(self) -> tuple[int, ...]: ...
-    @property
-    def input_layer(self) -> str | None: ...
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """A layer described by hand (tests, what-if pricing): kind, MACs and params, optionally name and shapes."""
-
-    kind: LayerKind
-    macs: int
-    params: int
-    name: str = ""
-    weight_shape: tuple[int, ...] = ()
-    in_shape: tuple[int, ...] = ()
-    out_shape: tuple[int, ...] = ()
-    input_layer: str | None = None  # the layer it reads back to back (see LayerRecord.input_layer)
-
-
-def shape_text(shape: Iterable[int]) -> str:
-    """(1, 64, 56, 56) -> "1x64x56x56"."""
-    return "x".join(str(int(d)) for d in shape)
-
-
-@dataclass(frozen=True)
-class LayerSignature:
-    """What a per-layer measurement was taken on: the layer's kind, input -> output shapes and weight shape."""
-
-    kind: LayerKind
-    shape: str  # "1x64x56x56->1x64x56x56" (batch first)
-    weight: str  # "64x64x3x3"
-
-    @classmethod
-    def of(cls, layer: Layer) -> LayerSignature:
-        """The signature of `layer` as traced."""
-        return cls(layer.kind, f"{shape_text(layer.in_shape)}->{shape_text(layer.out_shape)}",
-                   shape_text(layer.weight_shape))
-
-    def __str__(self) -> str:
-        return f"{self.kind.value} {self.shape}, weight {self.weight}"
-
-
-@dataclass(frozen=True)
-class LayerEntry:
-    """One layer of a LAYER_TABLE term: its signature and its value per format ((None, None): float).
-
-    `chain[f][g]` (with `after`, the layer it reads back to back) is what the layer's cost changes by when it runs
-    as `f` and `after` as `g`: measured alone, each of the two pays the conversions at its edges (quantize,
-    dequantize, layout changes); run back to back, ONNX Runtime converts once between them (g != f) or not at all
-    (g == f). Usually negative.
-    """
-
-    signature: LayerSignature
-    values: Mapping[Pair, float]
-    after: str | None = None
-    chain: Mapping[Pair, Mapping[Pair, float]] = field(default_factory=lambda: MappingProxyType({}))
-
-
-@dataclass(frozen=True)
-class Term:
-    """One additive cost term: `scale x <quantity given by type>`, applied to layers of `kinds` only.
-
-    A CONSTANT term is no layer's: it contributes `scale x value` once per model (`Metric.constant`) and 0 to
-    every layer. A LAYER_TABLE term looks the layer up by name in `layers` and checks its signature.
-    """
-
-    type: TermType
-    scale: float = 1.0
-    kinds: frozenset[LayerKind] = frozenset(LayerKind)
-    brick_bits: int = 2
-    per: Per = Per.MAC
-    values: Mapping[Pair, float] = field(default_factory=lambda: MappingProxyType({}))
-    layers: Mapping[str, LayerEntry] = field(default_factory=lambda: MappingProxyType({}))
-    value: float = 0.0  # CONSTANT
-    origin: str = field(default="<memory>", compare=False)  # "file: key path", for error messages
-
-    def evaluate(self, layer: Layer, w: int | None, a: int | None) -> float:
-        """Cost of one layer run at `w`-bit weights and `a`-bit inputs.
-
-        (None, None) is the layer left in float: FLOAT_BITS in bit-based terms, the "float" value of a table.
-        A LAYER_TABLE term raises HardwareSpecError, naming the file, when it has no entry for the layer, the
-        entry was measured on other shapes, or it prices no value for the format.
-        """
-        if self.type is TermType.CONSTANT:
-            return 0.0
-        if self.type is TermType.LAYER_TABLE:
-            return self.scale * self._lookup(layer, w, a)
-        kind, macs, params = layer.kind, layer.macs, layer.params
-        if kind not in self.kinds:
-            return 0.0
-        if (w, a) == FLOAT and self.type is TermType.TABLE:
-            base = {Per.MAC: macs, Per.PARAM: params, Per.LAYER: 1.0}[self.per]
-            return self.scale * base * self.values[FLOAT]
-        w = FLOAT_BITS if w is None else w
-        a = FLOAT_BITS if a is None else a
-        if self.type is TermType.BITOPS:
-            q = macs * w * a
-        elif self.type is TermType.WEIGHT_BITS:
-            q = params * w
-        elif self.type is TermType.BRICKS:
-            q = macs * math.ceil(w / self.brick_bits) * math.ceil(a / self.brick_bits)
-        elif self.type is TermType.MACS:
-            q = macs
-        elif self.type is TermType.PARAMS:
-            q = params
-        else:  # TABLE
-            base = {Per.MAC: macs, Per.PARAM: params, Per.LAYER: 1.0}[self.per]
-            q = base * self.values[(w, a)]
-        return self.scale * q
-
-    def check_layer(self, layer: Layer) -> LayerEntry | None:
-        """The LAYER_TABLE entry of `layer`, its signature checked (None for other term types)."""
-        if self.type is not TermType.LAYER_TABLE:
-            return None
-        entry = self.layers.get(layer.name)
-        if entry is None:
-            raise HardwareSpecError(
-                f"{self.origin}.layers: no entry for layer {layer.name!r} ({LayerSignature.of(layer)}): the file "
-                f"was measured on another model; profile this one (tools/profile_hw.py)")
-        found = LayerSignature.of(layer)
-        if entry.signature != found:
-            raise HardwareSpecError(
-                f"{self.origin}.layers.{_key(layer.name)}: measured on {entry.signature}, but this model's layer is "
-                f"{found}: the file was profiled on another model or input shape; profile this one "
-                f"(tools/profile_hw.py)")
-        if entry.after is not None and entry.after != layer.input_layer:
-            reads = f"reads layer {layer.input_layer!r}" if layer.input_layer else "reads no layer back to back"
-            raise HardwareSpecError(
-                f"{self.origin}.layers.{_key(layer.name)}.after: measured reading layer {entry.after!r} back to back, "
-                f"but in this model it {reads}: the file was profiled on another model; profile this one "
-                f"(tools/profile_hw.py)")
-        return entry
-
-    def chain_delta(self, layer: Layer, fmt: Pair, after: Pair) -> float:
-        """What this term adds to `layer`'s cost in `fmt` when the layer it reads back to back runs in `after`
-        (a LAYER_TABLE entry's `chain[fmt][after]`; 0 otherwise)."""
-        if self.type is not TermType.LAYER_TABLE:
-            return 0.0
-        entry = self.check_layer(layer)
-        return self.scale * entry.chain.get(fmt, {}).get(after, 0.0)
-
-    def _lookup(self, layer: Layer, w: int | None, a: int | None) -> float:
-        entry = self.check_layer(layer)
-        try:
-            return entry.values[(w, a)]
-        except KeyError:
-            priced = ", ".join(format_name(p) for p in entry.values)
-            raise HardwareSpecError(f"{self.origin}.layers.{_key(layer.name)}: no value for layer {layer.name!r} "
-                                    f"as {format_name((w, a))}; the file prices {priced}") from None
-
-
-def _key(name: str) -> str:
-    """A TOML key as written in a key path: bare when it can be, quoted otherwise."""
-    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'"{name}"'
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A named cost (BitOps, size, latency, ...): the sum of its terms over all layers, plus its constants."""
-
-    name: str
-    unit: str
-    description: str
-    terms: tuple[Term, ...]
-
-    def defined_at(self, w: int | None, a: int | None) -> bool:
-        """Whether every term has a value at (w, a) (a lookup table covers only the pairs it lists)."""
-        return all((t.type is not TermType.TABLE or (w, a) in t.values) and t.type is not TermType.LAYER_TABLE
-                   for t in self.terms)
-
-    def evaluate(self, layer: Layer, w: int | None, a: int | None) -> float:
-        """This metric's value for one layer at (w, a) ((None, None): in float); constants are not a layer's."""
-        return sum(t.evaluate(layer, w, a) for t in self.terms)
-
-    def chain_delta(self, layer: Layer, fmt: Pair, after: Pair) -> float:
-        """What this metric adds to the layer in `fmt` when the layer it reads back to back runs in `after`."""
-        return sum(t.chain_delta(layer, fmt, after) for t in self.terms)
-
-    @property
-    def chained(self) -> bool:
-        """Whether any layer's cost depends on the format of the layer it reads (a `chain` in a layer table)."""
-        return any(e.chain for t in self.terms if t.type is TermType.LAYER_TABLE for e in t.layers.values())
-
-    @property
-    def constant(self) -> float:
-        """The model-level part: the sum of the CONSTANT terms, counted once per model."""
-        return sum(t.scale * t.value for t in self.terms if t.type is TermType.CONSTANT)
 
 
 @dataclass(frozen=True)
@@ -385,72 +179,10 @@ class HardwareSpec:
 
 # --------------------------------------------------------------------------------------------- loading
 
-_MISSING = object()
 _PACKAGE = "fxmpq.hardware_specs"
 
 
-class _Table:
-    """A view on one TOML table that hands out typed values and rejects unknown keys, naming the key path."""
-
-    def __init__(self, data: Mapping[str, Any], path: str, file: str):
-        self.data, self.path, self.file, self.used = data, path, file, set()
-
-    def where(self, key: str | None = None) -> str:
-        p = self.path if key is None else (f"{self.path}.{key}" if self.path else key)
-        return f"{self.file}: {p or '<top level>'}"
-
-    def fail(self, key: str | None, msg: str) -> HardwareSpecError:
-        return HardwareSpecError(f"{self.where(key)}: {msg}")
-
-    def take(self, key: str, types: type | tuple[type, ...], default: Any = _MISSING) -> Any:
-        self.used.add(key)
-        if key not in self.data:
-            if default is _MISSING:
-                raise self.fail(key, "missing required field")
-            return default
-        value = self.data[key]
-        if not _isinstance(value, types):
-            raise self.fail(key, f"expected {_type_name(types)}, found {_type_name(type(value))} {brief(value)}")
-        return value
-
-    def table(self, key: str, default: Any = _MISSING) -> _Table:
-        value = self.take(key, dict, default)
-        sub = self.path + "." + key if self.path else key
-        return _Table(value, sub, self.file)
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.fail(None, f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
-                            f"{', '.join(sorted(self.used))}")
-
-
-def _isinstance(value: Any, types: type | tuple[type, ...]) -> bool:
-    types = types if isinstance(types, tuple) else (types,)
-    if isinstance(value, bool):
-        return bool in types
-    if float in types and isinstance(value, int):
-        return True
-    return isinstance(value, types)
-
-
-def _type_name(t: type | tuple[type, ...]) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-             dict: "a table"}
-    ts = t if isinstance(t, tuple) else (t,)
-    return " or ".join(names.get(x, x.__name__) for x in ts)
-
-
-def _number(t: _Table, key: str, default: Any = _MISSING) -> float:
-    """A TOML number as a float; an integer too large for a float is refused naming the key, like a wrong type."""
-    value = t.take(key, float, default)
-    try:
-        return float(value)
-    except OverflowError:
-        raise t.fail(key, f"expected a finite non-negative number, found {brief(value)}") from None
-
-
-def _kinds(t: _Table, key: str, raw: list[Any]) -> frozenset[LayerKind]:
+def _kinds(t: Table, key: str, raw: list[Any]) -> frozenset[LayerKind]:
     parsed = []
     for i, k in enumerate(raw):
         try:
@@ -461,7 +193,7 @@ def _kinds(t: _Table, key: str, raw: list[Any]) -> frozenset[LayerKind]:
     return frozenset(parsed)
 
 
-def _bits_list(t: _Table, key: str) -> tuple[int, ...]:
+def _bits_list(t: Table, key: str) -> tuple[int, ...]:
     values = t.take(key, list)
     if not values:
         raise t.fail(key, "expected a non-empty array of bit-widths")
@@ -472,7 +204,7 @@ def _bits_list(t: _Table, key: str) -> tuple[int, ...]:
     return tuple(sorted(values))
 
 
-def _check_bits(t: _Table, key: str, b: Any) -> int:
+def _check_bits(t: Table, key: str, b: Any) -> int:
     if isinstance(b, bool) or not isinstance(b, int):
         raise t.fail(key, f"expected an integer bit-width, found {brief(b)}")
     if not MIN_BITS <= b <= MAX_BITS:
@@ -480,7 +212,7 @@ def _check_bits(t: _Table, key: str, b: Any) -> int:
     return b
 
 
-def _parse_pair_key(t: _Table, key: str) -> tuple[int, int]:
+def _parse_pair_key(t: Table, key: str) -> tuple[int, int]:
     match = re.fullmatch(r"([0-9]{1,4})[xX]([0-9]{1,4})", key)  # ASCII digits only: "²x4".isdigit() is True
     if match is None:
         raise t.fail(key, 'expected a pair key "WxA" such as "4x8" (weight bits x activation bits)')
@@ -490,21 +222,9 @@ def _parse_pair_key(t: _Table, key: str) -> tuple[int, int]:
     return w, a
 
 
-E = TypeVar("E", bound=enum.Enum)
-
-
-def _enum(t: _Table, key: str, cls: type[E], what: str) -> E:
-    """The string at `key` as a member of the enum `cls`; HardwareSpecError listing the members otherwise."""
-    value = t.take(key, str)
-    try:
-        return cls(value)
-    except ValueError:
-        raise t.fail(key, f"unknown {what} {value!r}; expected one of {', '.join(x.value for x in cls)}") from None
-
-
-def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: frozenset[LayerKind]) -> Term:
-    ttype = _enum(t, "type", TermType, "term type")
-    scale = _number(t, "scale", 1.0)
+def _parse_term(t: Table, pairs: tuple[tuple[int, int], ...], float_kinds: frozenset[LayerKind]) -> Term:
+    ttype = enum_value(t, "type", TermType, "term type")
+    scale = number(t, "scale", 1.0)
     if not math.isfinite(scale) or scale < 0:
         raise t.fail("scale", f"expected a finite non-negative number, found {scale!r}")
     kwargs: dict[str, Any] = {"origin": t.where()}
@@ -521,12 +241,12 @@ def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: froz
         entries = {}
         for name in lt.data:
             raw = lt.take(name, dict)
-            entries[name] = _parse_layer_entry(_Table(raw, f"{lt.path}.{_key(name)}", t.file), pairs, float_kinds)
+            entries[name] = _parse_layer_entry(Table(raw, f"{lt.path}.{_key(name)}", t.file), pairs, float_kinds)
         lt.finish()
         for name, entry in entries.items():  # a chain covers every format of the layer it reads
             if not entry.chain:
                 continue
-            where = _Table({}, f"{lt.path}.{_key(name)}", t.file)
+            where = Table({}, f"{lt.path}.{_key(name)}", t.file)
             if entry.after not in entries:
                 raise where.fail("after", f"names no layer of this table ({entry.after!r})")
             prod = entries[entry.after].signature.kind
@@ -556,7 +276,7 @@ def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: froz
         values = {}
         for key in vt.data:
             pair = FLOAT if key == FLOAT_KEY else _parse_pair_key(vt, key)
-            v = _number(vt, key)
+            v = number(vt, key)
             if not math.isfinite(v) or v < 0:
                 raise vt.fail(key, f"expected a finite non-negative number, found {v!r}")
             values[pair] = v
@@ -573,11 +293,11 @@ def _parse_term(t: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: froz
 _SHAPE = r"[0-9]+(?:x[0-9]+)*"
 
 
-def _parse_layer_entry(e: _Table, pairs: tuple[tuple[int, int], ...], float_kinds: frozenset[LayerKind]
+def _parse_layer_entry(e: Table, pairs: tuple[tuple[int, int], ...], float_kinds: frozenset[LayerKind]
                        ) -> LayerEntry:
     """One layer of a layer_table: kind, shape "IN->OUT", weight shape, a value for every format it may run as, and
     optionally `after` (the layer it reads back to back) with a `chain` value per format."""
-    kind = _enum(e, "kind", LayerKind, "layer kind")
+    kind = enum_value(e, "kind", LayerKind, "layer kind")
     shape = e.take("shape", str)
     if not re.fullmatch(f"{_SHAPE}->{_SHAPE}", shape):
         raise e.fail("shape", f'expected "INPUT->OUTPUT" shapes with the batch first, such as '
@@ -635,7 +355,7 @@ _PROVENANCE_STR = ("tool", "command", "date", "model", "input", "runtime", "cpu"
 _PROVENANCE_INT = ("batch", "threads", "repeats")
 
 
-def _parse_provenance(p: _Table) -> Provenance:
+def _parse_provenance(p: Table) -> Provenance:
     kwargs: dict[str, Any] = {k: p.take(k, str, "") for k in _PROVENANCE_STR}
     for k in _PROVENANCE_INT:
         v = p.take(k, int, None)
@@ -648,7 +368,7 @@ def _parse_provenance(p: _Table) -> Provenance:
 
 def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareSpec:
     """Build a HardwareSpec from a parsed TOML document; any defect raises HardwareSpecError."""
-    top = _Table(data, "", file)
+    top = Table(data, "", file)
     tg = top.table("target")
     name = tg.take("name", str)
     description = tg.take("description", str, "")
@@ -716,11 +436,11 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
         for i, rt in enumerate(raw_terms):
             if not isinstance(rt, dict):
                 raise m.fail(f"terms[{i}]", f"expected a table such as {{ type = \"bitops\" }}, found {brief(rt)}")
-            terms.append(_parse_term(_Table(rt, f"{m.path}.terms[{i}]", file), pairs, float_kinds))
+            terms.append(_parse_term(Table(rt, f"{m.path}.terms[{i}]", file), pairs, float_kinds))
         m.finish()
         metrics[mname] = Metric(name=mname, unit=unit, description=mdesc, terms=tuple(terms))
     pv = top.take("provenance", dict, None)
-    provenance = _parse_provenance(_Table(pv, "provenance", file)) if pv is not None else None
+    provenance = _parse_provenance(Table(pv, "provenance", file)) if pv is not None else None
     top.finish()
     return HardwareSpec(name=name, description=description, sources=tuple(sources), weight_bits=wbits,
                         act_bits=abits, pairs=pairs, pins=pins, metrics=MappingProxyType(metrics),
@@ -777,15 +497,3 @@ def loads_hardware(raw: bytes | str, file: str = "<memory>") -> HardwareSpec:
         return parse_hardware(data, file)
     except RecursionError:  # a value nested deep enough that printing it in a message recurses too far
         raise HardwareSpecError(f"{file}: a value is nested too deeply to be a hardware description") from None
-
-
-def format_name(pair: Pair) -> str:
-    """"W4A8" for integer bits, "float" for (None, None) (policies, tables, error messages)."""
-    w, a = pair
-    return "float" if (w, a) == FLOAT else f"W{w}A{a}"
-
-
-def pair_name(pair: Iterable[int]) -> str:
-    """The "WxA" spelling of a pair, as used in tables and TOML lookup tables."""
-    w, a = pair
-    return f"{w}x{a}"
