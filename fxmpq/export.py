@@ -1,8 +1,7 @@
 """lower(): a fixed QuantModel to a QDQ ONNX model (opset 21), checked and compared against PyTorch in ORT.
 
-Over 550 lines because it holds one job end to end: export, the file check at a temp path, and the three parity
-diagnoses (end to end, QuantModel vs lowered graph, stage by stage against ONNX Runtime) that a failed check runs;
-the diagnoses are the next to move out (into their own module) when the latency audit joins this one.
+The export, the file check at a temp path and the atomic move into place; the parity diagnoses are in
+fxmpq/parity.py, the latency audit in fxmpq/audit.py.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,15 +25,23 @@ import torch.fx as fx
 from torch import nn
 
 from .atomic import atomic_paths, check_writable
+from .audit import INTEGER_KERNELS, LayerTiming, latency_audit, latency_ms
 from .batches import check_inputs
 from .errors import ArgumentError, DataError, ExportError, first_line
-from .formats import format_name
 from .graph import NodeFailure, as_input_tuple, run_graph
-from .measure import NodeTime, TimingOptions, profile_nodes, session, time_sessions
+from .measure import TimingOptions
+from .parity import (
+    lowering_parity,
+    open_session,
+    output_step,
+    qdq_nodes,
+    quantizer_parity,
+    run_ort,
+    run_torch,
+)
 from .passes import run_passes
 from .passes.lower_qdq import DQ_OP, QDQ_CHANNELS_OP, QDQ_META, QDQ_OP
-from .quant import LSQQuantizer
-from .record import LayerRecord, records
+from .record import records
 from .stages import lower_passes
 from .tables import render
 
@@ -48,27 +54,6 @@ __all__ = ["OPSET", "LayerTiming", "LowerReport", "export_fp32", "latency_ms", "
 
 OPSET = 21
 _TWO_GB = 2**31 - 2**20
-_QLINEAR = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger")
-_MS_PER_UNIT = {"s": 1e3, "ms": 1.0, "us": 1e-3, "µs": 1e-3, "μs": 1e-3, "ns": 1e-6}
-
-
-@dataclass(frozen=True)
-class LayerTiming:
-    """One layer in ONNX Runtime's profile of the exported model: what it was lowered as and what ORT ran.
-
-    `measured_ms` is the median kernel time of the ORT nodes that compute the layer (the Q/DQ and layout changes
-    around it are not counted: they belong to no single layer), from ORT's profiler (wall-clock node times);
-    `predicted_ms` is the hardware file's latency of the layer in its format, its chain included
-    (`Analysis.policy_costs`; None without a latency metric). `flag` says when ORT ran it otherwise than priced.
-    """
-
-    layer: str
-    format: str  # "W8A8", "float"
-    kernels: tuple[str, ...]  # ORT op types of the nodes that compute it ("QLinearConv", "Conv", ...)
-    integer: bool  # whether ORT ran it as an integer kernel
-    measured_ms: float
-    predicted_ms: float | None
-    flag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -305,274 +290,6 @@ def qlinear_counts(path: str | Path) -> Counter[str]:
         return Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
 
 
-# ----------------------------------------------------------------------------------------------- parity
-def _session(path: Path, extra_outputs: Sequence[str] = ()) -> Any:
-    import onnx
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if not extra_outputs:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    m = onnx.load(str(path))
-    for name in extra_outputs:
-        m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-def _run_ort(sess: Any, inputs: tuple[torch.Tensor, ...], batch: int, outputs: Sequence[str] | None = None
-             ) -> list[np.ndarray]:
-    names = [i.name for i in sess.get_inputs()]
-    n = inputs[0].shape[0]
-    chunks: list[list[np.ndarray]] = []
-    for i in range(0, n, batch):
-        feed = {k: x[i: i + batch].numpy() for k, x in zip(names, inputs)}
-        chunks.append(sess.run(outputs, feed))
-    return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
-
-
-def _run_torch(module: nn.Module, inputs: tuple[torch.Tensor, ...], batch: int) -> np.ndarray:
-    outs = []
-    with torch.no_grad():
-        for i in range(0, inputs[0].shape[0], batch):
-            y = module(*(x[i: i + batch] for x in inputs))
-            if not isinstance(y, torch.Tensor):
-                raise ExportError(f"lower() supports models with one tensor output, found {type(y).__name__}")
-            outs.append(y.float().numpy())
-    return np.concatenate(outs)
-
-
-def _output_step(lowered: fx.GraphModule) -> float | None:
-    """The step of the quantizer that produces the graph output (through flatten/reshape/view, and Flatten,
-    Identity and Dropout modules: a head that ends in one still has a quantized output), if any."""
-    out = next(n for n in lowered.graph.nodes if n.op == "output").args[0]
-    node = out
-    while isinstance(node, fx.Node):
-        if node.op == "call_function" and node.target is QDQ_OP:
-            s = node.args[1]
-            return float(lowered.get_buffer(s.target)) if isinstance(s, fx.Node) else None
-        if (node.op == "call_method" and node.target in ("flatten", "reshape", "view", "contiguous")) or (
-                node.op == "call_function" and node.target in (torch.flatten, torch.reshape)) or (
-                node.op == "call_module" and isinstance(lowered.get_submodule(node.target), _SHAPE_ONLY)):
-            node = node.args[0]
-            continue
-        return None
-    return None
-
-
-_SHAPE_ONLY = (nn.Flatten, nn.Identity, nn.Dropout, nn.Unflatten)
-
-
-def _lowering_parity(qmodel: QuantModel, lowered: fx.GraphModule, inputs: tuple[torch.Tensor, ...], batch: int
-                     ) -> tuple[str | None, float]:
-    """(first divergence, max steps): every activation quantizer's output in the QuantModel (eval) against the
-    quantize_dequantize node the lowering made of it (call by call), on the same inputs, in its own steps, each
-    lowered quantizer fed the QuantModel's values of the quantizers before it (teacher forcing: float layers and
-    folded BatchNorms round differently in the two graphs, and a one-step tie upstream must not count downstream)."""
-    x = tuple(t[:batch] for t in inputs)
-    seen: dict[str, list[torch.Tensor]] = {}
-    handles = []
-    for name, q in qmodel.graph_module.named_modules():
-        if isinstance(q, LSQQuantizer) and q.active_bits is not None:
-            handles.append(q.register_forward_hook(
-                lambda m, a, out, name=name: seen.setdefault(name, []).append(out.detach())))
-    try:
-        with torch.no_grad():
-            qmodel(*x)
-    finally:
-        for h in handles:
-            h.remove()
-    worst, first = 0.0, None
-    calls: dict[tuple[str, int], int] = {}
-    steps = {name: float(qmodel.graph_module.get_submodule(name).step_size().detach().float()) for name in seen}
-
-    class Forced(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            nonlocal worst, first
-            r = super().run_node(n)
-            name = n.meta.get(QDQ_META)
-            if name is None:
-                return r
-            # calls matched by size: a quantizer the lowering repeats after a max pool has no call of its own
-            ref = [t for t in seen.get(name, []) if t.numel() == r.numel()]
-            i = calls[(name, r.numel())] = calls.get((name, r.numel()), -1) + 1
-            if i >= len(ref):
-                return r
-            else:
-                diff = (ref[i].reshape(-1).float() - r.reshape(-1).float()).abs()
-                d = float(diff.max()) / steps[name] if diff.numel() else 0.0
-                out = ref[i].reshape(r.shape).to(r.dtype)
-            worst = max(worst, d)
-            if d > 1.0 + 1e-3 and first is None:
-                first = f"quantizer {name}{f' (call {i + 1})' if i else ''}: {d:.2f} steps"
-            return out
-
-    with torch.no_grad():
-        Forced(lowered).run(*x)
-    return first, worst
-
-
-def _qdq_nodes(lowered: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in lowered.graph.nodes if QDQ_META in n.meta]
-
-
-def _quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Tensor, ...], batch: int
-                      ) -> tuple[str | None, float | None, np.ndarray | None]:
-    """(first divergence, forced max steps, forced output): every activation quantizer, PyTorch vs ONNX Runtime, in
-    graph order.
-
-    The first divergence is the first quantizer whose outputs differ by more than one of its steps when both
-    run end to end. The forced figure is the largest difference, in each quantizer's own steps, when PyTorch
-    computes every quantizer from ONNX Runtime's values of the quantizers before it (teacher forcing): at most
-    1 means each stage of the export computes what PyTorch computes, and an end-to-end difference beyond that
-    is float rounding (LayerNorm, softmax, GELU run by two libraries) that the network itself amplifies.
-    """
-    import onnx
-
-    qnodes = _qdq_nodes(lowered)
-    m = onnx.load(str(path))
-    # activation QDQs in the ONNX graph: DequantizeLinear nodes fed (maybe via Clip) by a QuantizeLinear
-    producer = {o: n for n in m.graph.node for o in n.output}
-    names = []
-    for n in m.graph.node:
-        if n.op_type != "DequantizeLinear":
-            continue
-        src = producer.get(n.input[0])
-        if src is not None and src.op_type == "Clip":
-            src = producer.get(src.input[0])
-        if src is not None and src.op_type == "QuantizeLinear":
-            names.append(n.output[0])
-    if len(names) != len(qnodes):
-        return (f"cannot align intermediate outputs ({len(qnodes)} quantizers in PyTorch, {len(names)} "
-                f"QDQ pairs in ONNX)"), None, None
-    x = tuple(t[:batch] for t in inputs)
-    ys = _run_ort(_session(path, names), x, batch, names)
-    ort_out = dict(zip((n.name for n in qnodes), ys))
-    steps = {n.name: float(lowered.get_buffer(n.args[1].target)) for n in qnodes}
-
-    def steps_apart(n: fx.Node, r: torch.Tensor) -> tuple[float, np.ndarray]:
-        ref = r.detach().numpy()
-        y = ort_out[n.name]
-        if ref.shape != y.shape and y.size == ref.size:
-            y = y.reshape(ref.shape)
-        if ref.shape != y.shape:
-            return float("inf"), y
-        return float(np.abs(ref - y).max(initial=0.0)) / steps[n.name], y
-
-    first: list[str] = []
-    forced: list[float] = []
-
-    class Compare(fx.Interpreter):
-        """Runs the lowered graph; with `force`, each quantizer's output is replaced by ONNX Runtime's."""
-
-        def __init__(self, force: bool) -> None:
-            super().__init__(lowered)
-            self.force = force
-
-        def run_node(self, n: fx.Node) -> Any:
-            r = super().run_node(n)
-            if QDQ_META not in n.meta:
-                return r
-            d, y = steps_apart(n, r)
-            if self.force:
-                forced.append(d)
-                return torch.from_numpy(y).reshape(r.shape) if y.size == r.numel() else r
-            if d > 1.0 + 1e-3 and not first:
-                off = int((np.abs(r.numpy() - y.reshape(r.shape)) > 0.5 * steps[n.name]).sum()) \
-                    if y.size == r.numel() else r.numel()
-                first.append(f"quantizer {n.meta[QDQ_META]} (node {n.name}): max |diff| {d:.2f} steps "
-                             f"({off} of {r.numel()} values differ)")
-            return r
-
-    with torch.no_grad():
-        Compare(force=False).run(*x)
-        out = Compare(force=True).run(*x)
-    out = out[0] if isinstance(out, tuple | list) else out
-    out_np = out.detach().float().numpy() if isinstance(out, torch.Tensor) else None
-    return (first[0] if first else None), max(forced, default=0.0), out_np
-
-
-# ----------------------------------------------------------------------------------------------- latency audit
-def latency_ms(qmodel: QuantModel) -> float | None:
-    """The hardware file's predicted latency of `qmodel`'s policy in milliseconds, or None when its hardware has no
-    `latency` metric in a time unit (s, ms, us, ns) or no policy is in force."""
-    metric = qmodel.hardware.metrics.get("latency")
-    if metric is None or metric.unit.strip() not in _MS_PER_UNIT or qmodel.policy is None:
-        return None
-    return float(qmodel.analysis.cost(qmodel.policy)["latency"]) * _MS_PER_UNIT[metric.unit.strip()]
-
-
-def _node_layers(nodes: list[NodeTime], path: Path, recs: Sequence[LayerRecord]) -> dict[str, list[NodeTime]]:
-    """Layer name -> the ORT nodes (optimized graph) that compute it.
-
-    The exported graph names each layer's weight `fxmpq_lowered.<layer>_weight`: the node reading it (or reading
-    it through a DequantizeLinear) is the layer's in the exported graph. ORT's fused or re-laid-out node keeps
-    either that weight among its inputs (QLinearConv), or the exported node's name, or its output's name, with a
-    suffix (`_token_<n>`, `_nchwc`): each is tried in turn.
-    """
-    import onnx
-
-    weights = {r.lowered.weight_buffer: r.name for r in recs if r.lowered is not None and r.lowered.weight_buffer}
-    exported = onnx.load(str(path), load_external_data=False).graph
-    dq_of = {n.output[0]: n.input[0] for n in exported.node if n.op_type == "DequantizeLinear"}
-    by_name: dict[str, str] = {}
-    for n in exported.node:
-        if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and len(n.input) > 1:
-            w = dq_of.get(n.input[1], n.input[1])
-            if w in weights:
-                by_name[n.name] = by_name[n.output[0]] = weights[w]
-    out: dict[str, list[NodeTime]] = {r.name: [] for r in recs}
-    for node in nodes:
-        layer = next((weights[i] for i in node.inputs if i in weights), None)
-        if layer is None:
-            base = node.name.removesuffix("_nchwc").split("_token_")[0]
-            layer = by_name.get(node.name) or by_name.get(base)
-        if layer is not None:
-            out[layer].append(node)
-    return out
-
-
-def _latency_audit(qmodel: QuantModel, path: Path, recs: Sequence[LayerRecord], feed_inputs: tuple[torch.Tensor, ...],
-                   timing: TimingOptions) -> dict[str, Any]:
-    """The LowerReport fields of the latency audit (see lower())."""
-    sess = session(path, timing.threads)
-    names = [i.name for i in sess.get_inputs()]
-    feed = {k: x.numpy() for k, x in zip(names, feed_inputs)}
-    t = time_sessions({"model": (sess, feed)}, timing)["model"]
-    nodes = profile_nodes(path, feed, timing.threads, runs=max(3, min(timing.repeats, 10)))
-    per_layer = _node_layers(nodes, path, recs)
-    metric = qmodel.hardware.metrics.get("latency")
-    scale = _MS_PER_UNIT.get(metric.unit.strip()) if metric is not None else None
-    pred_ms: dict[str, float] = {}
-    if scale is not None and qmodel.policy is not None:
-        pred_ms = {n: c["latency"] * scale for n, c in qmodel.analysis.policy_costs(qmodel.policy).items()}
-    rows, mismatches = [], []
-    for r in recs:
-        low = r.lowered
-        fmt = (None, None) if low.w_bits is None else (low.w_bits, low.a_bits)
-        ran = per_layer.get(r.name, [])
-        kernels = tuple(dict.fromkeys(n.op_type for n in ran))
-        integer = any(k in _QLINEAR for k in kernels)
-        pred = pred_ms.get(r.name)
-        flag = None
-        if not ran:
-            flag = "not found in ONNX Runtime's graph"
-        elif fmt[0] is not None and not integer:
-            flag = f"priced as an integer kernel ({format_name(fmt)}), ORT ran {'+'.join(kernels)} in float"
-        elif fmt[0] is None and integer:
-            flag = f"priced in float, ORT ran {'+'.join(kernels)} (an integer kernel)"
-        if flag is not None and ran:
-            mismatches.append(f"{r.name}: {flag}")
-        rows.append(LayerTiming(r.name, format_name(fmt), kernels, integer, sum(n.median_ms for n in ran), pred, flag))
-    if mismatches:
-        log.warning("%s: %d layer(s) run otherwise than priced: %s", path, len(mismatches), "; ".join(mismatches))
-    return {"measured_latency_ms": t.median_ms, "measured_wall_ms": t.wall_median_ms,
-            "predicted_latency_ms": latency_ms(qmodel), "latency_threads": timing.threads,
-            "latency_batch": int(feed_inputs[0].shape[0]), "latency_repeats": timing.repeats,
-            "latency_clock": timing.resolved_clock.value, "layer_timings": tuple(rows),
-            "format_mismatches": tuple(mismatches)}
-
-
 # ----------------------------------------------------------------------------------------------- lower
 def lower(
     qmodel: QuantModel,
@@ -661,7 +378,7 @@ def lower(
             "fxmpq.policy": json.dumps({k: list(v) for k, v in (policy or {}).items()}),
             "fxmpq.bits": json.dumps({r.name: [low.w_bits, low.a_bits] for r, low in layers}),
             "fxmpq.steps": json.dumps({n.meta.get(QDQ_META): float(lowered.get_buffer(n.args[1].target))
-                                       for n in _qdq_nodes(lowered)}),
+                                       for n in qdq_nodes(lowered)}),
             "fxmpq.weight_qrange": json.dumps({low.weight_buffer: list(low.qrange) for _, low in layers
                                                if low.qrange}),
         }
@@ -689,7 +406,7 @@ def lower(
         if timing is not None:  # the latency audit, on the file now in place
             n = ex[0].shape[0]
             feed = tuple(x[:n] if x.shape[0] >= n else x[:1].expand(n, *x.shape[1:]).contiguous() for x in inputs)
-            report = dataclasses.replace(report, **_latency_audit(qmodel, path, [r for r, _ in layers], feed, timing))
+            report = dataclasses.replace(report, **latency_audit(qmodel, path, [r for r, _ in layers], feed, timing))
     finally:
         qmodel.train(was)
     log.info("lowered to %s\n%s", path, report.table())
@@ -707,15 +424,15 @@ def _check_file(tmp: Path, path: Path, qmodel: QuantModel, lowered: fx.GraphModu
         onnx.checker.check_model(str(tmp), full_check=True)
     except Exception as e:
         raise ExportError(f"{path}: onnx.checker rejected the exported model: {first_line(e)}") from e
-    y_pt = _run_torch(qmodel, inputs, batch)
+    y_pt = run_torch(qmodel, inputs, batch)
     try:
-        y_ort = _run_ort(_session(tmp), inputs, batch)[0]
+        y_ort = run_ort(open_session(tmp), inputs, batch)[0]
     except Exception as e:
         raise ExportError(f"{path}: ONNX Runtime could not run the exported model: {first_line(e)}") from e
     y_ort = y_ort.reshape(y_pt.shape)
     diff = np.abs(y_pt.astype(np.float64) - y_ort.astype(np.float64))
     max_abs = float(diff.max()) if diff.size else 0.0
-    step = _output_step(lowered)
+    step = output_step(lowered)
     steps = max_abs / step if step else None
     rel_l2 = float(np.linalg.norm(diff) / max(np.linalg.norm(y_pt.astype(np.float64)), 1e-30))
     top1 = decisive = None
@@ -736,16 +453,16 @@ def _check_file(tmp: Path, path: Path, qmodel: QuantModel, lowered: fx.GraphModu
     if top1 is not None:  # judged on the inputs whose top-1 a difference within tolerance cannot flip
         ok = ok and (decisive if decisive is not None else 1.0) >= min_top1
     counts = qlinear_counts(tmp)
-    fused = sum(counts.get(k, 0) for k in _QLINEAR)
+    fused = sum(counts.get(k, 0) for k in INTEGER_KERNELS)
     quantized = [(r, low) for r, low in layers if low.w_bits is not None]
     diverging = forced = low_steps = low_div = tail = None
     criterion = "output steps" if step else "relative to max |y|"
     if not ok:
-        diverging, forced, y_forced = _quantizer_parity(lowered, tmp, inputs, batch)
+        diverging, forced, y_forced = quantizer_parity(lowered, tmp, inputs, batch)
         diverging = diverging or "every quantizer agrees within 1 step"
-        low_div, low_steps = _lowering_parity(qmodel, lowered, inputs, batch)
+        low_div, low_steps = lowering_parity(qmodel, lowered, inputs, batch)
         y_head = y_ort[:batch]  # the diagnosis runs on the first `batch` inputs
-        if not step and _qdq_nodes(lowered) and y_forced is not None and y_forced.size == y_head.size:
+        if not step and qdq_nodes(lowered) and y_forced is not None and y_forced.size == y_head.size:
             # a float output after integer layers: a one-step tie at any quantizer upstream moves the output by far
             # more than rtol, so the export is judged stage by stage: every quantizer within one step of PyTorch fed
             # ONNX Runtime's values before it, the lowered graph faithful to the QuantModel, and the float ops after

@@ -170,8 +170,8 @@ def test_mismatch_fails_loudly_and_names_a_layer(tmp_path, monkeypatch):
     import fxmpq.export as E
 
     q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
-    real = E._run_torch
-    monkeypatch.setattr(E, "_run_torch", lambda *a: real(*a) + 1.0)
+    real = E.run_torch
+    monkeypatch.setattr(E, "run_torch", lambda *a: real(*a) + 1.0)
     with pytest.raises(ExportError, match=r"does not match PyTorch.*first divergence"):
         lower(q, tmp_path / "m.onnx", x, samples=16)
     rep = lower(q, tmp_path / "m2.onnx", x, samples=16, check=False)
@@ -228,8 +228,8 @@ def test_a_failing_export_leaves_the_previous_good_file(tmp_path, monkeypatch):
     path = tmp_path / "m.onnx"
     lower(q, path, x, samples=8)
     good = path.read_bytes()
-    real = E._run_torch
-    monkeypatch.setattr(E, "_run_torch", lambda *a: real(*a) + 1.0)
+    real = E.run_torch
+    monkeypatch.setattr(E, "run_torch", lambda *a: real(*a) + 1.0)
     with pytest.raises(ExportError) as exc:
         lower(q, path, x, samples=8)
     msg = str(exc.value)
@@ -383,7 +383,7 @@ def test_predicted_latency_in_milliseconds_from_the_hardware_unit(tmp_path):
 
 def test_an_integer_layer_run_in_float_is_flagged(tmp_path, monkeypatch):
     """A layer priced as an integer kernel that ONNX Runtime runs in float is listed (here: the profile says so)."""
-    import fxmpq.export as export
+    import fxmpq.audit as export
 
     q, x, _ = _quantized(PlainCNN(), (1, 3, 16, 16), per_channel=False)
     real = export.profile_nodes
