@@ -413,7 +413,9 @@ class LowerToQDQPass(PassBase):
 
     @staticmethod
     def _drop_unused_attrs(gm: fx.GraphModule) -> None:
-        """Remove parameters no node reads (the float weights of lowered layers), so they are not exported."""
+        """Empty the parameters no node reads (the float weights of lowered layers), so they are not exported. The
+        attribute stays, as None: code traced through may still read the module (timm's PositionalEncodingFourier
+        reads `token_projection.weight.dtype`), and a module missing its `bias` breaks anything that touches it."""
         used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
         used_prefixes = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         for pname, _ in list(gm.named_parameters()):
@@ -421,4 +423,4 @@ class LowerToQDQPass(PassBase):
             if pname in used or any(owner == p or owner.startswith(p + ".") for p in used_prefixes):
                 continue
             mod = gm.get_submodule(owner) if owner else gm
-            delattr(mod, pname.rpartition(".")[2])
+            mod.register_parameter(pname.rpartition(".")[2], None)

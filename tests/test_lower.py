@@ -469,3 +469,37 @@ def test_conv_relu_pool_linear_head_is_fused_and_accepted(tmp_path):
     rep = lower(q, tmp_path / "m.onnx", x, samples=512)  # check=True: raises unless it passes by default
     assert rep.quantized_layers == 6 and rep.fused_layers == 6  # every conv and the linear an integer kernel
     assert rep.top1_agreement >= 0.995
+
+
+class _PosEnc(torch.nn.Module):
+    """timm's PositionalEncodingFourier in small: forward reads its conv's weight dtype, then calls the conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.token_projection = torch.nn.Conv2d(8, 16, 1)
+
+    def forward(self, x):
+        pos = torch.ones_like(x[:, :8]).to(self.token_projection.weight.dtype)
+        return self.token_projection(pos)
+
+
+class _PosEncNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.pos = _PosEnc()
+        self.conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = y + self.pos(y)
+        return self.fc(torch.relu(self.conv(y)).mean((2, 3)))
+
+
+def test_a_module_read_after_its_layer_is_lowered_keeps_its_attributes(tmp_path):
+    """Regression (timm edgenext/xcit): the lowering used to delete token_projection.bias while the graph still read
+    token_projection.weight.dtype, and the export died with an internal AttributeError."""
+    q, x, _ = _quantized(_PosEncNet(), (2, 3, 16, 16), False)
+    rep = lower(q, tmp_path / "m.onnx", x, samples=16, measure=False)
+    assert rep.passed and rep.quantized_layers == rep.fused_layers == 4
