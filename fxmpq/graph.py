@@ -112,6 +112,7 @@ def trace(
             f"(no Python control flow on tensor values)."
         ) from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    module_batch_norms(gm, tracer.root)
     was_training = model.training
     gm.eval()
     try:
@@ -123,6 +124,62 @@ def trace(
         gm.train(was_training)
     find_layers(gm)
     return gm
+
+
+_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_PLAIN_BN = (nn.BatchNorm3d, nn.BatchNorm2d, nn.BatchNorm1d)
+
+
+def module_batch_norms(gm: fx.GraphModule, root: nn.Module) -> int:
+    """F.batch_norm calls on one BatchNorm module's own statistics and affine parameters become calls of a plain
+    nn.BatchNorm at `<module>.batch_norm`, sharing them; how many.
+
+    timm's BatchNormAct2d (an nn.BatchNorm2d subclass that applies its activation in its forward) traces into an
+    F.batch_norm, which BN folding and the switchable BatchNorm of the method do not see. After the rewrite it is a
+    BN like any other, and its activation, traced as ops after it, stays in the graph. The module's own tensors are
+    then None (the graph no longer reads them; they live on in the new child). `root` is the traced model: the
+    GraphModule holds only what the graph reads of a module traced through, not the module's class."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.nn.functional.batch_norm:
+            continue
+        args = {**dict(zip(_BN_ARGS, node.args)), **node.kwargs}
+        refs = [args.get(k) for k in ("running_mean", "running_var", "weight", "bias")]
+        if not all(isinstance(r, fx.Node) and r.op == "get_attr" for r in refs):
+            continue
+        owners = {r.target.rpartition(".")[0] for r in refs}
+        leaves = [r.target.rpartition(".")[2] for r in refs]
+        owner = next(iter(owners))
+        orig = root.get_submodule(owner) if len(owners) == 1 and owner else None
+        cls = next((c for c in _PLAIN_BN if isinstance(orig, c)), None)
+        if cls is None or leaves != ["running_mean", "running_var", "weight", "bias"]:
+            continue
+        m = gm.get_submodule(owner)
+        bn = cls(orig.num_features, eps=float(args.get("eps", orig.eps)), momentum=orig.momentum, affine=True,
+                 track_running_stats=True)
+        bn.weight, bn.bias = orig.weight, orig.bias
+        for b in ("running_mean", "running_var", "num_batches_tracked"):
+            bn.register_buffer(b, getattr(orig, b))
+        bn.train(orig.training)
+        m.add_module("batch_norm", bn)
+        for name in ("weight", "bias"):
+            if name in m._parameters:
+                m.register_parameter(name, None)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if name in m._buffers:
+                m.register_buffer(name, None)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(f"{owner}.batch_norm", (args["input"],))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        for r in refs:
+            if not r.users:
+                gm.graph.erase_node(r)
+        done += 1
+    if done:
+        gm.recompile()
+    return done
 
 
 def refuse_quantized(model: nn.Module, where: str) -> None:

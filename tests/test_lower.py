@@ -503,3 +503,54 @@ def test_a_module_read_after_its_layer_is_lowered_keeps_its_attributes(tmp_path)
     q, x, _ = _quantized(_PosEncNet(), (2, 3, 16, 16), False)
     rep = lower(q, tmp_path / "m.onnx", x, samples=16, measure=False)
     assert rep.passed and rep.quantized_layers == rep.fused_layers == 4
+
+
+class _BatchNormAct2d(torch.nn.BatchNorm2d):
+    """timm's BatchNormAct2d in small: an nn.BatchNorm2d subclass whose forward is F.batch_norm and an activation."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x):
+        x = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                           self.training, 0.1, self.eps)
+        return self.act(x)
+
+
+class _BNActNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn1 = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False), _BatchNormAct2d(16)
+        self.conv, self.bn2 = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False), _BatchNormAct2d(16)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.bn2(self.conv(self.bn1(self.stem(x)))).mean((2, 3)))
+
+
+def test_functional_batch_norm_after_a_conv_is_switchable_and_folded(tmp_path):
+    """Regression (#16 cause 6, timm's BatchNormAct2d): the traced F.batch_norm becomes a plain BatchNorm module,
+    so it is switchable during indicator training, folded by the lowering (no BatchNormalization node) and its
+    activation stays."""
+    torch.manual_seed(0)
+    net = _BNActNet().eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    import fxmpq
+
+    x = torch.randn(2, 3, 16, 16)
+    gm = fxmpq.trace(net, x)
+    assert torch.nn.functional.batch_norm not in [n.target for n in gm.graph.nodes]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == [
+        "stem", "bn1.batch_norm", "bn1.act", "conv", "bn2.batch_norm", "bn2.act", "fc"]
+    assert torch.equal(gm(x), net(x))
+    q, x, _ = _quantized(net, (2, 3, 16, 16), False)
+    from fxmpq.quant import SwitchableBatchNorm2d
+
+    assert isinstance(q.graph_module.get_submodule("bn2.batch_norm"), SwitchableBatchNorm2d)
+    rep = lower(q, tmp_path / "m.onnx", x, samples=16, measure=False)
+    assert rep.passed and rep.fused_layers == rep.quantized_layers == 3
+    assert "BatchNormalization" not in rep.op_counts
