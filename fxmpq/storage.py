@@ -56,7 +56,7 @@ def as_storage(value: Any, where: str) -> Storage:
         return Storage(value)
     except ValueError:
         choices = ", ".join(repr(s.value) for s in Storage)
-        raise ArgumentError(f"{where}: storage must be one of {choices}, found {brief(value)}") from None
+        raise ArgumentError(f"{where} must be one of {choices}, found {brief(value)}") from None
 
 
 def weight_container(bits: int, qrange: tuple[int, int], storage: Storage) -> Container:
