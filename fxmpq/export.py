@@ -647,8 +647,9 @@ def lower(
     containers whatever the bit-width, which ONNX Runtime's CPU provider fuses into QLinearConv) or "packed":
     weights of at most 4 bits in INT4 initializers (UINT4 for a non-negative range; 2- and 3-bit values in the
     4-bit container), so the file size follows the policy. The parity check runs on the packed file as written
-    (ORT runs its 4-bit layers as float convolutions, exact on these integers); the kernel count and the latency
-    audit are of the session `fxmpq.ort_session` opens, which widens the 4-bit weights in memory and fuses them.
+    (ORT runs its 4-bit layers as float convolutions, judged by the same tolerance); the kernel count and the
+    latency audit are of the session `fxmpq.ort_session` opens, which widens the 4-bit weights in memory and fuses
+    them.
     """
     path = check_writable(path, "lower: path")
     storage = as_storage(storage, "lower: storage")
