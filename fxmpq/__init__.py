@@ -7,6 +7,7 @@ import logging
 from . import models
 from .analysis import Analysis
 from .budget import Budget
+from .deploy import ort_session
 from .errors import (
     ArgumentError,
     BudgetError,
@@ -33,6 +34,7 @@ from .quant_model import QuantModel
 from .record import LayerRecord
 from .search import ParetoResult, SearchResult, SearchStatus, pareto, search
 from .stages import analyze, apply_policy, prepare
+from .storage import Storage
 from .train import TrainStats, finetune, indicators_from_model, train_indicators
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -67,6 +69,7 @@ __all__ = [
     "QuantizedModel",
     "SearchResult",
     "SearchStatus",
+    "Storage",
     "TraceError",
     "TrainStats",
     "__version__",
@@ -80,6 +83,7 @@ __all__ = [
     "load_hardware",
     "lower",
     "models",
+    "ort_session",
     "pareto",
     "prepare",
     "quantize",

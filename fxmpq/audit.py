@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .deploy import deployable
 from .formats import format_name
 from .measure import NodeTime, TimingOptions, profile_nodes, session, time_sessions
 from .record import LayerRecord
@@ -88,11 +89,12 @@ def node_layers(nodes: list[NodeTime], path: Path, recs: Sequence[LayerRecord]) 
 def latency_audit(qmodel: QuantModel, path: Path, recs: Sequence[LayerRecord], feed_inputs: tuple[torch.Tensor, ...],
                    timing: TimingOptions) -> dict[str, Any]:
     """The LowerReport fields of the latency audit (see lower())."""
-    sess = session(path, timing.threads)
+    model = deployable(path, "lower")  # packed weights widened as fxmpq.ort_session does
+    sess = session(model, timing.threads)
     names = [i.name for i in sess.get_inputs()]
     feed = {k: x.numpy() for k, x in zip(names, feed_inputs)}
     t = time_sessions({"model": (sess, feed)}, timing)["model"]
-    nodes = profile_nodes(path, feed, timing.threads, runs=max(3, min(timing.repeats, 10)))
+    nodes = profile_nodes(model, feed, timing.threads, runs=max(3, min(timing.repeats, 10)))
     per_layer = node_layers(nodes, path, recs)
     metric = qmodel.hardware.metrics.get("latency")
     scale = _MS_PER_UNIT.get(metric.unit.strip()) if metric is not None else None

@@ -27,6 +27,7 @@ from torch import nn
 from .atomic import atomic_paths, check_writable
 from .audit import INTEGER_KERNELS, LayerTiming, latency_audit, latency_ms
 from .batches import check_inputs
+from .deploy import deployable
 from .errors import ArgumentError, DataError, ExportError, first_line
 from .graph import NodeFailure, as_input_tuple, run_graph
 from .measure import TimingOptions
@@ -43,6 +44,7 @@ from .passes import run_passes
 from .passes.lower_qdq import DQ_OP, QDQ_CHANNELS_OP, QDQ_META, QDQ_OP
 from .record import records
 from .stages import lower_passes
+from .storage import Storage, as_storage, pack_weights, stored_weight_bytes
 from .tables import render
 
 if TYPE_CHECKING:
@@ -110,6 +112,15 @@ class LowerReport:
     # the last quantizers within rtol (`tail_rel_diff`, relative to max |y|) when fed ONNX Runtime's values there
     criterion: str = "output steps"
     tail_rel_diff: float | None = None
+    # how the weights are stored (fxmpq.storage.Storage): "int8", or "packed" (<= 4-bit weights in INT4/UINT4
+    # initializers); each quantized layer's container ("int8", "int4", "uint4", also in the ONNX metadata
+    # `fxmpq.weight_containers`) and the bytes its weight initializers take in the file. With packed storage
+    # `fused_layers`, `op_counts` and the latency audit are of the session fxmpq.ort_session opens (the 4-bit
+    # weights widened in memory); `fused_layers_plain` counts the integer kernels of the file opened plainly
+    storage: str = "int8"
+    weight_containers: dict[str, str] = field(default_factory=dict)
+    stored_weight_bytes: int = 0
+    fused_layers_plain: int | None = None
 
     @property
     def stagewise_faithful(self) -> bool:
@@ -135,7 +146,13 @@ class LowerReport:
                                    if self.tail_rel_diff is not None else ""),
             f"weights        packed {self.packed_weight_bytes / 1e6:.3f} MB vs FP32 {self.fp32_weight_bytes / 1e6:.3f} MB "
             f"({self.fp32_weight_bytes / max(self.packed_weight_bytes, 1):.2f}x smaller)",
-            f"integer kernels {self.fused_layers}/{self.quantized_layers} quantized layers fused by ONNX Runtime",
+            f"storage        {self.storage}: file {self.onnx_bytes / 1e6:.3f} MB, weight initializers "
+            f"{self.stored_weight_bytes / 1e6:.3f} MB ({self._containers()}) vs the policy's packed "
+            f"{self.packed_weight_bytes / 1e6:.3f} MB",
+            f"integer kernels {self.fused_layers}/{self.quantized_layers} quantized layers fused by ONNX Runtime"
+            + ("" if self.fused_layers_plain is None else
+               f" (opened with fxmpq.ort_session; {self.fused_layers_plain}/{self.quantized_layers} when the packed "
+               f"file is opened plainly: ORT runs INT4-weight layers in float)"),
         ]
         if self.diverging:
             lines.append(f"first divergence {self.diverging}")
@@ -158,6 +175,11 @@ class LowerReport:
         for m in self.format_mismatches:
             lines.append(f"NOT AS PRICED  {m}")
         return "\n".join(lines)
+
+    def _containers(self) -> str:
+        """How many quantized layers each container holds: "12 int8, 9 int4"."""
+        counts = Counter(self.weight_containers.values())
+        return ", ".join(f"{n} {c}" for c, n in sorted(counts.items())) or "no quantized layers"
 
     def layer_table(self) -> str:
         """The per-layer table from ORT's profiler: format, kernels, integer or not, measured vs predicted."""
@@ -276,8 +298,9 @@ def export_fp32(model: nn.Module, path: str | Path, example_inputs: Any) -> Path
     return path
 
 
-def qlinear_counts(path: str | Path) -> Counter[str]:
-    """Op counts of ONNX Runtime's optimized graph (CPU EP, all optimizations) of the model at `path`."""
+def qlinear_counts(path: str | Path | bytes) -> Counter[str]:
+    """Op counts of ONNX Runtime's optimized graph (CPU EP, all optimizations) of the model at `path` (or of the
+    serialized model `path` holds)."""
     import onnx
     import onnxruntime as ort
 
@@ -286,7 +309,7 @@ def qlinear_counts(path: str | Path) -> Counter[str]:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.optimized_model_filepath = str(Path(d) / "opt.onnx")
         so.log_severity_level = 3
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=["CPUExecutionProvider"])
         return Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
 
 
@@ -307,6 +330,7 @@ def lower(
     measure: bool = True,
     repeats: int = 20,
     threads: int | None = None,
+    storage: str | Storage = Storage.INT8,
 ) -> LowerReport:
     """Lower `qmodel` (policy applied and fixed) to a QDQ ONNX model at `path` and check it.
 
@@ -334,8 +358,17 @@ def lower(
     layers: which ran as integer kernels, each one's kernel time next to the hardware file's prediction; a layer
     ORT runs otherwise than priced (an integer layer in float, a float layer as an integer kernel) is listed in
     `format_mismatches`. `predicted_latency_ms` is the hardware's `latency` metric for the policy when it has one.
+
+    `storage` (fxmpq.storage.Storage) says how quantized weights are stored: "int8" (the default: 8-bit
+    containers whatever the bit-width, which ONNX Runtime's CPU provider fuses into QLinearConv) or "packed":
+    weights of at most 4 bits in INT4 initializers (UINT4 for a non-negative range; 2- and 3-bit values in the
+    4-bit container), so the file size follows the policy. The parity check runs on the packed file as written
+    (ORT runs its 4-bit layers as float convolutions, judged by the same tolerance); the kernel count and the
+    latency audit are of the session `fxmpq.ort_session` opens, which widens the 4-bit weights in memory and fuses
+    them.
     """
     path = check_writable(path, "lower: path")
+    storage = as_storage(storage, "lower: storage")
     ex = as_input_tuple(example_inputs)
     if not all(isinstance(x, torch.Tensor) for x in ex):
         raise ExportError("lower() needs tensor example inputs")
@@ -370,6 +403,7 @@ def lower(
         lowered = run_passes(gm, lower_passes(ex)).graph_module
         layers = [(r, r.lowered) for _, r in records(lowered)]
         proto = _export(lowered, ex, _translation_table())
+        containers = pack_weights(proto, [(r.name, low) for r, low in layers], storage)
         bns = [n.name for n in proto.graph.node if n.op_type == "BatchNormalization"]
         if bns:
             log.warning("exported model keeps %d BatchNormalization nodes (after unquantized layers)", len(bns))
@@ -381,6 +415,8 @@ def lower(
                                        for n in qdq_nodes(lowered)}),
             "fxmpq.weight_qrange": json.dumps({low.weight_buffer: list(low.qrange) for _, low in layers
                                                if low.qrange}),
+            "fxmpq.storage": storage.value,
+            "fxmpq.weight_containers": json.dumps({k: c.value for k, c in containers.items()}),
         }
         for k, v in meta.items():
             p = proto.metadata_props.add()
@@ -396,6 +432,9 @@ def lower(
             try:
                 report = _check_file(tmp, path, qmodel, lowered, layers, inputs, batch=batch, max_steps=max_steps,
                                      min_top1=min_top1, rtol=rtol)
+                report = dataclasses.replace(
+                    report, storage=storage.value, weight_containers={k: c.value for k, c in containers.items()},
+                    stored_weight_bytes=stored_weight_bytes(proto, [(r.name, low) for r, low in layers], containers))
                 if check and not report.passed:
                     raise ExportError(_mismatch(report))
             except ExportError as e:
@@ -452,8 +491,13 @@ def _check_file(tmp: Path, path: Path, qmodel: QuantModel, lowered: fx.GraphModu
     within = ok
     if top1 is not None:  # judged on the inputs whose top-1 a difference within tolerance cannot flip
         ok = ok and (decisive if decisive is not None else 1.0) >= min_top1
-    counts = qlinear_counts(tmp)
+    deployed = deployable(tmp, "lower")  # a packed file's 4-bit weights widened, as fxmpq.ort_session does
+    counts = qlinear_counts(deployed)
     fused = sum(counts.get(k, 0) for k in INTEGER_KERNELS)
+    plain = None
+    if isinstance(deployed, bytes):
+        plain_counts = qlinear_counts(tmp)
+        plain = sum(plain_counts.get(k, 0) for k in INTEGER_KERNELS)
     quantized = [(r, low) for r, low in layers if low.w_bits is not None]
     diverging = forced = low_steps = low_div = tail = None
     criterion = "output steps" if step else "relative to max |y|"
@@ -485,6 +529,7 @@ def _check_file(tmp: Path, path: Path, qmodel: QuantModel, lowered: fx.GraphModu
         tolerance={"max_steps": max_steps, "min_top1": min_top1, "rtol": rtol},
         top1_decisive=decisive, top1_ties=ties, within_tolerance=within, forced_max_steps=forced,
         lowered_max_steps=low_steps, lowered_diverging=low_div, criterion=criterion, tail_rel_diff=tail,
+        fused_layers_plain=plain,
     )
 
 

@@ -156,7 +156,7 @@ class NodeTime:
     median_ms: float
 
 
-def profile_nodes(model: str | Path, feed: Mapping[str, np.ndarray], threads: int = 1, *, runs: int = 10,
+def profile_nodes(model: str | Path | bytes, feed: Mapping[str, np.ndarray], threads: int = 1, *, runs: int = 10,
                   warmup: int = 3) -> list[NodeTime]:
     """Every node ONNX Runtime ran (its optimized graph, in order) with its median kernel time over `runs` runs.
 

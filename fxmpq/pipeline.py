@@ -77,7 +77,8 @@ class QuantizedModel:
 
     def export(self, path: str | Path | None = None, **kwargs: Any) -> LowerReport:
         """Lower to QDQ ONNX (default: <work_dir>/model.onnx) and check it against PyTorch in ONNX Runtime; with a
-        work dir, the report (the audit) is written to <work_dir>/audit.json."""
+        work dir, the report (the audit) is written to <work_dir>/audit.json. `kwargs` go to fxmpq.lower (e.g.
+        storage="packed": <= 4-bit weights as INT4 initializers, opened with fxmpq.ort_session)."""
         if path is None:
             if self.work_dir is None:
                 raise FxmpqError("export() needs a path when quantize() ran without a work_dir")

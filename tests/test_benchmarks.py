@@ -167,3 +167,17 @@ def test_bench_latency_policy_smoke(tmp_path):
         assert r["measured"] > 0 and 0.0 <= r["acc"][0] <= 1.0
         assert r["budget"] is None or r["predicted"] <= r["budget"] * (1 + 1e-9)
     assert "measured/budget" in (out / "results.md").read_text()
+
+
+def test_bench_storage_smoke(tmp_path):
+    proc = _tool("bench_storage.py", "--smoke", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "resnet18 int8: parity PASS" in out and "resnet18 packed: parity PASS" in out
+    rows = {r[1]: r for r in (line.strip("|").split("|") for line in out.splitlines()
+                              if line.startswith("| resnet18 |"))}
+    rows = {k.strip(): [c.strip() for c in v] for k, v in rows.items()}
+    int8, plain, widened = rows["int8 file"], rows["packed, plain session"], rows["packed, fxmpq.ort_session"]
+    assert float(plain[2]) < 0.6 * float(int8[2])  # 19 of 21 layers at 4 bits: about half the file
+    assert plain[3] == plain[4]  # the packed file's weights take the policy's packed bytes (all <= 4 or 8 bits)
+    assert int8[7] == widened[7] == "21/21" and plain[7] != "21/21"

@@ -45,6 +45,14 @@ def test_lowers_a_checkpoint(tmp_path):
     assert "PASS" in r.stdout and "FP32 ONNX" in r.stdout and "3/3" in r.stdout
 
 
+def test_lowers_a_checkpoint_with_packed_storage(tmp_path):
+    ckpt = _checkpoint(tmp_path / "ckpt.pt")
+    r = _run(str(ckpt), "--out", str(tmp_path / "m.onnx"), "--samples", "8", "--storage", "packed", "--no-measure")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("storage"))
+    assert "PASS" in r.stdout and line.startswith("storage        packed") and " int4" in line
+
+
 def test_work_directory_and_model_override(tmp_path):
     _checkpoint(tmp_path / "checkpoint.pt")
     r = _run(str(tmp_path), "--out", str(tmp_path / "m.onnx"), "--model", "models:PlainCNN",

@@ -11,9 +11,9 @@ EXPECTED = {
     "FxmpqError", "HardwareSpec", "HardwareSpecError", "IndicatorError", "Indicators", "InfeasibleBudget", "LayerKind",
     "LayerRecord", "LowerReport", "ModelSpecError",
     "ParetoResult", "PassError", "Pins", "Policy", "PolicyError", "QuantModel", "QuantizedModel", "SearchResult",
-    "SearchStatus",
+    "SearchStatus", "Storage",
     "TraceError", "TrainStats", "__version__", "accuracy", "analyze", "apply_policy", "builtin_hardware",
-    "finetune", "hessian_indicators", "indicators_from_model", "load_hardware", "lower", "models", "pareto", "prepare", "quantize",
+    "finetune", "hessian_indicators", "indicators_from_model", "load_hardware", "lower", "models", "ort_session", "pareto", "prepare", "quantize",
     "search", "trace", "train_indicators",
 }
 
