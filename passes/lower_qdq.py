@@ -406,9 +406,15 @@ class LowerToQDQPass(PassBase):
             src.replace_all_uses_with(new)
             g.erase_node(src)
             return
-        with g.inserting_before(node):
-            new = g.call_function(QDQ_CHANNELS_OP, (x, *args[1:]))
-        new.meta[QDQ_META] = src.meta[QDQ_META]
+        wanted = (x, *args[1:])
+        # float layers reading one tensor share one node: ONNX's optimizer would merge identical ones anyway, and
+        # the parity diagnosis pairs the graph's quantizer nodes one to one with the ONNX graph's
+        new = next((u for u in x.users if u.op == "call_function" and u.target is QDQ_CHANNELS_OP
+                    and tuple(u.args) == wanted), None)
+        if new is None:
+            with g.inserting_before(node):
+                new = g.call_function(QDQ_CHANNELS_OP, wanted)
+            new.meta[QDQ_META] = src.meta[QDQ_META]
         node.replace_input_with(x, new)
 
     @staticmethod

@@ -195,3 +195,27 @@ def test_a_float_output_after_integer_layers_is_judged_stage_by_stage(tmp_path, 
     monkeypatch.setattr(E, "lower_passes", lambda ex=None: [LowerToQDQPass(example_inputs=ex), Corrupt()])
     bad = fxmpq.lower(q, tmp_path / "bad.onnx", x[:1], samples=64, check=False, measure=False)
     assert not bad.passed and bad.lowered_max_steps > 1 and bad.lowered_diverging.startswith("quantizer conv2")
+
+
+def test_float_layers_reading_one_tensor_share_one_dequantize(tmp_path, hw) -> None:
+    """conv1 and shortcut, both float, read the stem's quantized output: one per-channel quantize-dequantize node
+    serves both (ONNX's optimizer merges identical ones), so the stage-by-stage diagnosis can pair the graph's
+    quantizers with the ONNX graph's one to one."""
+    import copy
+
+    from fxmpq.parity import qdq_nodes, quantizer_parity
+    from fxmpq.passes import run_passes
+    from fxmpq.passes.lower_qdq import QDQ_CHANNELS_OP
+    from fxmpq.stages import lower_passes
+
+    x = torch.randn(8, 3, 16, 16)
+    q = fxmpq.prepare(ResidualNet().eval(), x, hardware=hw, bits=(2, 4, 8))
+    fxmpq.apply_policy(q, {"conv1": FLOAT, "conv2": (4, 4), "shortcut": FLOAT}, x)
+    q.eval()
+    lowered = run_passes(copy.deepcopy(q.graph_module).eval(), lower_passes((x[:1],))).graph_module
+    channels = [n for n in lowered.graph.nodes if n.target is QDQ_CHANNELS_OP]
+    assert len(channels) == 1 and len(channels[0].users) == 2
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], samples=16, measure=False)
+    assert rep.passed
+    first, forced, _ = quantizer_parity(lowered, tmp_path / "m.onnx", (x,), 8)
+    assert first is None and forced <= 1 and len(qdq_nodes(lowered)) >= 2
