@@ -17,7 +17,7 @@ from fxmpq.errors import ExportError
 from fxmpq.formats import Format
 from fxmpq.graph import as_input_tuple, propagate_shapes
 from fxmpq.kernels import AddRounding, BiasRounding
-from fxmpq.matcher import emit_call, layer_input, linear_runs_as_conv
+from fxmpq.matcher import emit_call, layer_input, linear_runs_as_conv, weight_arg
 from fxmpq.primitives import INT32_MAX, container_zero_point, fake_quantize, quantize, round_to_grid
 from fxmpq.quant import LSQQuantizer
 from fxmpq.record import LayerRecord, Lowered, records, set_record
@@ -362,10 +362,13 @@ class LowerToQDQPass(PassBase):
                     g.get_attr(f"{LOWERED}.{mname}_weight_scale"), g.get_attr(f"{LOWERED}.{mname}_bias"))
             new = g.call_function(NBITS_OP, (*args, k, out_ch, b, NBITS_BLOCK, self.accuracy_level))
         new.meta.update({key: v for key, v in out.meta.items() if key == "tensor_meta"})
+        w_in = weight_arg(node)  # a functional layer's weight quantizer call, dead once the layer is replaced
         out.replace_all_uses_with(new)
         if out is not node:
             g.erase_node(out)
         g.erase_node(node)
+        if isinstance(w_in, fx.Node) and not w_in.users:
+            g.erase_node(w_in)
         log.info("layer %s lowered weight-only: MatMulNBits %d-bit, block %d", rec.name, b, NBITS_BLOCK)
         set_record(new, dataclasses.replace(rec, lowered=Lowered(
             b, None, (qmin, qmax), fold is not None, False, f"{LOWERED}.{mname}_weight", matmul_nbits=True,

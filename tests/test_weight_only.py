@@ -196,3 +196,30 @@ def test_the_search_chooses_weight_only_when_activations_are_sensitive(hw) -> No
     # and with room for float everywhere, float (indicator 0) wins
     free = a.cost(fxmpq.Policy(dict.fromkeys(names, (None, None))))["latency"]
     assert set(fxmpq.search(a, ind, {"latency": free}).policy.values()) == {(None, None)}
+
+
+class _FunctionalTokens(nn.Module):
+    """F.linear without a bias on [B, T, 16] tokens, then an nn.Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(24, 16) * 0.3)
+        self.head = nn.Linear(24, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(torch.nn.functional.linear(x, self.w)))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_functional_linear_without_bias_per_channel_steps(tmp_path, hw, per_channel) -> None:
+    torch.manual_seed(2)
+    x = torch.randn(8, 7, 16)
+    q = fxmpq.prepare(_FunctionalTokens().eval(), x, hardware=hw, bits=(2, 4, 8), per_channel=per_channel)
+    first, head = q.searchable_names
+    fxmpq.apply_policy(q, {first: (4, None), head: (8, None)}, x)
+    q.eval()
+    rep = fxmpq.lower(q, tmp_path / "f.onnx", x[:1], samples=32)
+    assert rep.passed and rep.format_mismatches == ()
+    m = onnx.load(str(tmp_path / "f.onnx"))
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("MatMulNBits") == 2 and "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
