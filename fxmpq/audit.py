@@ -112,7 +112,9 @@ def latency_audit(qmodel: QuantModel, path: Path, recs: Sequence[LayerRecord], f
         flag = None
         if not ran:
             flag = "not found in ONNX Runtime's graph"
-        elif fmt[0] is not None and not integer:
+        elif low.matmul_nbits and "MatMulNBits" not in kernels:
+            flag = f"priced weight-only ({format_name(fmt)}), ORT ran {'+'.join(kernels)}"
+        elif fmt[0] is not None and not integer and not low.matmul_nbits:
             flag = f"priced as an integer kernel ({format_name(fmt)}), ORT ran {'+'.join(kernels)} in float"
         elif fmt[0] is None and integer:
             flag = f"priced in float, ORT ran {'+'.join(kernels)} (an integer kernel)"

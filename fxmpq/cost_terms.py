@@ -17,6 +17,7 @@ MIN_BITS, MAX_BITS = 1, 8
 FLOAT_BITS = 32  # what a float layer counts as in bit-based terms (BitOps, weight bits, bricks)
 FLOAT = (None, None)  # the (w, a) spelling of "this layer stays in float" in policies and cost tables
 FLOAT_KEY = "float"  # its key in a table term's values
+# (w, None): weight-only, w-bit weights and float activations (MatMulNBits); "4xfloat" in tables, "W4Afloat" in names
 
 Pair = tuple[int | None, int | None]
 
@@ -145,7 +146,8 @@ class Term:
     def evaluate(self, layer: Layer, w: int | None, a: int | None) -> float:
         """Cost of one layer run at `w`-bit weights and `a`-bit inputs.
 
-        (None, None) is the layer left in float: FLOAT_BITS in bit-based terms, the "float" value of a table.
+        (None, None) is the layer left in float: FLOAT_BITS in bit-based terms, the "float" value of a table;
+        (w, None) is weight-only (float activations count FLOAT_BITS), the "Wxfloat" value of a table.
         A LAYER_TABLE term raises HardwareSpecError, naming the file, when it has no entry for the layer, the
         entry was measured on other shapes, or it prices no value for the format.
         """
@@ -156,9 +158,9 @@ class Term:
         kind, macs, params = layer.kind, layer.macs, layer.params
         if kind not in self.kinds:
             return 0.0
-        if (w, a) == FLOAT and self.type is TermType.TABLE:
+        if a is None and self.type is TermType.TABLE:  # float or weight-only: looked up by its own key
             base = {Per.MAC: macs, Per.PARAM: params, Per.LAYER: 1.0}[self.per]
-            return self.scale * base * self.values[FLOAT]
+            return self.scale * base * self.values[(w, a)]
         w = FLOAT_BITS if w is None else w
         a = FLOAT_BITS if a is None else a
         if self.type is TermType.BITOPS:
@@ -258,12 +260,12 @@ class Metric:
 
 
 def format_name(pair: Pair) -> str:
-    """"W4A8" for integer bits, "float" for (None, None) (policies, tables, error messages)."""
+    """"W4A8" for integer bits, "W4Afloat" weight-only, "float" for (None, None) (policies, tables, errors)."""
     w, a = pair
-    return "float" if (w, a) == FLOAT else f"W{w}A{a}"
+    return "float" if (w, a) == FLOAT else f"W{w}A{'float' if a is None else a}"
 
 
-def pair_name(pair: Iterable[int]) -> str:
-    """The "WxA" spelling of a pair, as used in tables and TOML lookup tables."""
+def pair_name(pair: Iterable[int | None]) -> str:
+    """The "WxA" spelling of a pair ("4xfloat" weight-only), as used in tables and TOML lookup tables."""
     w, a = pair
-    return f"{w}x{a}"
+    return f"{w}x{'float' if a is None else a}"

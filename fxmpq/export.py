@@ -42,7 +42,7 @@ from .parity import (
     run_torch,
 )
 from .passes import run_passes
-from .passes.lower_qdq import DQ_OP, QDQ_CHANNELS_OP, QDQ_META, QDQ_OP
+from .passes.lower_qdq import DQ_OP, NBITS_OP, QDQ_CHANNELS_OP, QDQ_META, QDQ_OP
 from .record import records
 from .stages import lower_passes
 from .storage import Storage, as_storage, pack_weights, stored_weight_bytes
@@ -59,10 +59,33 @@ _TWO_GB = 2**31 - 2**20
 
 
 # ----------------------------------------------------------------------------------------------- translation
+def _matmul_nbits_schema() -> Any:
+    """ONNX Runtime's contrib MatMulNBits (com.microsoft, version 1), which onnx does not register: the inputs and
+    attributes fxmpq emits (A, B, scales, zero_points, g_idx, bias; K, N, bits, block_size, accuracy_level)."""
+    from onnx.defs import OpSchema
+
+    opt = OpSchema.FormalParameterOption.Optional
+
+    def param(name: str, t: str, optional: bool = False) -> Any:
+        return OpSchema.FormalParameter(name, t, param_option=opt) if optional else OpSchema.FormalParameter(name, t)
+
+    return OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1"), param("zero_points", "T3", True),
+                param("g_idx", "T4", True), param("bias", "T1", True)],
+        outputs=[param("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(float)"], ""), ("T4", ["tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in
+                    ("K", "N", "bits", "block_size", "accuracy_level")])
+
+
 def _translation_table() -> dict[Any, Any]:
-    """ONNX for fxmpq's two custom ops: QuantizeLinear(uint8) -> [Clip] -> DequantizeLinear, and DequantizeLinear."""
+    """ONNX for fxmpq's custom ops: QuantizeLinear(uint8) -> [Clip] -> DequantizeLinear, DequantizeLinear, and
+    com.microsoft MatMulNBits (weight-only linear layers)."""
     import onnx
     from onnxscript import opset21 as op
+    from onnxscript.values import Op, Opset
 
     def u8(name: str, v: int) -> Any:
         return op.Constant(value=onnx.helper.make_tensor(name, onnx.TensorProto.UINT8, [], [int(v)]))
@@ -87,7 +110,22 @@ def _translation_table() -> dict[Any, Any]:
     def dq(q: Any, scale: Any, axis: int) -> Any:
         return op.DequantizeLinear(q, scale, axis=axis)
 
-    return {QDQ_OP: qdq, QDQ_CHANNELS_OP: qdq_channels, DQ_OP: dq}
+    matmul_nbits = Op(Opset("com.microsoft", 1), "MatMulNBits", _matmul_nbits_schema())
+
+    def nbits(x: Any, packed: Any, scales: Any, bias: Any, k: int, n: int, bits: int, block_size: int,
+              accuracy_level: int) -> Any:
+        return matmul_nbits(x, packed, scales, None, None, bias, K=k, N=n, bits=bits, block_size=block_size,
+                                accuracy_level=accuracy_level)
+
+    return {QDQ_OP: qdq, QDQ_CHANNELS_OP: qdq_channels, DQ_OP: dq, NBITS_OP: nbits}
+
+
+def _set_accuracy_level(gm: fx.GraphModule, level: int) -> None:
+    """Every MatMulNBits of the lowered graph at the hardware's matmul_nbits_accuracy_level (its last argument)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is NBITS_OP:
+            node.args = (*node.args[:-1], int(level))
+    gm.recompile()
 
 
 def _export(module: nn.Module, inputs: tuple[Any, ...], table: dict[Any, Any] | None) -> Any:
@@ -265,6 +303,7 @@ def lower(
             raise DataError(f"lower: the model fails on example_inputs at {f.describe()}") from f.__cause__
         gm = copy.deepcopy(qmodel.graph_module).eval()
         lowered = run_passes(gm, lower_passes(ex)).graph_module
+        _set_accuracy_level(lowered, qmodel.hardware.matmul_nbits_accuracy_level)
         layers = [(r, r.lowered) for _, r in records(lowered)]
         proto = _export(lowered, ex, _translation_table())
         containers = pack_weights(proto, [(r.name, low) for r, low in layers], storage)

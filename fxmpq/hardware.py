@@ -9,7 +9,7 @@ import logging
 import math
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -119,6 +119,9 @@ class HardwareSpec:
     metrics: Mapping[str, Metric]
     share_input_quantizer: bool = False
     float_kinds: frozenset[LayerKind] = frozenset()  # layer kinds the search may leave in float
+    # weight-only formats (w, None) linear layers may run as (ONNX Runtime's MatMulNBits), and its accuracy_level
+    weight_only_bits: tuple[int, ...] = ()
+    matmul_nbits_accuracy_level: int = 4
     path: str = "<memory>"
     provenance: Provenance | None = None
 
@@ -130,8 +133,9 @@ class HardwareSpec:
         return (w, a) in self.pairs
 
     def formats(self, kind: LayerKind) -> tuple[Pair, ...]:
-        """What a layer of `kind` may run as: every supported (w, a) pair, and FLOAT when the target offers it."""
-        return self.pairs + ((FLOAT,) if kind in self.float_kinds else ())
+        """What a layer of `kind` may run as: every supported (w, a) pair, the weight-only (w, None) formats (linear
+        layers) and FLOAT, where the target offers them."""
+        return _offered(self.pairs, self.float_kinds, self.weight_only_bits, {kind})
 
     def runs(self, kind: LayerKind, w: int | None, a: int | None) -> bool:
         """Whether a layer of `kind` may run at (w, a) ((None, None): in float) on this target."""
@@ -182,6 +186,33 @@ class HardwareSpec:
 _PACKAGE = "fxmpq.hardware_specs"
 
 
+WEIGHT_ONLY_BITS = (2, 4, 8)  # the bit-widths the MatMulNBits lowering emits
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
+
+
+def _offered(pairs: tuple[Pair, ...], float_kinds: frozenset[LayerKind], weight_only_bits: tuple[int, ...],
+             kinds: Iterable[LayerKind]) -> tuple[Pair, ...]:
+    """The formats a layer of one of `kinds` may run as: the pairs, weight-only for linear layers, then float."""
+    kinds = set(kinds)
+    wo = tuple((w, None) for w in weight_only_bits) if LayerKind.LINEAR in kinds else ()
+    return tuple(pairs) + wo + ((FLOAT,) if kinds & float_kinds else ())
+
+
+def _weight_only_bits(t: Table, wbits: tuple[int, ...]) -> tuple[int, ...]:
+    """[target] weight_only_bits: a subset of WEIGHT_ONLY_BITS and of weight_bits (the quantizer has their steps)."""
+    values = t.take("weight_only_bits", list, [])
+    for i, b in enumerate(values):
+        _check_bits(t, f"weight_only_bits[{i}]", b)
+        if b not in WEIGHT_ONLY_BITS:
+            raise t.fail(f"weight_only_bits[{i}]", f"{b}-bit weight-only layers have no lowering; MatMulNBits is "
+                         f"emitted at {', '.join(map(str, WEIGHT_ONLY_BITS))} bits")
+        if b not in wbits:
+            raise t.fail(f"weight_only_bits[{i}]", f"{b} is not one of weight_bits {list(wbits)}")
+    if len(set(values)) != len(values):
+        raise t.fail("weight_only_bits", f"duplicate bit-widths in {values}")
+    return tuple(sorted(values))
+
+
 def _kinds(t: Table, key: str, raw: list[Any]) -> frozenset[LayerKind]:
     parsed = []
     for i, k in enumerate(raw):
@@ -212,7 +243,12 @@ def _check_bits(t: Table, key: str, b: Any) -> int:
     return b
 
 
-def _parse_pair_key(t: Table, key: str) -> tuple[int, int]:
+def _parse_pair_key(t: Table, key: str) -> Pair:
+    if key == FLOAT_KEY:
+        return FLOAT
+    match = re.fullmatch(r"([0-9]{1,4})[xX]float", key)  # weight-only: w-bit weights, float activations
+    if match is not None:
+        return _check_bits(t, key, int(match[1])), None
     match = re.fullmatch(r"([0-9]{1,4})[xX]([0-9]{1,4})", key)  # ASCII digits only: "²x4".isdigit() is True
     if match is None:
         raise t.fail(key, 'expected a pair key "WxA" such as "4x8" (weight bits x activation bits)')
@@ -222,7 +258,10 @@ def _parse_pair_key(t: Table, key: str) -> tuple[int, int]:
     return w, a
 
 
-def _parse_term(t: Table, pairs: tuple[tuple[int, int], ...], float_kinds: frozenset[LayerKind]) -> Term:
+Offer = Callable[[Iterable[LayerKind]], tuple[Pair, ...]]  # the formats the target offers layers of some kinds
+
+
+def _parse_term(t: Table, offer: Offer) -> Term:
     ttype = enum_value(t, "type", TermType, "term type")
     scale = number(t, "scale", 1.0)
     if not math.isfinite(scale) or scale < 0:
@@ -241,7 +280,7 @@ def _parse_term(t: Table, pairs: tuple[tuple[int, int], ...], float_kinds: froze
         entries = {}
         for name in lt.data:
             raw = lt.take(name, dict)
-            entries[name] = _parse_layer_entry(Table(raw, f"{lt.path}.{_key(name)}", t.file), pairs, float_kinds)
+            entries[name] = _parse_layer_entry(Table(raw, f"{lt.path}.{_key(name)}", t.file), offer)
         lt.finish()
         for name, entry in entries.items():  # a chain covers every format of the layer it reads
             if not entry.chain:
@@ -250,11 +289,11 @@ def _parse_term(t: Table, pairs: tuple[tuple[int, int], ...], float_kinds: froze
             if entry.after not in entries:
                 raise where.fail("after", f"names no layer of this table ({entry.after!r})")
             prod = entries[entry.after].signature.kind
-            needed = [*pairs, FLOAT] if prod in float_kinds else list(pairs)
+            needed = offer({prod})
             for own, inner in entry.chain.items():
-                missing = [FLOAT_KEY if p == FLOAT else pair_name(p) for p in needed if p not in inner]
+                missing = [_spell(p) for p in needed if p not in inner]
                 if missing:
-                    raise where.fail(f"chain.{FLOAT_KEY if own == FLOAT else pair_name(own)}",
+                    raise where.fail(f"chain.{_spell(own)}",
                                      f"no value for format(s) {', '.join(missing)} of {entry.after!r}, the layer "
                                      f"it reads")
         t.finish()
@@ -275,14 +314,14 @@ def _parse_term(t: Table, pairs: tuple[tuple[int, int], ...], float_kinds: froze
         vt = t.table("values")
         values = {}
         for key in vt.data:
-            pair = FLOAT if key == FLOAT_KEY else _parse_pair_key(vt, key)
+            pair = _parse_pair_key(vt, key)
             v = number(vt, key)
             if not math.isfinite(v) or v < 0:
                 raise vt.fail(key, f"expected a finite non-negative number, found {v!r}")
             values[pair] = v
         vt.finish()
-        needed = [*pairs, FLOAT] if kinds & float_kinds else list(pairs)
-        missing = [FLOAT_KEY if p == FLOAT else pair_name(p) for p in needed if p not in values]
+        needed = offer(kinds)
+        missing = [_spell(p) for p in needed if p not in values]
         if missing:
             raise vt.fail(None, f"no value for supported pair(s) {', '.join(missing)}")
         kwargs["values"] = MappingProxyType(values)
@@ -293,8 +332,7 @@ def _parse_term(t: Table, pairs: tuple[tuple[int, int], ...], float_kinds: froze
 _SHAPE = r"[0-9]+(?:x[0-9]+)*"
 
 
-def _parse_layer_entry(e: Table, pairs: tuple[tuple[int, int], ...], float_kinds: frozenset[LayerKind]
-                       ) -> LayerEntry:
+def _parse_layer_entry(e: Table, offer: Offer) -> LayerEntry:
     """One layer of a layer_table: kind, shape "IN->OUT", weight shape, a value for every format it may run as, and
     optionally `after` (the layer it reads back to back) with a `chain` value per format."""
     kind = enum_value(e, "kind", LayerKind, "layer kind")
@@ -312,11 +350,11 @@ def _parse_layer_entry(e: Table, pairs: tuple[tuple[int, int], ...], float_kinds
         if after is None:
             raise e.fail("chain", "a chain needs `after`, the layer this one reads back to back")
         for key in ct.data:
-            pair = FLOAT if key == FLOAT_KEY else _parse_pair_key(ct, key)
+            pair = _parse_pair_key(ct, key)
             inner = ct.table(key)
             chain[pair] = {}
             for k2 in inner.data:
-                p2 = FLOAT if k2 == FLOAT_KEY else _parse_pair_key(inner, k2)
+                p2 = _parse_pair_key(inner, k2)
                 v = float(inner.take(k2, float))
                 if not math.isfinite(v):
                     raise inner.fail(k2, f"expected a finite number, found {v!r}")
@@ -329,21 +367,21 @@ def _parse_layer_entry(e: Table, pairs: tuple[tuple[int, int], ...], float_kinds
     for key in e.data:
         if key in ("kind", "shape", "weight", "after", "chain"):
             continue
-        if key != FLOAT_KEY and not re.fullmatch(r"[0-9]+[xX][0-9]+", key):
+        if key != FLOAT_KEY and not re.fullmatch(r"[0-9]+[xX](?:[0-9]+|float)", key):
             continue  # left for finish() to name as an unknown key
-        pair = FLOAT if key == FLOAT_KEY else _parse_pair_key(e, key)
+        pair = _parse_pair_key(e, key)
         v = float(e.take(key, float))
         if not math.isfinite(v) or v < 0:
             raise e.fail(key, f"expected a finite non-negative number, found {v!r}")
         values[pair] = v
     e.finish()
-    needed = [*pairs, FLOAT] if kind in float_kinds else list(pairs)
-    missing = [FLOAT_KEY if p == FLOAT else pair_name(p) for p in needed if p not in values]
+    needed = offer({kind})
+    missing = [_spell(p) for p in needed if p not in values]
     if missing:
         raise e.fail(None, f"no value for format(s) {', '.join(missing)}, which the target offers a "
                      f"{kind.value} layer")
     if ct is not None:
-        missing = [FLOAT_KEY if p == FLOAT else pair_name(p) for p in needed if p not in chain]
+        missing = [_spell(p) for p in needed if p not in chain]
         if missing:
             raise ct.fail(None, f"no value for format(s) {', '.join(missing)}, which the target offers a "
                           f"{kind.value} layer")
@@ -399,7 +437,16 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
         pairs = tuple(sorted(parsed))
     share = tg.take("share_input_quantizer", bool, False)
     float_kinds = _kinds(tg, "float_kinds", tg.take("float_kinds", list, []))
+    wo_bits = _weight_only_bits(tg, wbits)
+    level = tg.take("matmul_nbits_accuracy_level", int, 4)
+    if level not in ACCURACY_LEVELS:
+        raise tg.fail("matmul_nbits_accuracy_level", f"expected one of {list(ACCURACY_LEVELS)} (ONNX Runtime's "
+                      f"MatMulNBits accuracy_level), found {brief(level)}")
     tg.finish()
+
+    def offer(kinds: Iterable[LayerKind]) -> tuple[Pair, ...]:
+        return _offered(pairs, float_kinds, wo_bits, kinds)
+
 
     pt = top.table("pins", {})
     pins = Pins(
@@ -436,7 +483,7 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
         for i, rt in enumerate(raw_terms):
             if not isinstance(rt, dict):
                 raise m.fail(f"terms[{i}]", f"expected a table such as {{ type = \"bitops\" }}, found {brief(rt)}")
-            terms.append(_parse_term(Table(rt, f"{m.path}.terms[{i}]", file), pairs, float_kinds))
+            terms.append(_parse_term(Table(rt, f"{m.path}.terms[{i}]", file), offer))
         m.finish()
         metrics[mname] = Metric(name=mname, unit=unit, description=mdesc, terms=tuple(terms))
     pv = top.take("provenance", dict, None)
@@ -444,7 +491,13 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
     top.finish()
     return HardwareSpec(name=name, description=description, sources=tuple(sources), weight_bits=wbits,
                         act_bits=abits, pairs=pairs, pins=pins, metrics=MappingProxyType(metrics),
-                        share_input_quantizer=share, float_kinds=float_kinds, path=file, provenance=provenance)
+                        share_input_quantizer=share, float_kinds=float_kinds, weight_only_bits=wo_bits,
+                        matmul_nbits_accuracy_level=level, path=file, provenance=provenance)
+
+
+def _spell(p: Pair) -> str:
+    """A format as its table key: "float", "4x8", "4xfloat"."""
+    return FLOAT_KEY if p == FLOAT else pair_name(p)
 
 
 def builtin_hardware() -> list[str]:

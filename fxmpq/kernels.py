@@ -7,7 +7,7 @@ from torch import nn
 
 from .primitives import round_to_grid
 
-__all__ = ["AddRounding", "BiasRounding", "fma_float32"]
+__all__ = ["AddRounding", "BiasRounding", "fma_float32", "int8_activation_bound"]
 
 
 class BiasRounding(nn.Module):
@@ -119,3 +119,18 @@ class AddRounding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"zero_points={self.zero_points}"
+
+
+def int8_activation_bound(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The largest change MatMulNBits at accuracy_level 4 may make to x @ weight.T over fp32 compute, per output.
+
+    ONNX Runtime's CompInt8 path quantizes x per block of `block_size` along K to int8 with scale max|x_blk| / 127
+    (round to nearest, so |x - x_q| <= max|x_blk| / 254) and multiplies the integers with the weight's: output n
+    moves by at most sum over blocks of max|x_blk| / 254 * sum_{k in blk} |weight[n, k]|. PyTorch simulates fp32
+    compute (lower() checks parity at level 0); this bounds what the deployed level-4 file adds.
+    """
+    k = x.shape[-1]
+    pad = -k % block_size
+    xa = torch.nn.functional.pad(x.abs().float(), (0, pad)).reshape(*x.shape[:-1], -1, block_size)
+    wa = torch.nn.functional.pad(weight.abs().float(), (0, pad)).reshape(weight.shape[0], -1, block_size)
+    return torch.einsum("...b,nb->...n", xa.amax(-1) / 254.0, wa.sum(-1))

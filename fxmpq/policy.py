@@ -33,8 +33,8 @@ def _bits(b: int | None) -> int:
 
 @dataclass(frozen=True, init=False)
 class Policy(Mapping[str, Bits]):
-    """Layer name -> (w_bits, a_bits); (None, None) leaves a layer in float. Pinned layers may be left out: they
-    run at their pins."""
+    """Layer name -> (w_bits, a_bits); (w, None) is weight-only (float activations), (None, None) leaves a layer
+    in float. Pinned layers may be left out: they run at their pins."""
 
     bits: Mapping[str, Bits]
 
@@ -49,7 +49,7 @@ class Policy(Mapping[str, Bits]):
                 raise PolicyError(f"policy entry {brief(name)} must be a (w_bits, a_bits) pair, found "
                                   f"{brief(pair)}") from None
             if (w, a) != FLOAT and not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= FLOAT_BITS
-                                           for b in (w, a)):
+                                           for b in ((w, a) if a is not None else (w,))):
                 raise PolicyError(f"policy entry {brief(name)} must hold integer bits 1..{FLOAT_BITS}, found "
                                   f"{brief(pair)} (or (None, None) for a layer left in float)")
             clean[name] = (w, a)
@@ -108,6 +108,8 @@ class Policy(Mapping[str, Bits]):
                if n in known and known[n].searchable and not hw.runs(known[n].kind, w, a)]
         if bad:
             offers = ", ".join(f"W{w}A{a}" for w, a in hw.pairs)
+            if hw.weight_only_bits:
+                offers += f"; weight-only {', '.join(f'W{w}Afloat' for w in hw.weight_only_bits)} for linear layers"
             if hw.float_kinds:
                 offers += f"; float for {', '.join(sorted(k.value for k in hw.float_kinds))} layers"
             problems.append(f"bits hardware {hw.name!r} does not run: {', '.join(bad)} (supported pairs: {offers})")

@@ -13,7 +13,7 @@ import numpy as np
 
 from .dominance import nondominated
 from .errors import ArgumentError, FxmpqError, IndicatorError, InfeasibleBudget, PolicyError
-from .hardware import FLOAT
+from .hardware import FLOAT, LayerKind
 from .indicators import Cleaning, Indicators
 from .policy import Policy
 
@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from .analysis import Analysis
     from .hardware import HardwareSpec
 
-__all__ = ["Problem", "Unit", "candidate_pairs", "float_layers", "infeasible_budget", "layer_formats"]
+__all__ = ["Problem", "Unit", "candidate_pairs", "float_layers", "infeasible_budget", "layer_formats",
+           "weight_only_layers"]
 
 Pair = tuple[int, int]
 
@@ -82,7 +83,8 @@ class Problem:
         self.layer_obj = dict(layer_obj)
         self.layer_priced = dict(layer_priced)
         floats = float_layers(analysis)
-        self.layer_pairs = {n: layer_formats(self.pairs, n in floats) for n in searchable}
+        wo = weight_only_layers(analysis, self.pairs)
+        self.layer_pairs = {n: layer_formats(self.pairs, n in floats, wo.get(n, ())) for n in searchable}
         self.layer_cost: dict[str, np.ndarray] = {}
         for n in searchable:
             costs = analysis.layer(n).costs
@@ -164,6 +166,7 @@ class Problem:
         pa_arr = [p[1] for p in pairs]
         layer_obj, layer_priced = {}, {}
         floats = float_layers(analysis)
+        wo = weight_only_layers(analysis, pairs)
         for n in searchable:
             wv = np.array([price if w in pw[n] else iw[n][w] for w in pw_arr])
             pr = np.array([w in pw[n] for w in pw_arr], dtype=np.int64)
@@ -173,6 +176,9 @@ class Problem:
                 av = np.array([price if a in pa[n] else ia[n][a] for a in pa_arr])
                 pr = pr + np.array([a in pa[n] for a in pa_arr], dtype=np.int64)
             obj = alpha * wv + av
+            for w in wo.get(n, ()):  # weight-only: the weight indicator at w bits, activation indicator 0
+                obj = np.append(obj, alpha * (price if w in pw[n] else iw[n][w]))
+                pr = np.append(pr, int(w in pw[n]))
             if n in floats:  # float: no quantization error, indicator 0
                 obj, pr = np.append(obj, 0.0), np.append(pr, 0)
             layer_obj[n] = obj
@@ -194,7 +200,8 @@ class Problem:
             raise ArgumentError(f"bits {sorted(set(bits or ()))} cover none of hardware {hw.name!r}'s pairs "
                                 f"({', '.join(f'W{w}A{a}' for w, a in hw.pairs)})")
         floats = float_layers(analysis)
-        sizes = {n: len(layer_formats(pairs, n in floats)) for n in searchable}
+        wo = weight_only_layers(analysis, pairs)
+        sizes = {n: len(layer_formats(pairs, n in floats, wo.get(n, ()))) for n in searchable}
         prob = cls(analysis, pairs, {n: np.zeros(k) for n, k in sizes.items()},
                    {n: np.zeros(k, dtype=np.int64) for n, k in sizes.items()}, weight_only=weight_only)
         prob.build_time = time.perf_counter() - t0
@@ -356,19 +363,35 @@ def float_layers(analysis: Analysis) -> frozenset[str]:
     return frozenset(m.name for m in analysis.searchable if m.kind in hw.float_kinds and m.name not in grouped)
 
 
-def layer_formats(pairs: Sequence[Pair], may_float: bool) -> list[Pair | tuple[None, None]]:
-    """The candidates of one layer: `pairs`, and float last when it may stay in float."""
-    return [*pairs, FLOAT] if may_float else list(pairs)
+def weight_only_layers(analysis: Analysis, pairs: Sequence[Pair]) -> dict[str, tuple[int, ...]]:
+    """Searchable linear layers the hardware may run weight-only, and at which of the candidates' weight bits.
+
+    Like float, a weight-only layer reads no activation quantizer, so layers tied by a shared one are left out.
+    """
+    hw = analysis.hardware
+    bits = tuple(w for w in hw.weight_only_bits if w in {p[0] for p in pairs})
+    if not bits:
+        return {}
+    grouped = {n for g in analysis.shared_input_groups() for n in g} if hw.share_input_quantizer else set()
+    return {m.name: bits for m in analysis.searchable if m.kind == LayerKind.LINEAR and m.name not in grouped}
+
+
+def layer_formats(pairs: Sequence[Pair], may_float: bool, weight_only: Sequence[int] = ()
+                  ) -> list[Pair | tuple[None, None]]:
+    """The candidates of one layer: `pairs`, the weight-only (w, None) at `weight_only` bits, float last when it
+    may stay in float."""
+    return [*pairs, *((w, None) for w in weight_only), *((FLOAT,) if may_float else ())]
 
 
 def _code(pair: Pair | tuple[None, None]) -> tuple[int, int]:
-    """A format as two integers for the choice arrays: float is (0, 0) (no layer runs at 0 bits)."""
-    return (0, 0) if pair == FLOAT else pair
+    """A format as two integers for the choice arrays: float is (0, 0), weight-only (w, 0) (no layer runs at 0
+    bits)."""
+    return (0, 0) if pair == FLOAT else (pair[0], 0) if pair[1] is None else pair
 
 
 def _decode(row: np.ndarray) -> Pair | tuple[None, None]:
     w, a = (int(b) for b in row)
-    return FLOAT if (w, a) == (0, 0) else (w, a)
+    return FLOAT if (w, a) == (0, 0) else (w, None) if a == 0 else (w, a)
 
 
 def _searchable(analysis: Analysis) -> list[str]:

@@ -87,8 +87,11 @@ class QuantModel(nn.Module):
         return self.graph_module.get_submodule(self._site(name).weight_quantizer)
 
     def act_quantizer(self, name: str) -> LSQQuantizer:
-        """The input-activation LSQQuantizer of layer `name`."""
-        return self.graph_module.get_submodule(self._site(name).act_quantizer)
+        """The input-activation LSQQuantizer of layer `name` (PolicyError for a weight-only layer: it has none)."""
+        path = self._site(name).act_quantizer
+        if path is None:
+            raise PolicyError(f"layer {name!r} is weight-only (apply_policy removed its input quantizer)")
+        return self.graph_module.get_submodule(path)
 
     def batchnorm(self, name: str) -> _SwitchableBatchNorm | None:
         """The switchable BatchNorm following layer `name`, or None."""
@@ -126,7 +129,7 @@ class QuantModel(nn.Module):
             w = gm.get_submodule(rec.sites.weight_quantizer).active_bits
             a = gm.get_submodule(rec.sites.act_quantizer).active_bits
             on |= w is not None or a is not None
-            bits[rec.name] = (w, a) if w is not None and a is not None else FLOAT
+            bits[rec.name] = FLOAT if w is None else (w, a)  # (w, None): weight-only
         return Policy(bits) if on else None
 
     # ------------------------------------------------------------------ switching
@@ -142,7 +145,7 @@ class QuantModel(nn.Module):
                               f"keeps its policy")
         bad = [f"{n} {format_name((w, a))}" for n, (w, a) in full.items() if n in sites and (w, a) != FLOAT
                and (w not in gm.get_submodule(sites[n].weight_quantizer).bits
-                    or a not in gm.get_submodule(sites[n].act_quantizer).bits)]
+                    or (a is not None and a not in gm.get_submodule(sites[n].act_quantizer).bits))]
         if bad:
             raise PolicyError(f"policy bits outside this model's candidate bits {self.bits}: {', '.join(bad)}")
         self._switch(full, sites)
@@ -154,7 +157,8 @@ class QuantModel(nn.Module):
             if site is None:  # left in float by apply_policy
                 continue
             gm.get_submodule(site.weight_quantizer).set_bits(w)
-            gm.get_submodule(site.act_quantizer).set_bits(a)
+            if site.act_quantizer is not None:  # None: made weight-only by apply_policy
+                gm.get_submodule(site.act_quantizer).set_bits(a)
             if site.batchnorm:
                 gm.get_submodule(site.batchnorm).set_bits(w)
 
@@ -186,7 +190,8 @@ class QuantModel(nn.Module):
             if (w, a) == FLOAT:
                 raise PolicyError(f"fix(): layer {n} is switched off (float); apply_policy leaves float layers")
             gm.get_submodule(site.weight_quantizer).fix(w)
-            gm.get_submodule(site.act_quantizer).fix(a)
+            if a is not None:  # weight-only: the input quantizer stays off
+                gm.get_submodule(site.act_quantizer).fix(a)
             if site.batchnorm:
                 gm.get_submodule(site.batchnorm).fix(w)
 
@@ -194,8 +199,10 @@ class QuantModel(nn.Module):
         """Per layer: candidate bits and active bits of its quantizers (JSON-ready, for checkpoints)."""
         out = {}
         for n in self.sites:
-            wq, aq = self.weight_quantizer(n), self.act_quantizer(n)
-            out[n] = {"w_bits": list(wq.bits), "a_bits": list(aq.bits), "w": wq.active_bits, "a": aq.active_bits}
+            wq = self.weight_quantizer(n)
+            aq = self.act_quantizer(n) if self.sites[n].act_quantizer is not None else None
+            out[n] = {"w_bits": list(wq.bits), "a_bits": list(aq.bits) if aq else [], "w": wq.active_bits,
+                      "a": aq.active_bits if aq else None}
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -63,11 +63,12 @@ class QuantSites(_Value):
     """Where InsertFakeQuant put the layer's quantization (module qualnames in the graph module).
 
     `act_quantizer` is the quantizer the layer's input goes through: its own, until ApplyPolicyPass merges the
-    same-bit input quantizers of layers reading one tensor into the first of them and re-points the others here.
+    same-bit input quantizers of layers reading one tensor into the first of them and re-points the others here;
+    None once ApplyPolicyPass made the layer weight-only (its input stays float).
     """
 
     weight_quantizer: str
-    act_quantizer: str
+    act_quantizer: str | None
     batchnorm: str | None = None  # the switchable BatchNorm after the layer, if any
 
 
@@ -95,6 +96,7 @@ class Lowered(_Value):
     int_bias: bool
     weight_buffer: str | None
     as_conv: bool = False  # a Linear emitted as a 1x1 convolution (an integer kernel in ONNX Runtime)
+    matmul_nbits: bool = False  # a weight-only Linear emitted as com.microsoft MatMulNBits (packed uint8 weight)
     notes: tuple[str, ...] = ()
 
 

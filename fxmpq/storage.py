@@ -14,10 +14,15 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from .errors import ArgumentError, ExportError, brief
 from .record import Lowered
 
-__all__ = ["Container", "Storage", "as_storage", "pack_weights", "stored_weight_bytes", "weight_container", "widen"]
+__all__ = ["NBITS_BLOCK", "Container", "Storage", "as_storage", "pack_nbits", "pack_weights", "stored_weight_bytes",
+           "unpack_nbits", "weight_container", "widen"]
+
+NBITS_BLOCK = 32  # MatMulNBits block_size: a power of two >= 16; K is padded up to a multiple of it
 
 _DQ = "DequantizeLinear"
 
@@ -108,7 +113,7 @@ def pack_weights(model: Any, layers: Sequence[tuple[str, Lowered]], storage: Sto
     out: dict[str, Container] = {}
     types: dict[str, int] = {}
     for name, low in layers:
-        if low.w_bits is None or low.qrange is None:
+        if low.w_bits is None or low.qrange is None or low.matmul_nbits:  # MatMulNBits: packed by the lowering
             continue
         c = out[name] = weight_container(low.w_bits, low.qrange, storage)
         if c is Container.INT8:
@@ -163,3 +168,28 @@ def widen(model: Any) -> int:
         inits[k].CopyFrom(_convert(inits[k], wider[inits[k].data_type]))
     _retype(graph, {k: inits[k].data_type for k in todo})
     return len(todo)
+
+
+def pack_nbits(q: torch.Tensor, bits: int, block_size: int = NBITS_BLOCK) -> torch.Tensor:
+    """MatMulNBits' B: signed integers q [N, K] in [-2^(b-1), 2^(b-1)-1] stored as q + 2^(b-1) (its default zero
+    point), K padded with the zero point to whole blocks, packed low bits first: uint8 [N, n_blocks, blob_size]."""
+    n, k = q.shape
+    blocks, per = -(-k // block_size), 8 // bits
+    zp = 1 << (bits - 1)
+    u = torch.full((n, blocks * block_size), zp, dtype=torch.int32)
+    u[:, :k] = q.to(torch.int32) + zp
+    u = u.reshape(n, blocks, block_size // per, per)
+    out = torch.zeros(u.shape[:-1], dtype=torch.int32)
+    for i in range(per):
+        out |= u[..., i] << (bits * i)
+    return out.to(torch.uint8)
+
+
+def unpack_nbits(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    """The signed integers [N, K] that `pack_nbits` stored (the zero point 2^(b-1) subtracted, padding dropped)."""
+    n, blocks, blob = packed.shape
+    per = 8 // bits
+    p = packed.to(torch.int32)
+    parts = [(p >> (bits * i)) & ((1 << bits) - 1) for i in range(per)]
+    u = torch.stack(parts, dim=-1).reshape(n, blocks * blob * per)[:, :k]
+    return u - (1 << (bits - 1))

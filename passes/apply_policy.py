@@ -123,8 +123,11 @@ class ApplyPolicyPass(PassBase):
         modified = False
         for node, rec in layers:
             w, a = full[rec.name]
-            if format_of(rec.kind, w, a) is Format.FLOAT:
+            fmt = format_of(rec.kind, w, a)
+            if fmt is Format.FLOAT:
                 modified |= self._to_float(gm, node, rec)
+            elif fmt is Format.WEIGHT_ONLY:
+                modified |= self._to_weight_only(gm, node, rec, w)
             else:
                 modified |= self._fix(gm, rec, w, a)
         modified |= self._share_quantizers(gm, full)
@@ -183,6 +186,36 @@ class ApplyPolicyPass(PassBase):
             if not any(n.op == "call_module" and n.target == path for n in g.nodes):
                 gm.delete_submodule(path)  # False (nothing to do) when the plain module dropped it already
         set_record(node, dataclasses.replace(rec, sites=None))
+        return True
+
+    @staticmethod
+    def _to_weight_only(gm: fx.GraphModule, node: fx.Node, rec: LayerRecord, w: int) -> bool:
+        """Weight-only at `w` bits: the weight quantizer (and a switchable BN) fixed at w, the input quantizer leaves
+        the graph (the input stays float unless another reader quantizes it); the record's act site becomes None."""
+        site = rec.sites
+        if site is None:
+            raise PolicyError(f"layer {rec.name} was left in float; it has no weight quantizer to keep at W{w}")
+        wq = gm.get_submodule(site.weight_quantizer)
+        if w not in wq.bits:
+            raise PolicyError(f"layer {rec.name}: policy bits W{w} outside its weight quantizer's bits {wq.bits} "
+                              f"(a fixed model keeps only its policy)")
+        changed = wq.bits != (w,) or wq.active_bits != w or site.act_quantizer is not None
+        wq.fix(w)
+        if site.batchnorm:
+            bn = gm.get_submodule(site.batchnorm)
+            changed |= bn.bits != (w,)
+            bn.fix(w)
+        if site.act_quantizer is None:
+            return changed
+        g = gm.graph
+        x = layer_input(node)
+        if x is not None and x.op == "call_module" and x.target == site.act_quantizer:
+            node.replace_input_with(x, x.args[0])
+            if not x.users:
+                g.erase_node(x)
+        if not any(n.op == "call_module" and n.target == site.act_quantizer for n in g.nodes):
+            gm.delete_submodule(site.act_quantizer)
+        set_record(node, dataclasses.replace(rec, sites=dataclasses.replace(site, act_quantizer=None)))
         return True
 
     @staticmethod

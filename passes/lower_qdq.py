@@ -14,18 +14,20 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxmpq.errors import ExportError
+from fxmpq.formats import Format
 from fxmpq.graph import as_input_tuple, propagate_shapes
 from fxmpq.kernels import AddRounding, BiasRounding
-from fxmpq.matcher import emit_call, layer_input, linear_runs_as_conv
+from fxmpq.matcher import emit_call, layer_input, linear_runs_as_conv, weight_arg
 from fxmpq.primitives import INT32_MAX, container_zero_point, fake_quantize, quantize, round_to_grid
 from fxmpq.quant import LSQQuantizer
 from fxmpq.record import LayerRecord, Lowered, records, set_record
+from fxmpq.storage import NBITS_BLOCK, pack_nbits, unpack_nbits
 
 from .patterns import bn_module, relu_bounds
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DQ_OP", "LOWERED", "QDQ_CHANNELS_OP", "QDQ_META", "QDQ_OP", "LowerToQDQPass", "dequantize",
+__all__ = ["DQ_OP", "LOWERED", "NBITS_OP", "QDQ_CHANNELS_OP", "QDQ_META", "QDQ_OP", "LowerToQDQPass", "dequantize",
            "quantize_dequantize", "quantize_dequantize_channels"]
 
 LOWERED = "fxmpq_lowered"  # container module of the integer buffers
@@ -79,7 +81,25 @@ def _(x: torch.Tensor, scale: torch.Tensor, zero_point: int, qmin: int, qmax: in
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("fxmpq_qdq::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, k: int, n: int,
+                 bits: int, block_size: int, accuracy_level: int) -> torch.Tensor:
+    """com.microsoft MatMulNBits (default zero point 2^(b-1), one scale per output channel and block) plus the bias,
+    computed in float: ONNX Runtime's accuracy_level 0 (fp32 compute); level 4 quantizes x per block to int8."""
+    q = unpack_nbits(packed, k, bits).to(torch.float32)
+    blocks = packed.shape[1]
+    s = scales.reshape(n, blocks).repeat_interleave(block_size, dim=1)[:, :k]
+    return torch.nn.functional.linear(x, q * s, bias)
+
+
+@matmul_nbits.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, k: int, n: int,
+      bits: int, block_size: int, accuracy_level: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], n))
+
+
 QDQ_OP = torch.ops.fxmpq_qdq.quantize_dequantize.default
+NBITS_OP = torch.ops.fxmpq_qdq.matmul_nbits.default
 QDQ_CHANNELS_OP = torch.ops.fxmpq_qdq.quantize_dequantize_channels.default
 DQ_OP = torch.ops.fxmpq_qdq.dequantize.default
 
@@ -140,9 +160,10 @@ class LowerToQDQPass(PassBase):
     consumer) raise ExportError naming the node. `example_inputs` (optional) refreshes shape metadata.
     """
 
-    def __init__(self, *, example_inputs: Any = None):
+    def __init__(self, *, example_inputs: Any = None, accuracy_level: int = 4):
         super().__init__()
         self.example_inputs = example_inputs
+        self.accuracy_level = int(accuracy_level)  # MatMulNBits' accuracy_level for weight-only layers
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         if graph_module.training:
@@ -206,6 +227,9 @@ class LowerToQDQPass(PassBase):
             self._lower_float(gm, node, rec, weight, bias)
             return
         b = wq.active_bits
+        if rec.applied is not None and rec.applied.format is Format.WEIGHT_ONLY:
+            self._lower_weight_only(gm, node, rec, weight, bias, wq)
+            return
         if b > 8:
             raise ExportError(f"layer {name} (node {node.name}): {b}-bit weights do not fit the INT8 "
                               f"initializers the QDQ lowering emits; use at most 8 bits")
@@ -304,6 +328,51 @@ class LowerToQDQPass(PassBase):
         notes = () if (as_conv or rec.conv is not None) else ("linear on a 1-D input: float MatMul, not fused",)
         set_record(new, dataclasses.replace(rec, lowered=Lowered(
             b, a_bits, (qmin, qmax), bn_folded, int_bias, f"{LOWERED}.{mname}_weight", as_conv, notes)))
+
+    def _lower_weight_only(self, gm: fx.GraphModule, node: fx.Node, rec: LayerRecord, weight: torch.Tensor,
+                           bias: torch.Tensor | None, wq: LSQQuantizer) -> None:
+        """A weight-only linear: MatMulNBits on the float input, its packed B holding the LSQ integers exactly
+        (q + 2^(b-1), zero point 2^(b-1)), every block's scale the layer's step (per tensor or per output channel,
+        times a folded BatchNorm's factor), the bias added inside it."""
+        g = gm.graph
+        b = wq.active_bits
+        if b not in (2, 4, 8):
+            raise ExportError(f"layer {rec.name} (node {node.name}): weight-only layers lower to MatMulNBits at 2, 4 "
+                              f"or 8 bits, not {b}")
+        qmin, qmax = wq.qrange(b)
+        out_ch, k = weight.shape
+        with torch.no_grad():
+            s_w = wq.step_size(b).detach().float()
+            q_w = quantize(weight.detach().float(), s_w.reshape(-1, 1) if s_w.dim() else s_w, qmin, qmax)
+            scale = s_w.expand(out_ch).clone() if s_w.dim() == 0 else s_w.clone()
+            b_f = bias.detach().float().clone() if bias is not None else torch.zeros(out_ch)
+        out, fold = _following_bn(gm, node)
+        if fold is not None:
+            f, shift = fold
+            b_f = (b_f - shift[0]) * f + shift[1]
+            scale = scale * f
+        blocks = -(-k // NBITS_BLOCK)
+        mname = _mangle(rec.name)
+        holder = gm.get_submodule(LOWERED)
+        holder.register_buffer(f"{mname}_weight", pack_nbits(q_w, b, NBITS_BLOCK))
+        holder.register_buffer(f"{mname}_weight_scale", scale.repeat_interleave(blocks).contiguous())
+        holder.register_buffer(f"{mname}_bias", b_f.contiguous())
+        with g.inserting_before(node):
+            args = (layer_input(node), g.get_attr(f"{LOWERED}.{mname}_weight"),
+                    g.get_attr(f"{LOWERED}.{mname}_weight_scale"), g.get_attr(f"{LOWERED}.{mname}_bias"))
+            new = g.call_function(NBITS_OP, (*args, k, out_ch, b, NBITS_BLOCK, self.accuracy_level))
+        new.meta.update({key: v for key, v in out.meta.items() if key == "tensor_meta"})
+        w_in = weight_arg(node)  # a functional layer's weight quantizer call, dead once the layer is replaced
+        out.replace_all_uses_with(new)
+        if out is not node:
+            g.erase_node(out)
+        g.erase_node(node)
+        if isinstance(w_in, fx.Node) and not w_in.users:
+            g.erase_node(w_in)
+        log.info("layer %s lowered weight-only: MatMulNBits %d-bit, block %d", rec.name, b, NBITS_BLOCK)
+        set_record(new, dataclasses.replace(rec, lowered=Lowered(
+            b, None, (qmin, qmax), fold is not None, False, f"{LOWERED}.{mname}_weight", matmul_nbits=True,
+            notes=(f"MatMulNBits {b}-bit, block {NBITS_BLOCK}",))))
 
     @staticmethod
     def _lower_float(gm: fx.GraphModule, node: fx.Node, rec: LayerRecord, weight: torch.Tensor,

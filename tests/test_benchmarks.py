@@ -181,3 +181,10 @@ def test_bench_storage_smoke(tmp_path):
     assert float(plain[2]) < 0.6 * float(int8[2])  # 19 of 21 layers at 4 bits: about half the file
     assert plain[3] == plain[4]  # the packed file's weights take the policy's packed bytes (all <= 4 or 8 bits)
     assert int8[7] == widened[7] == "21/21" and plain[7] != "21/21"
+
+
+def test_bench_weight_only_smoke(tmp_path):
+    proc = _tool("bench_weight_only.py", "--smoke", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "| FP32 MatMul |" in proc.stdout
+    assert all(f"| MatMulNBits {b}-bit, accuracy_level 4 |" in proc.stdout for b in (2, 4, 8))

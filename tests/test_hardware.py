@@ -158,7 +158,8 @@ def test_explicit_pairs_and_pins_off():
 
 # ------------------------------------------------------------------------------------------ every message
 
-ALLOWED_TARGET = "act_bits, description, float_kinds, name, pairs, share_input_quantizer, sources, weight_bits"
+ALLOWED_TARGET = ("act_bits, description, float_kinds, matmul_nbits_accuracy_level, name, pairs, share_input_quantizer, "
+                  "sources, weight_bits, weight_only_bits")
 
 CASES = [
     ("target", DROP, "t.toml: target: missing required field"),
