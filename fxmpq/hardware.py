@@ -1,7 +1,9 @@
 """Hardware descriptions: a strict TOML schema parsed into a frozen HardwareSpec (targets, pins, metrics, provenance).
 
 The cost terms themselves (layer kinds, Term, Metric, the layer view they price) live in fxmpq/cost_terms.py; this
-module re-exports them, so `from fxmpq.hardware import LayerKind, FLOAT, ...` stays the one import users need."""
+module re-exports them, so `from fxmpq.hardware import LayerKind, FLOAT, ...` stays the one import users need.
+Over 500 lines because it is the whole schema of one file format, read top to bottom ([target], [pins], the
+metrics and their terms, per-layer tables, [provenance]); splitting it further would split one rule set."""
 
 from __future__ import annotations
 
