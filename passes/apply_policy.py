@@ -43,6 +43,15 @@ BIAS_ROUNDING = "bias_rounding"
 SUMS = "fxmpq_sums"  # container of the sums' modules (a sum belongs to no layer): <add node>.rounding, .output_quantizer
 
 
+def _unhook_input_quantizer(gm: fx.GraphModule, node: fx.Node, quantizer: str | None) -> None:
+    """Let `node` read its input unquantized: bypass its call of `quantizer`, erased when nothing else reads it."""
+    x = layer_input(node)
+    if quantizer is not None and x is not None and x.op == "call_module" and x.target == quantizer:
+        node.replace_input_with(x, x.args[0])
+        if not x.users:
+            gm.graph.erase_node(x)
+
+
 class ApplyPolicyPass(PassBase):
     """Fix every layer's quantizers at `policy` (keeping only that bit's step size and BatchNorm).
 
@@ -164,11 +173,7 @@ class ApplyPolicyPass(PassBase):
                 raise PolicyError(f"layer {rec.name} has no quantizers to leave in float")
             return False
         g = gm.graph
-        x = layer_input(node)
-        if x is not None and x.op == "call_module" and x.target == site.act_quantizer:
-            node.replace_input_with(x, x.args[0])
-            if not x.users:
-                g.erase_node(x)
+        _unhook_input_quantizer(gm, node, site.act_quantizer)
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
             if type(m) in QUANT_LAYER_TYPES.values():
@@ -208,11 +213,7 @@ class ApplyPolicyPass(PassBase):
         if site.act_quantizer is None:
             return changed
         g = gm.graph
-        x = layer_input(node)
-        if x is not None and x.op == "call_module" and x.target == site.act_quantizer:
-            node.replace_input_with(x, x.args[0])
-            if not x.users:
-                g.erase_node(x)
+        _unhook_input_quantizer(gm, node, site.act_quantizer)
         if not any(n.op == "call_module" and n.target == site.act_quantizer for n in g.nodes):
             gm.delete_submodule(site.act_quantizer)
         set_record(node, dataclasses.replace(rec, sites=dataclasses.replace(site, act_quantizer=None)))
