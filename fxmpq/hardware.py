@@ -2,7 +2,7 @@
 
 The cost terms themselves (layer kinds, Term, Metric, the layer view they price) live in fxmpq/cost_terms.py; this
 module re-exports them, so `from fxmpq.hardware import LayerKind, FLOAT, ...` stays the one import users need.
-Over 500 lines because it is the whole schema of one file format, read top to bottom ([target], [pins], the
+About 530 lines because it is the whole schema of one file format, read top to bottom ([target], [pins], the
 metrics and their terms, per-layer tables, [provenance]); splitting it further would split one rule set."""
 
 from __future__ import annotations
@@ -44,33 +44,10 @@ from .strict_toml import Table, enum_value, number
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "FLOAT",
-    "FLOAT_BITS",
-    "FLOAT_KEY",
-    "MAX_BITS",
-    "MIN_BITS",
-    "HardwareSpec",
-    "Layer",
-    "LayerEntry",
-    "LayerInfo",
-    "LayerKind",
-    "LayerSignature",
-    "Metric",
-    "Pair",
-    "Per",
-    "Pins",
-    "Provenance",
-    "Term",
-    "TermType",
-    "builtin_hardware",
-    "format_name",
-    "load_hardware",
-    "loads_hardware",
-    "pair_name",
-    "parse_hardware",
-    "shape_text",
-]
+__all__ = ["FLOAT", "FLOAT_BITS", "FLOAT_KEY", "MAX_BITS", "MIN_BITS", "HardwareSpec", "Layer", "LayerEntry",
+           "LayerInfo", "LayerKind", "LayerSignature", "Metric", "Pair", "Per", "Pins", "Provenance", "Term",
+           "TermType", "builtin_hardware", "format_name", "load_hardware", "loads_hardware", "pair_name",
+           "parse_hardware", "shape_text"]
 
 
 @dataclass(frozen=True)

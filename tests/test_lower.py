@@ -458,13 +458,18 @@ class _PlainBNHead(torch.nn.Module):
         return self.fc(torch.flatten(self.pool(self.relu(self.last(self.body(x)))), 1))
 
 
-def test_conv_relu_pool_linear_head_is_fused_and_accepted(tmp_path):
-    torch.manual_seed(0)
-    model = _PlainBNHead().eval()
+def _random_bn_stats(model: torch.nn.Module) -> None:
+    """Non-trivial BatchNorm statistics (fresh ones are 0 and 1, which folding leaves unchanged)."""
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
+
+
+def test_conv_relu_pool_linear_head_is_fused_and_accepted(tmp_path):
+    torch.manual_seed(0)
+    model = _PlainBNHead().eval()
+    _random_bn_stats(model)
     q, x, _ = _quantized(model, (2, 3, 32, 32), per_channel=False, seed=3)
     rep = lower(q, tmp_path / "m.onnx", x, samples=512)  # check=True: raises unless it passes by default
     assert rep.quantized_layers == 6 and rep.fused_layers == 6  # every conv and the linear an integer kernel
@@ -535,10 +540,7 @@ def test_functional_batch_norm_after_a_conv_is_switchable_and_folded(tmp_path):
     activation stays."""
     torch.manual_seed(0)
     net = _BNActNet().eval()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
+    _random_bn_stats(net)
     import fxmpq
 
     x = torch.randn(2, 3, 16, 16)
