@@ -114,8 +114,10 @@ def latency_audit(qmodel: QuantModel, path: Path, recs: Sequence[LayerRecord], f
             flag = "not found in ONNX Runtime's graph"
         elif low.matmul_nbits and "MatMulNBits" not in kernels:
             flag = f"priced weight-only ({format_name(fmt)}), ORT ran {'+'.join(kernels)}"
-        elif fmt[0] is not None and not integer and not low.matmul_nbits:
+        elif low.integer_kernel and not integer:
             flag = f"priced as an integer kernel ({format_name(fmt)}), ORT ran {'+'.join(kernels)} in float"
+        elif fmt[0] is not None and not low.integer_kernel and not low.matmul_nbits and integer:
+            flag = f"expected in float ({format_name(fmt)}: 16-bit activations), ORT ran {'+'.join(kernels)}"
         elif fmt[0] is None and integer:
             flag = f"priced in float, ORT ran {'+'.join(kernels)} (an integer kernel)"
         if flag is not None and ran:

@@ -13,7 +13,8 @@ from typing import Protocol
 
 from .errors import HardwareSpecError
 
-MIN_BITS, MAX_BITS = 1, 8
+MIN_BITS, MAX_BITS = 1, 8  # weight bit-widths (INT8 initializers, or INT4 packed)
+MAX_ACT_BITS = 16  # activation bit-widths: uint8 Q/DQ up to 8 bits, uint16 above (A16W8, A16W4)
 FLOAT_BITS = 32  # what a float layer counts as in bit-based terms (BitOps, weight bits, bricks)
 FLOAT = (None, None)  # the (w, a) spelling of "this layer stays in float" in policies and cost tables
 FLOAT_KEY = "float"  # its key in a table term's values

@@ -81,29 +81,42 @@ def _matmul_nbits_schema() -> Any:
 
 
 def _translation_table() -> dict[Any, Any]:
-    """ONNX for fxmpq's custom ops: QuantizeLinear(uint8) -> [Clip] -> DequantizeLinear, DequantizeLinear, and
+    """ONNX for fxmpq's custom ops: QuantizeLinear(uint8/uint16) -> [Clip] -> DequantizeLinear, DequantizeLinear, and
     com.microsoft MatMulNBits (weight-only linear layers)."""
     import onnx
     from onnxscript import opset21 as op
     from onnxscript.values import Op, Opset
 
-    def u8(name: str, v: int) -> Any:
-        return op.Constant(value=onnx.helper.make_tensor(name, onnx.TensorProto.UINT8, [], [int(v)]))
+    def container(zero_point: int, qmax: int) -> tuple[int, int]:
+        """(ONNX type, largest value) of the activation container: uint8, or uint16 for 9-16-bit grids."""
+        return ((onnx.TensorProto.UINT8, 255) if max(zero_point, qmax) <= 255 else
+                (onnx.TensorProto.UINT16, 65535))
+
+    def const(name: str, dtype: int, v: int) -> Any:
+        return op.Constant(value=onnx.helper.make_tensor(name, dtype, [], [int(v)]))
+
+    def quantize(x: Any, scale: Any, zero_point: int, qmin: int, qmax: int) -> tuple[Any, Any, int]:
+        """QuantizeLinear and the clip to [qmin, qmax]: on the integers in uint8; on the float input for uint16,
+        which ONNX Runtime's Clip does not take (exact: (lo - zp) * s rounds back to lo, and rounding is monotone)."""
+        dtype, top = container(zero_point, qmax)
+        zp = const("zp", dtype, zero_point)
+        clip = qmin > 0 or qmax < top
+        if clip and dtype != onnx.TensorProto.UINT8:
+            lo = op.Mul(op.Constant(value_float=float(qmin - zero_point)), scale)
+            hi = op.Mul(op.Constant(value_float=float(qmax - zero_point)), scale)
+            x = op.Clip(x, lo, hi)
+        q = op.QuantizeLinear(x, scale, zp)
+        if clip and dtype == onnx.TensorProto.UINT8:
+            q = op.Clip(q, const("lo", dtype, qmin), const("hi", dtype, qmax))
+        return q, zp, dtype
 
     def qdq(x: Any, scale: Any, zero_point: int, qmin: int, qmax: int) -> Any:
-        zp = u8("zp", zero_point)
-        q = op.QuantizeLinear(x, scale, zp)
-        if qmin > 0 or qmax < 255:
-            q = op.Clip(q, u8("lo", qmin), u8("hi", qmax))
+        q, zp, _ = quantize(x, scale, zero_point, qmin, qmax)
         return op.DequantizeLinear(q, scale, zp)
 
     def qdq_channels(x: Any, scale: Any, zero_point: int, qmin: int, qmax: int, axis: int, channels: int) -> Any:
-        zp = u8("zp", zero_point)
-        q = op.QuantizeLinear(x, scale, zp)
-        if qmin > 0 or qmax < 255:
-            q = op.Clip(q, u8("lo", qmin), u8("hi", qmax))
-        zps = op.Constant(value=onnx.helper.make_tensor("zps", onnx.TensorProto.UINT8, [channels],
-                                                        [int(zero_point)] * channels))
+        q, _, dtype = quantize(x, scale, zero_point, qmin, qmax)
+        zps = op.Constant(value=onnx.helper.make_tensor("zps", dtype, [channels], [int(zero_point)] * channels))
         scales = op.Expand(scale, op.Constant(value_ints=[channels]))
         return op.DequantizeLinear(q, scales, zps, axis=axis)
 

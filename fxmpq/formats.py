@@ -13,7 +13,14 @@ import enum
 from .errors import PolicyError
 from .hardware import FLOAT, HardwareSpec, LayerKind, format_name
 
-__all__ = ["FLOAT", "Format", "format_name", "format_of"]
+__all__ = ["FLOAT", "INTEGER_KERNEL_BITS", "Format", "act_container_bits", "format_name", "format_of",
+           "integer_kernel"]
+
+# ONNX Runtime's CPU provider fuses Q/DQ around a conv or matmul into an integer kernel (QLinearConv, QLinearMatMul,
+# QLinearAdd) only when every tensor is 8-bit: its QDQ selectors register Conv, MatMul and Add with 16-bit support
+# switched off (onnxruntime/core/optimizer/qdq_transformer/selectors_actions/qdq_selector_action_transformer.cc).
+# A layer with 16-bit input or output activations runs as DequantizeLinear -> float op -> QuantizeLinear.
+INTEGER_KERNEL_BITS = 8
 
 
 class Format(enum.StrEnum):
@@ -43,3 +50,17 @@ def format_of(kind: LayerKind, w: int | None, a: int | None, hardware: HardwareS
         raise PolicyError(f"hardware {hardware.name!r} ({hardware.path}) does not run a {kind.value} layer as "
                           f"{format_name((w, a))}; it offers {offered}")
     return fmt
+
+
+def act_container_bits(a: int) -> int:
+    """The unsigned container an a-bit activation is stored in by Q/DQ: uint8 up to 8 bits, uint16 up to 16."""
+    if not 1 <= a <= 16:
+        raise PolicyError(f"{a}-bit activations: Q/DQ stores activations in uint8 or uint16, so 1..16 bits")
+    return 8 if a <= 8 else 16
+
+
+def integer_kernel(w: int | None, a: int | None, out_bits: int | None = None) -> bool:
+    """Whether ONNX Runtime's CPU provider runs a layer with w-bit weights, a-bit inputs and its output read at
+    `out_bits` (None: not requantized) as an integer kernel, rather than DequantizeLinear -> float op."""
+    return (w is not None and a is not None and w <= INTEGER_KERNEL_BITS and a <= INTEGER_KERNEL_BITS
+            and (out_bits is None or out_bits <= INTEGER_KERNEL_BITS))

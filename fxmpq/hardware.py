@@ -22,6 +22,7 @@ from .cost_terms import (
     FLOAT,
     FLOAT_BITS,
     FLOAT_KEY,
+    MAX_ACT_BITS,
     MAX_BITS,
     MIN_BITS,
     Layer,
@@ -44,7 +45,7 @@ from .strict_toml import Table, enum_value, number
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FLOAT", "FLOAT_BITS", "FLOAT_KEY", "MAX_BITS", "MIN_BITS", "HardwareSpec", "Layer", "LayerEntry",
+__all__ = ["FLOAT", "FLOAT_BITS", "FLOAT_KEY", "MAX_ACT_BITS", "MAX_BITS", "MIN_BITS", "HardwareSpec", "Layer", "LayerEntry",
            "LayerInfo", "LayerKind", "LayerSignature", "Metric", "Pair", "Per", "Pins", "Provenance", "Term",
            "TermType", "builtin_hardware", "format_name", "load_hardware", "loads_hardware", "pair_name",
            "parse_hardware", "shape_text"]
@@ -203,22 +204,23 @@ def _kinds(t: Table, key: str, raw: list[Any]) -> frozenset[LayerKind]:
     return frozenset(parsed)
 
 
-def _bits_list(t: Table, key: str) -> tuple[int, ...]:
+def _bits_list(t: Table, key: str, limit: int = MAX_BITS) -> tuple[int, ...]:
     values = t.take(key, list)
     if not values:
         raise t.fail(key, "expected a non-empty array of bit-widths")
     for i, b in enumerate(values):
-        _check_bits(t, f"{key}[{i}]", b)
+        _check_bits(t, f"{key}[{i}]", b, limit)
     if len(set(values)) != len(values):
         raise t.fail(key, f"duplicate bit-widths in {values}")
     return tuple(sorted(values))
 
 
-def _check_bits(t: Table, key: str, b: Any) -> int:
+def _check_bits(t: Table, key: str, b: Any, limit: int = MAX_BITS) -> int:
+    """An integer bit-width in MIN_BITS..limit (MAX_BITS for weights, MAX_ACT_BITS for activations)."""
     if isinstance(b, bool) or not isinstance(b, int):
         raise t.fail(key, f"expected an integer bit-width, found {brief(b)}")
-    if not MIN_BITS <= b <= MAX_BITS:
-        raise t.fail(key, f"bit-width {brief(b)} outside {MIN_BITS}..{MAX_BITS}")
+    if not MIN_BITS <= b <= limit:
+        raise t.fail(key, f"bit-width {brief(b)} outside {MIN_BITS}..{limit}")
     return b
 
 
@@ -233,7 +235,7 @@ def _parse_pair_key(t: Table, key: str) -> Pair:
         raise t.fail(key, 'expected a pair key "WxA" such as "4x8" (weight bits x activation bits)')
     w, a = int(match[1]), int(match[2])
     _check_bits(t, key, w)
-    _check_bits(t, key, a)
+    _check_bits(t, key, a, MAX_ACT_BITS)
     return w, a
 
 
@@ -394,7 +396,7 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
         if not isinstance(s, str):
             raise tg.fail(f"sources[{i}]", f"expected a string, found {brief(s)}")
     wbits = _bits_list(tg, "weight_bits")
-    abits = _bits_list(tg, "act_bits")
+    abits = _bits_list(tg, "act_bits", MAX_ACT_BITS)
     raw_pairs = tg.take("pairs", list, None)
     if raw_pairs is None:
         pairs = tuple((w, a) for w in wbits for a in abits)
@@ -404,7 +406,7 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
             key = f"pairs[{i}]"
             if not isinstance(p, list) or len(p) != 2:
                 raise tg.fail(key, f"expected a [w_bits, a_bits] array, found {brief(p)}")
-            w, a = _check_bits(tg, key, p[0]), _check_bits(tg, key, p[1])
+            w, a = _check_bits(tg, key, p[0]), _check_bits(tg, key, p[1], MAX_ACT_BITS)
             if w not in wbits or a not in abits:
                 raise tg.fail(key, f"unsupported pair [{w}, {a}]: weight bits must be in {list(wbits)} "
                               f"and activation bits in {list(abits)}")
@@ -432,7 +434,7 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
         first_layer=pt.take("first_layer", bool, True),
         last_layer=pt.take("last_layer", bool, True),
         w_bits=_check_bits(pt, "w_bits", pt.take("w_bits", int, 8)),
-        a_bits=_check_bits(pt, "a_bits", pt.take("a_bits", int, 8)),
+        a_bits=_check_bits(pt, "a_bits", pt.take("a_bits", int, 8), MAX_ACT_BITS),
         layers=tuple(pt.take("layers", list, [])),
     )
     for i, layer in enumerate(pins.layers):

@@ -181,5 +181,5 @@ def hessian_indicators(
         act[n] = {b: max(traces[(n, "a")], floor) * max(e / seen, 1e-30) for b, e in act_err[(n, "a")].items()}
     meta = {"source": "fxmpq.hessian_indicators", "hardware": qmodel.analysis.hardware.name,
             "method": f"Hutchinson trace ({seen} batches x {probes} probes) x MSE-optimal quantization error"}
-    return Indicators(layers=tuple(names), bits=qmodel.bits, weight=weight, act=act, meta=meta)
+    return Indicators(layers=tuple(names), bits=qmodel.all_bits, weight=weight, act=act, meta=meta)
 

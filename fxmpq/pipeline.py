@@ -165,6 +165,7 @@ def quantize(
     indicator_data: Any = None,
     export: bool = True,
     checkpoint_every: int | None = CHECKPOINT_EVERY,
+    act_bits: Sequence[int] | None = None,
 ) -> QuantizedModel:
     """FP32 model + data + budget -> a fine-tuned mixed-precision QuantModel (LIMPQ), every stage kept.
 
@@ -180,7 +181,9 @@ def quantize(
     `budget` is a Budget, a dict of absolute limits, or a string: "w3a4" (no more BitOps than uniform W3A4, the
     paper's 3MP/4MP), "c12.2" (size <= FP32 size / 12.2), "bitops<=9.7G", "size<=4MB", "latency<=12.5" (a
     metric of the hardware file, in its unit), joined with "&". `bits` are the candidate bit-widths (default: the
-    paper's 2..6 that the hardware runs, else the hardware's own, e.g. 8 for a profiled ONNX Runtime CPU file).
+    paper's 2..6 that the hardware runs, else the hardware's own, e.g. 8 for a profiled ONNX Runtime CPU file);
+    `act_bits` the activations' own candidates (default: `bits`, or every activation width of a hardware file whose
+    activation widths differ from its weight widths, such as an A16W8 / A8W4 NPU target).
     With `work_dir` and `export`, the result is lowered to <work_dir>/model.onnx and the export's report, the audit
     (parity, integer kernels, measured ONNX Runtime latency next to the hardware's prediction, layers not run as
     priced), is written to <work_dir>/audit.json and kept as `.audit`; a parity failure is recorded there, not
@@ -193,6 +196,8 @@ def quantize(
     if isinstance(model, nn.Module):
         refuse_quantized(model, "quantize")
     hw = load_hardware(hardware)
+    if bits is None and act_bits is None and set(hw.act_bits) != set(hw.weight_bits):
+        bits, act_bits = hw.weight_bits, hw.act_bits  # its own formats, e.g. W4/W8 with A8/A16
     bits = default_bits(hw) if bits is None else tuple(bits)
     budget_obj = Budget.coerce(budget)
     device = as_device(device, "quantize: device")
@@ -201,10 +206,10 @@ def quantize(
     files: dict[str, Path] = {}
 
     # 1. prepare: trace + cost analysis + fake-quant insertion (TraceError here, before any long work)
-    qmodel = prepare(model, example, hardware=hw, bits=bits, per_channel=per_channel)
+    qmodel = prepare(model, example, hardware=hw, bits=bits, per_channel=per_channel, act_bits=act_bits)
     if device is not None:
         qmodel.to(device)
-    budget_limits = check_feasible(qmodel.analysis, budget_obj, qmodel.bits)  # InfeasibleBudget before training
+    budget_limits = check_feasible(qmodel.analysis, budget_obj, qmodel.all_bits)  # InfeasibleBudget before training
     check_data(model, data, example, "data")
     if indicator_data is not None:
         check_data(model, indicator_data, example, "indicator_data")
@@ -293,7 +298,7 @@ def _work_dir_indicators(path: Path, qmodel: QuantModel) -> Indicators:
               f"when it is there), or replace it with indicators of this model")
     try:
         indicators = Indicators.from_json(path)
-        indicators.check_covers([m.name for m in qmodel.analysis.searchable], qmodel.bits, qmodel.bits)
+        indicators.check_covers([m.name for m in qmodel.analysis.searchable], qmodel.bits, qmodel.act_bits)
     except IndicatorError as e:
         text = str(e)
         text = text if text.startswith(str(path)) else f"{path}: {text}"

@@ -34,11 +34,12 @@ class QuantModel(nn.Module):
     """
 
     def __init__(self, graph_module: fx.GraphModule, hardware: HardwareSpec, bits: Sequence[int], *,
-                 example_shapes: Sequence[tuple[int, ...]] = ()):
+                 example_shapes: Sequence[tuple[int, ...]] = (), act_bits: Sequence[int] | None = None):
         super().__init__()
         self.graph_module = graph_module
         self.hardware = hardware
-        self.bits = tuple(sorted(bits))
+        self.bits = tuple(sorted(bits))  # weight candidates (and activation ones unless act_bits differ)
+        self.act_bits = self.bits if act_bits is None else tuple(sorted(act_bits))
         self.example_shapes = [tuple(s) for s in example_shapes]
 
     # ------------------------------------------------------------------ views of the graph
@@ -56,6 +57,19 @@ class QuantModel(nn.Module):
     def sites(self) -> dict[str, QuantSites]:
         """Layer name -> where its quantizers and switchable BatchNorm live."""
         return {r.name: r.sites for r in self.records if r.sites is not None}
+
+    @property
+    def all_bits(self) -> tuple[int, ...]:
+        """Every candidate bit-width, weights' and activations' (the bits indicators are keyed by)."""
+        return tuple(sorted(set(self.bits) | set(self.act_bits)))
+
+    @property
+    def uniform_pairs(self) -> list[tuple[int, int]]:
+        """The uniform (w, a) passes of joint training, highest first: the k-th highest weight bits with the k-th
+        highest activation bits (the shorter list's lowest repeated), so (4, 8) x (8, 16) gives W8A16, W4A8."""
+        w, a = sorted(self.bits, reverse=True), sorted(self.act_bits, reverse=True)
+        n = max(len(w), len(a))
+        return [(w[min(i, len(w) - 1)], a[min(i, len(a) - 1)]) for i in range(n)]
 
     @property
     def layer_names(self) -> list[str]:
@@ -165,8 +179,9 @@ class QuantModel(nn.Module):
     def set_uniform(self, w_bits: int, a_bits: int | None = None) -> None:
         """Every searchable layer at (w_bits, a_bits) (a_bits defaults to w_bits); pinned layers at their pins."""
         a_bits = w_bits if a_bits is None else a_bits
-        if w_bits not in self.bits or a_bits not in self.bits:
-            raise PolicyError(f"uniform W{w_bits}A{a_bits} is outside this model's candidate bits {self.bits}")
+        if w_bits not in self.bits or a_bits not in self.act_bits:
+            raise PolicyError(f"uniform W{w_bits}A{a_bits} is outside this model's candidate bits {self.bits}"
+                              + (f" (activations {self.act_bits})" if self.act_bits != self.bits else ""))
         recs = self.records
         full = {r.name: (r.pin_bits if r.pinned else (w_bits, a_bits)) for r in recs}
         self._switch(full, {r.name: r.sites for r in recs if r.sites is not None})

@@ -98,6 +98,7 @@ class Lowered(_Value):
     as_conv: bool = False  # a Linear emitted as a 1x1 convolution (an integer kernel in ONNX Runtime)
     matmul_nbits: bool = False  # a weight-only Linear emitted as com.microsoft MatMulNBits (packed uint8 weight)
     notes: tuple[str, ...] = ()
+    integer_kernel: bool = False  # ONNX Runtime's CPU provider fuses it into an integer kernel (formats.integer_kernel)
 
 
 @dataclass(frozen=True)

@@ -98,8 +98,9 @@ def load_quantized(
     has_output_q = any(".output_quantizer." in k for k in state)
 
     try:
+        act_bits = meta.get("act_bits")
         q = prepare(factory(), example, hardware=hardware, bits=tuple(bits) if bits else (2, 3, 4, 5, 6),
-                    per_channel=bool(per_channel))
+                    per_channel=bool(per_channel), act_bits=tuple(act_bits) if act_bits else None)
     except FxmpqError as e:
         raise CheckpointError(f"{where}: cannot rebuild model {spec}: {' '.join(str(e).split())}") from None
     if has_output_q:

@@ -45,9 +45,10 @@ def analysis_passes(hardware: HardwareSpec, pins: Pins | None = None) -> list[Pa
 
 
 def prepare_passes(hardware: HardwareSpec, bits: Sequence[int], *, pins: Pins | None = None,
-                   per_channel: bool = False) -> list[PassBase]:
+                   per_channel: bool = False, act_bits: Sequence[int] | None = None) -> list[PassBase]:
     """Price the layers, then give each LSQ quantizers with a step size per candidate bit."""
-    return [*analysis_passes(hardware, pins), InsertFakeQuantPass(bits=bits, per_channel=per_channel)]
+    return [*analysis_passes(hardware, pins), InsertFakeQuantPass(bits=bits, per_channel=per_channel,
+                                                                  act_bits=act_bits)]
 
 
 def apply_passes(policy: Policy | Mapping[str, tuple[int, int]], *, output_bits: int = 8,
@@ -94,11 +95,14 @@ def prepare(
     pins: Pins | None = None,
     per_channel: bool = False,
     leaf_modules: Sequence[str | type[nn.Module]] = (),
+    act_bits: Sequence[int] | None = None,
 ) -> QuantModel:
     """Trace `model` (a copy; the user's model is never changed), price its layers and insert fake-quantizers.
 
     Every searchable layer gets weight and input-activation LSQ quantizers with one step size per bit in
     `bits` (which `hardware` must support for weights and activations); pinned layers get their pin bits.
+    `act_bits` gives the activations candidates of their own (say (8, 16) with weight bits (4, 8) for an
+    A16W8/A8W4 target); by default they are `bits`.
     The returned QuantModel starts with every quantizer off: call `set_uniform`/`set_policy` to quantize.
     """
     if isinstance(model, nn.Module):
@@ -107,17 +111,24 @@ def prepare(
     bits = _candidate_bits(bits)
     if not bits:
         raise PolicyError("prepare: bits must name at least one candidate bit-width")
-    bad = [b for b in bits if b not in hw.weight_bits or b not in hw.act_bits]
-    if bad:
+    abits = bits if act_bits is None else _candidate_bits(act_bits)
+    if not abits:
+        raise PolicyError("prepare: act_bits must name at least one candidate bit-width")
+    bad = [b for b in bits if b not in hw.weight_bits or (act_bits is None and b not in hw.act_bits)]
+    bad_a = [b for b in abits if b not in hw.act_bits] if act_bits is not None else []
+    if bad or bad_a:
+        what = (f"candidate bits {list(bad)}" if bad else "") + (" and " if bad and bad_a else "") + \
+               (f"activation candidate bits {list(bad_a)}" if bad_a else "")
         raise PolicyError(
-            f"candidate bits {list(bad)} are not supported by hardware {hw.name!r} ({hw.path}) for both weights "
-            f"and activations; it supports weight bits {list(hw.weight_bits)} and activation bits "
-            f"{list(hw.act_bits)}")
+            f"{what} are not supported by hardware {hw.name!r} ({hw.path})"
+            f"{' for both weights and activations' if act_bits is None else ''}; it supports weight bits "
+            f"{list(hw.weight_bits)} and activation bits {list(hw.act_bits)}")
     inputs = as_input_tuple(example_inputs)
     gm = trace(model, inputs, leaf_modules=leaf_modules)
-    gm = run_passes(gm, prepare_passes(hw, bits, pins=pins, per_channel=per_channel)).graph_module
+    gm = run_passes(gm, prepare_passes(hw, bits, pins=pins, per_channel=per_channel,
+                                       act_bits=None if act_bits is None else abits)).graph_module
     shapes = [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
-    qmodel = QuantModel(gm, hw, bits, example_shapes=shapes)
+    qmodel = QuantModel(gm, hw, bits, example_shapes=shapes, act_bits=abits)
     qmodel.train(model.training)
     if not qmodel.layer_names:
         log.warning("model %s has no quantizable layers (Conv1d/Conv2d/Linear)", type(model).__name__)

@@ -72,12 +72,12 @@ def indicators_from_model(qmodel: QuantModel) -> Indicators:
         weight[n] = {b: float(wq.step_size(b).detach().float().mean()) for b in wq.bits}
         act[n] = {b: float(aq.step_size(b).detach().float().mean()) for b in aq.bits}
     meta = {"hardware": qmodel.analysis.hardware.name, "source": "fxmpq.train_indicators"}
-    return Indicators(layers=tuple(names), bits=qmodel.bits, weight=weight, act=act, meta=meta)
+    return Indicators(layers=tuple(names), bits=qmodel.all_bits, weight=weight, act=act, meta=meta)
 
 
 def random_policy(qmodel: QuantModel, rng: random.Random) -> Policy:
     """Each searchable layer a random (w, a) among the hardware's pairs within the candidate bits."""
-    pairs = [p for p in qmodel.analysis.hardware.pairs if p[0] in qmodel.bits and p[1] in qmodel.bits]
+    pairs = [p for p in qmodel.analysis.hardware.pairs if p[0] in qmodel.bits and p[1] in qmodel.act_bits]
     if not pairs:
         raise PolicyError(f"hardware {qmodel.analysis.hardware.name!r} runs no (w, a) pair within the "
                           f"candidate bits {qmodel.bits}")
@@ -371,7 +371,7 @@ def _set_cosine_lr(opt: torch.optim.Optimizer, step: int, total: int) -> None:
 def _joint_step(distill: bool) -> StepFn:
     def step(ctx: _StepContext, inputs: tuple[torch.Tensor, ...], targets: Any) -> dict[str, float]:
         qm = ctx.qmodel
-        passes: list[int | None] = [*sorted(qm.bits, reverse=True), None]  # None: the random policy
+        passes: list[tuple[int, int] | None] = [*qm.uniform_pairs, None]  # None: the random policy
         rng = random.Random(ctx.seed * 1_000_003 + ctx.step)
         teacher = None
         losses: dict[str, float] = {}
@@ -379,7 +379,7 @@ def _joint_step(distill: bool) -> StepFn:
             if b is None:
                 qm.set_policy(random_policy(qm, rng))
             else:
-                qm.set_uniform(b)
+                qm.set_uniform(*b)
             with ctx.sync(last=i == len(passes) - 1):
                 out = ctx.forward(inputs)
                 if teacher is None or not distill:
@@ -389,7 +389,7 @@ def _joint_step(distill: bool) -> StepFn:
                 if distill and teacher is None:
                     teacher = out.detach().softmax(dim=-1)
                 loss.backward()
-            losses[f"w{b}" if b is not None else "rand"] = float(loss.detach())
+            losses[(f"w{b[0]}" if b[0] == b[1] else f"w{b[0]}a{b[1]}") if b is not None else "rand"] = float(loss.detach())
         return losses
 
     return step

@@ -99,6 +99,7 @@ def checkpoint_meta(qmodel: QuantModel, extra: Mapping[str, Any]) -> dict[str, A
     policy = qmodel.policy
     return {
         "bits": list(qmodel.bits),
+        "act_bits": list(qmodel.act_bits),
         "policy": {n: list(p) for n, p in policy.items()} if policy is not None else None,
         "quant_state": qmodel.quant_state(),
         "hardware": {"name": hw.name, "path": hw.path},
@@ -139,8 +140,11 @@ def _load_for(path: Path, qmodel: QuantModel, stage: Stage) -> tuple[dict[str, t
     tensors, meta = load_checkpoint(path)
     if meta.get("kind") != stage.value:
         raise CheckpointError(f"{path}: written by {meta.get('kind')!r} training, cannot resume {stage.value!r} from it")
-    if list(meta.get("bits", [])) != list(qmodel.bits):
-        raise CheckpointError(f"{path}: candidate bits {meta.get('bits')} differ from the model's {list(qmodel.bits)}")
+    if list(meta.get("bits", [])) != list(qmodel.bits) or list(meta.get("act_bits", meta.get("bits", []))) != list(
+            qmodel.act_bits):
+        raise CheckpointError(f"{path}: candidate bits {meta.get('bits')} (activations "
+                              f"{meta.get('act_bits', meta.get('bits'))}) differ from the model's {list(qmodel.bits)} "
+                              f"(activations {list(qmodel.act_bits)})")
     _fit(path, lambda: qmodel.load_state_dict(join_state(meta["model_state"], tensors, str(path))))
     return tensors, meta
 

@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxmpq.errors import PassError, PolicyError
-from fxmpq.formats import Format, format_name, format_of
+from fxmpq.formats import INTEGER_KERNEL_BITS, Format, format_name, format_of, integer_kernel
 from fxmpq.hardware import HardwareSpec
 from fxmpq.kernels import AddRounding, BiasRounding
 from fxmpq.matcher import layer_input, linear_runs_as_conv, set_weight_arg, weight_arg
@@ -362,7 +362,7 @@ class ApplyPolicyPass(PassBase):
             if n is None or not is_quantizer(gm, n):
                 return None
             q = gm.get_submodule(n.target)
-            return q if q.active_bits is not None and q.active_bits <= 8 and not q.channels else None
+            return q if q.active_bits is not None and q.active_bits <= INTEGER_KERNEL_BITS and not q.channels else None
 
         done = 0
         for node in list(g.nodes):
@@ -378,6 +378,8 @@ class ApplyPolicyPass(PassBase):
             first = sole_user(node)
             end = first if first is not None and relu_bounds(gm, first) is not None else node
             out = sole_user(end)
+            if out is not None and is_quantizer(gm, out) and quantizer(out) is None:
+                continue  # read at 16 bits (or per channel): ONNX Runtime adds in float, as PyTorch does
             if quantizer(out) is None:  # no single quantizer reads the sum: quantize it once, for all readers
                 users = list(end.users)
                 q = LSQQuantizer((self.output_bits,), signed=not is_nonnegative(gm, end))
@@ -419,6 +421,7 @@ class ApplyPolicyPass(PassBase):
         if any(is_bias_rounding(gm, u) for u in after.users):
             return None
         owner = site.weight_quantizer.rpartition(".")[0]
+        wq_bits = gm.get_submodule(site.weight_quantizer).active_bits
         bn = gm.get_submodule(bn_path) if bn_path else None
         mod = BiasRounding(channel_axis=1 if rec.conv is not None else -1,
                            eps=float(bn.eps) if bn is not None else None)
@@ -435,7 +438,9 @@ class ApplyPolicyPass(PassBase):
         cand = sole_user(nxt)
         if not float_kernel and cand is not None and is_quantizer(gm, cand):
             qmod = gm.get_submodule(cand.target)
-            if qmod.active_bits is not None and not qmod.channels:
+            # a 16-bit input or output: ONNX Runtime runs the layer as a float op, so no requantization
+            if (qmod.active_bits is not None and not qmod.channels
+                    and integer_kernel(wq_bits, aq.active_bits, qmod.active_bits)):
                 out_q = cand.target
         users = list(after.users)
         order = {n: i for i, n in enumerate(g.nodes)}

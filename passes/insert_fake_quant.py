@@ -49,10 +49,12 @@ class InsertFakeQuantPass(PassBase):
     gets its QuantSites.
     """
 
-    def __init__(self, *, bits: Sequence[int] = (2, 3, 4, 5, 6), per_channel: bool = False):
+    def __init__(self, *, bits: Sequence[int] = (2, 3, 4, 5, 6), per_channel: bool = False,
+                 act_bits: Sequence[int] | None = None):
         super().__init__()
         self.bits = tuple(sorted({int(b) for b in bits}))
-        if not self.bits:
+        self.act_bits = self.bits if act_bits is None else tuple(sorted({int(b) for b in act_bits}))  # default: bits
+        if not self.bits or not self.act_bits:
             raise PassError("InsertFakeQuantPass needs at least one candidate bit-width")
         self.per_channel = per_channel
 
@@ -85,7 +87,7 @@ class InsertFakeQuantPass(PassBase):
         swapped: set[str] = set()
         for node, rec in layers:
             wbits = (rec.pin_bits[0],) if rec.pinned and rec.pin_bits else self.bits
-            abits = (rec.pin_bits[1],) if rec.pinned and rec.pin_bits else self.bits
+            abits = (rec.pin_bits[1],) if rec.pinned and rec.pin_bits else self.act_bits
             weight = gm.get_parameter(rec.weight)
             wq = LSQQuantizer(wbits, signed=True, channels=weight.shape[0] if self.per_channel else None)
             wq.init_from(weight, reduce=False)

@@ -14,8 +14,9 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxmpq.errors import ExportError
-from fxmpq.formats import Format
+from fxmpq.formats import Format, act_container_bits, integer_kernel
 from fxmpq.graph import as_input_tuple, propagate_shapes
+from fxmpq.hardware import MAX_ACT_BITS
 from fxmpq.kernels import AddRounding, BiasRounding
 from fxmpq.matcher import emit_call, layer_input, linear_runs_as_conv, weight_arg
 from fxmpq.primitives import INT32_MAX, container_zero_point, fake_quantize, quantize, round_to_grid
@@ -120,6 +121,19 @@ def _keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _GRID_METHODS
 
 
+def _output_bits(gm: fx.GraphModule, out: fx.Node) -> int | None:
+    """The bits of the one quantizer that reads `out` (maybe through a ReLU), None when no single one does."""
+    x = out
+    while len(x.users) == 1:
+        nxt = next(iter(x.users))
+        if nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), LSQQuantizer):
+            return gm.get_submodule(nxt.target).active_bits
+        if relu_bounds(gm, nxt) is None:
+            return None
+        x = nxt
+    return None
+
+
 def _mangle(name: str) -> str:
     return name.replace(".", "_").replace("#", "_call")
 
@@ -145,8 +159,8 @@ def _following_bn(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, tuple[tor
 class LowerToQDQPass(PassBase):
     """Rewrite a QuantModel graph (after ApplyPolicyPass, in eval mode) into a deployable QDQ graph.
 
-    - every active activation LSQQuantizer becomes `quantize_dequantize` (uint8; signed b-bit grids use zero
-      point 128 and clip to 128 +/- 2^(b-1)); a ReLU/ReLU6/Hardtanh whose only user is the quantizer is folded
+    - every active activation LSQQuantizer becomes `quantize_dequantize` (uint8 up to 8 bits, uint16 up to 16;
+      signed b-bit grids use zero point 128 (32768) and clip to it +/- 2^(b-1)); a ReLU/ReLU6/Hardtanh whose only user is the quantizer is folded
       into the integer clip bounds exactly (rounding is monotone, so round(min(x, 6)/s) = min(round(x/s),
       round(6/s)));
     - every quantized conv/linear gets its weight as int8 integers (the quantizer's own
@@ -250,6 +264,7 @@ class LowerToQDQPass(PassBase):
             scale = scale * f
             bn_folded = True
         per_tensor = s_w.dim() == 0 and not bn_folded
+        after_out = out  # the layer's value once its BatchNorm is folded (the output quantizer reads it)
         # input activation scale (from the act quantizer feeding the layer, if any)
         s_x = a_bits = None
         if isinstance(x, fx.Node) and x.op == "call_module":
@@ -326,8 +341,12 @@ class LowerToQDQPass(PassBase):
             g.erase_node(out)
         g.erase_node(node)
         notes = () if (as_conv or rec.conv is not None) else ("linear on a 1-D input: float MatMul, not fused",)
+        integer = (as_conv or rec.conv is not None) and integer_kernel(b, a_bits, _output_bits(gm, after_out))
+        if (as_conv or rec.conv is not None) and not integer and a_bits is not None:
+            notes += ("16-bit activations: DequantizeLinear -> float op in ONNX Runtime's CPU provider",)
         set_record(new, dataclasses.replace(rec, lowered=Lowered(
-            b, a_bits, (qmin, qmax), bn_folded, int_bias, f"{LOWERED}.{mname}_weight", as_conv, notes)))
+            b, a_bits, (qmin, qmax), bn_folded, int_bias, f"{LOWERED}.{mname}_weight", as_conv, notes=notes,
+            integer_kernel=integer)))
 
     def _lower_weight_only(self, gm: fx.GraphModule, node: fx.Node, rec: LayerRecord, weight: torch.Tensor,
                            bias: torch.Tensor | None, wq: LSQQuantizer) -> None:
@@ -414,14 +433,14 @@ class LowerToQDQPass(PassBase):
             g.erase_node(node)
             return
         b = q.active_bits
-        if b > 8:
+        if b > MAX_ACT_BITS:
             raise ExportError(f"quantizer {node.target} (node {node.name}): {b}-bit activations do not fit "
-                              f"the uint8 QDQ lowering; use at most 8 bits")
+                              f"the uint16 Q/DQ lowering; use at most {MAX_ACT_BITS} bits")
         if q.channels:
             raise ExportError(f"quantizer {node.target} (node {node.name}): per-channel activation "
                               f"quantization has no QDQ lowering")
         qmin, qmax = q.qrange(b)
-        zp = container_zero_point(q.signed)
+        zp = container_zero_point(q.signed, act_container_bits(b))  # uint8 up to 8 bits, uint16 above
         lo, hi = qmin + zp, qmax + zp
         scale = q.step_size(b).detach().float().reshape(())
         if not (bool(torch.isfinite(scale)) and float(scale) > 0):

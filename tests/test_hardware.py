@@ -176,11 +176,12 @@ CASES = [
     ("target.weight_bits", [4, 2.5], "t.toml: target.weight_bits[1]: expected an integer bit-width, found 2.5"),
     ("target.weight_bits", [4, True], "t.toml: target.weight_bits[1]: expected an integer bit-width, found True"),
     ("target.weight_bits", [4, 9], "t.toml: target.weight_bits[1]: bit-width 9 outside 1..8"),
-    ("target.act_bits", [0, 8], "t.toml: target.act_bits[0]: bit-width 0 outside 1..8"),
+    ("target.act_bits", [0, 8], "t.toml: target.act_bits[0]: bit-width 0 outside 1..16"),
     ("target.sources", ["ok", 5], "t.toml: target.sources[1]: expected a string, found 5"),
     ("target.pairs", [[4, 4], [8]], "t.toml: target.pairs[1]: expected a [w_bits, a_bits] array, found [8]"),
     ("target.pairs", [[4, 4], 8], "t.toml: target.pairs[1]: expected a [w_bits, a_bits] array, found 8"),
-    ("target.pairs", [[4, 4], [8, 16]], "t.toml: target.pairs[1]: bit-width 16 outside 1..8"),
+    ("target.pairs", [[4, 4], [8, 17]], "t.toml: target.pairs[1]: bit-width 17 outside 1..16"),
+    ("target.pairs", [[4, 4], [16, 8]], "t.toml: target.pairs[1]: bit-width 16 outside 1..8"),
     ("target.pairs", [[4, 4], [2, 8]],
      "t.toml: target.pairs[1]: unsupported pair [2, 8]: weight bits must be in [4, 8] and activation bits in [4, 8]"),
     ("target.pairs", [], "t.toml: target.pairs: expected at least one [w_bits, a_bits] pair"),
@@ -282,10 +283,10 @@ def test_load_hardware_by_path_and_errors(tmp_path):
         load_hardware(42)  # type: ignore[arg-type]
     assert str(exc.value) == "hardware must be a name, a path or a HardwareSpec, found int"
     bad = tmp_path / "bad.toml"
-    bad.write_text(tomli_w.dumps(_with("target.act_bits", [9])))
+    bad.write_text(tomli_w.dumps(_with("target.act_bits", [17])))
     with pytest.raises(HardwareSpecError) as exc:
         load_hardware(bad)
-    assert str(exc.value) == f"{bad}: target.act_bits[0]: bit-width 9 outside 1..8"
+    assert str(exc.value) == f"{bad}: target.act_bits[0]: bit-width 17 outside 1..16"
 
 
 def test_spec_is_frozen():
