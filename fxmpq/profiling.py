@@ -2,8 +2,11 @@
 the rest of the model, written as a hardware TOML (per-layer `layer_table` terms and a `constant` term).
 
 Each layer is profiled alone, exactly as fxmpq deploys it: a one-layer model (a copy of the layer, its real input
-shape) goes through `prepare` (8-bit candidates), `apply_policy` (W8A8 or float) and `lower`, so the ONNX graph
-carries the Q/DQ nodes the exporter emits and ONNX Runtime fuses it as in the full model (QLinearConv for W8A8).
+shape) goes through `prepare`, `apply_policy` (W8A8, W8A16, float, and for linear layers weight-only 2/4/8) and
+`lower`, so the ONNX graph carries the Q/DQ nodes the exporter emits and ONNX Runtime fuses it as in the full
+model (QLinearConv for W8A8, MatMulNBits for weight-only). W2A8 and W4A8 run the W8A8 kernel (8-bit containers, or
+4-bit ones widened by fxmpq.ort_session: each layer's W4A8 is timed that way too, as a check) and are priced at
+its values; their `packed_bytes` are measured from the packed export.
 A layer alone also pays the conversions at its edges (quantize, dequantize, NCHW <-> NHWC or blocked layouts);
 two layers run back to back convert once between them when their formats differ, or not at all: each such pair (a
 layer and the layer it reads through BN, ReLU or reshapes only, `LayerRecord.input_layer`) is exported and timed
@@ -33,28 +36,45 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .deploy import deployable
 from .errors import ArgumentError
 from .export import lower
-from .formats import format_name
-from .hardware import FLOAT, FLOAT_KEY, HardwareSpec, LayerSignature, Pair, loads_hardware, pair_name
+from .formats import format_name, integer_kernel
+from .hardware import (
+    FLOAT,
+    FLOAT_KEY,
+    HardwareSpec,
+    LayerKind,
+    LayerSignature,
+    Pair,
+    loads_hardware,
+    pair_name,
+)
 from .matcher import layer_input
 from .measure import TimingOptions, cpu_name, runtime_name, session, time_sessions
 from .record import LayerRecord, records
 from .stages import analyze, apply_policy, prepare
 
-__all__ = ["INT8", "ORT_FORMATS", "HardwareProfile", "LayerProfile", "one_layer_module", "ort_target", "pair_module",
-           "profile_model"]
+__all__ = ["A16", "INT8", "ORT_FORMATS", "SAME_KERNEL", "WEIGHT_ONLY", "HardwareProfile", "LayerProfile",
+           "one_layer_module", "ort_target", "pair_module", "profile_model"]
 
 INT8: Pair = (8, 8)
-ORT_FORMATS: tuple[Pair, ...] = (INT8, FLOAT)  # what ONNX Runtime's CPU provider executes as priced
+A16: Pair = (8, 16)  # 16-bit activations: DequantizeLinear -> float op -> QuantizeLinear(uint16) on ORT's CPU provider
+ORT_FORMATS: tuple[Pair, ...] = (INT8, FLOAT)  # the two whole-model calibration points
+# W2A8 and W4A8 run the W8A8 graph (8-bit containers holding other integers; a packed file is widened to it by
+# fxmpq.ort_session), so they are priced at the W8A8 values; each layer's W4A8 is also timed packed and widened,
+# and the median ratio to W8A8 is in the file's comments
+SAME_KERNEL: tuple[Pair, ...] = ((2, 8), (4, 8))
+WEIGHT_ONLY: tuple[Pair, ...] = ((2, None), (4, None), (8, None))  # linear layers: MatMulNBits, accuracy level 4
 
 _TARGET = """
 [target]
 name = "ort_cpu"
-weight_bits = [8]
-act_bits = [8]
-pairs = [[8, 8]]
+weight_bits = [2, 4, 8]
+act_bits = [8, 16]
+pairs = [[2, 8], [4, 8], [8, 8], [8, 16]]
 float_kinds = ["conv", "depthwise_conv", "linear"]
+weight_only_bits = [2, 4, 8]
 
 [pins]
 first_layer = false
@@ -66,8 +86,9 @@ terms = [{ type = "macs" }]
 
 
 def ort_target() -> HardwareSpec:
-    """The formats ONNX Runtime's CPU provider runs as priced: W8A8 (QLinearConv) and float, for every kind, no
-    pins (8 bits is the narrowest format on offer: a pin would only take float away from the first and last layer)."""
+    """The formats fxmpq profiles on ONNX Runtime's CPU provider: W8A8 (QLinearConv; W2A8 and W4A8 run the same
+    kernel), A16W8 (float conv between uint16 Q/DQ), float, and weight-only 2/4/8-bit linear layers (MatMulNBits);
+    no pins (a pin would only take float away from the first and last layer)."""
     return loads_hardware(_TARGET, "ort_cpu (profiling target)")
 
 
@@ -152,20 +173,22 @@ def _reads_elsewhere(producer: fx.Node, consumer: fx.Node) -> bool:
     return any(u not in chain and u is not consumer for n in chain for u in n.users)
 
 
-def _lowered(module: nn.Module, x: torch.Tensor, fmt: Pair | Sequence[Pair], path: Path, hw: HardwareSpec) -> Path:
-    """`module` prepared at 8 bits, fixed at `fmt` ((8, 8) or float; or one per layer, in graph order) and lowered
-    to `path`."""
-    q = prepare(module, x, hardware=hw, bits=(8,))
-    fmts = [fmt] * len(q.layer_names) if fmt in ORT_FORMATS else list(fmt)
+def _lowered(module: nn.Module, x: torch.Tensor, fmt: Pair | Sequence[Pair], path: Path, hw: HardwareSpec,
+             storage: str = "int8") -> Path:
+    """`module` prepared at the profiled bits, fixed at `fmt` (one format for every layer, or one per layer in graph
+    order) and lowered to `path` with `storage`."""
+    q = prepare(module, x, hardware=hw, bits=hw.weight_bits, act_bits=hw.act_bits)
+    single = isinstance(fmt, tuple) and len(fmt) == 2 and not isinstance(fmt[0], tuple)
+    fmts = [fmt] * len(q.layer_names) if single else list(fmt)
     apply_policy(q, dict(zip(q.layer_names, fmts, strict=True)), x)
     q.eval()
-    lower(q, path, x, samples=2, check=False, measure=False)
+    lower(q, path, x, samples=2, check=False, measure=False, storage=storage)
     return path
 
 
 def _weight_bytes(path: Path) -> int:
-    """Bytes of the layer's weight, bias and their scales in the exported file (int8 + int32 + float32 scales, or
-    float32 weight and bias): the initializers the lowering names `<layer>_weight*` and `<layer>_bias*`."""
+    """Bytes of the layer's weight, bias and their scales in the exported file (int8/int4 + int32 + float32 scales,
+    packed MatMulNBits blocks, or float32 weight and bias): the initializers named `<layer>_weight*`/`<layer>_bias*`."""
     import onnx
     from onnx import numpy_helper
 
@@ -173,8 +196,24 @@ def _weight_bytes(path: Path) -> int:
     for init in onnx.load(str(path)).graph.initializer:
         short = init.name.rpartition(".")[2]
         if short.startswith(("layer_weight", "layer_bias")):
-            total += numpy_helper.to_array(init).nbytes
+            # raw bytes as stored (INT4 two values to a byte); to_array would widen them
+            total += len(init.raw_data) if init.raw_data else numpy_helper.to_array(init).nbytes
     return total
+
+
+def _measured_formats(rec: LayerRecord, hw: HardwareSpec) -> list[Pair]:
+    """The formats timed for `rec` (its other formats share their kernel, SAME_KERNEL)."""
+    fmts = [INT8, A16]
+    if rec.kind in hw.float_kinds:
+        fmts.append(FLOAT)
+    if rec.kind == LayerKind.LINEAR:
+        fmts += [f for f in WEIGHT_ONLY if f[0] in hw.weight_only_bits]
+    return fmts
+
+
+def _kernel_of(fmt: Pair) -> Pair:
+    """The measured format whose kernel `fmt` runs."""
+    return INT8 if fmt in SAME_KERNEL else fmt
 
 
 @dataclass
@@ -189,6 +228,8 @@ class LayerProfile:
     weight_bytes: dict[Pair, int]
     after: str | None = None
     chain_ms: dict[Pair, dict[Pair, float]] = field(default_factory=dict)  # [own format][format of `after`]
+    packed_bytes: dict[Pair, int] = field(default_factory=dict)  # with storage="packed" (<= 4-bit weights as INT4)
+    packed_ms: float | None = None  # W4A8 alone, packed and widened as fxmpq.ort_session opens it
 
 
 @dataclass
@@ -231,9 +272,24 @@ class HardwareProfile:
         return 1.0 + (self.int8_model_ms - self.int8_predicted_ms) / s if s > 0 else 1.0
 
     def latency(self, name: str, fmt: Pair) -> float:
-        """The file's latency of layer `name` in `fmt` (ms): alone, W8A8 values times `int8_scale`."""
+        """The file's latency of layer `name` in `fmt` (ms): alone, integer-kernel values times `int8_scale`."""
         lp = next(x for x in self.layers if x.name == name)
-        return lp.measured_ms[fmt] * (self.int8_scale if fmt == INT8 else 1.0)
+        return lp.measured_ms[fmt] * (self.int8_scale if integer_kernel(*fmt) else 1.0)
+
+    def target_lines(self) -> list[str]:
+        """The [target] bit-widths and pairs: the formats the layers were priced in."""
+        fmts = {f for lp in self.layers for f in lp.measured_ms}
+        pairs = sorted(f for f in fmts if f[0] is not None and f[1] is not None)
+        wo = sorted({f[0] for f in fmts if f[0] is not None and f[1] is None})
+        wbits = sorted({w for w, _ in pairs} | set(wo))
+        lines = [f"weight_bits = {wbits}", f"act_bits = {sorted({a for _, a in pairs})}",
+                 f"pairs = {json.dumps([list(p) for p in pairs])}", 'float_kinds = ["conv", "depthwise_conv", "linear"]']
+        return lines + ([f"weight_only_bits = {wo}"] if wo else [])
+
+    def packed_ratio(self) -> float | None:
+        """Median over layers of W4A8 packed-and-widened alone / W8A8 alone (the same kernel: about 1)."""
+        r = sorted(lp.packed_ms / lp.measured_ms[INT8] for lp in self.layers if lp.packed_ms and INT8 in lp.measured_ms)
+        return r[len(r) // 2] if r else None
 
     def to_toml(self) -> str:
         """The hardware description: [target], [pins], [metrics.latency], [metrics.bytes], [provenance]."""
@@ -251,7 +307,7 @@ class HardwareProfile:
         lines = [
             f"# ONNX Runtime CPU latency of {self.model} at {shape}, batch {self.batch}, {self.threads} thread(s),",
             "# measured by tools/profile_hw.py (fxmpq.profiling): every quantizable layer exported alone by fxmpq",
-            "# (prepare at 8 bits, apply_policy W8A8 or float, lower) and timed in ONNX Runtime; the two whole models",
+            "# (prepare, apply_policy in each format, lower) and timed in ONNX Runtime; the two whole models",
             "# (all layers float, all W8A8) timed in the same interleaved rounds.",
             f"#   command: {self.command}",
             f"#   {self.runtime}; CPU {self.cpu}; {self.date}",
@@ -263,17 +319,14 @@ class HardwareProfile:
             f"# rest of the model (constant term) = all float - sum float - float chains = {self.remainder_ms:.4f} ms",
             f"# all W8A8 from the layers alone and their chains: {self.int8_predicted_ms:.4f} ms, measured "
             f"{self.int8_model_ms:.4f} ms; so W8A8 values = layer alone x {self.int8_scale:.4f}",
-            "# Pins: none. 8 bits is the narrowest format here, so a pin would only take float away from the first",
-            "# and last layers; the search decides them like the others.",
+            *_comment_formats(self),
+            "# Pins: none. The search decides the first and last layers like the others.",
             "",
             "[target]",
             f"name = {q(self.name)}",
             f"description = {q(desc)}",
             f"sources = [{q(source)}]",
-            "weight_bits = [8]",
-            "act_bits = [8]",
-            "pairs = [[8, 8]]",
-            'float_kinds = ["conv", "depthwise_conv", "linear"]',
+            *self.target_lines(),
             "",
             "[pins]",
             "first_layer = false",
@@ -309,6 +362,22 @@ class HardwareProfile:
         ]
         for lp in self.layers:
             lines.append(f"{q(lp.name)} = {{ {_entry(lp.signature, {k: float(v) for k, v in lp.weight_bytes.items()})} }}")
+        if any(lp.packed_bytes for lp in self.layers):
+            lines += [
+                "",
+                "[metrics.packed_bytes]",
+                'unit = "bytes"',
+                'description = "the same with lower(storage=\\"packed\\"): weights of <= 4 bits as INT4 initializers, '
+                'two to a byte"',
+                "",
+                "[[metrics.packed_bytes.terms]]",
+                'type = "layer_table"',
+                "",
+                "[metrics.packed_bytes.terms.layers]",
+            ]
+            for lp in self.layers:
+                vals = {k: float(lp.packed_bytes.get(k, v)) for k, v in lp.weight_bytes.items()}
+                lines.append(f"{q(lp.name)} = {{ {_entry(lp.signature, vals)} }}")
         lines += [
             "",
             "[provenance]",
@@ -329,6 +398,21 @@ class HardwareProfile:
         return "\n".join(lines)
 
 
+def _comment_formats(prof: HardwareProfile) -> list[str]:
+    fmts = {f for lp in prof.layers for f in lp.measured_ms}
+    out = []
+    if A16 in fmts:
+        out.append("# W8A16: uint16 Q/DQ around a float conv (ORT's CPU QDQ selectors fuse 8-bit tensors only), timed.")
+    if any(f in fmts for f in SAME_KERNEL):
+        ratio = prof.packed_ratio()
+        out.append("# W2A8, W4A8: the W8A8 kernel (8-bit containers; a packed file is widened by fxmpq.ort_session),")
+        out.append("# priced at the W8A8 values" + (f"; W4A8 timed packed and widened: median {ratio:.3f}x W8A8 alone"
+                                                    if ratio is not None else ""))
+    if any(f[1] is None and f[0] is not None for f in fmts):
+        out.append("# WbAfloat (linear layers): com.microsoft MatMulNBits, block 32, accuracy level 4, timed per bits.")
+    return out
+
+
 def _key_of(fmt: Pair) -> str:
     return FLOAT_KEY if fmt == FLOAT else json.dumps(pair_name(fmt))
 
@@ -344,6 +428,10 @@ def _entry(sig: LayerSignature, values: dict[Pair, float], after: str | None = N
         inner = ", ".join(f"{_key_of(f)} = {{ {', '.join(fmt_values(v))} }}" for f, v in chain.items())
         parts += [f"after = {json.dumps(after)}", f"chain = {{ {inner} }}"]
     return ", ".join(parts)
+
+
+def _tag(fmt: Pair) -> str:
+    return "float" if fmt == FLOAT else pair_name(fmt)
 
 
 def _spread(samples: Sequence[float]) -> float:
@@ -375,32 +463,36 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
         d = Path(work_dir) if work_dir is not None else Path(tmp)
         d.mkdir(parents=True, exist_ok=True)
         paths: dict[tuple[str, Pair], Path] = {}
-        jobs = [(r, fmt) for r in recs for fmt in ORT_FORMATS if fmt != FLOAT or r.kind in hw.float_kinds]
-        offered = {(r.name, f) for r, f in jobs}
-        pair_jobs = [(u, v, fu, fv) for u, v in pairs for fu in ORT_FORMATS for fv in ORT_FORMATS
-                     if (u, fu) in offered and (v, fv) in offered]
+        measured = {r.name: _measured_formats(r, hw) for r in recs}
+        jobs = [(r, fmt, "int8") for r in recs for fmt in measured[r.name]]
+        jobs += [(r, SAME_KERNEL[-1], "packed") for r in recs]  # W4A8 packed: its bytes, and widened its time
+        pair_jobs = [(u, v, fu, fv) for u, v in pairs for fu in measured[u] for fv in measured[v]]
         bar = tqdm(total=len(jobs) + len(pair_jobs) + 2, desc="export", unit="model", disable=not progress,
                    file=sys.stderr)
-        for i, (r, fmt) in enumerate(jobs):
+        packed_paths: dict[str, Path] = {}
+        for i, (r, fmt, storage) in enumerate(jobs):
             x = torch.randn(r.in_shape, generator=torch.Generator().manual_seed(i))
-            tag = "float" if fmt == FLOAT else pair_name(fmt)
+            tag = _tag(fmt) + ("_packed" if storage == "packed" else "")
             bn = _bn_after(gm, node_of[r.name])
             one = one_layer_module(model, r, gm.get_submodule(bn.target) if bn is not None else None)
-            paths[(r.name, fmt)] = _lowered(one, x, fmt, d / f"layer{i:03d}_{tag}.onnx", hw)
-            bar.set_postfix_str(f"{r.name} {format_name(fmt)}")
+            p = _lowered(one, x, fmt, d / f"layer{i:03d}_{tag}.onnx", hw, storage)
+            if storage == "packed":
+                packed_paths[r.name] = p
+            else:
+                paths[(r.name, fmt)] = p
+            bar.set_postfix_str(f"{r.name} {format_name(fmt)}{' packed' if storage == 'packed' else ''}")
             bar.update(1)
         pair_paths: dict[tuple[str, Pair, Pair], Path] = {}
         for i, (u, v, fu, fv) in enumerate(pair_jobs):
             x = torch.randn(by_name[u].in_shape, generator=torch.Generator().manual_seed(i))
-            tag = "_".join("float" if f == FLOAT else pair_name(f) for f in (fu, fv))
+            tag = "_".join(_tag(f) for f in (fu, fv))
             pm = pair_module(gm, node_of[u], node_of[v])
             pair_paths[(v, fu, fv)] = _lowered(pm, x, (fu, fv), d / f"pair{i:03d}_{tag}.onnx", hw)
             bar.set_postfix_str(f"{u} {format_name(fu)} -> {v} {format_name(fv)}")
             bar.update(1)
         whole = {}
         for fmt in ORT_FORMATS:
-            tag = "float" if fmt == FLOAT else pair_name(fmt)
-            whole[fmt] = _lowered(model, example, fmt, d / f"model_{tag}.onnx", hw)
+            whole[fmt] = _lowered(model, example, fmt, d / f"model_{_tag(fmt)}.onnx", hw)
             bar.update(1)
         bar.close()
         runs: dict[Any, tuple[Any, dict]] = {}
@@ -409,6 +501,9 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
         for (name, fmt), p in paths.items():
             s = session(p, threads)
             runs[(name, fmt)] = (s, {s.get_inputs()[0].name: torch.randn(shapes[name], generator=gen).numpy()})
+        for name, p in packed_paths.items():
+            s = session(deployable(p, "profile"), threads)  # widened as fxmpq.ort_session opens it
+            runs[("<packed>", name)] = (s, {s.get_inputs()[0].name: torch.randn(shapes[name], generator=gen).numpy()})
         for (v, fu, fv), p in pair_paths.items():
             s = session(p, threads)
             runs[("<pair>", v, fu, fv)] = (s, {s.get_inputs()[0].name: torch.randn(shapes[by_name[v].input_layer],
@@ -420,7 +515,8 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
             times = time_sessions(runs, timing, progress=tb, warm_inputs=warm_inputs)
         layers = []
         for r in recs:
-            fmts = [f for f in ORT_FORMATS if (r.name, f) in paths]
+            fmts = measured[r.name]
+            offered = [*fmts, *SAME_KERNEL]  # the W8A8 kernel's other weight widths
             chain: dict[Pair, dict[Pair, float]] = {}
             u = r.input_layer
             if u is not None:
@@ -433,11 +529,16 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
                     # both integer: the producer's other reader (a residual add) keeps the dequantize the pair
                     # saves; of the quantize and dequantize between the two, about half is saved
                     chain.setdefault(fv, {})[fu] = delta / 2 if shared and fu == fv == INT8 else delta
+                chain = {own: {after: chain[_kernel_of(own)][_kernel_of(after)] for after in [*measured[u], *SAME_KERNEL]}
+                         for own in offered}
+            wbytes = {f: _weight_bytes(paths[(r.name, _kernel_of(f))]) for f in offered}
+            packed = _weight_bytes(packed_paths[r.name])
             layers.append(LayerProfile(
                 name=r.name, signature=LayerSignature.of(r),
-                measured_ms={f: times[(r.name, f)].median_ms for f in fmts},
-                spread={f: _spread(times[(r.name, f)].samples) for f in fmts},
-                weight_bytes={f: _weight_bytes(paths[(r.name, f)]) for f in fmts},
+                measured_ms={f: times[(r.name, _kernel_of(f))].median_ms for f in offered},
+                spread={f: _spread(times[(r.name, _kernel_of(f))].samples) for f in offered},
+                weight_bytes=wbytes, packed_bytes={**wbytes, **dict.fromkeys(SAME_KERNEL, packed)},
+                packed_ms=times[("<packed>", r.name)].median_ms,
                 after=u if chain else None, chain_ms=chain))
     cmd = command if command is not None else " ".join(shlex.quote(a) for a in sys.argv)
     return HardwareProfile(model=model_name, input=tuple(example.shape[1:]), batch=int(example.shape[0]),

@@ -115,14 +115,19 @@ def test_profile_hw_smoke_writes_a_measured_hardware_file(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "rest of the model" in proc.stdout and f"wrote {out}" in proc.stdout
     hw = fxmpq.load_hardware(out)
-    assert set(hw.metrics) == {"latency", "bytes"} and hw.metrics["latency"].unit == "ms"
+    assert set(hw.metrics) == {"latency", "bytes", "packed_bytes"} and hw.metrics["latency"].unit == "ms"
+    assert hw.pairs == ((2, 8), (4, 8), (8, 8), (8, 16)) and hw.weight_only_bits == (2, 4, 8)
     prov = hw.provenance
     assert (prov.model, prov.input, prov.batch, prov.threads, prov.repeats) == ("models:PlainCNN", "3x16x16", 1, 1, 3)
     assert prov.runtime.startswith("onnxruntime ") and prov.cpu and prov.clock == "thread_cpu"
     assert "profile_hw.py models:PlainCNN --input 3x16x16" in prov.command
     a = fxmpq.analyze(PlainCNN(), torch.randn(1, 3, 16, 16), hardware=out)
     for m in a.layers:
-        assert set(m.costs) == {(8, 8), (None, None)} and m.costs[(8, 8)]["bytes"] > 0
+        extra = {(2, None), (4, None), (8, None)} if m.kind.value == "linear" else set()
+        assert set(m.costs) == {(2, 8), (4, 8), (8, 8), (8, 16), (None, None)} | extra
+        assert m.costs[(8, 16)]["latency"] > 0 and m.costs[(8, 8)]["bytes"] > 0  # W8A16 measured
+        assert m.costs[(4, 8)]["latency"] == m.costs[(8, 8)]["latency"]  # the same kernel
+        assert m.costs[(4, 8)]["packed_bytes"] < m.costs[(4, 8)]["bytes"] == m.costs[(8, 8)]["bytes"]
     assert a.layer("conv2").chain_costs  # conv2 reads conv1 back to back: the pair was measured
     assert a.cost({n: (8, 8) for n in a.names})["latency"] > 0
     bad = _tool("profile_hw.py", "small_resnet", "--input", "1x16", "--out", str(tmp_path / "x.toml"), cwd=tmp_path)
@@ -167,6 +172,34 @@ def test_bench_latency_policy_smoke(tmp_path):
         assert r["measured"] > 0 and 0.0 <= r["acc"][0] <= 1.0
         assert r["budget"] is None or r["predicted"] <= r["budget"] * (1 + 1e-9)
     assert "measured/budget" in (out / "results.md").read_text()
+
+
+def test_bench_latency_policy_size_run_smoke(tmp_path):
+    """The file-size run: budgets on packed_bytes, packed exports, the bytes in the file next to the prediction."""
+    out = tmp_path / "bsp"
+    proc = _tool("bench_latency_policy.py", "--smoke", "--metric", "packed_bytes", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [r["policy"] for r in res["rows"]] == ["uniform-int8", "uniform-W4A8", "fxmpq@0.5", "random@0.5"]
+    rows = {r["policy"]: r for r in res["rows"]}
+    for r in res["rows"]:
+        assert r["budget"] is None or r["predicted"] <= r["budget"] * (1 + 1e-9)
+        assert r["measured"] == r["layer_bytes"] > 0 and r["parity"]
+    # the file carries the bytes the profile predicts (weights, bias, scales as stored), within 5 %
+    assert all(abs(r["measured"] / r["predicted"] - 1) < 0.05 for r in res["rows"]), res["rows"]
+    assert rows["uniform-W4A8"]["measured"] < rows["uniform-int8"]["measured"]
+    assert "file/budget" in (out / "results.md").read_text()
+
+
+def test_bench_formats_smoke(tmp_path):
+    proc = _tool("bench_formats.py", "--smoke", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): [c.strip() for c in line.strip("|").split("|")]
+            for line in proc.stdout.splitlines() if line.startswith(("| conv |", "| linear |"))}
+    assert rows[("conv", "W8A8")][3] == "QLinearConv (integer)"
+    assert rows[("conv", "W4A8 packed, fxmpq.ort_session")][3] == "QLinearConv (integer)"
+    assert rows[("conv", "W8A16")][3] == "Conv" and rows[("linear", "W4 weight-only")][3] == "MatMulNBits"
+    assert all(r[-1] == "pass" for r in rows.values())
 
 
 def test_bench_storage_smoke(tmp_path):

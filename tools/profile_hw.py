@@ -3,13 +3,14 @@
     python tools/profile_hw.py MODEL --input CxHxW [--batch B] [--threads N] [--repeats R] --out FILE.toml
 
 MODEL is a torchvision name, a fxmpq.models name or package.module:function (with --model-kwargs JSON). Every
-quantizable layer is exported alone by fxmpq (W8A8, which ONNX Runtime fuses to QLinearConv, and float) and timed
+quantizable layer is exported alone by fxmpq (W8A8, which ONNX Runtime fuses to QLinearConv; W8A16, uint16 Q/DQ
+around a float conv; float; weight-only 2/4/8-bit MatMulNBits for linear layers; W4A8 packed, widened) and timed
 with the model's real shapes, `R` repeats after warm-up (median), `N` intra-op threads, one inter-op thread,
 sequential execution; so is every pair of layers run back to back, in each combination of formats (their
 `chain`: what the conversions between them cost run together rather than alone); the whole model in float and at
 W8A8 too (the rest of the model, and a check). The file has
-the metrics `latency` (ms, the whole model at that batch and thread count) and `bytes` (the layers' weight bytes
-in the ONNX file), per-layer `layer_table` terms keyed by layer name and shapes (a file is refused for another
+the metrics `latency` (ms, the whole model at that batch and thread count), `bytes` (the layers' weight bytes
+in the ONNX file) and `packed_bytes` (the same with storage="packed"), per-layer `layer_table` terms keyed by layer name and shapes (a file is refused for another
 model or input), and a [provenance] table. See docs/hardware.md, "Measured targets". Exit 0 on success, 2 for bad
 arguments, 1 when profiling fails.
 """
@@ -28,8 +29,8 @@ from fxmpq.atomic import atomic_write_text
 from fxmpq.cli import parse_shape
 from fxmpq.errors import ArgumentError, FxmpqError, ModelSpecError
 from fxmpq.formats import format_name
-from fxmpq.hardware import load_hardware
-from fxmpq.profiling import INT8, profile_model
+from fxmpq.hardware import FLOAT, load_hardware
+from fxmpq.profiling import profile_model
 from fxmpq.tables import render
 
 
@@ -71,12 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     except FxmpqError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    rows = [[lp.name, lp.signature.kind.value, *(f"{prof.latency(lp.name, f):.4f}" for f in lp.measured_ms),
-             *(f"{100 * lp.spread[f]:.0f} %" for f in lp.measured_ms)] for lp in prof.layers]
-    fmts = list(prof.layers[0].measured_ms)
+    fmts = list(dict.fromkeys(f for lp in prof.layers for f in lp.measured_ms))  # linear layers have more
+    rows = [[lp.name, lp.signature.kind.value,
+             *(f"{prof.latency(lp.name, f):.4f}" if f in lp.measured_ms else "" for f in fmts),
+             *(f"{100 * lp.spread[f]:.0f} %" if f in lp.spread else "" for f in fmts)] for lp in prof.layers]
     print(render(["layer", "kind", *(f"{format_name(f)} ms" for f in fmts), *(f"{format_name(f)} p10-p90" for f in fmts)],
                  rows))
-    pred_float = sum(prof.latency(lp.name, f) for lp in prof.layers for f in lp.measured_ms if f != INT8)
+    pred_float = sum(prof.latency(lp.name, f) for lp in prof.layers for f in lp.measured_ms if f == FLOAT)
     print(f"\nwhole model ({prof.clock} clock, median of {prof.repeats}, {prof.threads} thread(s), batch {prof.batch}): "
           f"all float {prof.float_model_ms:.3f} ms, all W8A8 {prof.int8_model_ms:.3f} ms")
     print(f"layers back to back (chains): {sum(1 for lp in prof.layers if lp.chain_ms)} pairs, "
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rest of the model {prof.remainder_ms:.3f} ms (all float - {pred_float:.3f} ms of float layers alone - "
           f"float chains); all W8A8 from the layers alone {prof.int8_predicted_ms:.3f} ms, so W8A8 values x "
           f"{prof.int8_scale:.3f}")
+    ratio = prof.packed_ratio()
+    if ratio is not None:
+        print(f"W4A8 packed and widened (fxmpq.ort_session) alone / W8A8 alone: median {ratio:.3f}x (the same kernel)")
     print(f"wrote {args.out}")
     return 0
 
