@@ -1,7 +1,14 @@
-"""Accuracy under a measured-latency budget on real data: fxmpq's float-or-int8 policy against uniform int8.
+"""Accuracy under a measured-latency or file-size budget on real data: fxmpq's policy against uniform int8.
 
     python tools/bench_latency_policy.py [--net small_resnet] [--fractions 0.25,0.5,0.75] [--seeds 2]
-        [--batch 1] [--threads 1] [--repeats 50] [--out runs/bench_latency_policy] [--smoke]
+        [--metric latency|packed_bytes] [--batch 1] [--threads 1] [--repeats 50] [--out runs/bench_latency_policy]
+        [--smoke]
+
+`--metric packed_bytes` (the size run): candidates W2/W4/W8 with 8-bit activations, weight-only 2/4/8 for the
+linear head, and float; budgets at --fractions of the way from the smallest achievable file (every layer at its
+fewest bytes) to the all-int8 one, in the profiled file's `packed_bytes`; every policy is lowered with
+storage="packed" and its real weight bytes in the ONNX file (LowerReport.stored_weight_bytes plus the rest of the
+layers' initializers) are reported next to the budget and the prediction.
 
 On Fashion-MNIST: train the FP32 network once (cached in --out), profile it in ONNX Runtime with
 tools/profile_hw.py's code (fxmpq.profiling: every layer alone and in back-to-back pairs, W8A8 and float), learn
@@ -37,6 +44,7 @@ import fxmpq
 from fxmpq.atomic import atomic_write_text
 from fxmpq.baselines import random_indicators
 from fxmpq.datasets import ImageData, load_fashion_mnist, load_small
+from fxmpq.deploy import deployable
 from fxmpq.errors import FxmpqError
 from fxmpq.hardware import FLOAT, load_hardware
 from fxmpq.measure import TimingOptions, session, time_sessions
@@ -54,10 +62,10 @@ def _recipe(smoke: bool) -> dict[str, Any]:
 
 
 def finetune_policy(model: torch.nn.Module, hw: fxmpq.HardwareSpec, data: ImageData, policy: fxmpq.Policy,
-                    seed: int, r: dict[str, Any]) -> tuple[fxmpq.QuantModel, float]:
+                    seed: int, r: dict[str, Any], bits: tuple[int, ...] = (8,)) -> tuple[fxmpq.QuantModel, float]:
     """`policy` applied to a fresh QuantModel of `model` and fine-tuned with `seed`; (model, test top-1)."""
     torch.manual_seed(seed)
-    q = fxmpq.prepare(model, data.train_x[:1], hardware=hw, bits=(8,))
+    q = fxmpq.prepare(model, data.train_x[:1], hardware=hw, bits=bits, act_bits=(8,))
     g = torch.Generator().manual_seed(seed)
     fxmpq.apply_policy(q, policy, data.train_x[torch.randperm(len(data.train_x), generator=g)[:256]])
     sub = torch.randperm(len(data.train_y), generator=g)[:min(r["finetune_samples"], len(data.train_y))]
@@ -75,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fractions", default="0.25,0.5,0.75",
                     help="budgets as fractions of the way from all-int8 to all-float latency (default 0.25,0.5,0.75)")
     ap.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds per policy (default 2)")
+    ap.add_argument("--metric", choices=("latency", "packed_bytes"), default="latency",
+                    help="the budgeted metric of the profiled file (default latency)")
     ap.add_argument("--batch", type=int, default=1, help="batch the latency is profiled and measured at (default 1)")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     ap.add_argument("--repeats", type=int, default=50, help="timed runs per model (default 50)")
@@ -122,44 +132,59 @@ def run(args: argparse.Namespace) -> int:
     print(f"profiled in {time.time() - t:.0f} s -> {hw_path}: all float {prof.float_model_ms:.4f} ms, all W8A8 "
           f"{prof.int8_model_ms:.4f} ms", flush=True)
 
-    q = fxmpq.prepare(model, x, hardware=hw, bits=(8,))
+    size_run = args.metric == "packed_bytes"
+    bits = (2, 4, 8) if size_run else (8,)  # weight candidates; activations at 8 bits (or float, weight-only)
+    q = fxmpq.prepare(model, x, hardware=hw, bits=bits, act_bits=(8,))
     a = q.analysis
     names = a.names
     t = time.time()
     ind = fxmpq.train_indicators(q, data.loader("train", r["batch_size"], limit=r["indicator_samples"], seed=1),
                                  epochs=1, lr=r["lr"], seed=0, max_steps=r["max_steps"], progress=False)
     print(f"indicators in {time.time() - t:.0f} s", flush=True)
+    metric = args.metric
     lat_int8 = a.cost({n: INT8 for n in names})["latency"]
     lat_float = a.cost({n: FLOAT for n in names})["latency"]
     searchable = tuple(m.name for m in a.searchable)
     policies: dict[str, tuple[fxmpq.Policy, float | None]] = {"uniform-int8": (fxmpq.Policy.uniform(a, 8, 8), None)}
+    if size_run:  # budgets from the smallest achievable file to the all-int8 one
+        policies["uniform-W4A8"] = (fxmpq.Policy.uniform(a, 4, 8), None)
+        allowed = {m.name: [f for f in hw.formats(m.kind) if f[0] in (None, *bits) and f[1] in (None, 8)]
+                   for m in a.layers}
+        smallest = {m.name: min(allowed[m.name], key=lambda f, m=m: m.costs[f][metric]) for m in a.layers}
+        lo, hi = a.cost(smallest)[metric], a.cost({n: INT8 for n in names})[metric]
+    else:
+        lo, hi = lat_int8, lat_float
     for f in fractions:
-        budget = lat_int8 + f * (lat_float - lat_int8)
-        policies[f"fxmpq@{f:g}"] = (fxmpq.search(a, ind, f"latency<={budget!r}").policy, budget)
-        rnd = random_indicators(searchable, (8,), seed=1)
-        policies[f"random@{f:g}"] = (fxmpq.search(a, rnd, f"latency<={budget!r}").policy, budget)
+        budget = lo + f * (hi - lo)
+        policies[f"fxmpq@{f:g}"] = (fxmpq.search(a, ind, f"{metric}<={budget!r}").policy, budget)
+        rnd = random_indicators(searchable, bits, seed=1)
+        policies[f"random@{f:g}"] = (fxmpq.search(a, rnd, f"{metric}<={budget!r}").policy, budget)
 
     rows, sessions = [], {}
     for key, (policy, budget) in policies.items():
         accs = []
         for seed in range(args.seeds):
             t = time.time()
-            qm, acc = finetune_policy(model, hw, data, policy, seed, r)
+            qm, acc = finetune_policy(model, hw, data, policy, seed, r, bits)
             accs.append(acc)
             if seed == 0:
                 path = out / f"{args.net}_{key.replace('@', '_')}.onnx"
-                rep = fxmpq.lower(qm, path, x, samples=64, check=False, measure=False)
-                s = session(path, args.threads)
+                rep = fxmpq.lower(qm, path, x, samples=64, check=False, measure=False,
+                                  storage="packed" if size_run else "int8")
+                s = session(deployable(path), args.threads)  # widened as fxmpq.ort_session does
                 sessions[key] = (s, {s.get_inputs()[0].name: x.numpy()})
                 parity = rep.passed
+                layer_bytes, file_bytes = _layer_bytes(path, names), path.stat().st_size
             print(f"{key} seed {seed}: top-1 {100 * acc:.2f} % ({time.time() - t:.0f} s)", flush=True)
-        rows.append({"policy": key, "budget": budget, "predicted": a.cost(policy)["latency"],
+        rows.append({"policy": key, "budget": budget, "predicted": a.cost(policy)[metric],
+                     "predicted_latency": a.cost(policy)["latency"], "formats": _formats(policy),
                      "float_layers": sum(1 for n in names if policy[n] == FLOAT), "layers": len(names),
-                     "acc": accs, "parity": parity})
+                     "acc": accs, "parity": parity, "layer_bytes": layer_bytes, "file_bytes": file_bytes})
     times = time_sessions(sessions, TimingOptions(threads=args.threads, repeats=args.repeats))
     for row in rows:
-        row["measured"] = times[row["policy"]].median_ms
-    result = {"net": args.net, "data": data.name, "fp32_acc": fp32_acc, "batch": args.batch, "threads": args.threads,
+        row["measured_latency"] = times[row["policy"]].median_ms
+        row["measured"] = row["layer_bytes"] if size_run else row["measured_latency"]
+    result = {"net": args.net, "data": data.name, "metric": metric, "fp32_acc": fp32_acc, "batch": args.batch, "threads": args.threads,
               "repeats": args.repeats, "seeds": args.seeds, "hardware": str(hw_path), "predicted_int8": lat_int8,
               "predicted_float": lat_float, "measured_float_model": prof.float_model_ms,
               "measured_int8_model": prof.int8_model_ms, "clock": prof.clock, "recipe": r, "rows": rows,
@@ -171,12 +196,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_bytes(path: Path, names: list[str]) -> int:
+    """Bytes of the layers' weight, bias and scale initializers in the exported file, as stored (INT4 two to a byte):
+    what the profiled `bytes`/`packed_bytes` price."""
+    import onnx
+    from onnx import numpy_helper
+
+    prefixes = tuple(f"fxmpq_lowered.{n.replace('.', '_')}_{k}" for n in names for k in ("weight", "bias"))
+    return sum(len(i.raw_data) if i.raw_data else numpy_helper.to_array(i).nbytes
+               for i in onnx.load(str(path)).graph.initializer if i.name.startswith(prefixes))
+
+
+def _formats(policy: fxmpq.Policy) -> str:
+    """How many layers run in each format, e.g. "W2A8 x3, W4A8 x5, W4Afloat x1"."""
+    from collections import Counter
+
+    from fxmpq.formats import format_name
+
+    return ", ".join(f"{k} x{v}" for k, v in sorted(Counter(format_name(p) for p in policy.values()).items()))
+
+
 def render_results(res: dict[str, Any]) -> str:
     """The markdown table: per policy, budget, predicted and measured latency, float layers, top-1."""
     def acc(xs: list[float]) -> str:
         m = 100 * statistics.mean(xs)
         return f"{m:.2f}" + (f" ± {100 * statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
 
+    if res.get("metric") == "packed_bytes":
+        return _render_size(res, acc)
     table = [[r["policy"], "-" if r["budget"] is None else f"{r['budget']:.4f}", f"{r['predicted']:.4f}",
               f"{r['measured']:.4f}", "-" if r["budget"] is None else f"{r['measured'] / r['budget']:.3f}",
               f"{r['measured'] / r['predicted']:.3f}", f"{r['float_layers']}/{r['layers']}", acc(r["acc"]),
@@ -188,6 +235,20 @@ def render_results(res: dict[str, Any]) -> str:
             f"predicted all-int8 {res['predicted_int8']:.4f} ms, all-float {res['predicted_float']:.4f} ms "
             f"(measured when profiled {res['measured_int8_model']:.4f} / {res['measured_float_model']:.4f} ms); "
             f"{res['seeds']} fine-tuning seed(s); {res['wall_s'] / 60:.1f} min\n\n" + render(head, table) + "\n")
+
+
+def _render_size(res: dict[str, Any], acc: Any) -> str:
+    table = [[r["policy"], "-" if r["budget"] is None else f"{r['budget']:,.0f}", f"{r['predicted']:,.0f}",
+              f"{r['measured']:,}", "-" if r["budget"] is None else f"{r['measured'] / r['budget']:.3f}",
+              f"{r['measured'] / r['predicted']:.3f}", f"{r['file_bytes']:,}", r["formats"],
+              f"{r['measured_latency']:.4f}", acc(r["acc"]), "pass" if r["parity"] else "FAIL"] for r in res["rows"]]
+    head = ["policy", "budget B", "predicted B", "in the file B", "file/budget", "file/predicted", "ONNX file B",
+            "formats", "measured ms", "top-1 % (mean ± sd)", "parity"]
+    return (f"{res['net']} on {res['data']}: FP32 top-1 {100 * res['fp32_acc']:.2f} %; budget on packed_bytes (the "
+            f"layers' weight, bias and scale bytes with storage=\"packed\"); latency batch {res['batch']}, "
+            f"{res['threads']} thread(s), median of {res['repeats']} interleaved runs (packed files widened by "
+            f"fxmpq.ort_session's loader); {res['seeds']} fine-tuning seed(s); {res['wall_s'] / 60:.1f} min\n\n"
+            + render(head, table) + "\n")
 
 
 if __name__ == "__main__":
