@@ -202,6 +202,12 @@ def test_bench_formats_smoke(tmp_path):
     assert all(r[-1] == "pass" for r in rows.values())
 
 
+def test_bench_checkpoint_smoke(tmp_path):
+    proc = _tool("bench_checkpoint.py", "--steps", "3", "--batch-size", "4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "one checkpoint" in proc.stdout and "of the training time" in proc.stdout
+
+
 def test_bench_storage_smoke(tmp_path):
     proc = _tool("bench_storage.py", "--smoke", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

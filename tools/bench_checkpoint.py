@@ -21,7 +21,8 @@ import torch
 import fxmpq
 from fxmpq.cli import parse_shape
 from fxmpq.models import build_model
-from fxmpq.train import CHECKPOINT_EVERY, Stage, _save
+from fxmpq.train import CHECKPOINT_EVERY
+from fxmpq.train_state import Stage, save_state
 
 
 def _step_times(q: fxmpq.QuantModel, data: list, steps: int) -> list[float]:
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         ck = Path(d) / "bench.ckpt"
         for _ in range(20):
             t = time.perf_counter()
-            _save(ck, q, opt, stage=Stage.INDICATORS, epoch=0, step=1, epochs=1, seed=0, dev=torch.device("cpu"),
-                  extra_meta={})
+            save_state(ck, q, opt, stage=Stage.INDICATORS, epoch=0, step=1, epochs=1, seed=0, dev=torch.device("cpu"),
+                       extra_meta={})
             times.append(time.perf_counter() - t)
         size = ck.stat().st_size
     save = statistics.median(times)

@@ -22,6 +22,7 @@ import re
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from fxmpq.atomic import atomic_write_text
 from fxmpq.baselines import random_indicators
 from fxmpq.cli import parse_shape
 from fxmpq.errors import FxmpqError
+from fxmpq.formats import format_name
 from fxmpq.hardware import FLOAT, load_hardware
 from fxmpq.measure import TimingOptions, session, time_sessions
 from fxmpq.profiling import INT8, HardwareProfile, profile_model
@@ -73,26 +75,29 @@ def bench_model(name: str, shape: tuple[int, ...], args: argparse.Namespace, out
     names = analysis.names
     lat_int8 = analysis.cost({n: INT8 for n in names})["latency"]
     lat_float = analysis.cost({n: FLOAT for n in names})["latency"]
-    ind = random_indicators(tuple(m.name for m in analysis.searchable), (8,), seed=args.seed)
+    # every format the file prices (W2/W4/W8 x A8, W8A16, float, weight-only): random sensitivities per bit
+    bits = tuple(sorted(set(hw.weight_bits) | set(hw.act_bits)))
+    ind = random_indicators(tuple(m.name for m in analysis.searchable), bits, seed=args.seed)
     budgets = [lat_int8 + (lat_float - lat_int8) * k / (args.budgets + 1) for k in range(1, args.budgets + 1)]
     rows, sessions = [], {}
     for k, budget in enumerate(budgets):
         res = fxmpq.search(analysis, ind, f"latency<={budget!r}")
-        q = fxmpq.prepare(model, x, hardware=hw, bits=(8,))
+        q = fxmpq.prepare(model, x, hardware=hw, bits=hw.weight_bits, act_bits=hw.act_bits)
         fxmpq.apply_policy(q, res.policy, x)
         q.eval()
         path = out / f"{stem}_budget{k}.onnx"
         rep = fxmpq.lower(q, path, x, samples=args.samples, check=False, repeats=args.repeats, threads=args.threads)
         floats = sum(1 for n in names if res.policy[n] == FLOAT)
-        rows.append({"budget": budget, "predicted": rep.predicted_latency_ms, "lower_measured": rep.measured_latency_ms,
+        formats = dict(sorted(Counter(format_name(p) for p in res.policy.values()).items()))
+        rows.append({"formats": formats, "budget": budget, "predicted": rep.predicted_latency_ms, "lower_measured": rep.measured_latency_ms,
                      "lower_wall": rep.measured_wall_ms, "parity": rep.passed,
                      "stagewise_faithful": rep.stagewise_faithful, "max_diff_steps": rep.max_diff_steps,
                      "top1_agreement": rep.top1_agreement, "float_layers": floats, "layers": len(names),
                      "mismatches": list(rep.format_mismatches), "onnx": str(path)})
         s = session(path, args.threads)
         sessions[k] = (s, {s.get_inputs()[0].name: x.numpy()})
-        print(f"{name}: budget {budget:.3f} ms -> predicted {rep.predicted_latency_ms:.3f} ms, {floats} of "
-              f"{len(names)} layers in float, lower() measured {rep.measured_latency_ms:.3f} ms", flush=True)
+        print(f"{name}: budget {budget:.3f} ms -> predicted {rep.predicted_latency_ms:.3f} ms, formats {formats}, "
+              f"lower() measured {rep.measured_latency_ms:.3f} ms", flush=True)
     times = time_sessions(sessions, TimingOptions(threads=args.threads, repeats=args.repeats))
     for k, r in enumerate(rows):
         r["measured"] = times[k].median_ms
