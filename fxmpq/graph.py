@@ -17,13 +17,15 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from .capture import ShapeTracer
 from .errors import ArgumentError, TraceError, first_line
 from .matcher import find_layers
 from .quant import LSQQuantizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NodeFailure", "as_input_tuple", "input_hint", "propagate_shapes", "refuse_quantized", "run_graph", "trace"]
+__all__ = ["NodeFailure", "as_input_tuple", "input_hint", "propagate_shapes", "refuse_quantized", "run_graph", "select_output",
+           "trace"]
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -37,11 +39,10 @@ def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
     )
 
 
-class _Tracer(fx.Tracer):
-    """A symbolic tracer that keeps user-named leaf modules opaque and remembers where it is."""
+class _LeafStack:
+    """Keeps user-named leaf modules opaque and remembers which module the trace is in."""
 
-    def __init__(self, leaf_modules: Sequence[str | type[nn.Module]] = ()):
-        super().__init__()
+    def _set_leaves(self, leaf_modules: Sequence[str | type[nn.Module]]) -> None:
         self.leaf_names = {x for x in leaf_modules if isinstance(x, str)}
         self.leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
         self.stack: list[tuple[str, str]] = []
@@ -52,10 +53,28 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if getattr(self, "_running", 0):  # ShapeTracer computing a value: not part of the trace
+            return super().call_module(m, forward, args, kwargs)
         self.stack.append((self.path_of_module(m), type(m).__name__))
         out = super().call_module(m, forward, args, kwargs)
         self.stack.pop()
         return out
+
+
+class _Tracer(_LeafStack, fx.Tracer):
+    """Plain torch.fx symbolic tracing."""
+
+    def __init__(self, leaf_modules: Sequence[str | type[nn.Module]] = ()):
+        super().__init__()
+        self._set_leaves(leaf_modules)
+
+
+class _ShapeTracer(_LeafStack, ShapeTracer):
+    """Tracing that specializes on the example inputs' shapes (fxmpq.capture)."""
+
+    def __init__(self, inputs: Sequence[Any], leaf_modules: Sequence[str | type[nn.Module]] = ()):
+        super().__init__(inputs)
+        self._set_leaves(leaf_modules)
 
 
 _LIBRARY_DIRS = tuple(str(Path(m.__file__).resolve().parent) + os.sep for m in (torch, sys.modules[__package__]))
@@ -80,10 +99,15 @@ def trace(
     example_inputs: Any,
     *,
     leaf_modules: Sequence[str | type[nn.Module]] = (),
+    output: str | int | None = None,
 ) -> fx.GraphModule:
     """Capture `model` as an fx.GraphModule with shapes in node.meta and a LayerRecord on every quantizable layer.
 
-    The user's model is not touched.
+    Plain torch.fx symbolic tracing first; when it fails (Python code branching on shapes or dtypes, as in timm and
+    Hugging Face models), tracing that specializes on the example inputs' shapes, the batch size kept symbolic
+    (fxmpq.capture); `gm.meta["capture"]` says which ("symbolic" or "specialized"). A model returning a dict, a
+    dataclass (Hugging Face's ModelOutput) or a tuple has its output narrowed to one tensor (`select_output`:
+    `output` names the key or index; by default `logits`, or the only tensor). The user's model is not touched.
     The model is deep-copied first, so tracing and shape propagation (run in eval mode without gradients)
     change neither its parameters nor its BatchNorm statistics. Modules named in `leaf_modules` (qualnames or
     types) are kept as one opaque call; their layers are then not quantized.
@@ -94,24 +118,27 @@ def trace(
     inputs = as_input_tuple(example_inputs)
     _check_runnable(model, inputs)
     model = copy.deepcopy(model)
-    tracer = _Tracer(leaf_modules)
+    tracer: _LeafStack = _Tracer(leaf_modules)
+    capture = "symbolic"
     try:
         graph = tracer.trace(model)
-    except Exception as e:  # torch.fx raises many types; each becomes a TraceError naming where
-        where = ""
-        if tracer.stack:
-            qual, typ = tracer.stack[-1]
-            where = f" in module '{qual or '<root>'}' ({typ})"
-        frame = _user_frame(e)
-        hint_target = f"'{tracer.stack[-1][0]}'" if tracer.stack and tracer.stack[-1][0] else "<SubmoduleName>"
-        raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__}{where}"
-            f"{' at ' + frame if frame else ''}: {type(e).__name__}: {first_line(e)}. "
-            f"Mark the offending submodule a leaf so it is kept as one opaque call (its layers are then not "
-            f"quantized): fxmpq.trace(model, inputs, leaf_modules=[{hint_target}]), or make the code traceable "
-            f"(no Python control flow on tensor values)."
-        ) from e
+    except Exception as plain:  # torch.fx raises many types; plain tracing failed: specialize on the shapes
+        log.info("plain torch.fx tracing of %s failed (%s: %s); tracing with the example inputs' shapes",
+                 type(model).__name__, type(plain).__name__, first_line(plain))
+        model = copy.deepcopy(model)  # the failed trace may have left state behind
+        was_training = model.training
+        model.eval()  # the tracer runs the model alongside: BatchNorm statistics stay untouched
+        tracer = _ShapeTracer(inputs, leaf_modules)
+        capture = "specialized"
+        try:
+            graph = tracer.trace(model)
+        except Exception as e:  # each becomes a TraceError naming where
+            raise _trace_error(model, tracer, e) from e
+        finally:
+            model.train(was_training)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta["capture"] = capture
+    select_output(gm, output)
     module_batch_norms(gm, tracer.root)
     was_training = model.training
     gm.eval()
@@ -124,6 +151,57 @@ def trace(
         gm.train(was_training)
     find_layers(gm)
     return gm
+
+
+def _trace_error(model: nn.Module, tracer: _LeafStack, e: BaseException) -> TraceError:
+    where = ""
+    if tracer.stack:
+        qual, typ = tracer.stack[-1]
+        where = f" in module '{qual or '<root>'}' ({typ})"
+    frame = _user_frame(e)
+    hint_target = f"'{tracer.stack[-1][0]}'" if tracer.stack and tracer.stack[-1][0] else "<SubmoduleName>"
+    return TraceError(
+        f"torch.fx cannot trace {type(model).__name__}{where}"
+        f"{' at ' + frame if frame else ''}: {type(e).__name__}: {first_line(e)}. "
+        f"Mark the offending submodule a leaf so it is kept as one opaque call (its layers are then not "
+        f"quantized): fxmpq.trace(model, inputs, leaf_modules=[{hint_target}]), or make the code traceable "
+        f"(no Python control flow on tensor values)."
+    )
+
+
+def select_output(gm: fx.GraphModule, output: str | int | None = None) -> None:
+    """Narrow a graph that returns a dict, dataclass or tuple to the one tensor a classifier's loss reads: key or
+    index `output`, else `logits`, else the only node among the outputs; TraceError naming the fields otherwise."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    value = out.args[0]
+    if isinstance(value, fx.Node) and output is None:
+        return
+    if isinstance(value, dict):
+        fields = {str(k): v for k, v in value.items()}
+    elif isinstance(value, list | tuple):
+        fields = {str(i): v for i, v in enumerate(value)}
+    elif output is not None:
+        raise TraceError(f"output={output!r}: the model returns one value, not a dict or tuple")
+    else:
+        return
+    tensors = [k for k, v in fields.items() if isinstance(v, fx.Node)]
+    if output is not None:
+        key = str(output)
+        if key not in fields or not isinstance(fields[key], fx.Node):
+            raise TraceError(f"output={output!r}: the model's outputs are {', '.join(fields) or 'empty'} (tensors: "
+                             f"{', '.join(tensors) or 'none'})")
+    elif "logits" in tensors:
+        key = "logits"
+    elif len(tensors) == 1:
+        key = tensors[0]
+    else:
+        raise TraceError(f"{type(gm).__name__} returns {type(value).__name__} with outputs "
+                         f"{', '.join(fields) or 'none'} (tensors: {', '.join(tensors) or 'none'}): pass "
+                         f"output=<key or index> to choose the one the loss reads")
+    out.args = (fields[key],)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    gm.meta["output"] = key
 
 
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")

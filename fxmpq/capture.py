@@ -1,0 +1,197 @@
+"""A torch.fx tracer that specializes on the example inputs' shapes, for models whose Python code branches on them.
+
+torch.fx's symbolic tracing cannot run `if h != w`, `int(math.ceil(h / p))` or `x.dtype != expected`: every
+tensor is a Proxy, so its shape and dtype are too. Models from timm and Hugging Face do this all the time, though
+none of it depends on the data. `ShapeTracer` runs the model twice alongside the trace, on the example inputs
+re-batched to two batch sizes (2 and 3 rows, cycling the example's rows), and answers every shape, dtype and
+device query with a concrete value when both runs agree: a size that differs between them follows the batch and
+stays symbolic in the graph (a `size` node), so the captured graph runs at any batch size. Control flow on tensor
+values, or on a batch-dependent size, still fails, with torch.fx's error. Layer names stay module qualnames, as
+with plain symbolic tracing; `fxmpq.trace` uses this tracer only when plain tracing fails (`gm.meta["capture"]`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.node import map_aggregate
+
+__all__ = ["BATCHES", "ShapeTracer", "batch_variants"]
+
+BATCHES = (2, 3)  # the two batch sizes the model runs at while tracing: a size that differs follows the batch
+
+# tensor attributes and methods answered from the real values (equal in both runs: a constant of the graph)
+_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_sparse", "is_quantized", "is_meta",
+                    "is_nested", "requires_grad"})
+_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "is_floating_point", "is_complex",
+                      "element_size", "get_device", "is_contiguous", "stride"})
+
+
+def batch_variants(inputs: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """The example inputs at each batch size of BATCHES: every tensor's rows cycled (its dim 0)."""
+    out = []
+    for n in BATCHES:
+        out.append(tuple(x[torch.arange(n) % x.shape[0]] if isinstance(x, torch.Tensor) and x.dim() > 0
+                         and x.shape[0] > 0 else x for x in inputs))
+    return out
+
+
+class _ShapeQueries:
+    """Shape, dtype and device queries answered from the values a node has in the two runs (see the module)."""
+
+    def __getattr__(self, k: str) -> Any:
+        if k.startswith("__") or k in ("node", "tracer", "root", "attr"):
+            raise AttributeError(k)
+        if k in _ATTRS or k in _METHODS:
+            vals = self.tracer.values.get(self.node)
+            if vals is not None and isinstance(vals[0], torch.Tensor):
+                if k == "shape":
+                    return self.tracer.shape_of(self)
+                if k in _METHODS:
+                    return self.tracer.method_of(self, k)
+                a, b = (getattr(v, k) for v in vals)
+                if a == b:
+                    return a
+        return _Attribute(self, k)
+
+    def __len__(self) -> int:
+        a, b = (len(v) for v in self.tracer.values[self.node])
+        if a != b:
+            raise fx.proxy.TraceError(f"len() of {self.node.name} follows the batch size ({a} and {b} rows); it "
+                                      f"cannot be a constant of the graph")
+        return a
+
+    def __iter__(self):
+        return iter([self[i] for i in range(len(self))])
+
+
+class _Proxy(_ShapeQueries, fx.Proxy):
+    pass
+
+
+class _Attribute(_ShapeQueries, fx.proxy.Attribute):
+    """`proxy.attr`: a method call when called (call_method), else a getattr node whose value is known."""
+
+
+class ShapeTracer(fx.Tracer):
+    """torch.fx tracing that runs the model alongside on the example inputs at two batch sizes (see the module)."""
+
+    def __init__(self, inputs: Sequence[Any]):
+        super().__init__()
+        self.variants = batch_variants(inputs)
+        self.n_inputs = len(inputs)
+        self.values: dict[fx.Node, tuple[Any, Any]] = {}
+        self._placeholders = 0
+        self._running = 0  # > 0 while a node's value is computed (the model runs for real, untraced)
+
+    # ------------------------------------------------------------------ tracing hooks
+    def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """Trace `root` (a module) called on the example inputs alone: its other parameters at their defaults."""
+        if concrete_args:
+            raise fx.proxy.TraceError("ShapeTracer takes the example inputs, not concrete_args")
+        with torch.no_grad():
+            return super().trace(root)
+
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None
+                             ) -> tuple[Callable[..., Any], list[Any]]:
+        """One placeholder per example input, named by the forward's parameters; the function torch.fx calls is the
+        undecorated forward (Hugging Face wraps it in `*args, **kwargs` decorators), the rest at their defaults."""
+        raw = inspect.unwrap(root_fn)
+        params = list(inspect.signature(raw).parameters.values())[1:]  # after self
+        names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(names) < self.n_inputs:
+            raise fx.proxy.TraceError(f"{type(self.root).__name__}.forward takes {len(names)} positional "
+                                      f"input(s), {self.n_inputs} example input(s) given")
+        holders = [self.create_proxy("placeholder", n, (), {}) for n in names[:self.n_inputs]]
+
+        def call(root: nn.Module, *xs: Any) -> Any:
+            return raw(root, *xs)
+
+        return call, [self.root, *holders]
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if self._running:  # computing a value: the real module, not a trace of it
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._running:  # computing a value: the parameter itself
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
+                     type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind == "placeholder":
+            i = self._placeholders
+            self._placeholders += 1
+            if i < self.n_inputs:
+                self.values[proxy.node] = (self.variants[0][i], self.variants[1][i])
+            else:  # a parameter fixed at its default (concrete_args): torch.fx checks it is that value
+                default = proxy.node.args[0] if proxy.node.args else None
+                self.values[proxy.node] = (default, default)
+        elif kind != "output":
+            self.values[proxy.node] = tuple(self._run(kind, target, args, kwargs, j) for j in (0, 1))
+        return proxy
+
+    # ------------------------------------------------------------------ the two runs
+    def _run(self, kind: str, target: Any, args: tuple, kwargs: dict, j: int) -> Any:
+        def value(a: Any) -> Any:
+            if isinstance(a, fx.Proxy):
+                if a.node not in self.values:
+                    raise fx.proxy.TraceError(f"no value for {a.node.format_node()} while specializing shapes")
+                return self.values[a.node][j]
+            return a
+
+        args = map_aggregate(args, value)
+        kwargs = map_aggregate(kwargs, value)
+        self._running += 1
+        try:
+            return self._execute(kind, target, args, kwargs)
+        finally:
+            self._running -= 1
+
+    def _execute(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        with torch.no_grad():
+            if kind == "call_function":
+                return target(*args, **kwargs)
+            if kind == "call_method":
+                return getattr(args[0], target)(*args[1:], **kwargs)
+            if kind == "call_module":
+                return self.root.get_submodule(target)(*args, **kwargs)
+            if kind == "get_attr":
+                obj: Any = self.root
+                for part in target.split("."):
+                    obj = getattr(obj, part)
+                return obj
+        raise fx.proxy.TraceError(f"unexpected node kind {kind!r}")
+
+    def shape_of(self, proxy: _Proxy) -> tuple[Any, ...] | torch.Size:
+        """`proxy.shape`: torch.Size when both runs agree, else a tuple with a `size(d)` node at each batch dim."""
+        a, b = (v.shape for v in self.values[proxy.node])
+        if a == b:
+            return a
+        if len(a) != len(b):
+            raise fx.proxy.TraceError(f"{proxy.node.name} has rank {len(a)} at batch {BATCHES[0]} and {len(b)} at "
+                                      f"batch {BATCHES[1]}")
+        return tuple(x if x == y else proxy.size(d) for d, (x, y) in enumerate(zip(a, b)))
+
+    def method_of(self, proxy: _Proxy, name: str) -> Callable[..., Any]:
+        """`proxy.size`, `proxy.dim`, ...: the concrete answer when both runs agree, else a graph node."""
+        def call(*args: Any, **kwargs: Any) -> Any:
+            a, b = (getattr(v, name)(*args, **kwargs) for v in self.values[proxy.node])
+            if a == b:
+                return a
+            if name == "size" and not args and not kwargs:
+                return self.shape_of(proxy)
+            return self.create_proxy("call_method", name, (proxy, *args), kwargs)
+
+        return call
