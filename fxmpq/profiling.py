@@ -52,8 +52,10 @@ from .hardware import (
 )
 from .matcher import layer_input
 from .measure import TimingOptions, cpu_name, runtime_name, session, time_sessions
+from .passes.lower_qdq import LOWERED
 from .record import LayerRecord, records
 from .stages import analyze, apply_policy, prepare
+from .storage import initializer_bytes
 
 __all__ = ["A16", "INT8", "ORT_FORMATS", "SAME_KERNEL", "WEIGHT_ONLY", "HardwareProfile", "LayerProfile",
            "one_layer_module", "ort_target", "pair_module", "profile_model"]
@@ -188,17 +190,9 @@ def _lowered(module: nn.Module, x: torch.Tensor, fmt: Pair | Sequence[Pair], pat
 
 def _weight_bytes(path: Path) -> int:
     """Bytes of the layer's weight, bias and their scales in the exported file (int8/int4 + int32 + float32 scales,
-    packed MatMulNBits blocks, or float32 weight and bias): the initializers named `<layer>_weight*`/`<layer>_bias*`."""
-    import onnx
-    from onnx import numpy_helper
-
-    total = 0
-    for init in onnx.load(str(path)).graph.initializer:
-        short = init.name.rpartition(".")[2]
-        if short.startswith(("layer_weight", "layer_bias")):
-            # raw bytes as stored (INT4 two values to a byte); to_array would widen them
-            total += len(init.raw_data) if init.raw_data else numpy_helper.to_array(init).nbytes
-    return total
+    packed MatMulNBits blocks, or float32 weight and bias): the initializers the lowering names `<layer>_weight*` and
+    `<layer>_bias*` (the one-layer model's layer is `layer`)."""
+    return initializer_bytes(path, (f"{LOWERED}.layer_weight", f"{LOWERED}.layer_bias"))
 
 
 def _measured_formats(rec: LayerRecord, hw: HardwareSpec) -> list[Pair]:

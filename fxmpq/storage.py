@@ -19,8 +19,8 @@ import torch
 from .errors import ArgumentError, ExportError, brief
 from .record import Lowered
 
-__all__ = ["NBITS_BLOCK", "Container", "Storage", "as_storage", "pack_nbits", "pack_weights", "stored_weight_bytes",
-           "unpack_nbits", "weight_container", "widen"]
+__all__ = ["NBITS_BLOCK", "Container", "Storage", "as_storage", "initializer_bytes", "pack_nbits", "pack_weights",
+           "stored_weight_bytes", "unpack_nbits", "weight_container", "widen"]
 
 NBITS_BLOCK = 32  # MatMulNBits block_size: a power of two >= 16; K is padded up to a multiple of it
 
@@ -135,6 +135,16 @@ def pack_weights(model: Any, layers: Sequence[tuple[str, Lowered]], storage: Sto
         types[t.name] = c.onnx_type
     _retype(graph, types)
     return out
+
+
+def initializer_bytes(path: Any, prefixes: tuple[str, ...] | None = None) -> int:
+    """Bytes the initializers of the ONNX file at `path` take as stored (INT4 two to a byte; numpy would widen them),
+    those whose names start with one of `prefixes` when given."""
+    import onnx
+    from onnx import numpy_helper
+
+    return sum(len(i.raw_data) if i.raw_data else numpy_helper.to_array(i).nbytes
+               for i in onnx.load(str(path)).graph.initializer if prefixes is None or i.name.startswith(prefixes))
 
 
 def stored_weight_bytes(model: Any, layers: Sequence[tuple[str, Lowered]], containers: dict[str, Container]) -> int:

@@ -18,7 +18,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import onnx
 import torch
 from torch import nn
 
@@ -28,6 +27,7 @@ from fxmpq.deploy import deployable
 from fxmpq.formats import format_name
 from fxmpq.measure import TimingOptions, profile_nodes, session, time_sessions
 from fxmpq.profiling import ort_target
+from fxmpq.storage import initializer_bytes
 
 LAYOUT_OPS = {"QuantizeLinear", "DequantizeLinear", "Transpose", "Reshape", "ReorderInput", "ReorderOutput",
               "Flatten", "Clip"}
@@ -41,14 +41,6 @@ def _variants(kind: str) -> list[tuple[str, tuple[int | None, int | None], str, 
     if kind == "linear":
         rows += [(f"W{b} weight-only", (b, None), "packed", False) for b in (8, 4, 2)]
     return rows
-
-
-def _initializer_bytes(path: Path) -> int:
-    """Bytes of every initializer as stored (INT4 two to a byte): the layer's weights, bias and scales."""
-    from onnx import numpy_helper
-
-    return sum(len(i.raw_data) if i.raw_data else numpy_helper.to_array(i).nbytes
-               for i in onnx.load(str(path)).graph.initializer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 kernel = "+".join(dict.fromkeys(ops)) or "?"
                 integer = any(o in INTEGER_KERNELS for o in ops)
                 rows.append([kind, label, format_name(fmt), kernel + (" (integer)" if integer else ""),
-                             (kind, label), _initializer_bytes(path), path.stat().st_size,
+                             (kind, label), initializer_bytes(path), path.stat().st_size,
                              "pass" if rep.passed else "FAIL"])
         times = time_sessions(runs, TimingOptions(threads=args.threads, repeats=args.repeats, warmup=args.warmup))
     base = {kind: times[(kind, "float")].median_ms for kind in layers}

@@ -50,6 +50,7 @@ from fxmpq.hardware import FLOAT, load_hardware
 from fxmpq.measure import TimingOptions, session, time_sessions
 from fxmpq.models import build_model
 from fxmpq.profiling import INT8, profile_model
+from fxmpq.storage import initializer_bytes
 from fxmpq.tables import render
 
 
@@ -199,12 +200,8 @@ def run(args: argparse.Namespace) -> int:
 def _layer_bytes(path: Path, names: list[str]) -> int:
     """Bytes of the layers' weight, bias and scale initializers in the exported file, as stored (INT4 two to a byte):
     what the profiled `bytes`/`packed_bytes` price."""
-    import onnx
-    from onnx import numpy_helper
-
-    prefixes = tuple(f"fxmpq_lowered.{n.replace('.', '_')}_{k}" for n in names for k in ("weight", "bias"))
-    return sum(len(i.raw_data) if i.raw_data else numpy_helper.to_array(i).nbytes
-               for i in onnx.load(str(path)).graph.initializer if i.name.startswith(prefixes))
+    return initializer_bytes(path, tuple(f"fxmpq_lowered.{n.replace('.', '_')}_{k}" for n in names
+                                         for k in ("weight", "bias")))
 
 
 def _formats(policy: fxmpq.Policy) -> str:

@@ -1,6 +1,12 @@
 """Model-zoo coverage: every torchvision classification model through the whole pipeline, stage by stage.
 
     python tools/bench_zoo.py [--out runs/bench_zoo] [--models resnet18,vit_b_16] [--timeout 1800] [--redo]
+    python tools/bench_zoo.py --source timm [--models timm:mobilevit_xxs,...]     # pip install -e '.[bench]'
+    python tools/bench_zoo.py --source hf                                          # the six HF vision models
+
+`--source timm` runs TIMM_MODELS (timm.create_model, random weights, 10 classes) and `--source hf` the six
+Hugging Face image classifiers of the capture issue, from small configs (HF_MODELS); names are `timm:<name>` and
+`hf:<name>`, and the table says which capture each used (plain torch.fx or shape-specialized).
 
 For each model of torchvision.models.list_models(module=torchvision.models), with random weights, at the smallest
 square input it accepts (tried from 32 up): trace -> prepare (fake-quant insertion + cost analysis) -> indicators
@@ -40,6 +46,61 @@ def classification_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+# timm architectures of the hub sweep: one or two small variants per family (random weights)
+TIMM_MODELS = (
+    "resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "regnetx_002", "regnety_002", "efficientnet_b0",
+    "efficientnet_lite0", "mobilenetv2_050", "mobilenetv3_small_050", "mobilenetv4_conv_small", "mnasnet_small",
+    "fbnetc_100", "ghostnet_050", "hardcorenas_a", "lcnet_050", "rexnet_100", "tinynet_e", "mixnet_s",
+    "dla34", "dpn68", "densenet121", "vgg11_bn", "inception_v3", "xception41", "cspresnet50", "cspdarknet53",
+    "darknet17", "dm_nfnet_f0", "nf_resnet26", "repvgg_a0", "res2net50_14w_8s", "resnest14d", "skresnet18",
+    "selecsls42b", "hrnet_w18_small", "convnext_atto", "convnextv2_atto", "efficientformer_l1", "levit_128s",
+    "mobilevit_xxs", "mobilevitv2_050", "tiny_vit_5m_224", "edgenext_xx_small", "xcit_nano_12_p16_224",
+    "coat_lite_tiny", "eva02_tiny_patch14_224", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224", "pit_ti_224", "convit_tiny", "crossvit_tiny_240", "poolformer_s12",
+    "mixer_b16_224", "resmlp_12_224", "gmlp_ti16_224", "beit_base_patch16_224", "cait_xxs24_224", "twins_svt_small",
+    "pvt_v2_b0", "mobileone_s0", "fastvit_t8", "ese_vovnet19b_dw", "tresnet_m",
+)
+HF_MODELS = ("vit", "deit", "convnext", "resnet", "swin", "mobilevit")
+
+
+def hf_model(name: str) -> torch.nn.Module:
+    """A Hugging Face image classifier from a small config (random weights, 10 labels)."""
+    import transformers as tf
+
+    vit = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=128, num_labels=10)
+    configs = {
+        "vit": lambda: tf.ViTForImageClassification(tf.ViTConfig(**vit)),
+        "deit": lambda: tf.DeiTForImageClassification(tf.DeiTConfig(**vit)),
+        "convnext": lambda: tf.ConvNextForImageClassification(tf.ConvNextConfig(
+            num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)),
+        "resnet": lambda: tf.ResNetForImageClassification(tf.ResNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)),
+        "swin": lambda: tf.SwinForImageClassification(tf.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=10)),
+        "mobilevit": lambda: tf.MobileViTForImageClassification(tf.MobileViTConfig(
+            image_size=32, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64], num_labels=10)),
+    }
+    return configs[name]()
+
+
+def build(name: str) -> torch.nn.Module:
+    """`timm:<name>`, `hf:<name>` or a torchvision name, with random weights, in eval mode."""
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name[5:], pretrained=False, num_classes=10).eval()
+    if name.startswith("hf:"):
+        return hf_model(name[3:]).eval()
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None).eval()
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out["logits"] if isinstance(out, dict) else out[0]
+
+
 def _first_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:300]}"
@@ -51,7 +112,7 @@ def smallest_input(model: torch.nn.Module) -> tuple[int, dict[int, str]]:
     for s in SIZES:
         try:
             with torch.no_grad():
-                model(torch.randn(2, 3, s, s))
+                _logits(model(torch.randn(2, 3, s, s)))
             return s, tried
         except Exception as e:  # any failure means "not this size"; the reasons are kept
             tried[s] = _first_line(e)
@@ -63,8 +124,6 @@ def run_one(name: str, samples: int, progress: Path | None = None) -> dict[str, 
 
     With `progress`, the row is written there after every stage, so that a process killed mid-way (out of
     memory) still tells which stage it reached."""
-    import torchvision
-
     import fxmpq
 
     row: dict[str, Any] = {"model": name, "stages": {}, "ok": False}
@@ -85,14 +144,16 @@ def run_one(name: str, samples: int, progress: Path | None = None) -> dict[str, 
         return out
 
     try:
-        model = torchvision.models.get_model(name, weights=None).eval()
+        model = build(name)
         row["params"] = sum(p.numel() for p in model.parameters())
         size, _ = stage("input", lambda: smallest_input(model))
         row["input"] = size
         x = torch.randn(1, 3, size, size)
-        stage("trace", lambda: fxmpq.trace(model, x))
+        gm = stage("trace", lambda: fxmpq.trace(model, x))
+        row["capture"] = gm.meta.get("capture")
+        del gm
         with torch.no_grad():
-            classes = int(model(x).shape[-1])
+            classes = int(_logits(model(x)).shape[-1])
         q = stage("prepare", lambda: fxmpq.prepare(model, x))
         model = None  # the QuantModel holds its own copy; the largest nets (ViT-H) need the memory
         gc.collect()
@@ -149,19 +210,20 @@ def render(rows: list[dict[str, Any]]) -> str:
     """The markdown table, one row per model, then the failures with their reasons."""
     ok = sum(bool(r.get("ok")) for r in rows)
     amplified = [r["model"] for r in rows if r.get("ok") and r.get("strict_parity") is False]
-    lines = [f"{ok} of {len(rows)} torchvision classification models pass every stage"
+    hub = any(r["model"].startswith(("timm:", "hf:")) for r in rows)
+    lines = [f"{ok} of {len(rows)} {'models' if hub else 'torchvision classification models'} pass every stage"
              + (f"; {ok - len(amplified)} with end-to-end parity within 1 output step, {len(amplified)} "
                 f"({', '.join(amplified)}) faithful at every quantizer (each within 1 step of PyTorch when fed "
                 f"ONNX Runtime's inputs) while float rounding, amplified by the random-weight network, moves "
                 f"their output further (marked 'ok, amplified')" if amplified else "") + ".", "",
-             "| model | input | layers (searchable) | GMACs | trace s | prepare s | indicators s | search ms | apply s "
+             "| model | input | capture | layers (searchable) | GMACs | trace s | prepare s | indicators s | search ms | apply s "
              "| lower+ORT s | max diff (steps) | rel L2 | top-1 agree | int kernels | status |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         secs = {k: v["seconds"] for k, v in r.get("stages", {}).items()}
         top1 = r.get("top1_agreement")
         cells = [
-            r["model"], _cell(r.get("input"), "d"),
+            r["model"], _cell(r.get("input"), "d"), r.get("capture") or "-",
             f"{r['layers']} ({r['searchable']})" if "layers" in r else "-",
             _cell(r["macs"] / 1e9 if "macs" in r else None, ".3f"),
             *(_cell(secs.get(k), ".1f") for k in ("trace", "prepare", "indicators")),
@@ -201,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--out", type=Path, default=Path("runs/bench_zoo"))
     ap.add_argument("--models", help="comma-separated subset (default: every classification model)")
+    ap.add_argument("--source", choices=("torchvision", "timm", "hf"), default="torchvision",
+                    help="which zoo (default torchvision; timm and hf need the bench extra)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per model (default 1800)")
     ap.add_argument("--samples", type=int, default=16, help="random inputs for the ONNX Runtime check")
     ap.add_argument("--redo", action="store_true", help="run models again even when a result exists")
@@ -212,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         row = run_one(args.one, args.samples, args.out / f"{args.one}.partial.json")
         (args.out / f"{args.one}.json").write_text(json.dumps(row, indent=1, default=str))
         return 0
-    names = [m.strip() for m in args.models.split(",")] if args.models else classification_models()
-    unknown = sorted(set(names) - set(classification_models()))
+    default = {"torchvision": classification_models, "timm": lambda: [f"timm:{n}" for n in TIMM_MODELS],
+               "hf": lambda: [f"hf:{n}" for n in HF_MODELS]}[args.source]
+    names = [m.strip() for m in args.models.split(",")] if args.models else default()
+    unknown = sorted(n for n in set(names) - set(classification_models()) if not n.startswith(("timm:", "hf:")))
     if unknown:
         print(f"bench_zoo.py: error: not torchvision classification models: {', '.join(unknown)}", file=sys.stderr)
         return 2
