@@ -52,7 +52,6 @@ from .hardware import (
 )
 from .matcher import layer_input
 from .measure import TimingOptions, cpu_name, runtime_name, session, time_sessions
-from .passes.lower_qdq import LOWERED
 from .record import LayerRecord, records
 from .stages import analyze, apply_policy, prepare
 from .storage import initializer_bytes
@@ -189,10 +188,9 @@ def _lowered(module: nn.Module, x: torch.Tensor, fmt: Pair | Sequence[Pair], pat
 
 
 def _weight_bytes(path: Path) -> int:
-    """Bytes of the layer's weight, bias and their scales in the exported file (int8/int4 + int32 + float32 scales,
-    packed MatMulNBits blocks, or float32 weight and bias): the initializers the lowering names `<layer>_weight*` and
-    `<layer>_bias*` (the one-layer model's layer is `layer`)."""
-    return initializer_bytes(path, (f"{LOWERED}.layer_weight", f"{LOWERED}.layer_bias"))
+    """Bytes of the layer's weight, bias and their scales in its one-layer file (int8/int4 + int32 + float32 scales,
+    packed MatMulNBits blocks, or float32 weight and bias, the last maybe transposed under another name)."""
+    return initializer_bytes(path, weights_only=True)
 
 
 def _measured_formats(rec: LayerRecord, hw: HardwareSpec) -> list[Pair]:

@@ -137,14 +137,19 @@ def pack_weights(model: Any, layers: Sequence[tuple[str, Lowered]], storage: Sto
     return out
 
 
-def initializer_bytes(path: Any, prefixes: tuple[str, ...] | None = None) -> int:
-    """Bytes the initializers of the ONNX file at `path` take as stored (INT4 two to a byte; numpy would widen them),
-    those whose names start with one of `prefixes` when given."""
+def initializer_bytes(path: Any, *, weights_only: bool = False) -> int:
+    """Bytes the initializers of the ONNX file at `path` take as stored (INT4 two to a byte; numpy would widen them).
+    With `weights_only`, the layers' weights, biases and their scales alone: not the activation quantizers' scales
+    nor int64 shape constants. (A float linear layer's weight is stored transposed under a name torch.onnx makes
+    up, so layers cannot be told apart by initializer names.)"""
     import onnx
-    from onnx import numpy_helper
+    from onnx import TensorProto, numpy_helper
+
+    def counted(i: Any) -> bool:
+        return not weights_only or (i.data_type != TensorProto.INT64 and "quantizer_scale" not in i.name)
 
     return sum(len(i.raw_data) if i.raw_data else numpy_helper.to_array(i).nbytes
-               for i in onnx.load(str(path)).graph.initializer if prefixes is None or i.name.startswith(prefixes))
+               for i in onnx.load(str(path)).graph.initializer if counted(i))
 
 
 def stored_weight_bytes(model: Any, layers: Sequence[tuple[str, Lowered]], containers: dict[str, Container]) -> int:

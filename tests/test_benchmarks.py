@@ -185,8 +185,9 @@ def test_bench_latency_policy_size_run_smoke(tmp_path):
     for r in res["rows"]:
         assert r["budget"] is None or r["predicted"] <= r["budget"] * (1 + 1e-9)
         assert r["measured"] == r["layer_bytes"] > 0 and r["parity"]
-    # the file carries the bytes the profile predicts (weights, bias, scales as stored), within 5 %
-    assert all(abs(r["measured"] / r["predicted"] - 1) < 0.05 for r in res["rows"]), res["rows"]
+    # the file carries the bytes the profile predicts (weights, bias, scales as stored), within 5 %; uniform-int8
+    # is the calibration point of what belongs to no layer
+    assert all(abs(r["measured"] / r["predicted"] - 1) < 0.05 for r in res["rows"][1:]), res["rows"]
     assert rows["uniform-W4A8"]["measured"] < rows["uniform-int8"]["measured"]
     assert "file/budget" in (out / "results.md").read_text()
 

@@ -7,8 +7,9 @@
 `--metric packed_bytes` (the size run): candidates W2/W4/W8 with 8-bit activations, weight-only 2/4/8 for the
 linear head, and float; budgets at --fractions of the way from the smallest achievable file (every layer at its
 fewest bytes) to the all-int8 one, in the profiled file's `packed_bytes`; every policy is lowered with
-storage="packed" and its real weight bytes in the ONNX file (LowerReport.stored_weight_bytes plus the rest of the
-layers' initializers) are reported next to the budget and the prediction.
+storage="packed" and the weight bytes in its ONNX file (weights, biases, scales as stored, less what belongs to no
+layer, measured on the uniform-int8 file: that row is the calibration point) are reported next to the budget and
+the prediction.
 
 On Fashion-MNIST: train the FP32 network once (cached in --out), profile it in ONNX Runtime with
 tools/profile_hw.py's code (fxmpq.profiling: every layer alone and in back-to-back pairs, W8A8 and float), learn
@@ -175,15 +176,19 @@ def run(args: argparse.Namespace) -> int:
                 s = session(deployable(path), args.threads)  # widened as fxmpq.ort_session does
                 sessions[key] = (s, {s.get_inputs()[0].name: x.numpy()})
                 parity = rep.passed
-                layer_bytes, file_bytes = _layer_bytes(path, names), path.stat().st_size
+                weight_bytes, file_bytes = initializer_bytes(path, weights_only=True), path.stat().st_size
             print(f"{key} seed {seed}: top-1 {100 * acc:.2f} % ({time.time() - t:.0f} s)", flush=True)
         rows.append({"policy": key, "budget": budget, "predicted": a.cost(policy)[metric],
                      "predicted_latency": a.cost(policy)["latency"], "formats": _formats(policy),
                      "float_layers": sum(1 for n in names if policy[n] == FLOAT), "layers": len(names),
-                     "acc": accs, "parity": parity, "layer_bytes": layer_bytes, "file_bytes": file_bytes})
+                     "acc": accs, "parity": parity, "weight_bytes": weight_bytes, "file_bytes": file_bytes})
     times = time_sessions(sessions, TimingOptions(threads=args.threads, repeats=args.repeats))
+    # the file's weight bytes less what belongs to no layer (embeddings, LayerNorm: alike in every policy), taken
+    # from the uniform-int8 file, whose layers the profile prices exactly (its row is the calibration point)
+    rest = rows[0]["weight_bytes"] - rows[0]["predicted"]
     for row in rows:
         row["measured_latency"] = times[row["policy"]].median_ms
+        row["layer_bytes"] = int(row["weight_bytes"] - rest)
         row["measured"] = row["layer_bytes"] if size_run else row["measured_latency"]
     result = {"net": args.net, "data": data.name, "metric": metric, "fp32_acc": fp32_acc, "batch": args.batch, "threads": args.threads,
               "repeats": args.repeats, "seeds": args.seeds, "hardware": str(hw_path), "predicted_int8": lat_int8,
@@ -195,13 +200,6 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "results.md", text)
     print(text)
     return 0
-
-
-def _layer_bytes(path: Path, names: list[str]) -> int:
-    """Bytes of the layers' weight, bias and scale initializers in the exported file, as stored (INT4 two to a byte):
-    what the profiled `bytes`/`packed_bytes` price."""
-    return initializer_bytes(path, tuple(f"fxmpq_lowered.{n.replace('.', '_')}_{k}" for n in names
-                                         for k in ("weight", "bias")))
 
 
 def _formats(policy: fxmpq.Policy) -> str:
