@@ -174,6 +174,7 @@ def test_bench_latency_policy_smoke(tmp_path):
     assert "measured/budget" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow  # a profile and four fine-tunes: ~70 s on an idle machine, and the latency run covers the tool
 def test_bench_latency_policy_size_run_smoke(tmp_path):
     """The file-size run: budgets on packed_bytes, packed exports, the bytes in the file next to the prediction."""
     out = tmp_path / "bsp"
