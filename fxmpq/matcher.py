@@ -24,8 +24,8 @@ from .record import ConvOptions, LayerRecord, record_of, set_record
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONV_MODULES", "LINEAR_MODULES", "emit_call", "find_layers", "layer_input", "linear_runs_as_conv", "match",
-           "set_weight_arg", "weight_arg"]
+__all__ = ["CONV_MODULES", "LINEAR_MODULES", "bias_arg", "emit_call", "find_layers", "layer_input",
+           "linear_runs_as_conv", "match", "set_weight_arg", "weight_arg"]
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d)
 LINEAR_MODULES = (nn.Linear,)
@@ -67,6 +67,11 @@ def layer_input(node: fx.Node) -> fx.Node | None:
 def weight_arg(node: fx.Node) -> Any:
     """The weight argument of a functional layer call (None for a module call)."""
     return _arg(node, 1, "weight") if _is_layer_function(node) else None
+
+
+def bias_arg(node: fx.Node) -> Any:
+    """The bias argument of a functional layer call (None for a module call or no bias)."""
+    return _arg(node, 2, "bias") if _is_layer_function(node) else None
 
 
 def set_weight_arg(node: fx.Node, value: fx.Node) -> None:

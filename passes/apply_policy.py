@@ -14,7 +14,7 @@ from fxmpq.errors import PassError, PolicyError
 from fxmpq.formats import INTEGER_KERNEL_BITS, Format, format_name, format_of, integer_kernel
 from fxmpq.hardware import HardwareSpec
 from fxmpq.kernels import AddRounding, BiasRounding
-from fxmpq.matcher import layer_input, linear_runs_as_conv, set_weight_arg, weight_arg
+from fxmpq.matcher import bias_arg, layer_input, linear_runs_as_conv, set_weight_arg, weight_arg
 from fxmpq.policy import Policy
 from fxmpq.primitives import container_zero_point
 from fxmpq.quant import QUANT_LAYER_TYPES, LSQQuantizer, to_plain_layer
@@ -448,7 +448,7 @@ class ApplyPolicyPass(PassBase):
         with g.inserting_before(first) if first is not None else g.inserting_after(after):
             args = [after, g.get_attr(f"{site.act_quantizer}.step"), g.get_attr(f"{site.weight_quantizer}.step"),
                     g.get_attr(f"{out_q}.step") if out_q else None,
-                    g.get_attr(rec.bias) if rec.bias else None]
+                    g.get_attr(rec.bias) if rec.bias else (bias_arg(node) if rec.bias_computed else None)]
             if bn is not None:
                 args += [g.get_attr(f"{bn_path}.{k}") if getattr(bn, k) is not None else None
                          for k in ("weight", "bias", "running_mean", "running_var")]

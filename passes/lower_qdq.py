@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import operator
@@ -18,7 +19,7 @@ from fxmpq.formats import Format, act_container_bits, integer_kernel
 from fxmpq.graph import as_input_tuple, propagate_shapes
 from fxmpq.hardware import MAX_ACT_BITS
 from fxmpq.kernels import AddRounding, BiasRounding
-from fxmpq.matcher import emit_call, layer_input, linear_runs_as_conv, weight_arg
+from fxmpq.matcher import bias_arg, emit_call, layer_input, linear_runs_as_conv, weight_arg
 from fxmpq.primitives import INT32_MAX, container_zero_point, fake_quantize, quantize, round_to_grid
 from fxmpq.quant import LSQQuantizer
 from fxmpq.record import LayerRecord, Lowered, records, set_record
@@ -119,6 +120,41 @@ def _keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _GRID_FUNCTIONS
     return node.op == "call_method" and node.target in _GRID_METHODS
+
+
+def constant_value(gm: fx.GraphModule, node: Any, what: str) -> torch.Tensor:
+    """The value of `node` when it depends on parameters and constants only (no graph input): evaluated once, in
+    eval mode. ExportError naming `what` when it reads an input."""
+    memo: dict[fx.Node, Any] = {}
+
+    def value(n: Any) -> Any:
+        if not isinstance(n, fx.Node):
+            return n
+        if n in memo:
+            return memo[n]
+        if n.op == "placeholder":
+            raise ExportError(f"{what} is computed from the model's input ({n.name}); the lowering needs a bias "
+                              f"that is a constant of the model")
+        args = fx.node.map_aggregate(n.args, value)
+        kwargs = fx.node.map_aggregate(n.kwargs, value)
+        if n.op == "get_attr":
+            out = functools.reduce(getattr, n.target.split("."), gm)
+        elif n.op == "call_function":
+            out = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            out = getattr(args[0], n.target)(*args[1:], **kwargs)
+        elif n.op == "call_module":
+            out = gm.get_submodule(n.target)(*args, **kwargs)
+        else:
+            raise ExportError(f"{what}: cannot evaluate node {n.format_node()}")
+        memo[n] = out
+        return out
+
+    with torch.no_grad():
+        out = value(node)
+    if not isinstance(out, torch.Tensor):
+        raise ExportError(f"{what} is not a tensor ({type(out).__name__})")
+    return out.detach()
 
 
 def _output_bits(gm: fx.GraphModule, out: fx.Node) -> int | None:
@@ -229,13 +265,13 @@ class LowerToQDQPass(PassBase):
         name = rec.name
         x = layer_input(node)
         weight = gm.get_parameter(rec.weight)
-        if rec.bias_computed:
-            raise ExportError(f"layer {name} (node {node.format_node()}): the bias is computed in the graph; "
-                              f"the lowering needs a bias parameter")
         if rec.conv is not None and rec.conv.padding_mode != "zeros":
             raise ExportError(f"layer {name} (node {node.format_node()}): padding_mode={rec.conv.padding_mode!r} "
                               f"has no QDQ lowering; use padding_mode='zeros'")
-        bias = gm.get_parameter(rec.bias) if rec.bias is not None else None
+        if rec.bias_computed:  # e.g. cat(q_bias, zeros, v_bias): a constant of the model, computed once here
+            bias = constant_value(gm, bias_arg(node), f"layer {name} (node {node.format_node()}): the bias")
+        else:
+            bias = gm.get_parameter(rec.bias) if rec.bias is not None else None
         wq = gm.get_submodule(rec.sites.weight_quantizer) if rec.sites is not None else None
         if wq is None or wq.active_bits is None:
             self._lower_float(gm, node, rec, weight, bias)

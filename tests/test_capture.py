@@ -129,6 +129,34 @@ def test_a_shape_branching_model_goes_through_every_stage_with_parity(tmp_path) 
     assert rep.passed and rep.fused_layers == rep.quantized_layers == 4, rep.table()
 
 
+class ComputedBias(nn.Module):
+    """eva02's attention: the qkv bias is cat(q_bias, zeros, v_bias), computed in the graph from parameters."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(dim))
+        self.v_bias = nn.Parameter(torch.randn(dim))
+        self.head = nn.Linear(3 * dim, 10)
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        return self.head(F.relu(F.linear(x, self.qkv.weight, bias)))
+
+
+def test_a_bias_computed_from_parameters_is_lowered_as_a_constant(tmp_path) -> None:
+    m = ComputedBias().eval()
+    x = torch.randn(16, 5, 16)
+    q = fxmpq.prepare(m, x)
+    rec = next(r for r in q.records if r.bias_computed)
+    q.set_uniform(4, 4)
+    fxmpq.apply_policy(q, q.policy, x)
+    q.eval()
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], inputs=x, samples=8, measure=False)
+    assert rep.passed and rep.max_diff_steps == 0.0, rep.table()  # the int32 bias is simulated bit for bit
+    assert rep.fused_layers == rep.quantized_layers == 2 and rec.name == "qkv"
+
+
 # ------------------------------------------------------------------ Hugging Face (optional, slow)
 def _hf_models():
     tf = pytest.importorskip("transformers")
