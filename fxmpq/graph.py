@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import sys
@@ -18,14 +19,14 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .capture import ShapeTracer
-from .errors import ArgumentError, TraceError, first_line
+from .errors import ArgumentError, ExportError, TraceError, first_line
 from .matcher import find_layers
 from .quant import LSQQuantizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NodeFailure", "as_input_tuple", "input_hint", "propagate_shapes", "refuse_quantized", "run_graph", "select_output",
-           "trace"]
+__all__ = ["NodeFailure", "as_input_tuple", "constant_value", "input_hint", "propagate_shapes", "refuse_quantized",
+           "run_graph", "select_output", "trace"]
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -151,6 +152,40 @@ def trace(
         gm.train(was_training)
     find_layers(gm)
     return gm
+
+
+def constant_value(gm: fx.GraphModule, node: Any, what: str) -> torch.Tensor:
+    """The value of `node` when it depends on parameters and constants only (no graph input): evaluated once, in
+    eval mode. ExportError naming `what` when it reads an input."""
+    memo: dict[fx.Node, Any] = {}
+
+    def value(n: Any) -> Any:
+        if not isinstance(n, fx.Node):
+            return n
+        if n in memo:
+            return memo[n]
+        if n.op == "placeholder":
+            raise ExportError(f"{what} is computed from the model's input ({n.name}), not a constant of the model")
+        args = fx.node.map_aggregate(n.args, value)
+        kwargs = fx.node.map_aggregate(n.kwargs, value)
+        if n.op == "get_attr":
+            out = functools.reduce(getattr, n.target.split("."), gm)
+        elif n.op == "call_function":
+            out = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            out = getattr(args[0], n.target)(*args[1:], **kwargs)
+        elif n.op == "call_module":
+            out = gm.get_submodule(n.target)(*args, **kwargs)
+        else:
+            raise ExportError(f"{what}: cannot evaluate node {n.format_node()}")
+        memo[n] = out
+        return out
+
+    with torch.no_grad():
+        out = value(node)
+    if not isinstance(out, torch.Tensor):
+        raise ExportError(f"{what} is not a tensor ({type(out).__name__})")
+    return out.detach()
 
 
 def _trace_error(model: nn.Module, tracer: _LeafStack, e: BaseException) -> TraceError:

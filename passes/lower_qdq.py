@@ -1,9 +1,12 @@
-"""LowerToQDQPass: rewrite a fixed QuantModel graph into integer weights, int32 biases and QDQ custom ops."""
+"""LowerToQDQPass: rewrite a fixed QuantModel graph into integer weights, int32 biases and QDQ custom ops.
+
+About 520 lines because it is one pass whose emitters (integer layer, weight-only MatMulNBits, float layer, the
+activation quantizers and the float inputs of float layers) share the record, the BatchNorm fold and the naming of
+the lowered buffers; the custom ops, the storage and the ONNX translation live in fxmpq/storage.py and export.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import operator
@@ -16,7 +19,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxmpq.errors import ExportError
 from fxmpq.formats import Format, act_container_bits, integer_kernel
-from fxmpq.graph import as_input_tuple, propagate_shapes
+from fxmpq.graph import as_input_tuple, constant_value, propagate_shapes
 from fxmpq.hardware import MAX_ACT_BITS
 from fxmpq.kernels import AddRounding, BiasRounding
 from fxmpq.matcher import bias_arg, emit_call, layer_input, linear_runs_as_conv, weight_arg
@@ -120,41 +123,6 @@ def _keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _GRID_FUNCTIONS
     return node.op == "call_method" and node.target in _GRID_METHODS
-
-
-def constant_value(gm: fx.GraphModule, node: Any, what: str) -> torch.Tensor:
-    """The value of `node` when it depends on parameters and constants only (no graph input): evaluated once, in
-    eval mode. ExportError naming `what` when it reads an input."""
-    memo: dict[fx.Node, Any] = {}
-
-    def value(n: Any) -> Any:
-        if not isinstance(n, fx.Node):
-            return n
-        if n in memo:
-            return memo[n]
-        if n.op == "placeholder":
-            raise ExportError(f"{what} is computed from the model's input ({n.name}); the lowering needs a bias "
-                              f"that is a constant of the model")
-        args = fx.node.map_aggregate(n.args, value)
-        kwargs = fx.node.map_aggregate(n.kwargs, value)
-        if n.op == "get_attr":
-            out = functools.reduce(getattr, n.target.split("."), gm)
-        elif n.op == "call_function":
-            out = n.target(*args, **kwargs)
-        elif n.op == "call_method":
-            out = getattr(args[0], n.target)(*args[1:], **kwargs)
-        elif n.op == "call_module":
-            out = gm.get_submodule(n.target)(*args, **kwargs)
-        else:
-            raise ExportError(f"{what}: cannot evaluate node {n.format_node()}")
-        memo[n] = out
-        return out
-
-    with torch.no_grad():
-        out = value(node)
-    if not isinstance(out, torch.Tensor):
-        raise ExportError(f"{what} is not a tensor ({type(out).__name__})")
-    return out.detach()
 
 
 def _output_bits(gm: fx.GraphModule, out: fx.Node) -> int | None:
