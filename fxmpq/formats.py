@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 
 from .errors import PolicyError
-from .hardware import FLOAT, HardwareSpec, LayerKind, format_name
+from .hardware import FLOAT, MAX_ACT_BITS, HardwareSpec, LayerKind, format_name
 
 __all__ = ["FLOAT", "INTEGER_KERNEL_BITS", "Format", "act_container_bits", "format_name", "format_of",
            "integer_kernel"]
@@ -54,8 +54,8 @@ def format_of(kind: LayerKind, w: int | None, a: int | None, hardware: HardwareS
 
 def act_container_bits(a: int) -> int:
     """The unsigned container an a-bit activation is stored in by Q/DQ: uint8 up to 8 bits, uint16 up to 16."""
-    if not 1 <= a <= 16:
-        raise PolicyError(f"{a}-bit activations: Q/DQ stores activations in uint8 or uint16, so 1..16 bits")
+    if not 1 <= a <= MAX_ACT_BITS:
+        raise PolicyError(f"{a}-bit activations: Q/DQ stores activations in uint8 or uint16, so 1..{MAX_ACT_BITS} bits")
     return 8 if a <= 8 else 16
 
 

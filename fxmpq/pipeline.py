@@ -46,11 +46,15 @@ AUDIT_JSON = "audit.json"
 PAPER_BITS = (2, 3, 4, 5, 6)  # the paper's candidate bit-widths
 
 
-def default_bits(hw: HardwareSpec) -> tuple[int, ...]:
-    """The paper's candidates 2..6 that the hardware runs for weights and activations, else the hardware's own
-    bit-widths (an 8-bit-only target such as a profiled ONNX Runtime CPU file searches 8 bits against float)."""
+def default_bits(hw: HardwareSpec) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """(weight candidates, activation candidates or None for the same ones): the paper's 2..6 that the hardware runs
+    for both, else the hardware's own (an 8-bit-only target searches 8 bits against float); a target whose
+    activation widths differ from its weight widths (A16W8 / A8W4 NPUs, a profiled ONNX Runtime CPU file) searches
+    its own widths of each."""
+    if set(hw.act_bits) != set(hw.weight_bits):
+        return tuple(hw.weight_bits), tuple(hw.act_bits)
     both = sorted(set(hw.weight_bits) & set(hw.act_bits))
-    return tuple(b for b in PAPER_BITS if b in both) or tuple(both)
+    return tuple(b for b in PAPER_BITS if b in both) or tuple(both), None
 
 
 PLOTS = ("bits_per_layer.png", "indicators.png", "pareto.png")
@@ -196,9 +200,10 @@ def quantize(
     if isinstance(model, nn.Module):
         refuse_quantized(model, "quantize")
     hw = load_hardware(hardware)
-    if bits is None and act_bits is None and set(hw.act_bits) != set(hw.weight_bits):
-        bits, act_bits = hw.weight_bits, hw.act_bits  # its own formats, e.g. W4/W8 with A8/A16
-    bits = default_bits(hw) if bits is None else tuple(bits)
+    if bits is None:
+        bits, own_act_bits = default_bits(hw)
+        act_bits = own_act_bits if act_bits is None else act_bits
+    bits = tuple(bits)
     budget_obj = Budget.coerce(budget)
     device = as_device(device, "quantize: device")
     example = as_input_tuple(example_inputs)

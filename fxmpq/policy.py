@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,10 @@ class Policy(Mapping[str, Bits]):
             problems.append(f"pinned layer(s) given other bits: {', '.join(off_pin)}")
         if problems:
             raise PolicyError("policy does not fit the model: " + "; ".join(problems))
+
+    def format_counts(self) -> dict[str, int]:
+        """How many layers run in each format ("W4A8", "W4Afloat", "float", ...), by name."""
+        return dict(sorted(Counter(format_name(p) for p in self.bits.values()).items()))
 
     def average_bits(self, analysis: Analysis, *, searchable_only: bool = True) -> tuple[float, float]:
         """Parameter-weighted mean weight bits and MAC-weighted mean activation bits (a float layer counts 32)."""

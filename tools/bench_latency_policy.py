@@ -204,11 +204,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _formats(policy: fxmpq.Policy) -> str:
     """How many layers run in each format, e.g. "W2A8 x3, W4A8 x5, W4Afloat x1"."""
-    from collections import Counter
-
-    from fxmpq.formats import format_name
-
-    return ", ".join(f"{k} x{v}" for k, v in sorted(Counter(format_name(p) for p in policy.values()).items()))
+    return ", ".join(f"{k} x{v}" for k, v in policy.format_counts().items())
 
 
 def render_results(res: dict[str, Any]) -> str:

@@ -22,7 +22,6 @@ import re
 import statistics
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,7 +32,6 @@ from fxmpq.atomic import atomic_write_text
 from fxmpq.baselines import random_indicators
 from fxmpq.cli import parse_shape
 from fxmpq.errors import FxmpqError
-from fxmpq.formats import format_name
 from fxmpq.hardware import FLOAT, load_hardware
 from fxmpq.measure import TimingOptions, session, time_sessions
 from fxmpq.profiling import INT8, HardwareProfile, profile_model
@@ -88,7 +86,7 @@ def bench_model(name: str, shape: tuple[int, ...], args: argparse.Namespace, out
         path = out / f"{stem}_budget{k}.onnx"
         rep = fxmpq.lower(q, path, x, samples=args.samples, check=False, repeats=args.repeats, threads=args.threads)
         floats = sum(1 for n in names if res.policy[n] == FLOAT)
-        formats = dict(sorted(Counter(format_name(p) for p in res.policy.values()).items()))
+        formats = res.policy.format_counts()
         rows.append({"formats": formats, "budget": budget, "predicted": rep.predicted_latency_ms, "lower_measured": rep.measured_latency_ms,
                      "lower_wall": rep.measured_wall_ms, "parity": rep.passed,
                      "stagewise_faithful": rep.stagewise_faithful, "max_diff_steps": rep.max_diff_steps,
