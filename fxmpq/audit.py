@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 __all__ = ["INTEGER_KERNELS", "LayerTiming", "latency_audit", "latency_ms", "node_layers"]
 
 # ORT op types that compute a layer in integers (the rest compute it in float)
-INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger")
+INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat")
 _MS_PER_UNIT = {"s": 1e3, "ms": 1.0, "us": 1e-3, "µs": 1e-3, "μs": 1e-3, "ns": 1e-6}
 
 
@@ -66,7 +66,8 @@ def node_layers(nodes: list[NodeTime], path: Path, recs: Sequence[LayerRecord]) 
     """
     import onnx
 
-    weights = {r.lowered.weight_buffer: r.name for r in recs if r.lowered is not None and r.lowered.weight_buffer}
+    weights = {r.lowered.weight_buffer or r.lowered.operand_scale: r.name for r in recs
+               if r.lowered is not None and (r.lowered.weight_buffer or r.lowered.operand_scale)}
     exported = onnx.load(str(path), load_external_data=False).graph
     dq_of = {n.output[0]: n.input[0] for n in exported.node if n.op_type == "DequantizeLinear"}
     by_name: dict[str, str] = {}

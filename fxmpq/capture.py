@@ -13,6 +13,7 @@ with plain symbolic tracing; `fxmpq.trace` uses this tracer only when plain trac
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_aggregate
 
-__all__ = ["BATCHES", "ShapeTracer", "batch_variants"]
+__all__ = ["BATCHES", "ShapeTracer", "batch_variants", "fold_rank_checks"]
 
 BATCHES = (2, 3)  # the two batch sizes the model runs at while tracing: a size that differs follows the batch
 
@@ -71,7 +72,9 @@ class _ShapeQueries:
 
 
 class _Proxy(_ShapeQueries, fx.Proxy):
-    pass
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """`t[idx] = v` (Swin builds its shift mask so): an operator.setitem node, run on both values too."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
 class _Attribute(_ShapeQueries, fx.proxy.Attribute):
@@ -195,3 +198,51 @@ class ShapeTracer(fx.Tracer):
             return self.create_proxy("call_method", name, (proxy, *args), kwargs)
 
         return call
+
+
+# rank and dtype queries a plain symbolic trace leaves in the graph (timm's BatchNormAct2d: `assert x.ndim == 4`)
+_RANK_ATTRS = frozenset({"ndim", "dtype"})
+_RANK_METHODS = frozenset({"dim", "ndimension"})
+_FOLDABLE = frozenset({operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.not_,
+                       operator.and_, operator.or_, operator.truth})
+
+
+def fold_rank_checks(gm: fx.GraphModule) -> int:
+    """Replace rank and dtype queries of shape-propagated tensors (and comparisons of them) by their values, and
+    drop `torch._assert`s they make true; how many asserts went.
+
+    Such a check reads a layer's output a second time, so the layer no longer looks like the only producer of the
+    BatchNorm after it (no folding, no switchable BN). The capture specializes on the example's ranks and dtypes
+    anyway; a batch-dependent size is not touched."""
+    const: dict[fx.Node, Any] = {}
+
+    def value(a: Any) -> Any:
+        return const.get(a, a) if isinstance(a, fx.Node) else a
+
+    def meta(a: Any) -> Any:
+        return a.meta.get("tensor_meta") if isinstance(a, fx.Node) else None
+
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        args = node.args
+        if (node.op == "call_function" and node.target is getattr and len(args) == 2 and args[1] in _RANK_ATTRS
+                and hasattr(meta(args[0]), "shape")):
+            const[node] = len(meta(args[0]).shape) if args[1] == "ndim" else meta(args[0]).dtype
+        elif (node.op == "call_method" and node.target in _RANK_METHODS and len(args) == 1 and not node.kwargs
+                and hasattr(meta(args[0]), "shape")):
+            const[node] = len(meta(args[0]).shape)
+        elif (node.op == "call_function" and node.target in _FOLDABLE and not node.kwargs
+                and any(a in const for a in args) and all(a in const or not isinstance(a, fx.Node) for a in args)):
+            const[node] = node.target(*(value(a) for a in args))
+        elif node.op == "call_function" and node.target is torch._assert and args and args[0] in const:
+            if const[args[0]] is True or const[args[0]] == True:  # noqa: E712 (a numpy/tensor bool compares equal)
+                gm.graph.erase_node(node)
+                dropped += 1
+    for node in const:
+        for user in list(node.users):
+            user.args = map_aggregate(user.args, value)
+            user.kwargs = map_aggregate(user.kwargs, value)
+    if const:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return dropped

@@ -29,6 +29,9 @@ class LayerKind(enum.StrEnum):
     CONV = "conv"
     DEPTHWISE_CONV = "depthwise_conv"
     LINEAR = "linear"
+    # an activation-by-activation product (attention's Q.K^T and A.V): its second operand takes the weight's place
+    # (the w of a (w, a) format, quantized like an activation but with the weight candidates), no parameters
+    MATMUL = "matmul"
 
 
 class TermType(enum.StrEnum):
@@ -155,7 +158,7 @@ class Term:
         if self.type is TermType.CONSTANT:
             return 0.0
         if self.type is TermType.LAYER_TABLE:
-            return self.scale * self._lookup(layer, w, a)
+            return self.scale * self._lookup(layer, w, a) if layer.kind in self.kinds else 0.0
         kind, macs, params = layer.kind, layer.macs, layer.params
         if kind not in self.kinds:
             return 0.0
@@ -205,7 +208,7 @@ class Term:
     def chain_delta(self, layer: Layer, fmt: Pair, after: Pair) -> float:
         """What this term adds to `layer`'s cost in `fmt` when the layer it reads back to back runs in `after`
         (a LAYER_TABLE entry's `chain[fmt][after]`; 0 otherwise)."""
-        if self.type is not TermType.LAYER_TABLE:
+        if self.type is not TermType.LAYER_TABLE or layer.kind not in self.kinds:
             return 0.0
         entry = self.check_layer(layer)
         return self.scale * entry.chain.get(fmt, {}).get(after, 0.0)

@@ -141,6 +141,30 @@ def _set_accuracy_level(gm: fx.GraphModule, level: int) -> None:
     gm.recompile()
 
 
+_STRIDED = {"transpose", "permute", "swapaxes", torch.transpose, torch.permute, torch.swapaxes}
+
+
+def contiguous_before_reshape(gm: fx.GraphModule) -> int:
+    """A `.contiguous()` between a transpose/permute and the reshape that reads it; how many. Same values: it only
+    spares torch.export's dynamic-batch decomposition, which lowers such a reshape to a view it then cannot take
+    ("Cannot view a tensor with shape [s, 197, 12, 64] and strides ...": timm's BEiT, Twins)."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        is_reshape = ((node.op == "call_method" and node.target == "reshape")
+                      or (node.op == "call_function" and node.target is torch.reshape))
+        src = node.args[0] if is_reshape and node.args else None
+        if not (isinstance(src, fx.Node) and src.op in ("call_method", "call_function") and src.target in _STRIDED):
+            continue
+        with gm.graph.inserting_before(node):
+            c = gm.graph.call_method("contiguous", (src,))
+        c.meta.update({k: v for k, v in src.meta.items() if k == "tensor_meta"})
+        node.replace_input_with(src, c)
+        done += 1
+    if done:
+        gm.recompile()
+    return done
+
+
 def _export(module: nn.Module, inputs: tuple[Any, ...], table: dict[Any, Any] | None) -> Any:
     """torch.onnx (dynamo) export with a dynamic batch dimension; returns the ModelProto."""
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -317,6 +341,7 @@ def lower(
         gm = copy.deepcopy(qmodel.graph_module).eval()
         lowered = run_passes(gm, lower_passes(ex)).graph_module
         _set_accuracy_level(lowered, qmodel.hardware.matmul_nbits_accuracy_level)
+        contiguous_before_reshape(lowered)
         layers = [(r, r.lowered) for _, r in records(lowered)]
         proto = _export(lowered, ex, _translation_table())
         containers = pack_weights(proto, [(r.name, low) for r, low in layers], storage)

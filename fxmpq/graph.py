@@ -18,7 +18,8 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from .capture import ShapeTracer
+from .attention import decompose_sdpa, mha_forward, mha_supported, traced_through
+from .capture import ShapeTracer, fold_rank_checks
 from .errors import ArgumentError, ExportError, TraceError, first_line
 from .matcher import find_layers
 from .quant import LSQQuantizer
@@ -48,17 +49,30 @@ class _LeafStack:
         self.leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
         self.stack: list[tuple[str, str]] = []
 
+    def _user_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaf_names or bool(self.leaf_types and isinstance(m, self.leaf_types))
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+        if self._user_leaf(m, module_qualified_name):
             return True
+        if m is getattr(self, "_opened", None):  # an nn.MultiheadAttention traced through (fxmpq.attention)
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if getattr(self, "_running", 0):  # ShapeTracer computing a value: not part of the trace
             return super().call_module(m, forward, args, kwargs)
-        self.stack.append((self.path_of_module(m), type(m).__name__))
-        out = super().call_module(m, forward, args, kwargs)
-        self.stack.pop()
+        qualname = self.path_of_module(m)
+        self.stack.append((qualname, type(m).__name__))
+        opened = getattr(self, "_opened", None)
+        if (isinstance(m, nn.MultiheadAttention) and not self._user_leaf(m, qualname)
+                and mha_supported(m, *args, **kwargs)):
+            self._opened, forward = m, functools.partial(mha_forward, m)
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        finally:
+            self._opened = opened
+        self.stack.pop()  # kept on failure: the error names the module it happened in
         return out
 
 
@@ -122,7 +136,8 @@ def trace(
     tracer: _LeafStack = _Tracer(leaf_modules)
     capture = "symbolic"
     try:
-        graph = tracer.trace(model)
+        with traced_through():
+            graph = tracer.trace(model)
     except Exception as plain:  # torch.fx raises many types; plain tracing failed: specialize on the shapes
         log.info("plain torch.fx tracing of %s failed (%s: %s); tracing with the example inputs' shapes",
                  type(model).__name__, type(plain).__name__, first_line(plain))
@@ -132,7 +147,8 @@ def trace(
         tracer = _ShapeTracer(inputs, leaf_modules)
         capture = "specialized"
         try:
-            graph = tracer.trace(model)
+            with traced_through():
+                graph = tracer.trace(model)
         except Exception as e:  # each becomes a TraceError naming where
             raise _trace_error(model, tracer, e) from e
         finally:
@@ -141,7 +157,17 @@ def trace(
     gm.meta["capture"] = capture
     select_output(gm, output)
     module_batch_norms(gm, tracer.root)
-    was_training = model.training
+    _propagate(gm, inputs, model)
+    fold_rank_checks(gm)
+    if decompose_sdpa(gm):  # attention's matmuls as layers; their shapes too
+        _propagate(gm, inputs, model)
+    find_layers(gm)
+    return gm
+
+
+def _propagate(gm: fx.GraphModule, inputs: Sequence[Any], model: nn.Module) -> None:
+    """Shape propagation in eval mode (BatchNorm statistics untouched); TraceError naming the failing node."""
+    was_training = gm.training
     gm.eval()
     try:
         propagate_shapes(gm, inputs)
@@ -150,8 +176,6 @@ def trace(
                          f"{f.describe()}. {input_hint(model, inputs)}") from f.__cause__
     finally:
         gm.train(was_training)
-    find_layers(gm)
-    return gm
 
 
 def constant_value(gm: fx.GraphModule, node: Any, what: str) -> torch.Tensor:

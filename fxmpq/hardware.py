@@ -151,7 +151,8 @@ class HardwareSpec:
                 if t.type is not TermType.LAYER_TABLE:
                     continue
                 for layer in layers:
-                    t.check_layer(layer)
+                    if layer.kind in t.kinds:
+                        t.check_layer(layer)
                 extra = [n for n in t.layers if n not in names]
                 if extra:
                     shown = ", ".join(map(repr, extra[:5])) + (f", ... ({len(extra) - 5} more)" if len(extra) > 5
@@ -278,7 +279,10 @@ def _parse_term(t: Table, offer: Offer) -> Term:
                                      f"no value for format(s) {', '.join(missing)} of {entry.after!r}, the layer "
                                      f"it reads")
         t.finish()
-        return Term(type=ttype, scale=scale, layers=MappingProxyType(entries), **kwargs)
+        # a measured table prices the kinds it has entries of; a layer of another kind (a matmul, which
+        # tools/profile_hw.py does not time: its float time is in the file's constant) costs 0 here
+        return Term(type=ttype, scale=scale, layers=MappingProxyType(entries),
+                    kinds=frozenset(e.signature.kind for e in entries.values()), **kwargs)
     kinds_raw = t.take("kinds", list, None)
     kinds = frozenset(LayerKind) if kinds_raw is None else _kinds(t, "kinds", kinds_raw)
     if ttype is TermType.BRICKS:

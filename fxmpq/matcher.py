@@ -1,9 +1,10 @@
-"""The one matcher: what a conv or linear layer looks like in an fx graph, and how to call one again.
+"""The one matcher: what a conv, linear or matmul layer looks like in an fx graph, and how to call one again.
 
 Module calls (nn.Conv1d/Conv2d/Linear and their Quant* twins), functional calls (F.conv1d/conv2d/linear and the
-torch.* spellings) with any mix of positional and keyword arguments: `match` reads them into a LayerRecord, and
-`layer_input`, `weight_arg`, `set_weight_arg` and `emit_call` are the only other places that touch those
-arguments. No other module parses conv or linear arguments.
+torch.* spellings) with any mix of positional and keyword arguments, and activation-by-activation products
+(`a @ b`, torch.matmul/bmm, Tensor.matmul/bmm: attention's Q.K^T and A.V, whose second operand takes the weight's
+place): `match` reads them into a LayerRecord, and `layer_input`, `weight_arg`, `set_weight_arg` and `emit_call`
+are the only other places that touch those arguments. No other module parses conv, linear or matmul arguments.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +26,7 @@ from .record import ConvOptions, LayerRecord, record_of, set_record
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONV_MODULES", "LINEAR_MODULES", "bias_arg", "emit_call", "find_layers", "layer_input",
+__all__ = ["CONV_MODULES", "LINEAR_MODULES", "bias_arg", "emit_call", "find_layers", "is_matmul", "layer_input",
            "linear_runs_as_conv", "match", "set_weight_arg", "weight_arg"]
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d)
@@ -34,6 +36,8 @@ _LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _LINEAR_ARGS = ("input", "weight", "bias")
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
+_MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.bmm)
+_MATMUL_METHODS = ("matmul", "bmm")
 # ops between two layers that leave them back to back in one format (folded into the first layer or its
 # quantizer, or free): BatchNorm, ReLU/ReLU6/Hardtanh, reshapes, dropout, identity. Not max pooling: ONNX Runtime
 # decides which side of it the Q/DQ go (a uint8 max pooling in NCHW can cost more than the layers), so it belongs to
@@ -46,6 +50,17 @@ _CHAIN_METHODS = {"relu", "flatten", "view", "reshape", "contiguous"}
 
 def _is_layer_function(node: fx.Node) -> bool:
     return node.op == "call_function" and (node.target in _CONV_FUNCTIONS or node.target in _LINEAR_FUNCTIONS)
+
+
+def is_matmul(node: fx.Node) -> bool:
+    """Whether `node` is a matrix product call (operator, function or method spelling); a layer when `match`
+    finds both operands computed from the model's input."""
+    return ((node.op == "call_function" and node.target in _MATMUL_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _MATMUL_METHODS))
+
+
+def _other_key(node: fx.Node) -> str:
+    return "mat2" if node.target in (torch.bmm, "bmm") else "other"
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -65,7 +80,9 @@ def layer_input(node: fx.Node) -> fx.Node | None:
 
 
 def weight_arg(node: fx.Node) -> Any:
-    """The weight argument of a functional layer call (None for a module call)."""
+    """The weight argument of a functional layer call, the second operand of a matmul (None for a module call)."""
+    if is_matmul(node):
+        return _arg(node, 1, _other_key(node))
     return _arg(node, 1, "weight") if _is_layer_function(node) else None
 
 
@@ -75,9 +92,11 @@ def bias_arg(node: fx.Node) -> Any:
 
 
 def set_weight_arg(node: fx.Node, value: fx.Node) -> None:
-    """Replace the weight argument of a functional layer call, in whatever position it was given."""
-    if "weight" in node.kwargs:
-        node.update_kwarg("weight", value)
+    """Replace the weight argument of a functional layer call (a matmul's second operand), in whatever position it
+    was given."""
+    key = _other_key(node) if is_matmul(node) else "weight"
+    if key in node.kwargs:
+        node.update_kwarg(key, value)
     else:
         node.update_arg(1, value)
 
@@ -99,14 +118,20 @@ def _conv_kind(weight_shape: Sequence[int], groups: int) -> LayerKind:
     return LayerKind.DEPTHWISE_CONV if groups > 1 and weight_shape[1] == 1 else LayerKind.CONV
 
 
-def _macs(kind: LayerKind, weight_shape: Sequence[int], out_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of one call per sample (batch dimension 0 divided out)."""
+def _macs(kind: LayerKind, weight_shape: Sequence[int], out_shape: Sequence[int], batch: int = 1) -> int:
+    """Multiply-accumulates of one call per sample: the call's total divided by the example's batch size (not by
+    dimension 0, which holds batch x windows in Swin's attention, batch x tokens after a flatten)."""
     if not out_shape:
         return 0
-    per_sample = math.prod(out_shape[1:]) if len(out_shape) > 1 else math.prod(out_shape)
-    if kind is LayerKind.LINEAR:
-        return per_sample * weight_shape[1]
-    return per_sample * math.prod(weight_shape[1:])
+    total = math.prod(out_shape) * (weight_shape[1] if kind is LayerKind.LINEAR else math.prod(weight_shape[1:]))
+    return total // max(batch, 1)
+
+
+def _batch(gm: fx.GraphModule) -> int:
+    """The example's batch size: dimension 0 of the first input (1 without one)."""
+    x = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    shape = _shape(x) if x is not None else ()
+    return int(shape[0]) if shape else 1
 
 
 def _param(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
@@ -128,19 +153,30 @@ def match(gm: fx.GraphModule, node: fx.Node) -> LayerRecord | None:
         if not isinstance(m, CONV_MODULES + LINEAR_MODULES):
             return None
         weight, bias = f"{node.target}.weight", (f"{node.target}.bias" if m.bias is not None else None)
-        bias_computed, module, name = False, node.target, node.target
+        bias_computed, weight_computed, module, name = False, False, node.target, node.target
         wshape = tuple(m.weight.shape)
         conv = None
         if isinstance(m, CONV_MODULES):
             dim = m.weight.dim() - 2
             conv = ConvOptions(dim, _tuple(m.stride, dim), _tuple(m.padding, dim), _tuple(m.dilation, dim),
                                m.groups, m.padding_mode)
+    elif is_matmul(node):
+        return _match_matmul(gm, node)
     elif _is_layer_function(node):
         w = _arg(node, 1, "weight")
-        if not (isinstance(w, fx.Node) and w.op == "get_attr") or _param(gm, w.target) is None:
+        if not isinstance(w, fx.Node):
             return None
-        weight, wshape, module = w.target, tuple(_param(gm, w.target).shape), None
-        name = weight[: -len(".weight")] if weight.endswith(".weight") else weight
+        module = None
+        if w.op == "get_attr" and _param(gm, w.target) is not None:
+            weight, wshape, weight_computed = w.target, tuple(_param(gm, w.target).shape), False
+            # "proj.weight" -> "proj"; nn.MultiheadAttention's "attn.in_proj_weight" -> "attn.in_proj"
+            name = next((weight[: -len(s)] for s in (".weight", ".in_proj_weight") if weight.endswith(s)), weight)
+            name += ".in_proj" if weight.endswith(".in_proj_weight") else ""
+        else:  # computed in forward (timm's ScaledStdConv2d standardizes it): named after the calling module
+            weight, wshape, weight_computed = "", _shape(w), True
+            if len(wshape) < 2 or w.op == "get_attr" or not _reads_parameter(gm, w):
+                return None  # a buffer (a fixed blur kernel) is no learned weight
+            name = _owner(node) or w.name
         b = _arg(node, 2, "bias")
         bias_computed = isinstance(b, fx.Node) and not (b.op == "get_attr" and _param(gm, b.target) is not None)
         bias = b.target if isinstance(b, fx.Node) and not bias_computed else None
@@ -162,8 +198,48 @@ def match(gm: fx.GraphModule, node: fx.Node) -> LayerRecord | None:
         bias_n = _param(gm, bias).numel()
     return LayerRecord(
         name=name, kind=kind, weight=weight, bias=bias, conv=conv, module=module, weight_shape=wshape,
-        in_shape=_shape(x), out_shape=out_shape, macs=_macs(kind, wshape, out_shape),
-        params=math.prod(wshape) + bias_n, input_node=x.name if x is not None else "", bias_computed=bias_computed)
+        in_shape=_shape(x), out_shape=out_shape, macs=_macs(kind, wshape, out_shape, _batch(gm)),
+        params=math.prod(wshape) + bias_n, input_node=x.name if x is not None else "", bias_computed=bias_computed,
+        weight_computed=weight_computed)
+
+
+def _reads_parameter(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node`'s value is computed from at least one parameter."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr" and _param(gm, n.target) is not None:
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def _owner(node: fx.Node) -> str:
+    """The qualname of the module whose forward made the call (torch.fx's nn_module_stack), "" at the top."""
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = next(reversed(stack.values()))[0] if stack else ""
+    return owner if isinstance(owner, str) else ""
+
+
+def _match_matmul(gm: fx.GraphModule, node: fx.Node) -> LayerRecord | None:
+    """A matmul of two computed tensors of rank >= 2 (a parameter operand is a weight, not matched here), named
+    `<enclosing module>.matmul` (fx's nn_module_stack); MACs per sample are out elements x the inner size."""
+    a, b = layer_input(node), weight_arg(node)
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or any(
+            x.op == "get_attr" for x in (a, b)):
+        return None
+    ash, bsh, out = _shape(a), _shape(b), _shape(node)
+    if len(ash) < 2 or len(bsh) < 2 or not out:
+        return None
+    owner = _owner(node)
+    return LayerRecord(
+        name=f"{owner}.matmul" if owner else "matmul", kind=LayerKind.MATMUL, weight="", bias=None, conv=None,
+        module=None, weight_shape=bsh, in_shape=ash, out_shape=out,
+        macs=math.prod(out) * int(ash[-1]) // max(_batch(gm), 1), params=0,
+        input_node=a.name, other_node=b.name)
 
 
 def find_layers(gm: fx.GraphModule) -> list[LayerRecord]:
@@ -183,8 +259,11 @@ def find_layers(gm: fx.GraphModule) -> list[LayerRecord]:
         if rec is None:
             continue
         x = layer_input(node)
-        if x is None or x not in live:
+        if x is None or x not in live or (rec.kind is LayerKind.MATMUL and weight_arg(node) not in live):
             log.info("layer %s reads no model input (a constant): not quantized", rec.name)
+            continue
+        if rec.weight_computed and weight_arg(node) in live:
+            log.info("layer %s: its weight is computed from the input (not a constant): not quantized", rec.name)
             continue
         count = seen.get(rec.name, 0)
         seen[rec.name] = count + 1

@@ -98,8 +98,9 @@ def lowering_parity(qmodel: QuantModel, lowered: fx.GraphModule, inputs: tuple[t
     handles = []
     for name, q in qmodel.graph_module.named_modules():
         if isinstance(q, LSQQuantizer) and q.active_bits is not None:
+            # a copy: an in-place op after the quantizer (timm's SiLU(inplace=True)) would change the reference
             handles.append(q.register_forward_hook(
-                lambda m, a, out, name=name: seen.setdefault(name, []).append(out.detach())))
+                lambda m, a, out, name=name: seen.setdefault(name, []).append(out.detach().clone())))
     try:
         with torch.no_grad():
             qmodel(*x)

@@ -99,6 +99,7 @@ class Lowered(_Value):
     matmul_nbits: bool = False  # a weight-only Linear emitted as com.microsoft MatMulNBits (packed uint8 weight)
     notes: tuple[str, ...] = ()
     integer_kernel: bool = False  # ONNX Runtime's CPU provider fuses it into an integer kernel (formats.integer_kernel)
+    operand_scale: str | None = None  # a matmul's second-operand scale buffer (it has no weight), for the audit
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,9 @@ class LayerRecord(_Value):
 
     name: str  # the module qualname ("layer1.0.conv1"), "#k" for the k-th extra call of a shared module
     kind: LayerKind
-    weight: str  # qualname of the weight parameter
+    weight: str  # qualname of the weight parameter; "" for a computed weight or a matmul (its 2nd operand: other_node)
     bias: str | None  # qualname of the bias parameter, None without a bias
-    conv: ConvOptions | None  # None for a linear layer
+    conv: ConvOptions | None  # None for a linear layer or a matmul
     module: str | None  # the module qualname for a module call; None for a functional call
     weight_shape: tuple[int, ...]
     in_shape: tuple[int, ...]
@@ -117,7 +118,9 @@ class LayerRecord(_Value):
     macs: int  # per sample
     params: int  # weight plus bias elements
     input_node: str  # the name of the fx node the layer reads
+    other_node: str | None = None  # a matmul's second operand (fx node name), which takes the weight's place
     bias_computed: bool = False  # the bias is computed in the graph, not a parameter
+    weight_computed: bool = False  # the weight is computed from parameters in forward (`weight` is then "")
     # the layer whose output this one reads with nothing but BN, ReLU/ReLU6/Hardtanh or reshapes in between (the
     # two run back to back: in one format, no Q/DQ or layout change between them); None otherwise
     input_layer: str | None = None

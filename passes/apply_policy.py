@@ -12,7 +12,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxmpq.errors import PassError, PolicyError
 from fxmpq.formats import INTEGER_KERNEL_BITS, Format, format_name, format_of, integer_kernel
-from fxmpq.hardware import HardwareSpec
+from fxmpq.hardware import HardwareSpec, LayerKind
 from fxmpq.kernels import AddRounding, BiasRounding
 from fxmpq.matcher import bias_arg, layer_input, linear_runs_as_conv, set_weight_arg, weight_arg
 from fxmpq.policy import Policy
@@ -144,13 +144,16 @@ class ApplyPolicyPass(PassBase):
         for node, rec in list(records(gm)):
             w, a = full[rec.name]
             fmt = format_of(rec.kind, w, a)
-            out_q = self._output_quantizer(gm, node, rec) if fmt is Format.INTEGER else None
+            # a matmul is not requantized: ONNX Runtime runs DQ, DQ -> MatMul as MatMulIntegerToFloat (or, read by
+            # one QuantizeLinear, as QLinearMatMul)
+            out_q = (self._output_quantizer(gm, node, rec)
+                     if fmt is Format.INTEGER and rec.kind is not LayerKind.MATMUL else None)
             added += out_q is not None
             prev = rec.applied
             set_record(node, dataclasses.replace(rec, applied=Applied(
                 fmt, w, a, out_q if out_q is not None else (prev.output_quantizer if prev else None))))
         for node, rec in list(records(gm)):
-            if rec.applied.format is not Format.INTEGER:
+            if rec.applied.format is not Format.INTEGER or rec.kind is LayerKind.MATMUL:  # a matmul has no bias
                 continue
             path = self._bias_rounding(gm, node, rec)
             if path is not None:
@@ -292,9 +295,11 @@ class ApplyPolicyPass(PassBase):
         call.replace_all_uses_with(keep)
         gm.graph.erase_node(call)
         for node, rec in list(records(gm)):
-            if rec.sites is not None and rec.sites.act_quantizer == gone:
-                set_record(node, dataclasses.replace(rec, sites=dataclasses.replace(rec.sites,
-                                                                                    act_quantizer=keep.target)))
+            site = rec.sites
+            if site is not None and gone in (site.act_quantizer, site.weight_quantizer):  # a matmul's 2nd operand
+                set_record(node, dataclasses.replace(rec, sites=dataclasses.replace(
+                    site, act_quantizer=keep.target if site.act_quantizer == gone else site.act_quantizer,
+                    weight_quantizer=keep.target if site.weight_quantizer == gone else site.weight_quantizer)))
         if not any(n.op == "call_module" and n.target == gone for n in gm.graph.nodes):
             parent, _, leaf = gone.rpartition(".")
             delattr(gm.get_submodule(parent) if parent else gm, leaf)

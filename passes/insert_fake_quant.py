@@ -1,4 +1,5 @@
-"""InsertFakeQuantPass: LSQ quantizers on every annotated layer's weight and input, switchable BN after convs."""
+"""InsertFakeQuantPass: LSQ quantizers on every annotated layer's weight (a matmul's second operand) and input,
+switchable BN after convs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxmpq.errors import PassError
+from fxmpq.hardware import LayerKind
 from fxmpq.matcher import emit_call, layer_input, set_weight_arg, weight_arg
 from fxmpq.quant import (
     QUANT_LAYER_TYPES,
@@ -21,7 +23,7 @@ from fxmpq.quant import (
 )
 from fxmpq.record import LayerRecord, QuantSites, records, set_record
 
-from .patterns import is_nonnegative, set_submodule
+from .patterns import is_nonnegative, layer_weight, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +80,24 @@ class InsertFakeQuantPass(PassBase):
         if not layers:
             return PassResult(gm, False)
         memo: dict[fx.Node, bool] = {}
-        signed = {}
-        for node, _ in layers:
+        signed, other_signed = {}, {}
+        for node, rec in layers:
             x = layer_input(node)
             signed[node] = not (x is not None and is_nonnegative(gm, x, memo))
+            if rec.kind is LayerKind.MATMUL:
+                other_signed[node] = not is_nonnegative(gm, weight_arg(node), memo)
         if not hasattr(gm, CONTAINER):
             gm.add_module(CONTAINER, nn.Module())
         swapped: set[str] = set()
         for node, rec in layers:
             wbits = (rec.pin_bits[0],) if rec.pinned and rec.pin_bits else self.bits
             abits = (rec.pin_bits[1],) if rec.pinned and rec.pin_bits else self.act_bits
-            weight = gm.get_parameter(rec.weight)
-            wq = LSQQuantizer(wbits, signed=True, channels=weight.shape[0] if self.per_channel else None)
-            wq.init_from(weight, reduce=False)
+            if rec.kind is LayerKind.MATMUL:  # the second operand: an activation, at the weight candidates
+                wq = LSQQuantizer(wbits, signed=other_signed[node])
+            else:
+                weight = layer_weight(gm, node, rec)
+                wq = LSQQuantizer(wbits, signed=True, channels=weight.shape[0] if self.per_channel else None)
+                wq.init_from(weight, reduce=False)
             aq = LSQQuantizer(abits, signed=signed[node])
             wq.train(gm.training)
             aq.train(gm.training)
@@ -125,7 +132,7 @@ class InsertFakeQuantPass(PassBase):
     def _route_weight(gm: fx.GraphModule, node: fx.Node, rec: LayerRecord, w_path: str) -> fx.Node:
         """Route the layer's weight through the quantizer at `w_path`; returns the (maybe new) call node."""
         g = gm.graph
-        if node.op == "call_function":
+        if node.op in ("call_function", "call_method"):  # functional layers, matmuls
             with g.inserting_before(node):
                 wqn = g.call_module(w_path, (weight_arg(node),))
             set_weight_arg(node, wqn)

@@ -20,7 +20,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxmpq.errors import ExportError
 from fxmpq.formats import Format, act_container_bits, integer_kernel
 from fxmpq.graph import as_input_tuple, constant_value, propagate_shapes
-from fxmpq.hardware import MAX_ACT_BITS
+from fxmpq.hardware import MAX_ACT_BITS, LayerKind
 from fxmpq.kernels import AddRounding, BiasRounding
 from fxmpq.matcher import bias_arg, emit_call, layer_input, linear_runs_as_conv, weight_arg
 from fxmpq.primitives import INT32_MAX, container_zero_point, fake_quantize, quantize, round_to_grid
@@ -28,7 +28,7 @@ from fxmpq.quant import LSQQuantizer
 from fxmpq.record import LayerRecord, Lowered, records, set_record
 from fxmpq.storage import NBITS_BLOCK, pack_nbits, unpack_nbits
 
-from .patterns import bn_module, relu_bounds
+from .patterns import bn_module, layer_weight, relu_bounds
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +229,13 @@ class LowerToQDQPass(PassBase):
 
     # ------------------------------------------------------------------ layers
     def _lower_layer(self, gm: fx.GraphModule, node: fx.Node, rec: LayerRecord) -> None:
+        if rec.kind is LayerKind.MATMUL:
+            self._lower_matmul(gm, node, rec)
+            return
         g = gm.graph
         name = rec.name
         x = layer_input(node)
-        weight = gm.get_parameter(rec.weight)
+        weight = layer_weight(gm, node, rec)
         if rec.conv is not None and rec.conv.padding_mode != "zeros":
             raise ExportError(f"layer {name} (node {node.format_node()}): padding_mode={rec.conv.padding_mode!r} "
                               f"has no QDQ lowering; use padding_mode='zeros'")
@@ -351,6 +354,25 @@ class LowerToQDQPass(PassBase):
         set_record(new, dataclasses.replace(rec, lowered=Lowered(
             b, a_bits, (qmin, qmax), bn_folded, int_bias, f"{LOWERED}.{mname}_weight", as_conv, notes=notes,
             integer_kernel=integer)))
+
+    @staticmethod
+    def _lower_matmul(gm: fx.GraphModule, node: fx.Node, rec: LayerRecord) -> None:
+        """A matmul stays the op it is: its two quantizers become Q/DQ like every activation's (below), which ONNX
+        Runtime fuses into MatMulIntegerToFloat (QLinearMatMul when one QuantizeLinear reads the product)."""
+        site = rec.sites
+        wq = gm.get_submodule(site.weight_quantizer) if site is not None else None
+        aq = gm.get_submodule(site.act_quantizer) if site is not None and site.act_quantizer else None
+        if wq is None or wq.active_bits is None or aq is None or aq.active_bits is None:
+            set_record(node, dataclasses.replace(rec, lowered=Lowered(None, None, None, False, False, None,
+                                                                      notes=("float",))))
+            return
+        w, a = wq.active_bits, aq.active_bits
+        integer = integer_kernel(w, a)
+        notes = ("MatMulIntegerToFloat",) if integer else (
+            "16-bit activations: DequantizeLinear -> float op in ONNX Runtime's CPU provider",)
+        set_record(node, dataclasses.replace(rec, lowered=Lowered(
+            w, a, None, False, False, None, notes=notes, integer_kernel=integer,
+            operand_scale=f"{LOWERED}.{_mangle(site.weight_quantizer)}_scale")))
 
     def _lower_weight_only(self, gm: fx.GraphModule, node: fx.Node, rec: LayerRecord, weight: torch.Tensor,
                            bias: torch.Tensor | None, wq: LSQQuantizer) -> None:

@@ -9,11 +9,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxmpq.graph import constant_value
 from fxmpq.kernels import AddRounding, BiasRounding
+from fxmpq.matcher import weight_arg
 from fxmpq.quant import LSQQuantizer
+from fxmpq.record import LayerRecord
 
 __all__ = ["add_operands", "bn_module", "device_of", "is_add_rounding", "is_bias_rounding", "is_bn", "is_max_pool",
-           "is_nonnegative", "is_quantizer", "relu_bounds", "set_submodule", "sole_user"]
+           "is_nonnegative", "is_quantizer", "layer_weight", "relu_bounds", "set_submodule", "sole_user"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -187,3 +190,14 @@ def set_submodule(gm: fx.GraphModule, qualname: str, module: nn.Module) -> None:
 def sole_user(node: fx.Node) -> fx.Node | None:
     """The only user of `node`, or None when it has none or several."""
     return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def layer_weight(gm: fx.GraphModule, node: fx.Node, rec: LayerRecord) -> torch.Tensor:
+    """The layer's float weight: its parameter, or for a weight computed in forward (timm's ScaledStdConv2d) the
+    value the graph computes before the layer's weight quantizer (a constant of the model, evaluated in eval mode)."""
+    if rec.weight:
+        return gm.get_parameter(rec.weight)
+    w = weight_arg(node)
+    if isinstance(w, fx.Node) and is_quantizer(gm, w):
+        w = w.args[0]
+    return constant_value(gm, w, f"layer {rec.name} (node {node.name}): the weight")

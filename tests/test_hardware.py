@@ -221,7 +221,7 @@ CASES = [
                                            "found a string '2'"),
     ("metrics.bitops.terms[0].kinds", ["conv", "lstm"],
      "t.toml: metrics.bitops.terms[0].kinds[1]: unknown layer kind 'lstm'; expected one of "
-     "conv, depthwise_conv, linear"),
+     "conv, depthwise_conv, linear, matmul"),
     ("metrics.bitops.terms[0].eval", "1+1",
      "t.toml: metrics.bitops.terms[0]: unknown key(s) 'eval'; allowed: kinds, scale, type"),
     ("metrics.bitops.terms[0]", {"type": "bricks"},
@@ -531,7 +531,7 @@ MEASURED_CASES = [
      "'8x3x3xk'"),
     ("metrics.latency.terms[1].layers.conv1.kind", "lstm",
      "t.toml: metrics.latency.terms[1].layers.conv1.kind: unknown layer kind 'lstm'; expected one of conv, "
-     "depthwise_conv, linear"),
+     "depthwise_conv, linear, matmul"),
     ("metrics.latency.terms[1].layers.conv1.kind", DROP,
      "t.toml: metrics.latency.terms[1].layers.conv1.kind: missing required field"),
     ("metrics.latency.terms[1].layers.conv1.8x8", "fast",

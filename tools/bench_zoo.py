@@ -158,7 +158,8 @@ def run_one(name: str, samples: int, progress: Path | None = None) -> dict[str, 
         model = None  # the QuantModel holds its own copy; the largest nets (ViT-H) need the memory
         gc.collect()
         a = q.analysis
-        row.update(layers=len(a.layers), searchable=len(a.searchable), macs=sum(m.macs for m in a.layers))
+        row.update(layers=len(a.layers), searchable=len(a.searchable), macs=sum(m.macs for m in a.layers),
+                   switchable_bn=sum(s.batchnorm is not None for s in q.sites.values()))
         g = torch.Generator().manual_seed(0)
         # batches of 4: at the smallest inputs the last stages are 1x1, and with 2 samples a 2-bit pass gives
         # BatchNorm channels of zero variance whose 1/sqrt(eps) compounds to inf over the blocks (RegNet);
@@ -177,7 +178,9 @@ def run_one(name: str, samples: int, progress: Path | None = None) -> dict[str, 
             row.update(onnx_mb=rep.onnx_bytes / 1e6, max_diff_steps=rep.max_diff_steps, max_abs_diff=rep.max_abs_diff,
                        rel_l2=rep.rel_l2, top1_agreement=rep.top1_agreement, fused=rep.fused_layers,
                        quantized=rep.quantized_layers, diverging=rep.diverging, top1_ties=rep.top1_ties,
-                       top1_decisive=rep.top1_decisive, forced_max_steps=rep.forced_max_steps)
+                       top1_decisive=rep.top1_decisive, forced_max_steps=rep.forced_max_steps,
+                       bn_nodes=rep.op_counts.get("BatchNormalization", 0), lowered_max_steps=rep.lowered_max_steps,
+                       lowered_diverging=rep.lowered_diverging)
 
             def validate() -> None:
                 # within 1 output step, and top-1 agreement >= 99.5 % on the inputs that are not tied within
@@ -192,7 +195,8 @@ def run_one(name: str, samples: int, progress: Path | None = None) -> dict[str, 
                     raise fxmpq.ExportError(f"parity: {rep.max_diff_steps} output steps, top-1 agreement "
                                             f"{rep.top1_agreement} ({rep.top1_decisive} on the inputs not "
                                             f"tied), first divergence {rep.diverging}; stage by stage "
-                                            f"{rep.forced_max_steps} steps")
+                                            f"{rep.forced_max_steps} steps; lowered graph vs QuantModel "
+                                            f"{rep.lowered_max_steps} steps (first: {rep.lowered_diverging})")
             stage("validate", validate)
         row["ok"] = True
     except Exception:  # recorded in the row by stage(); anything before the first stage is recorded here
@@ -217,8 +221,8 @@ def render(rows: list[dict[str, Any]]) -> str:
                 f"ONNX Runtime's inputs) while float rounding, amplified by the random-weight network, moves "
                 f"their output further (marked 'ok, amplified')" if amplified else "") + ".", "",
              "| model | input | capture | layers (searchable) | GMACs | trace s | prepare s | indicators s | search ms | apply s "
-             "| lower+ORT s | max diff (steps) | rel L2 | top-1 agree | int kernels | status |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| lower+ORT s | max diff (steps) | rel L2 | top-1 agree | int kernels | switchable BN | BN in ONNX | status |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         secs = {k: v["seconds"] for k, v in r.get("stages", {}).items()}
         top1 = r.get("top1_agreement")
@@ -231,6 +235,7 @@ def render(rows: list[dict[str, Any]]) -> str:
             _cell(r.get("max_diff_steps"), ".2f"), _cell(r.get("rel_l2"), ".2g"),
             _cell(None if top1 is None else 100 * top1, ".1f") + (f" ({r['top1_ties']} tied)" if r.get("top1_ties") else ""),
             f"{r['fused']}/{r['quantized']}" if "fused" in r else "-",
+            _cell(r.get("switchable_bn"), "d"), _cell(r.get("bn_nodes"), "d"),
             _status(r),
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,0 +1,126 @@
+"""Attention as layers: what the capture does so that attention's projections and products are quantizable.
+
+Three spellings hide them from a plain trace, and each is opened here:
+- `nn.MultiheadAttention` is a torch.nn module, so torch.fx keeps it as one opaque call. `mha_forward` computes
+  self-attention (query, key and value one tensor, no masks or extra biases: what ViTs run) in traceable ops on
+  the module's own parameters: `F.linear` on `in_proj_weight` (layer `<module>.in_proj`), two matmuls, and the
+  module's `out_proj` Linear. Anything else keeps the opaque call.
+- torchvision's Swin computes attention inside `shifted_window_attention`, which it registers with `torch.fx.wrap`
+  (a leaf function). `traced_through()` lifts that registration while tracing, so its `F.linear` calls on
+  `qkv.weight`/`proj.weight` and its matmuls land in the graph (its shape arithmetic then needs the
+  shape-specializing tracer, which `fxmpq.trace` falls back to).
+- `F.scaled_dot_product_attention` (timm, Hugging Face's sdpa attention, fxmpq.models.vit) is one fused call;
+  `decompose_sdpa` rewrites it into softmax(q @ k^T * scale + mask) @ v, what the ONNX export emits anyway.
+The matmuls then become MATMUL layers (fxmpq.matcher), their two operands quantized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import _symbolic_trace
+
+__all__ = ["TRACED_THROUGH", "decompose_sdpa", "mha_forward", "mha_supported", "traced_through"]
+
+# functions libraries register with torch.fx.wrap that hold attention's layers: traced through by fxmpq.trace
+TRACED_THROUGH = ("shifted_window_attention",)
+
+
+@contextlib.contextmanager
+def traced_through(names: tuple[str, ...] = TRACED_THROUGH) -> Iterator[None]:
+    """While active, the torch.fx.wrap registrations of the functions `names` are lifted (torch.fx traces into
+    them); restored on exit."""
+    table = _symbolic_trace._wrapped_fns_to_patch
+    lifted = {k: v for k, v in table.items() if k[1] in names}
+    for k in lifted:
+        del table[k]
+    try:
+        yield
+    finally:
+        table.update(lifted)
+
+
+def mha_supported(m: nn.MultiheadAttention, query: Any, key: Any = None, value: Any = None,
+                  key_padding_mask: Any = None, need_weights: bool = True, attn_mask: Any = None,
+                  average_attn_weights: bool = True, is_causal: bool = False) -> bool:
+    """Whether `m(query, key, value, ...)` is the plain self-attention `mha_forward` computes."""
+    return (query is key and key is value and key_padding_mask is None and attn_mask is None and not is_causal
+            and m._qkv_same_embed_dim and m.in_proj_weight is not None and m.bias_k is None and not m.add_zero_attn)
+
+
+def mha_forward(m: nn.MultiheadAttention, query: Any, key: Any, value: Any, key_padding_mask: Any = None,
+                need_weights: bool = True, attn_mask: Any = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Any:
+    """`m(query, key, value, ...)` as traceable ops, for plain self-attention (`mha_supported`). Same values as
+    nn.MultiheadAttention (its weights averaged over heads when `need_weights`)."""
+    x = query if m.batch_first else query.transpose(0, 1)  # [B, T, E]
+    heads, dim = m.num_heads, m.head_dim
+    qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias).unflatten(-1, (3, heads, dim)).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # [B, H, T, D]
+    attn = torch.matmul(q * (1.0 / math.sqrt(dim)), k.transpose(-2, -1)).softmax(-1)
+    weights = attn
+    if m.dropout > 0.0:
+        attn = F.dropout(attn, p=m.dropout, training=m.training)
+    y = m.out_proj(torch.matmul(attn, v).transpose(1, 2).flatten(2))
+    if not m.batch_first:
+        y = y.transpose(0, 1)
+    if not need_weights:
+        return y, None
+    return y, (weights.mean(1) if average_attn_weights else weights)
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def decompose_sdpa(gm: fx.GraphModule) -> int:
+    """Rewrite every F.scaled_dot_product_attention call into softmax(q @ k^T * scale + mask) @ v (dropout
+    kept); how many. Needs shapes in node.meta (the scale defaults to 1/sqrt of q's last size). Calls with
+    grouped-query attention, or shapes not known, stay as they are."""
+    g = gm.graph
+    done = 0
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+            continue
+        a = {**dict(zip(_SDPA_ARGS, node.args)), **node.kwargs}
+        q, k, v = a["query"], a["key"], a["value"]
+        mask, p, causal, scale = a.get("attn_mask"), a.get("dropout_p", 0.0), a.get("is_causal", False), a.get("scale")
+        tq, tk = (n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None for n in (q, k))
+        if a.get("enable_gqa") or tq is None or tk is None or isinstance(causal, fx.Node) or isinstance(p, fx.Node):
+            continue
+        if scale is None:
+            scale = 1.0 / math.sqrt(tq.shape[-1])
+        before = set(g.nodes)
+        with g.inserting_before(node):
+            kt = g.call_method("transpose", (k, -2, -1))
+            s = g.call_function(torch.matmul, (q, kt))
+            s = g.call_function(torch.mul, (s, scale))
+            if causal:
+                lq, lk = tq.shape[-2], tk.shape[-2]
+                keep = g.call_function(torch.ones, ((lq, lk),), {"dtype": torch.bool})
+                keep = g.call_function(torch.tril, (keep,))
+                s = g.call_method("masked_fill", (s, g.call_function(torch.logical_not, (keep,)), float("-inf")))
+            if isinstance(mask, fx.Node):
+                tm = mask.meta.get("tensor_meta")
+                if tm is not None and tm.dtype == torch.bool:
+                    s = g.call_method("masked_fill", (s, g.call_function(torch.logical_not, (mask,)), float("-inf")))
+                else:
+                    s = g.call_function(torch.add, (s, mask))
+            attn = g.call_function(torch.softmax, (s, -1))
+            if p:
+                attn = g.call_function(F.dropout, (attn,), {"p": float(p), "training": True})
+            out = g.call_function(torch.matmul, (attn, v))
+        for n in set(g.nodes) - before:  # the matmuls are named after the module that called the attention
+            n.meta.update({key: val for key, val in node.meta.items() if key in ("nn_module_stack", "stack_trace")})
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        done += 1
+    if done:
+        gm.recompile()
+    return done
