@@ -12,9 +12,10 @@ with plain symbolic tracing; `fxmpq.trace` uses this tracer only when plain trac
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +32,24 @@ _ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is
                     "is_nested", "requires_grad"})
 _METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "is_floating_point", "is_complex",
                       "element_size", "get_device", "is_contiguous", "stride"})
+
+
+# methods of a real tensor that may be handed a traced size (`self.rel_indices.expand(B, -1, -1, -1)` in timm's
+# ConViT, B the symbolic batch): recorded as call_method nodes on the tensor (a constant of the graph) while tracing
+_SIZED_METHODS = ("expand", "view", "reshape", "repeat", "new_zeros", "new_ones", "new_full", "new_empty")
+
+
+@contextlib.contextmanager
+def _sized_methods_traced() -> Iterator[None]:
+    """torch.fx's wrapped-method table extended by _SIZED_METHODS for the duration of one trace."""
+    table = fx._symbolic_trace._wrapped_methods_to_patch
+    added = [(torch.Tensor, m) for m in _SIZED_METHODS if (torch.Tensor, m) not in table]
+    table.extend(added)
+    try:
+        yield
+    finally:
+        for item in added:
+            table.remove(item)
 
 
 def batch_variants(inputs: Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -97,7 +116,7 @@ class ShapeTracer(fx.Tracer):
         """Trace `root` (a module) called on the example inputs alone: its other parameters at their defaults."""
         if concrete_args:
             raise fx.proxy.TraceError("ShapeTracer takes the example inputs, not concrete_args")
-        with torch.no_grad():
+        with torch.no_grad(), _sized_methods_traced():
             return super().trace(root)
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None

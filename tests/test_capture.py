@@ -57,6 +57,30 @@ def test_plain_tracing_fails_and_the_specializing_tracer_captures_it() -> None:
     assert names == ["embed", "fc1", "fc2", "head"]  # module qualnames, as with plain tracing
 
 
+class _RebuiltTable(nn.Module):
+    """timm's ConViT in small: a buffer rebuilt for the token count in forward, then expanded to the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.zeros(1, 1, 3), persistent=False)
+        self.proj = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        if self.table.shape[1] != n:
+            self.table = torch.arange(3 * n, dtype=torch.float32).reshape(1, n, 3) / n
+        return x[..., :4] + self.proj(self.table.expand(b, -1, -1))
+
+
+def test_a_real_tensor_expanded_to_the_traced_batch_is_recorded() -> None:
+    m = _RebuiltTable().eval()
+    gm = fxmpq.trace(m, torch.randn(2, 5, 8))
+    assert gm.meta["capture"] == "specialized"
+    for batch in (1, 3):  # the expand follows the batch
+        xb = torch.randn(batch, 5, 8)
+        torch.testing.assert_close(gm(xb), m(xb))
+
+
 def test_a_model_plain_tracing_handles_stays_symbolic() -> None:
     gm = fxmpq.trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.randn(1, 3, 8, 8))
     assert gm.meta["capture"] == "symbolic" and "output" not in gm.meta
@@ -169,11 +193,15 @@ def _hf_models():
                                                                                  depths=[1, 1], num_labels=10)),
         "resnet": lambda: tf.ResNetForImageClassification(tf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32],
                                                                            depths=[1, 1], num_labels=10)),
+        "swin": lambda: tf.SwinForImageClassification(tf.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=10)),
+        "mobilevit": lambda: tf.MobileViTForImageClassification(tf.MobileViTConfig(
+            image_size=32, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64], num_labels=10)),
     }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vit", "deit", "convnext", "resnet"])
+@pytest.mark.parametrize("name", ["vit", "deit", "convnext", "resnet", "swin", "mobilevit"])
 def test_hugging_face_models_pass_every_stage(tmp_path, name) -> None:
     m = _hf_models()[name]().eval()
     g = torch.Generator().manual_seed(0)

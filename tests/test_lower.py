@@ -556,3 +556,21 @@ def test_functional_batch_norm_after_a_conv_is_switchable_and_folded(tmp_path):
     rep = lower(q, tmp_path / "m.onnx", x, samples=16, measure=False)
     assert rep.passed and rep.fused_layers == rep.quantized_layers == 3
     assert "BatchNormalization" not in rep.op_counts
+
+
+def test_a_module_called_twice_is_lowered_as_two_layers_with_their_own_bits(tmp_path) -> None:
+    """coat_lite_tiny's shared cpe/crpe in small (#16 cause 5): the second call's integer weights and scales must
+    not overwrite the first's, and both calls are integer kernels."""
+    from _quant_models import FunctionalNet
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    q = prepare(FunctionalNet().eval(), x[:1], bits=(2, 4))
+    apply_policy(q, {"shared": (2, 2), "shared#1": (4, 4), "w": (4, 4)}, torch.randn(8, 3, 6, 6))
+    rep = lower(q, tmp_path / "shared.onnx", x[:1], inputs=x)
+    assert rep.passed and rep.fused_layers == rep.quantized_layers == 5
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "shared.onnx")).metadata_props}
+    bits = json.loads(meta["fxmpq.bits"])
+    assert bits["shared"] == [2, 2] and bits["shared#1"] == [4, 4]
+    ranges = json.loads(meta["fxmpq.weight_qrange"])
+    assert ranges["fxmpq_lowered.shared_weight"] == [-2, 1] and ranges["fxmpq_lowered.shared_call1_weight"] == [-8, 7]
