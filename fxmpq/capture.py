@@ -23,6 +23,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_aggregate
 
+from .dead_code import eliminate_dead_code
+
 __all__ = ["BATCHES", "ShapeTracer", "batch_variants", "fold_rank_checks"]
 
 BATCHES = (2, 3)  # the two batch sizes the model runs at while tracing: a size that differs follows the batch
@@ -262,6 +264,6 @@ def fold_rank_checks(gm: fx.GraphModule) -> int:
             user.args = map_aggregate(user.args, value)
             user.kwargs = map_aggregate(user.kwargs, value)
     if const:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.recompile()
     return dropped

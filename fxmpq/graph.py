@@ -20,6 +20,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .attention import decompose_sdpa, mha_forward, mha_supported, traced_through
 from .capture import ShapeTracer, fold_rank_checks
+from .dead_code import eliminate_dead_code
 from .errors import ArgumentError, ExportError, TraceError, first_line
 from .matcher import find_layers
 from .quant import LSQQuantizer
@@ -258,7 +259,7 @@ def select_output(gm: fx.GraphModule, output: str | int | None = None) -> None:
                          f"{', '.join(fields) or 'none'} (tensors: {', '.join(tensors) or 'none'}): pass "
                          f"output=<key or index> to choose the one the loss reads")
     out.args = (fields[key],)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.recompile()
     gm.meta["output"] = key
 

@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxmpq.dead_code import eliminate_dead_code
 from fxmpq.errors import ExportError
 from fxmpq.formats import Format, act_container_bits, integer_kernel
 from fxmpq.graph import as_input_tuple, constant_value, propagate_shapes
@@ -213,7 +214,7 @@ class LowerToQDQPass(PassBase):
             if isinstance(gm.get_submodule(node.target), BiasRounding | AddRounding):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         for node, rec in layers:
             self._lower_layer(gm, node, rec)
         for node in list(gm.graph.nodes):
@@ -222,7 +223,7 @@ class LowerToQDQPass(PassBase):
         for node, rec in list(records(gm)):
             if rec.lowered is not None and rec.lowered.w_bits is None:
                 self._float_input(gm, node, rec)
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.delete_all_unused_submodules()
         self._drop_unused_attrs(gm)
         return PassResult(gm, True)

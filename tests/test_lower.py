@@ -574,3 +574,36 @@ def test_a_module_called_twice_is_lowered_as_two_layers_with_their_own_bits(tmp_
     assert bits["shared"] == [2, 2] and bits["shared#1"] == [4, 4]
     ranges = json.loads(meta["fxmpq.weight_qrange"])
     assert ranges["fxmpq_lowered.shared_weight"] == [-2, 1] and ranges["fxmpq_lowered.shared_call1_weight"] == [-8, 7]
+
+
+class _InPlaceGain(torch.nn.Module):
+    """timm's NormFreeBlock in small: `out.mul_(gain)` whose result is unused, then `out * alpha + shortcut`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.gain = torch.nn.Parameter(torch.full((), 0.3))
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.conv1(x)
+        out = self.conv2(torch.relu(shortcut))
+        out.mul_(self.gain)
+        out = out * 0.5 + shortcut
+        return self.head(out.mean((2, 3)))
+
+
+def test_an_in_place_op_whose_result_is_unused_survives_capture_and_lowering(tmp_path) -> None:
+    """torch.fx's dead-code elimination drops `out.mul_(g)` (pytorch#68301); fxmpq's keeps it (timm dm_nfnet)."""
+    import fxmpq
+
+    torch.manual_seed(0)
+    m, x = _InPlaceGain().eval(), torch.randn(4, 3, 8, 8)
+    q = prepare(m, x[:1], bits=(4, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), m(x))
+    apply_policy(q, {"conv2": (8, 8)}, torch.randn(8, 3, 8, 8))
+    rep = lower(q, tmp_path / "inplace.onnx", x[:1], inputs=x)
+    assert rep.passed, rep.table()
+    assert any(n.op == "call_method" and n.target == "mul_" for n in fxmpq.trace(m, x[:1]).graph.nodes)
