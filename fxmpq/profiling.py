@@ -17,7 +17,7 @@ would be). The file's constant, the rest of the model, is the all-float model mi
 chains); one factor on the W8A8 values then makes the all-W8A8 prediction equal its measurement (both calibration
 points and the factor are in the file's comments).
 
-About 540 lines: the measurement and the hardware file it writes (HardwareProfile.to_toml, with its comments and
+About 550 lines: the measurement and the hardware file it writes (HardwareProfile.to_toml, with its comments and
 provenance) are kept together because the file's every value and comment is one measured quantity; the timing
 itself is fxmpq/measure.py, the file's schema fxmpq/hardware.py.
 """

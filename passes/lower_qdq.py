@@ -1,6 +1,6 @@
 """LowerToQDQPass: rewrite a fixed QuantModel graph into integer weights, int32 biases and QDQ custom ops.
 
-About 520 lines because it is one pass whose emitters (integer layer, weight-only MatMulNBits, float layer, the
+About 550 lines because it is one pass whose emitters (integer layer, weight-only MatMulNBits, float layer, matmul, the
 activation quantizers and the float inputs of float layers) share the record, the BatchNorm fold and the naming of
 the lowered buffers; the custom ops, the storage and the ONNX translation live in fxmpq/storage.py and export.py."""
 
