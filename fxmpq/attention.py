@@ -76,6 +76,7 @@ def mha_forward(m: nn.MultiheadAttention, query: Any, key: Any, value: Any, key_
     return y, (weights.mean(1) if average_attn_weights else weights)
 
 
+_SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)  # timm calls the C one
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -86,7 +87,7 @@ def decompose_sdpa(gm: fx.GraphModule) -> int:
     g = gm.graph
     done = 0
     for node in list(g.nodes):
-        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+        if node.op != "call_function" or node.target not in _SDPA:
             continue
         a = {**dict(zip(_SDPA_ARGS, node.args)), **node.kwargs}
         q, k, v = a["query"], a["key"], a["value"]

@@ -157,6 +157,7 @@ def trace(
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["capture"] = capture
     select_output(gm, output)
+    bind_defaults(gm, len(inputs))
     module_batch_norms(gm, tracer.root)
     _propagate(gm, inputs, model)
     fold_rank_checks(gm)
@@ -164,6 +165,28 @@ def trace(
         _propagate(gm, inputs, model)
     find_layers(gm)
     return gm
+
+
+def bind_defaults(gm: fx.GraphModule, n_inputs: int) -> int:
+    """Inputs after the first `n_inputs` (the example inputs) become the constants they default to; how many.
+
+    timm's VisionTransformer.forward(x, attn_mask=None, is_causal=False) traces into three placeholders; the model
+    is captured as called on the example inputs, so the others are their defaults (and the attention they steer can
+    be decomposed). A placeholder without a default stays."""
+    done = 0
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in holders[n_inputs:]:
+        if not node.args or not isinstance(node.args[0], type(None) | bool | int | float | str):
+            continue
+        value = node.args[0]
+        for user in list(node.users):
+            user.args = map_aggregate(user.args, lambda a, node=node, value=value: value if a is node else a)
+            user.kwargs = map_aggregate(user.kwargs, lambda a, node=node, value=value: value if a is node else a)
+        gm.graph.erase_node(node)
+        done += 1
+    if done:
+        gm.recompile()
+    return done
 
 
 def _propagate(gm: fx.GraphModule, inputs: Sequence[Any], model: nn.Module) -> None:

@@ -202,3 +202,25 @@ def test_hugging_face_transformers_are_layers_for_at_least_99_percent_of_their_m
     assert sum(r.kind is LayerKind.MATMUL for _, r in records(gm)) == 4  # 2 blocks x (Q.K^T, A.V)
     cover = _coverage(gm, x)
     assert cover >= 0.99, f"hf:{name}: layers cover {100 * cover:.2f} % of the MACs"
+
+
+class _TimmStyleAttention(nn.Module):
+    """timm's VisionTransformer in small: forward(x, attn_mask=None, is_causal=False), the C spelling of SDPA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4).unbind(0)
+        return torch._C._nn.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def test_inputs_beyond_the_examples_are_their_defaults_and_timm_attention_opens() -> None:
+    torch.manual_seed(0)
+    m, x = _TimmStyleAttention().eval(), torch.randn(2, 5, 16)
+    gm = fxmpq.trace(m, x)
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert [r.kind for _, r in records(gm)] == [LayerKind.LINEAR, LayerKind.MATMUL, LayerKind.MATMUL]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-6)
