@@ -25,7 +25,7 @@ from torch.fx.node import map_aggregate
 
 from .dead_code import eliminate_dead_code
 
-__all__ = ["BATCHES", "ShapeTracer", "batch_variants", "fold_rank_checks"]
+__all__ = ["BATCHES", "ShapeTracer", "batch_variants", "fold_rank_checks", "substitute_constants"]
 
 BATCHES = (2, 3)  # the two batch sizes the model runs at while tracing: a size that differs follows the batch
 
@@ -256,14 +256,20 @@ def fold_rank_checks(gm: fx.GraphModule) -> int:
                 and any(a in const for a in args) and all(a in const or not isinstance(a, fx.Node) for a in args)):
             const[node] = node.target(*(value(a) for a in args))
         elif node.op == "call_function" and node.target is torch._assert and args and args[0] in const:
-            if const[args[0]] is True or const[args[0]] == True:  # noqa: E712 (a numpy/tensor bool compares equal)
+            if const[args[0]] == True:  # noqa: E712 (a numpy/tensor bool compares equal too)
                 gm.graph.erase_node(node)
                 dropped += 1
+    substitute_constants(gm, const)
+    return dropped
+
+
+def substitute_constants(gm: fx.GraphModule, const: dict[fx.Node, Any]) -> None:
+    """Every use of a node in `const` reads its constant instead; the nodes left unread go (dead-code elimination)."""
+    if not const:
+        return
     for node in const:
         for user in list(node.users):
-            user.args = map_aggregate(user.args, value)
-            user.kwargs = map_aggregate(user.kwargs, value)
-    if const:
-        eliminate_dead_code(gm.graph)
-        gm.recompile()
-    return dropped
+            user.args = map_aggregate(user.args, lambda a: const.get(a, a) if isinstance(a, fx.Node) else a)
+            user.kwargs = map_aggregate(user.kwargs, lambda a: const.get(a, a) if isinstance(a, fx.Node) else a)
+    eliminate_dead_code(gm.graph)
+    gm.recompile()

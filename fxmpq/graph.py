@@ -19,7 +19,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .attention import decompose_sdpa, mha_forward, mha_supported, traced_through
-from .capture import ShapeTracer, fold_rank_checks
+from .capture import ShapeTracer, fold_rank_checks, substitute_constants
 from .dead_code import eliminate_dead_code
 from .errors import ArgumentError, ExportError, TraceError, first_line
 from .matcher import find_layers
@@ -173,20 +173,14 @@ def bind_defaults(gm: fx.GraphModule, n_inputs: int) -> int:
     timm's VisionTransformer.forward(x, attn_mask=None, is_causal=False) traces into three placeholders; the model
     is captured as called on the example inputs, so the others are their defaults (and the attention they steer can
     be decomposed). A placeholder without a default stays."""
-    done = 0
-    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node in holders[n_inputs:]:
-        if not node.args or not isinstance(node.args[0], type(None) | bool | int | float | str):
-            continue
-        value = node.args[0]
-        for user in list(node.users):
-            user.args = map_aggregate(user.args, lambda a, node=node, value=value: value if a is node else a)
-            user.kwargs = map_aggregate(user.kwargs, lambda a, node=node, value=value: value if a is node else a)
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"][n_inputs:]
+    const = {n: n.args[0] for n in holders if n.args and isinstance(n.args[0], type(None) | bool | int | float | str)}
+    substitute_constants(gm, const)
+    for node in const:  # placeholders are not dead code to torch.fx
         gm.graph.erase_node(node)
-        done += 1
-    if done:
+    if const:
         gm.recompile()
-    return done
+    return len(const)
 
 
 def _propagate(gm: fx.GraphModule, inputs: Sequence[Any], model: nn.Module) -> None:

@@ -170,8 +170,7 @@ def match(gm: fx.GraphModule, node: fx.Node) -> LayerRecord | None:
         if w.op == "get_attr" and _param(gm, w.target) is not None:
             weight, wshape, weight_computed = w.target, tuple(_param(gm, w.target).shape), False
             # "proj.weight" -> "proj"; nn.MultiheadAttention's "attn.in_proj_weight" -> "attn.in_proj"
-            name = next((weight[: -len(s)] for s in (".weight", ".in_proj_weight") if weight.endswith(s)), weight)
-            name += ".in_proj" if weight.endswith(".in_proj_weight") else ""
+            name = weight.removesuffix("_weight") if weight.endswith(".in_proj_weight") else weight.removesuffix(".weight")
         else:  # computed in forward (timm's ScaledStdConv2d standardizes it): named after the calling module
             weight, wshape, weight_computed = "", _shape(w), True
             if len(wshape) < 2 or w.op == "get_attr" or not _reads_parameter(gm, w):

@@ -143,6 +143,11 @@ def _mangle(name: str) -> str:
     return name.replace(".", "_").replace("#", "_call")
 
 
+def _scale_attr(quantizer: str) -> str:
+    """The buffer (under LOWERED) holding a lowered activation quantizer's scale; the audit finds matmuls by it."""
+    return f"{_mangle(quantizer)}_scale"
+
+
 def _following_bn(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, tuple[torch.Tensor, tuple] | None]:
     """(the node whose value the layer's output becomes, BN fold): the BatchNorm that is the layer's only user
     folds as y = (x - mean) * f + beta with f = gamma / sqrt(var + eps); fold = (f, (mean, beta)) or None."""
@@ -373,7 +378,7 @@ class LowerToQDQPass(PassBase):
             "16-bit activations: DequantizeLinear -> float op in ONNX Runtime's CPU provider",)
         set_record(node, dataclasses.replace(rec, lowered=Lowered(
             w, a, None, False, False, None, notes=notes, integer_kernel=integer,
-            operand_scale=f"{LOWERED}.{_mangle(site.weight_quantizer)}_scale")))
+            operand_scale=f"{LOWERED}.{_scale_attr(site.weight_quantizer)}")))
 
     def _lower_weight_only(self, gm: fx.GraphModule, node: fx.Node, rec: LayerRecord, weight: torch.Tensor,
                            bias: torch.Tensor | None, wq: LSQQuantizer) -> None:
@@ -489,7 +494,7 @@ class LowerToQDQPass(PassBase):
             node.replace_input_with(x, src)
             g.erase_node(x)
             x = src
-        attr = f"{_mangle(node.target)}_scale"
+        attr = _scale_attr(node.target)
         gm.get_submodule(LOWERED).register_buffer(attr, scale.clone())
         with g.inserting_before(node):
             s = g.get_attr(f"{LOWERED}.{attr}")
