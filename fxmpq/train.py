@@ -1,4 +1,8 @@
-"""Joint training of the importance indicators and LSQ fine-tuning, on one shared DDP-aware training loop."""
+"""Joint training of the importance indicators and LSQ fine-tuning, on one shared DDP-aware training loop.
+
+About 520 lines: the two entry points, their step functions and the one resumable loop they share stay together,
+because a checkpoint's position (stage, epoch, batch, random state) is only meaningful against that loop.
+"""
 
 from __future__ import annotations
 
