@@ -279,8 +279,8 @@ def _parse_term(t: Table, offer: Offer) -> Term:
                                      f"no value for format(s) {', '.join(missing)} of {entry.after!r}, the layer "
                                      f"it reads")
         t.finish()
-        # a measured table prices the kinds it has entries of; a layer of another kind (a matmul, which
-        # tools/profile_hw.py does not time: its float time is in the file's constant) costs 0 here
+        # a measured table prices the kinds it has entries of; a layer of another kind (a matmul in a file
+        # written before tools/profile_hw.py timed them: its float time is in the file's constant) costs 0 here
         return Term(type=ttype, scale=scale, layers=MappingProxyType(entries),
                     kinds=frozenset(e.signature.kind for e in entries.values()), **kwargs)
     kinds_raw = t.take("kinds", list, None)

@@ -4,9 +4,11 @@ the rest of the model, written as a hardware TOML (per-layer `layer_table` terms
 Each layer is profiled alone, exactly as fxmpq deploys it: a one-layer model (a copy of the layer, its real input
 shape) goes through `prepare`, `apply_policy` (W8A8, W8A16, float, and for linear layers weight-only 2/4/8) and
 `lower`, so the ONNX graph carries the Q/DQ nodes the exporter emits and ONNX Runtime fuses it as in the full
-model (QLinearConv for W8A8, MatMulNBits for weight-only). W2A8 and W4A8 run the W8A8 kernel (8-bit containers, or
-4-bit ones widened by fxmpq.ort_session: each layer's W4A8 is timed that way too, as a check) and are priced at
-its values; their `packed_bytes` are measured from the packed export.
+model (QLinearConv for W8A8, MatMulNBits for weight-only). A matmul of two activations (attention's q @ k^T and
+attn @ v) is timed the same way as a two-input model (W8A8: MatMulIntegerToFloat), alone only (no chain).
+W2A8 and W4A8 run the W8A8 kernel (8-bit containers, or 4-bit ones widened by fxmpq.ort_session: each layer's
+W4A8 is timed that way too, as a check) and are priced at its values; their `packed_bytes` are measured from the
+packed export.
 A layer alone also pays the conversions at its edges (quantize, dequantize, NCHW <-> NHWC or blocked layouts);
 two layers run back to back convert once between them when their formats differ, or not at all: each such pair (a
 layer and the layer it reads through BN, ReLU or reshapes only, `LayerRecord.input_layer`) is exported and timed
@@ -17,7 +19,7 @@ would be). The file's constant, the rest of the model, is the all-float model mi
 chains); one factor on the W8A8 values then makes the all-W8A8 prediction equal its measurement (both calibration
 points and the factor are in the file's comments).
 
-About 550 lines: the measurement and the hardware file it writes (HardwareProfile.to_toml, with its comments and
+About 580 lines: the measurement and the hardware file it writes (HardwareProfile.to_toml, with its comments and
 provenance) are kept together because the file's every value and comment is one measured quantity; the timing
 itself is fxmpq/measure.py, the file's schema fxmpq/hardware.py.
 """
@@ -54,8 +56,9 @@ from .hardware import (
     loads_hardware,
     pair_name,
 )
-from .matcher import layer_input
+from .matcher import layer_input, weight_arg
 from .measure import TimingOptions, cpu_name, runtime_name, session, time_sessions
+from .passes.patterns import is_nonnegative
 from .record import LayerRecord, records
 from .stages import analyze, apply_policy, prepare
 from .storage import initializer_bytes
@@ -78,7 +81,7 @@ name = "ort_cpu"
 weight_bits = [2, 4, 8]
 act_bits = [8, 16]
 pairs = [[2, 8], [4, 8], [8, 8], [8, 16]]
-float_kinds = ["conv", "depthwise_conv", "linear"]
+float_kinds = ["conv", "depthwise_conv", "linear", "matmul"]
 weight_only_bits = [2, 4, 8]
 
 [pins]
@@ -95,6 +98,18 @@ def ort_target() -> HardwareSpec:
     kernel), A16W8 (float conv between uint16 Q/DQ), float, and weight-only 2/4/8-bit linear layers (MatMulNBits);
     no pins (a pin would only take float away from the first and last layer)."""
     return loads_hardware(_TARGET, "ort_cpu (profiling target)")
+
+
+class _OneMatmul(nn.Module):
+    """A matmul of two inputs (a @ b); an operand the model shows non-negative (a softmax) goes through a ReLU first,
+    so that it gets the same unsigned quantizer (and ONNX Runtime the same u8 kernel) as in the model."""
+
+    def __init__(self, a_nonnegative: bool, b_nonnegative: bool):
+        super().__init__()
+        self.a_nonnegative, self.b_nonnegative = a_nonnegative, b_nonnegative
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a.relu() if self.a_nonnegative else a, b.relu() if self.b_nonnegative else b)
 
 
 class _OneLayer(nn.Module):
@@ -120,9 +135,13 @@ def _bn_after(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return None
 
 
-def one_layer_module(model: nn.Module, rec: LayerRecord, bn: nn.Module | None = None) -> nn.Module:
+def one_layer_module(model: nn.Module, rec: LayerRecord, bn: nn.Module | None = None,
+                     nonnegative: tuple[bool, bool] = (False, False)) -> nn.Module:
     """A plain nn.Conv*/nn.Linear with `rec`'s options and a copy of its weights (module or functional call),
-    followed by a copy of `bn` when given."""
+    followed by a copy of `bn` when given; for a matmul, a two-input matmul (`nonnegative`: which of its operands
+    the model shows non-negative)."""
+    if rec.kind is LayerKind.MATMUL:
+        return _OneMatmul(*nonnegative).eval()
     if not rec.weight:
         raise ArgumentError(f"layer {rec.name}: its weight is computed in forward, so it cannot be profiled alone "
                             f"(tools/profile_hw.py); price the model with a formula-based hardware file")
@@ -181,8 +200,8 @@ def _reads_elsewhere(producer: fx.Node, consumer: fx.Node) -> bool:
     return any(u not in chain and u is not consumer for n in chain for u in n.users)
 
 
-def _lowered(module: nn.Module, x: torch.Tensor, fmt: Pair | Sequence[Pair], path: Path, hw: HardwareSpec,
-             storage: str = "int8") -> Path:
+def _lowered(module: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], fmt: Pair | Sequence[Pair], path: Path,
+             hw: HardwareSpec, storage: str = "int8") -> Path:
     """`module` prepared at the profiled bits, fixed at `fmt` (one format for every layer, or one per layer in graph
     order) and lowered to `path` with `storage`."""
     q = prepare(module, x, hardware=hw, bits=hw.weight_bits, act_bits=hw.act_bits)
@@ -208,6 +227,20 @@ def _measured_formats(rec: LayerRecord, hw: HardwareSpec) -> list[Pair]:
     if rec.kind == LayerKind.LINEAR:
         fmts += [f for f in WEIGHT_ONLY if f[0] in hw.weight_only_bits]
     return fmts
+
+
+def _input_shapes(rec: LayerRecord) -> tuple[tuple[int, ...], ...]:
+    """The shapes of the one-layer model's inputs: the layer's input, and a matmul's second operand."""
+    return (rec.in_shape, rec.weight_shape) if rec.kind is LayerKind.MATMUL else (rec.in_shape,)
+
+
+def _random(shapes: Sequence[tuple[int, ...]], gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randn(s, generator=gen) for s in shapes)
+
+
+def _feeds(s: Any, values: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """The ONNX Runtime feed of session `s`: its inputs in order."""
+    return {i.name: v.numpy() for i, v in zip(s.get_inputs(), values, strict=True)}
 
 
 def _kernel_of(fmt: Pair) -> Pair:
@@ -281,8 +314,11 @@ class HardwareProfile:
         pairs = sorted(f for f in fmts if f[0] is not None and f[1] is not None)
         wo = sorted({f[0] for f in fmts if f[0] is not None and f[1] is None})
         wbits = sorted({w for w, _ in pairs} | set(wo))
+        kinds = ["conv", "depthwise_conv", "linear"]
+        if any(lp.signature.kind is LayerKind.MATMUL for lp in self.layers):
+            kinds.append("matmul")
         lines = [f"weight_bits = {wbits}", f"act_bits = {sorted({a for _, a in pairs})}",
-                 f"pairs = {json.dumps([list(p) for p in pairs])}", 'float_kinds = ["conv", "depthwise_conv", "linear"]']
+                 f"pairs = {json.dumps([list(p) for p in pairs])}", f"float_kinds = {json.dumps(kinds)}"]
         return lines + ([f"weight_only_bits = {wo}"] if wo else [])
 
     def packed_ratio(self) -> float | None:
@@ -451,31 +487,38 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
     hw = ort_target()
     model = copy.deepcopy(model).eval()
     analysis = analyze(model, example, hardware=hw)
-    # conv and linear layers; matmuls (two activation operands) are not timed alone yet: the file's constant holds
-    # their time, and its layer tables price them 0
-    recs = [r for r in analysis.layers if r.kind is not LayerKind.MATMUL]
+    recs = list(analysis.layers)
     if not recs:
         raise ArgumentError(f"{model_name} has no quantizable layers to profile")
     gm = analysis.graph_module
     node_of = {r.name: n for n, r in records(gm)}
     by_name = {r.name: r for r in recs}
-    pairs = [(r.input_layer, r.name) for r in recs if r.input_layer in by_name]
+    # layers back to back; a matmul reads a second computed operand, so it is timed alone only (no chain)
+    pairs = [(r.input_layer, r.name) for r in recs if r.input_layer in by_name
+             and LayerKind.MATMUL not in (r.kind, by_name[r.input_layer].kind)]
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(work_dir) if work_dir is not None else Path(tmp)
         d.mkdir(parents=True, exist_ok=True)
         paths: dict[tuple[str, Pair], Path] = {}
         measured = {r.name: _measured_formats(r, hw) for r in recs}
+        whole = {}
+        for fmt in ORT_FORMATS:  # first: a model that cannot be lowered fails before the layers' many exports
+            whole[fmt] = _lowered(model, example, fmt, d / f"model_{_tag(fmt)}.onnx", hw)
         jobs = [(r, fmt, "int8") for r in recs for fmt in measured[r.name]]
-        jobs += [(r, SAME_KERNEL[-1], "packed") for r in recs]  # W4A8 packed: its bytes, and widened its time
+        # W4A8 packed: its bytes, and widened its time (a matmul has no weight to pack)
+        jobs += [(r, SAME_KERNEL[-1], "packed") for r in recs if r.kind is not LayerKind.MATMUL]
         pair_jobs = [(u, v, fu, fv) for u, v in pairs for fu in measured[u] for fv in measured[v]]
-        bar = tqdm(total=len(jobs) + len(pair_jobs) + 2, desc="export", unit="model", disable=not progress,
+        bar = tqdm(total=len(jobs) + len(pair_jobs), desc="export", unit="model", disable=not progress,
                    file=sys.stderr)
         packed_paths: dict[str, Path] = {}
         for i, (r, fmt, storage) in enumerate(jobs):
-            x = torch.randn(r.in_shape, generator=torch.Generator().manual_seed(i))
+            x = _random(_input_shapes(r), torch.Generator().manual_seed(i))
             tag = _tag(fmt) + ("_packed" if storage == "packed" else "")
-            bn = _bn_after(gm, node_of[r.name])
-            one = one_layer_module(model, r, gm.get_submodule(bn.target) if bn is not None else None)
+            node = node_of[r.name]
+            bn = _bn_after(gm, node)
+            signs = ((is_nonnegative(gm, layer_input(node)), is_nonnegative(gm, weight_arg(node)))
+                     if r.kind is LayerKind.MATMUL else (False, False))
+            one = one_layer_module(model, r, gm.get_submodule(bn.target) if bn is not None else None, signs)
             p = _lowered(one, x, fmt, d / f"layer{i:03d}_{tag}.onnx", hw, storage)
             if storage == "packed":
                 packed_paths[r.name] = p
@@ -491,24 +534,19 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
             pair_paths[(v, fu, fv)] = _lowered(pm, x, (fu, fv), d / f"pair{i:03d}_{tag}.onnx", hw)
             bar.set_postfix_str(f"{u} {format_name(fu)} -> {v} {format_name(fv)}")
             bar.update(1)
-        whole = {}
-        for fmt in ORT_FORMATS:
-            whole[fmt] = _lowered(model, example, fmt, d / f"model_{_tag(fmt)}.onnx", hw)
-            bar.update(1)
         bar.close()
         runs: dict[Any, tuple[Any, dict]] = {}
-        shapes = {r.name: r.in_shape for r in recs}
+        shapes = {r.name: _input_shapes(r) for r in recs}
         gen = torch.Generator().manual_seed(0)
         for (name, fmt), p in paths.items():
             s = session(p, threads)
-            runs[(name, fmt)] = (s, {s.get_inputs()[0].name: torch.randn(shapes[name], generator=gen).numpy()})
+            runs[(name, fmt)] = (s, _feeds(s, _random(shapes[name], gen)))
         for name, p in packed_paths.items():
             s = session(deployable(p, "profile"), threads)  # widened as fxmpq.ort_session opens it
-            runs[("<packed>", name)] = (s, {s.get_inputs()[0].name: torch.randn(shapes[name], generator=gen).numpy()})
+            runs[("<packed>", name)] = (s, _feeds(s, _random(shapes[name], gen)))
         for (v, fu, fv), p in pair_paths.items():
             s = session(p, threads)
-            runs[("<pair>", v, fu, fv)] = (s, {s.get_inputs()[0].name: torch.randn(shapes[by_name[v].input_layer],
-                                                                                     generator=gen).numpy()})
+            runs[("<pair>", v, fu, fv)] = (s, _feeds(s, _random(shapes[by_name[v].input_layer], gen)))
         for fmt, p in whole.items():
             s = session(p, threads)
             runs[("<model>", fmt)] = (s, {s.get_inputs()[0].name: example.numpy()})
@@ -519,7 +557,7 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
             fmts = measured[r.name]
             offered = [*fmts, *SAME_KERNEL]  # the W8A8 kernel's other weight widths
             chain: dict[Pair, dict[Pair, float]] = {}
-            u = r.input_layer
+            u = r.input_layer if (r.input_layer, r.name) in pairs else None
             if u is not None:
                 shared = _reads_elsewhere(node_of[u], node_of[r.name])
                 for (v, fu, fv) in pair_paths:
@@ -532,14 +570,15 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
                     chain.setdefault(fv, {})[fu] = delta / 2 if shared and fu == fv == INT8 else delta
                 chain = {own: {after: chain[_kernel_of(own)][_kernel_of(after)] for after in [*measured[u], *SAME_KERNEL]}
                          for own in offered}
-            wbytes = {f: _weight_bytes(paths[(r.name, _kernel_of(f))]) for f in offered}
-            packed = _weight_bytes(packed_paths[r.name])
+            matmul = r.kind is LayerKind.MATMUL  # no parameters: no weight bytes, nothing packed
+            wbytes = {f: 0 if matmul else _weight_bytes(paths[(r.name, _kernel_of(f))]) for f in offered}
+            packed = 0 if matmul else _weight_bytes(packed_paths[r.name])
             layers.append(LayerProfile(
                 name=r.name, signature=LayerSignature.of(r),
                 measured_ms={f: times[(r.name, _kernel_of(f))].median_ms for f in offered},
                 spread={f: _spread(times[(r.name, _kernel_of(f))].samples) for f in offered},
                 weight_bytes=wbytes, packed_bytes={**wbytes, **dict.fromkeys(SAME_KERNEL, packed)},
-                packed_ms=times[("<packed>", r.name)].median_ms,
+                packed_ms=None if matmul else times[("<packed>", r.name)].median_ms,
                 after=u if chain else None, chain_ms=chain))
     cmd = command if command is not None else " ".join(shlex.quote(a) for a in sys.argv)
     return HardwareProfile(model=model_name, input=tuple(example.shape[1:]), batch=int(example.shape[0]),

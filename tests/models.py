@@ -145,3 +145,20 @@ class UntraceableNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.gate(self.conv(x)).mean((2, 3)))
+
+
+class TinyAttention(nn.Module):
+    """One self-attention block on 4 tokens of width 8 (qkv and proj Linear, q @ k^T and attn @ v matmuls) and a
+    linear head on the mean token; input 4x8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = (q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(dim=-1)
+        x = x + self.proj(attn @ v)
+        return self.head(x.mean(dim=1))

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import PlainCNN
+from models import PlainCNN, TinyAttention
 
 import fxmpq
+from fxmpq.hardware import LayerKind
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"uniform", "fxmpq", "hessian", "random-1", "random-2", "random-3", "inverted"}  # bench_policy's
@@ -133,6 +134,24 @@ def test_profile_hw_smoke_writes_a_measured_hardware_file(tmp_path):
     assert a.cost({n: (8, 8) for n in a.names})["latency"] > 0
     bad = _tool("profile_hw.py", "small_resnet", "--input", "1x16", "--out", str(tmp_path / "x.toml"), cwd=tmp_path)
     assert bad.returncode == 1 and "error:" in bad.stderr
+
+
+def test_profile_hw_times_the_attention_matmuls(tmp_path):
+    """Attention's two matmuls are timed alone in every format (W8A8 as MatMulIntegerToFloat, W8A16, float) and
+    priced in the file, with no weight bytes; the file offers them float."""
+    out = tmp_path / "hw.toml"
+    proc = _tool("profile_hw.py", "models:TinyAttention", "--input", "4x8", "--repeats", "3", "--quiet", "--out",
+                 str(out), cwd=tmp_path, tiny_models=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    hw = fxmpq.load_hardware(out)
+    assert LayerKind.MATMUL in hw.float_kinds
+    a = fxmpq.analyze(TinyAttention(), torch.randn(1, 4, 8), hardware=out)
+    matmuls = [m for m in a.layers if m.kind is LayerKind.MATMUL]
+    assert [m.name for m in matmuls] == ["matmul", "matmul#1"]
+    for m in matmuls:
+        assert set(m.costs) == {(2, 8), (4, 8), (8, 8), (8, 16), (None, None)}
+        assert all(c["latency"] > 0 and c["bytes"] == 0 for c in m.costs.values())
+        assert not m.chain_costs
 
 
 def test_bench_measured_smoke(tmp_path):
