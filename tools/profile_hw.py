@@ -4,7 +4,8 @@
 
 MODEL is a torchvision name, a fxmpq.models name or package.module:function (with --model-kwargs JSON). Every
 quantizable layer is exported alone by fxmpq (W8A8, which ONNX Runtime fuses to QLinearConv; W8A16, uint16 Q/DQ
-around a float conv; float; weight-only 2/4/8-bit MatMulNBits for linear layers; W4A8 packed, widened) and timed
+around a float conv; float; weight-only 2/4/8-bit MatMulNBits for linear layers; W4A8 packed, widened; an
+attention matmul as a two-input model, W8A8 being MatMulIntegerToFloat) and timed
 with the model's real shapes, `R` repeats after warm-up (median), `N` intra-op threads, one inter-op thread,
 sequential execution; so is every pair of layers run back to back, in each combination of formats (their
 `chain`: what the conversions between them cost run together rather than alone); the whole model in float and at
