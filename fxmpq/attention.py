@@ -11,6 +11,8 @@ Three spellings hide them from a plain trace, and each is opened here:
   shape-specializing tracer, which `fxmpq.trace` falls back to).
 - `F.scaled_dot_product_attention` (timm, Hugging Face's sdpa attention, fxmpq.models.vit) is one fused call;
   `decompose_sdpa` rewrites it into softmax(q @ k^T * scale + mask) @ v, what the ONNX export emits anyway.
+- `torch.einsum` of two tensors that is a batched matrix product (torchvision's MaxViT: "BGHID,BGHJD->BGHIJ") is
+  one call the matcher cannot read; `decompose_einsum` rewrites it into permute, matmul, permute.
 The matmuls then become MATMUL layers (fxmpq.matcher), their two operands quantized.
 """
 
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import _symbolic_trace
 
-__all__ = ["TRACED_THROUGH", "decompose_sdpa", "mha_forward", "mha_supported", "traced_through"]
+__all__ = ["TRACED_THROUGH", "EinsumMatmul", "decompose_einsum", "decompose_sdpa", "einsum_as_matmul", "mha_forward",
+           "mha_supported", "traced_through"]
 
 # functions libraries register with torch.fx.wrap that hold attention's layers: traced through by fxmpq.trace
 TRACED_THROUGH = ("shifted_window_attention",)
@@ -118,6 +122,114 @@ def decompose_sdpa(gm: fx.GraphModule) -> int:
                 attn = g.call_function(F.dropout, (attn,), {"p": float(p), "training": True})
             out = g.call_function(torch.matmul, (attn, v))
         for n in set(g.nodes) - before:  # the matmuls are named after the module that called the attention
+            n.meta.update({key: val for key, val in node.meta.items() if key in ("nn_module_stack", "stack_trace")})
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        done += 1
+    if done:
+        gm.recompile()
+    return done
+
+
+@dataclass(frozen=True)
+class EinsumMatmul:
+    """A two-operand einsum as a batched matmul: `a` permuted by `perm_a` is (batch..., m..., k...), `b` permuted by
+    `perm_b` is (batch..., k..., n...); the m, k and n groups are flattened to one dimension each, multiplied, the
+    m and n groups unflattened to `m_sizes`, `n_sizes`, and the product (batch..., m..., n...) permuted by
+    `perm_out` is the einsum's output."""
+
+    perm_a: tuple[int, ...]
+    perm_b: tuple[int, ...]
+    perm_out: tuple[int, ...]
+    batch: int
+    m_sizes: tuple[int, ...]
+    k: int
+    n_sizes: tuple[int, ...]
+
+
+def einsum_as_matmul(equation: str, shape_a: Sequence[int], shape_b: Sequence[int]) -> EinsumMatmul | None:
+    """How a two-operand einsum with operands of these shapes is a batched matmul, or None when it is not one
+    (every letter in both operands and the output: batch; in one operand and the output: m or n; in both
+    operands only: contracted; at least one of each of the last three, no letter twice in one term, a "..."
+    only leading in all three terms)."""
+    eq = equation.replace(" ", "")
+    if eq.count("->") != 1:
+        return None
+    ins, out = eq.split("->")
+    parts = ins.split(",")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    if "..." in eq:  # leading in all three: as many batch letters as `a` has dimensions beyond its letters
+        if not all(t.startswith("...") and t.count("...") == 1 for t in (a, b, out)):
+            return None
+        extra = len(shape_a) - (len(a) - 3)
+        if extra < 0 or extra != len(shape_b) - (len(b) - 3):
+            return None
+        free = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq][:extra]
+        a, b, out = ("".join(free) + t[3:] for t in (a, b, out))
+    if (len(a), len(b)) != (len(shape_a), len(shape_b)) or any(len(set(t)) != len(t) for t in (a, b, out)):
+        return None
+    batch = [c for c in out if c in a and c in b]
+    m = [c for c in a if c not in b and c in out]
+    n = [c for c in b if c not in a and c in out]
+    k = [c for c in a if c in b and c not in out]
+    if not (m and n and k) or set(a) != {*batch, *m, *k} or set(b) != {*batch, *k, *n} or set(out) != {*batch, *m, *n}:
+        return None
+    prod = batch + m + n
+    return EinsumMatmul(tuple(a.index(c) for c in batch + m + k), tuple(b.index(c) for c in batch + k + n),
+                        tuple(prod.index(c) for c in out), len(batch), tuple(shape_a[a.index(c)] for c in m), len(k),
+                        tuple(shape_b[b.index(c)] for c in n))
+
+
+def decompose_einsum(gm: fx.GraphModule) -> int:
+    """Rewrite every torch.einsum of two computed tensors that is a batched matmul (`einsum_as_matmul`) into
+    permute, flatten, torch.matmul, unflatten, permute (the identities left out); how many. Needs shapes in
+    node.meta."""
+    g = gm.graph
+    done = 0
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target is not torch.einsum or not node.args \
+                or not isinstance(node.args[0], str) or node.kwargs:
+            continue
+        ops = node.args[1:]
+        if len(ops) == 1 and isinstance(ops[0], list | tuple):
+            ops = tuple(ops[0])
+        metas = [o.meta.get("tensor_meta") if isinstance(o, fx.Node) else None for o in ops]
+        if len(ops) != 2 or any(m is None or not hasattr(m, "shape") for m in metas) \
+                or any(o.op == "get_attr" for o in ops):  # a parameter operand is a weight, not a matmul layer
+            continue
+        em = einsum_as_matmul(node.args[0], tuple(metas[0].shape), tuple(metas[1].shape))
+        if em is None:
+            continue
+        before = set(g.nodes)
+        nb, nm, nn_ = em.batch, len(em.m_sizes), len(em.n_sizes)
+
+        def call(method: str, x: fx.Node, *args: Any) -> fx.Node:
+            return g.call_method(method, (x, *args))
+
+        with g.inserting_before(node):
+            x, y = ops
+            if list(em.perm_a) != sorted(em.perm_a):
+                x = call("permute", x, *em.perm_a)
+            if nm > 1:
+                x = call("flatten", x, nb, nb + nm - 1)
+            if em.k > 1:
+                x = call("flatten", x, nb + 1, nb + em.k)
+            if list(em.perm_b) != sorted(em.perm_b):
+                y = call("permute", y, *em.perm_b)
+            if em.k > 1:
+                y = call("flatten", y, nb, nb + em.k - 1)
+            if nn_ > 1:
+                y = call("flatten", y, nb + 1, nb + nn_)
+            out = g.call_function(torch.matmul, (x, y))
+            if nn_ > 1:
+                out = call("unflatten", out, -1, em.n_sizes)
+            if nm > 1:
+                out = call("unflatten", out, nb, em.m_sizes)
+            if list(em.perm_out) != sorted(em.perm_out):
+                out = call("permute", out, *em.perm_out)
+        for n in set(g.nodes) - before:  # the matmul is named after the module that called einsum
             n.meta.update({key: val for key, val in node.meta.items() if key in ("nn_module_stack", "stack_trace")})
         node.replace_all_uses_with(out)
         g.erase_node(node)

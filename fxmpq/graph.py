@@ -18,7 +18,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from .attention import decompose_sdpa, mha_forward, mha_supported, traced_through
+from .attention import decompose_einsum, decompose_sdpa, mha_forward, mha_supported, traced_through
 from .capture import ShapeTracer, fold_rank_checks, substitute_constants
 from .dead_code import eliminate_dead_code
 from .errors import ArgumentError, ExportError, TraceError, first_line
@@ -161,7 +161,7 @@ def trace(
     module_batch_norms(gm, tracer.root)
     _propagate(gm, inputs, model)
     fold_rank_checks(gm)
-    if decompose_sdpa(gm):  # attention's matmuls as layers; their shapes too
+    if decompose_sdpa(gm) + decompose_einsum(gm):  # attention's matmuls as layers; their shapes too
         _propagate(gm, inputs, model)
     find_layers(gm)
     return gm

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxmpq
+from fxmpq.attention import einsum_as_matmul
 from fxmpq.hardware import LayerKind
 from fxmpq.models.vit import small_vit
 from fxmpq.record import records
@@ -121,6 +122,69 @@ def test_scaled_dot_product_attention_is_decomposed_with_the_same_values(mode: s
     gm = fxmpq.trace(m, x)
     assert not any(n.target is F.scaled_dot_product_attention for n in gm.graph.nodes)
     assert [r.kind for _, r in records(gm)] == [LayerKind.LINEAR, LayerKind.MATMUL, LayerKind.MATMUL]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+class _Einsum(nn.Module):
+    def __init__(self, equations: tuple[str, str]):
+        super().__init__()
+        self.equations = equations
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4).unbind(0)  # (batch, heads, tokens, 8)
+        attn = torch.einsum(self.equations[0], q, k).softmax(-1)
+        return torch.einsum(self.equations[1], attn, v)
+
+
+@pytest.mark.parametrize("equations", [
+    ("B H I D, B H J D -> B H I J", "B H I J, B H J D -> B H I D"),  # MaxViT's spelling
+    ("...id,...jd->...ij", "...ij,...jd->...id"),
+    ("bhid,bhjd->bhij", "bhij,bhjd->bihd"),  # the product's output in another order
+    ("bhid,bhjd->bij", "bij,bhjd->bhid"),  # two contracted letters (h, d), then two n letters (h, d)
+])
+def test_an_einsum_that_is_a_batched_matmul_becomes_a_matmul_layer(equations: tuple[str, str]) -> None:
+    torch.manual_seed(0)
+    m = _Einsum(equations).eval()
+    x = torch.randn(2, 5, 16)
+    gm = fxmpq.trace(m, x)
+    assert not any(n.target is torch.einsum for n in gm.graph.nodes)
+    assert [r.kind for _, r in records(gm)] == [LayerKind.LINEAR, LayerKind.MATMUL, LayerKind.MATMUL]
+    assert _coverage(gm, x) == pytest.approx(1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("equation", ["bij,bjk", "bij,bjk->bk", "bii,bij->bij", "bij,bkj->bikj", "ij,jk,kl->il"])
+def test_an_einsum_that_is_not_one_batched_matmul_is_left_alone(equation: str) -> None:
+    assert einsum_as_matmul(equation, (2, 3, 3), (2, 3, 3)) is None
+    em = einsum_as_matmul("bjk,bij->bki", (2, 3, 4), (2, 5, 3))  # a^T b^T, the product transposed
+    assert (em.perm_a, em.perm_b, em.perm_out, em.m_sizes, em.k, em.n_sizes) == ((0, 2, 1), (0, 2, 1), (0, 1, 2),
+                                                                                 (4,), 1, (5,))
+
+
+class _MultiQuery(nn.Module):
+    """timm's MultiQueryAttention2d: one key and value for all heads, "bnhk,bmk->bnhm" (m and n groups)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv = nn.Linear(16, 32), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x).unflatten(-1, (4, 8))  # (b, n, heads, 8)
+        k, v = self.kv(x).chunk(2, dim=-1)  # (b, m, 8)
+        attn = torch.einsum("bnhk,bmk->bnhm", q, k).softmax(-1)
+        return torch.einsum("bnhm,bmv->bnhv", attn, v).flatten(2)
+
+
+def test_an_einsum_with_several_letters_per_group_becomes_one_matmul() -> None:
+    torch.manual_seed(0)
+    m = _MultiQuery().eval()
+    x = torch.randn(2, 5, 16)
+    gm = fxmpq.trace(m, x)
+    assert [r.kind for _, r in records(gm)] == [LayerKind.LINEAR, LayerKind.LINEAR, LayerKind.MATMUL, LayerKind.MATMUL]
+    assert _coverage(gm, x) == pytest.approx(1.0)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-6)
 
