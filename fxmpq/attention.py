@@ -151,7 +151,7 @@ def einsum_as_matmul(equation: str, shape_a: Sequence[int], shape_b: Sequence[in
     """How a two-operand einsum with operands of these shapes is a batched matmul, or None when it is not one
     (every letter in both operands and the output: batch; in one operand and the output: m or n; in both
     operands only: contracted; at least one of each of the last three, no letter twice in one term, a "..."
-    only leading in all three terms)."""
+    only leading in all three terms, and an operand's first dimension not in an m or n group of several)."""
     eq = equation.replace(" ", "")
     if eq.count("->") != 1:
         return None
@@ -176,6 +176,8 @@ def einsum_as_matmul(equation: str, shape_a: Sequence[int], shape_b: Sequence[in
     k = [c for c in a if c in b and c not in out]
     if not (m and n and k) or set(a) != {*batch, *m, *k} or set(b) != {*batch, *k, *n} or set(out) != {*batch, *m, *n}:
         return None
+    if (len(m) > 1 and a[0] in m) or (len(n) > 1 and b[0] in n):
+        return None  # unflattening would fix an operand's first dimension (the batch) at the example's size
     prod = batch + m + n
     return EinsumMatmul(tuple(a.index(c) for c in batch + m + k), tuple(b.index(c) for c in batch + k + n),
                         tuple(prod.index(c) for c in out), len(batch), tuple(shape_a[a.index(c)] for c in m), len(k),

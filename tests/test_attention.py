@@ -159,6 +159,8 @@ def test_an_einsum_that_is_a_batched_matmul_becomes_a_matmul_layer(equations: tu
 @pytest.mark.parametrize("equation", ["bij,bjk", "bij,bjk->bk", "bii,bij->bij", "bij,bkj->bikj", "ij,jk,kl->il"])
 def test_an_einsum_that_is_not_one_batched_matmul_is_left_alone(equation: str) -> None:
     assert einsum_as_matmul(equation, (2, 3, 3), (2, 3, 3)) is None
+    # timm's relative positions: the batch b would be unflattened at its example size
+    assert einsum_as_matmul("byhwc,hkc->byhwk", (2, 3, 4, 4, 8), (4, 5, 8)) is None
     em = einsum_as_matmul("bjk,bij->bki", (2, 3, 4), (2, 5, 3))  # a^T b^T, the product transposed
     assert (em.perm_a, em.perm_b, em.perm_out, em.m_sizes, em.k, em.n_sizes) == ((0, 2, 1), (0, 2, 1), (0, 1, 2),
                                                                                  (4,), 1, (5,))
