@@ -84,6 +84,15 @@ _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attenti
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
+def _replace(g: fx.Graph, node: fx.Node, new: set[fx.Node], out: fx.Node) -> None:
+    """Replace `node` by `out`, computed by the `new` nodes, which take its module stack: the matmuls among them
+    are named after the module that called the attention."""
+    for n in new:
+        n.meta.update({key: val for key, val in node.meta.items() if key in ("nn_module_stack", "stack_trace")})
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+
+
 def decompose_sdpa(gm: fx.GraphModule) -> int:
     """Rewrite every F.scaled_dot_product_attention call into softmax(q @ k^T * scale + mask) @ v (dropout
     kept); how many. Needs shapes in node.meta (the scale defaults to 1/sqrt of q's last size). Calls with
@@ -121,10 +130,7 @@ def decompose_sdpa(gm: fx.GraphModule) -> int:
             if p:
                 attn = g.call_function(F.dropout, (attn,), {"p": float(p), "training": True})
             out = g.call_function(torch.matmul, (attn, v))
-        for n in set(g.nodes) - before:  # the matmuls are named after the module that called the attention
-            n.meta.update({key: val for key, val in node.meta.items() if key in ("nn_module_stack", "stack_trace")})
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
+        _replace(g, node, set(g.nodes) - before, out)
         done += 1
     if done:
         gm.recompile()
@@ -231,10 +237,7 @@ def decompose_einsum(gm: fx.GraphModule) -> int:
                 out = call("unflatten", out, nb, em.m_sizes)
             if list(em.perm_out) != sorted(em.perm_out):
                 out = call("permute", out, *em.perm_out)
-        for n in set(g.nodes) - before:  # the matmul is named after the module that called einsum
-            n.meta.update({key: val for key, val in node.meta.items() if key in ("nn_module_stack", "stack_trace")})
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
+        _replace(g, node, set(g.nodes) - before, out)
         done += 1
     if done:
         gm.recompile()
