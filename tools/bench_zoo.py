@@ -119,7 +119,7 @@ def smallest_input(model: torch.nn.Module) -> tuple[int, dict[int, str]]:
     raise RuntimeError(f"no input size in {SIZES} works; at {SIZES[-1]}: {tried[SIZES[-1]]}")
 
 
-def run_one(name: str, samples: int, progress: Path | None = None) -> dict[str, Any]:
+def run_one(name: str, samples: int, progress: Path | None = None, batch: int = 4) -> dict[str, Any]:
     """All stages for one model; a failing stage ends the row with its reason.
 
     With `progress`, the row is written there after every stage, so that a process killed mid-way (out of
@@ -164,7 +164,8 @@ def run_one(name: str, samples: int, progress: Path | None = None) -> dict[str, 
         # batches of 4: at the smallest inputs the last stages are 1x1, and with 2 samples a 2-bit pass gives
         # BatchNorm channels of zero variance whose 1/sqrt(eps) compounds to inf over the blocks (RegNet);
         # random weights still give gradients up to 1e20 (EfficientNet, DenseNet), so the norm is clipped
-        data = [(torch.randn(4, 3, size, size, generator=g), torch.randint(0, classes, (4,), generator=g))
+        row["batch"] = batch
+        data = [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g))
                 for _ in range(2)]
         ind = stage("indicators", lambda: fxmpq.train_indicators(q, data, epochs=1, max_steps=2, progress=False,
                                                                  clip_grad_norm=1.0))
@@ -272,13 +273,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="which zoo (default torchvision; timm and hf need the bench extra)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per model (default 1800)")
     ap.add_argument("--samples", type=int, default=16, help="random inputs for the ONNX Runtime check")
+    ap.add_argument("--batch", type=int, default=4,
+                    help="batch of the two indicator-training steps (default 4; 2 halves their activations' memory)")
     ap.add_argument("--redo", action="store_true", help="run models again even when a result exists")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # the per-model child process
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     if args.one:
         args.out.mkdir(parents=True, exist_ok=True)
-        row = run_one(args.one, args.samples, args.out / f"{args.one}.partial.json")
+        row = run_one(args.one, args.samples, args.out / f"{args.one}.partial.json", args.batch)
         (args.out / f"{args.one}.json").write_text(json.dumps(row, indent=1, default=str))
         return 0
     default = {"torchvision": classification_models, "timm": lambda: [f"timm:{n}" for n in TIMM_MODELS],
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t = time.time()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--out", str(args.out),
-               "--samples", str(args.samples)]
+               "--samples", str(args.samples), "--batch", str(args.batch)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
             if not result.is_file():  # the child died (a crash, out of memory): record why and where
