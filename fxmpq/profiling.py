@@ -19,9 +19,10 @@ would be). The file's constant, the rest of the model, is the all-float model mi
 chains); one factor on the W8A8 values then makes the all-W8A8 prediction equal its measurement (both calibration
 points and the factor are in the file's comments).
 
-About 580 lines: the measurement and the hardware file it writes (HardwareProfile.to_toml, with its comments and
-provenance) are kept together because the file's every value and comment is one measured quantity; the timing
-itself is fxmpq/measure.py, the file's schema fxmpq/hardware.py.
+About 500 lines: the measurement and the hardware file it writes (HardwareProfile.to_toml, with its comments and
+provenance) are kept together because the file's every value and comment is one measured quantity; the models
+it times are built by fxmpq/profile_models.py, the timing itself is fxmpq/measure.py, the file's schema
+fxmpq/hardware.py.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from .deploy import deployable
@@ -56,15 +56,14 @@ from .hardware import (
     loads_hardware,
     pair_name,
 )
-from .matcher import layer_input, weight_arg
 from .measure import TimingOptions, cpu_name, runtime_name, session, time_sessions
-from .passes.patterns import is_nonnegative
+from .profile_models import one_layer_module, pair_module, reads_elsewhere
 from .record import LayerRecord, records
 from .stages import analyze, apply_policy, prepare
 from .storage import initializer_bytes
 
 __all__ = ["A16", "INT8", "ORT_FORMATS", "SAME_KERNEL", "WEIGHT_ONLY", "HardwareProfile", "LayerProfile",
-           "one_layer_module", "ort_target", "pair_module", "profile_model"]
+           "ort_target", "profile_model"]
 
 INT8: Pair = (8, 8)
 A16: Pair = (8, 16)  # 16-bit activations: DequantizeLinear -> float op -> QuantizeLinear(uint16) on ORT's CPU provider
@@ -98,106 +97,6 @@ def ort_target() -> HardwareSpec:
     kernel), A16W8 (float conv between uint16 Q/DQ), float, and weight-only 2/4/8-bit linear layers (MatMulNBits);
     no pins (a pin would only take float away from the first and last layer)."""
     return loads_hardware(_TARGET, "ort_cpu (profiling target)")
-
-
-class _OneMatmul(nn.Module):
-    """A matmul of two inputs (a @ b); an operand the model shows non-negative (a softmax) goes through a ReLU first,
-    so that it gets the same unsigned quantizer (and ONNX Runtime the same u8 kernel) as in the model."""
-
-    def __init__(self, a_nonnegative: bool, b_nonnegative: bool):
-        super().__init__()
-        self.a_nonnegative, self.b_nonnegative = a_nonnegative, b_nonnegative
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(a.relu() if self.a_nonnegative else a, b.relu() if self.b_nonnegative else b)
-
-
-class _OneLayer(nn.Module):
-    """A module holding one layer (`self.layer`), so that the layer is the model's only quantizable op, and the
-    BatchNorm after it when it has one (folded by the lowering, as in the whole model)."""
-
-    def __init__(self, layer: nn.Module, bn: nn.Module | None = None):
-        super().__init__()
-        self.layer = layer
-        self.bn = bn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.layer(x)
-        return self.bn(y) if self.bn is not None else y
-
-
-def _bn_after(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The BatchNorm module call that is `node`'s only user (the lowering folds it into the layer), or None."""
-    users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_module":
-        if isinstance(gm.get_submodule(users[0].target), nn.BatchNorm1d | nn.BatchNorm2d):
-            return users[0]
-    return None
-
-
-def one_layer_module(model: nn.Module, rec: LayerRecord, bn: nn.Module | None = None,
-                     nonnegative: tuple[bool, bool] = (False, False)) -> nn.Module:
-    """A plain nn.Conv*/nn.Linear with `rec`'s options and a copy of its weights (module or functional call),
-    followed by a copy of `bn` when given; for a matmul, a two-input matmul (`nonnegative`: which of its operands
-    the model shows non-negative)."""
-    if rec.kind is LayerKind.MATMUL:
-        return _OneMatmul(*nonnegative).eval()
-    if not rec.weight:
-        raise ArgumentError(f"layer {rec.name}: its weight is computed in forward, so it cannot be profiled alone "
-                            f"(tools/profile_hw.py); price the model with a formula-based hardware file")
-    weight = model.get_parameter(rec.weight).detach().clone()
-    bias = model.get_parameter(rec.bias).detach().clone() if rec.bias is not None else None
-    if rec.conv is None:
-        layer: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    else:
-        c = rec.conv
-        cls = {1: nn.Conv1d, 2: nn.Conv2d}[c.dim]
-        layer = cls(weight.shape[1] * c.groups, weight.shape[0], tuple(weight.shape[2:]), stride=c.stride,
-                    padding=c.padding, dilation=c.dilation, groups=c.groups, bias=bias is not None,
-                    padding_mode=c.padding_mode)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return _OneLayer(layer, copy.deepcopy(bn) if bn is not None else None).eval()
-
-
-def pair_module(gm: fx.GraphModule, producer: fx.Node, consumer: fx.Node) -> fx.GraphModule:
-    """The two layers `producer` -> `consumer` of `gm`, the ops between them (BN, ReLU, reshapes) and the consumer's
-    BatchNorm, as a model of their own reading the producer's input."""
-    between = []
-    x = layer_input(consumer)
-    while x is not producer:
-        between.append(x)
-        x = x.args[0]
-    g = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {layer_input(producer): g.placeholder("x")}
-
-    def arg(a: fx.Node) -> fx.Node:
-        if a not in env:
-            if a.op != "get_attr":
-                raise ArgumentError(f"layers {producer.name} -> {consumer.name}: node {a.format_node()} between them "
-                                    f"reads another value")
-            env[a] = g.node_copy(a)
-        return env[a]
-
-    bn = _bn_after(gm, consumer)
-    last = bn if bn is not None else consumer
-    for n in [producer, *reversed(between), consumer, *([bn] if bn is not None else [])]:
-        env[n] = g.node_copy(n, arg)
-    g.output(env[last])
-    return fx.GraphModule(gm, g).eval()
-
-
-def _reads_elsewhere(producer: fx.Node, consumer: fx.Node) -> bool:
-    """Whether the producer's output (through the ops up to the consumer) is also read by something else."""
-    x = layer_input(consumer)
-    path = []
-    while x is not producer:
-        path.append(x)
-        x = x.args[0]
-    chain = {producer, *path}
-    return any(u not in chain and u is not consumer for n in chain for u in n.users)
 
 
 def _lowered(module: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], fmt: Pair | Sequence[Pair], path: Path,
@@ -508,18 +407,14 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
         # W4A8 packed: its bytes, and widened its time (a matmul has no weight to pack)
         jobs += [(r, SAME_KERNEL[-1], "packed") for r in recs if r.kind is not LayerKind.MATMUL]
         pair_jobs = [(u, v, fu, fv) for u, v in pairs for fu in measured[u] for fv in measured[v]]
+        timed_pairs = set(pairs)
         bar = tqdm(total=len(jobs) + len(pair_jobs), desc="export", unit="model", disable=not progress,
                    file=sys.stderr)
         packed_paths: dict[str, Path] = {}
         for i, (r, fmt, storage) in enumerate(jobs):
             x = _random(_input_shapes(r), torch.Generator().manual_seed(i))
             tag = _tag(fmt) + ("_packed" if storage == "packed" else "")
-            node = node_of[r.name]
-            bn = _bn_after(gm, node)
-            signs = ((is_nonnegative(gm, layer_input(node)), is_nonnegative(gm, weight_arg(node)))
-                     if r.kind is LayerKind.MATMUL else (False, False))
-            one = one_layer_module(model, r, gm.get_submodule(bn.target) if bn is not None else None, signs)
-            p = _lowered(one, x, fmt, d / f"layer{i:03d}_{tag}.onnx", hw, storage)
+            p = _lowered(one_layer_module(gm, node_of[r.name]), x, fmt, d / f"layer{i:03d}_{tag}.onnx", hw, storage)
             if storage == "packed":
                 packed_paths[r.name] = p
             else:
@@ -557,9 +452,9 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
             fmts = measured[r.name]
             offered = [*fmts, *SAME_KERNEL]  # the W8A8 kernel's other weight widths
             chain: dict[Pair, dict[Pair, float]] = {}
-            u = r.input_layer if (r.input_layer, r.name) in pairs else None
+            u = r.input_layer if (r.input_layer, r.name) in timed_pairs else None
             if u is not None:
-                shared = _reads_elsewhere(node_of[u], node_of[r.name])
+                shared = reads_elsewhere(node_of[u], node_of[r.name])
                 for (v, fu, fv) in pair_paths:
                     if v != r.name:
                         continue

@@ -161,7 +161,7 @@ def run_one(name: str, samples: int, progress: Path | None = None, batch: int = 
         row.update(layers=len(a.layers), searchable=len(a.searchable), macs=sum(m.macs for m in a.layers),
                    switchable_bn=sum(s.batchnorm is not None for s in q.sites.values()))
         g = torch.Generator().manual_seed(0)
-        # batches of 4: at the smallest inputs the last stages are 1x1, and with 2 samples a 2-bit pass gives
+        # batches of 4 by default (--batch): at the smallest inputs the last stages are 1x1, and with 2 samples a 2-bit pass gives
         # BatchNorm channels of zero variance whose 1/sqrt(eps) compounds to inf over the blocks (RegNet);
         # random weights still give gradients up to 1e20 (EfficientNet, DenseNet), so the norm is clipped
         row["batch"] = batch
