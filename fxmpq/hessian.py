@@ -122,7 +122,9 @@ def hessian_indicators(
                 break
             x, y = split_batch(batch, i, qmodel.example_shapes, what="hessian_indicators",
                                classes=qmodel.classes if loss_fn is F.cross_entropy else None)
-            inputs = tuple(t.to(dev) for t in x)
+            # the model's input may be a searchable layer's activation (an unpinned first layer): its Hessian
+            # needs the gradient with respect to the input itself
+            inputs = tuple(t.to(dev).detach().requires_grad_() if t.is_floating_point() else t.to(dev) for t in x)
             try:
                 out = qmodel(*inputs)
             except Exception as e:

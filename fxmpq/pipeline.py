@@ -122,13 +122,14 @@ def accuracy(model: nn.Module, data: Any, *, device: str | torch.device | None =
     model.eval()
     correct = total = 0
     try:
-        for i, batch in enumerate(data):
-            if max_batches is not None and i >= max_batches:
-                break
-            inputs, y = split_batch(batch, i, class_targets=True)
-            out = model(*(x.to(dev) for x in inputs))
-            correct += int((out.argmax(-1).cpu() == y).sum())
-            total += int(y.numel())
+        with torch.no_grad():  # evaluation only: no autograd graph to build or keep
+            for i, batch in enumerate(data):
+                if max_batches is not None and i >= max_batches:
+                    break
+                inputs, y = split_batch(batch, i, class_targets=True)
+                out = model(*(x.to(dev) for x in inputs))
+                correct += int((out.argmax(-1).cpu() == y).sum())
+                total += int(y.numel())
     finally:
         model.train(was)
     if total == 0:

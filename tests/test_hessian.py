@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from _quant_models import FunctionalNet, TinyNet, random_batches
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxmpq
+import fxmpq.hardware_specs
 from fxmpq.hessian import hessian_indicators, mse_step, quantization_error
 
 
@@ -64,6 +67,18 @@ def test_weight_indicators_fall_with_the_bits_and_everything_is_restored() -> No
         assert all(v > 0 for v in ind.act[n].values())
     res = fxmpq.search(q.analysis, ind, fxmpq.Budget.uniform(3, 3), alpha=1.0)
     assert res.optimal
+
+
+def test_a_searchable_first_layer_gets_an_activation_indicator(tmp_path: Path) -> None:
+    """Unpinned, the first layer's input quantizer reads the model's input, which needs a gradient of its own."""
+    hw = (Path(fxmpq.hardware_specs.__file__).parent / "bitops.toml").read_text()
+    path = tmp_path / "unpinned.toml"
+    path.write_text(hw.replace("first_layer = true", "first_layer = false").replace("last_layer = true", "last_layer = false"))
+    torch.manual_seed(0)
+    q = fxmpq.prepare(TinyNet(), torch.randn(2, 3, 8, 8), hardware=str(path), bits=(2, 3, 4))
+    first = q.searchable_names[0]
+    ind = hessian_indicators(q, random_batches(2), batches=1, probes=1)
+    assert first in ind.layers and ind.act[first][2] > ind.act[first][4] > 0
 
 
 def test_functional_layers_and_bad_input() -> None:

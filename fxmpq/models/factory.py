@@ -14,7 +14,7 @@ from ..errors import ModelSpecError, brief, first_line
 
 __all__ = ["build_model", "parse_model_kwargs", "resolve_factory"]
 
-_OURS = ("mobilenet_v1", "small_mobilenet", "small_resnet", "small_vit", "vit_like")
+_OURS = ("mobilenet_v1", "mobilenet_v2_small", "resnet20", "small_mobilenet", "small_resnet", "small_vit", "vit_like")
 
 
 def resolve_factory(spec: str) -> Callable[..., nn.Module]:
@@ -34,10 +34,19 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
         return obj
     import torchvision
 
-    from . import mobilenet_v1, small_mobilenet, small_resnet, small_vit, vit_like
+    from . import (
+        mobilenet_v1,
+        mobilenet_v2_small,
+        resnet20,
+        small_mobilenet,
+        small_resnet,
+        small_vit,
+        vit_like,
+    )
 
-    ours = {"mobilenet_v1": mobilenet_v1, "small_mobilenet": small_mobilenet, "small_resnet": small_resnet,
-            "small_vit": small_vit, "vit_like": vit_like}
+    ours = {"mobilenet_v1": mobilenet_v1, "mobilenet_v2_small": mobilenet_v2_small, "resnet20": resnet20,
+            "small_mobilenet": small_mobilenet, "small_resnet": small_resnet, "small_vit": small_vit,
+            "vit_like": vit_like}
     if spec in ours:
         return ours[spec]
     names = torchvision.models.list_models()
