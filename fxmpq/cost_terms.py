@@ -190,19 +190,19 @@ class Term:
         if entry is None:
             raise HardwareSpecError(
                 f"{self.origin}.layers: no entry for layer {layer.name!r} ({LayerSignature.of(layer)}): the file "
-                f"was measured on another model; profile this one (tools/profile_hw.py)")
+                f"was measured on another model; profile this one (fxmpq profile)")
         found = LayerSignature.of(layer)
         if entry.signature != found:
             raise HardwareSpecError(
                 f"{self.origin}.layers.{_key(layer.name)}: measured on {entry.signature}, but this model's layer is "
                 f"{found}: the file was profiled on another model or input shape; profile this one "
-                f"(tools/profile_hw.py)")
+                f"(fxmpq profile)")
         if entry.after is not None and entry.after != layer.input_layer:
             reads = f"reads layer {layer.input_layer!r}" if layer.input_layer else "reads no layer back to back"
             raise HardwareSpecError(
                 f"{self.origin}.layers.{_key(layer.name)}.after: measured reading layer {entry.after!r} back to back, "
                 f"but in this model it {reads}: the file was profiled on another model; profile this one "
-                f"(tools/profile_hw.py)")
+                f"(fxmpq profile)")
         return entry
 
     def chain_delta(self, layer: Layer, fmt: Pair, after: Pair) -> float:

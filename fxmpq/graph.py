@@ -389,17 +389,41 @@ def input_hint(model: nn.Module, inputs: Sequence[Any]) -> str:
 
 
 class NodeFailure(Exception):
-    """A node failed while the graph ran node by node; the original exception is the cause."""
+    """A node failed while the graph ran node by node; the original exception is the cause. `where` names what a
+    user knows: the module (its path and type) the node calls or sits in; None when the node is at the top level."""
 
-    def __init__(self, node: fx.Node):
+    def __init__(self, node: fx.Node, where: str | None = None):
         super().__init__(node.format_node())
         self.node = node
+        self.where = where
 
     def describe(self) -> str:
-        """'node conv1 (%conv1 = call_module[...]): RuntimeError: <first line of the cause>'."""
+        """'module stem.0 (Conv2d) (graph node %stem_0 = call_module[...]): RuntimeError: <first line of the cause>',
+        or 'node add (%add = call_function[...]): ...' for a node outside any module."""
         e = self.__cause__
-        return (f"node {self.node.name} ({self.node.format_node()}): {type(e).__name__}: "
-                f"{first_line(e) if e is not None else ''}")
+        cause = f"{type(e).__name__}: {first_line(e) if e is not None else ''}"
+        if self.where is None:
+            return f"node {self.node.name} ({self.node.format_node()}): {cause}"
+        return f"{self.where} (graph node {self.node.format_node()}): {cause}"
+
+
+def _module_of(gm: nn.Module, n: fx.Node) -> str | None:
+    """'module stem.0 (Conv2d)' for a call_module node; 'relu in module layer1.0 (BasicBlock)' for an operation
+    traced inside a module's forward (torch.fx's nn_module_stack); None when neither is known."""
+    if n.op == "call_module" and isinstance(n.target, str):
+        try:
+            return f"module {n.target} ({type(gm.get_submodule(n.target)).__name__})"
+        except AttributeError:
+            return f"module {n.target}"
+    stack = n.meta.get("nn_module_stack") or {}
+    if n.op in ("call_function", "call_method") and stack:
+        path, kind = list(stack.values())[-1]
+        if not path:  # the model itself: a top-level operation
+            return None
+        kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+        what = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        return f"{what} in module {path} ({kind.rsplit('.', 1)[-1]})"
+    return None
 
 
 class _NodeByNode(fx.Interpreter):
@@ -411,7 +435,7 @@ class _NodeByNode(fx.Interpreter):
         except NodeFailure:
             raise
         except Exception as e:
-            raise NodeFailure(n) from e
+            raise NodeFailure(n, _module_of(self.module, n)) from e
 
 
 class _ShapeProp(_NodeByNode):

@@ -8,7 +8,6 @@ metrics and their terms, per-layer tables, [provenance]); splitting it further w
 from __future__ import annotations
 
 import logging
-import math
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -159,7 +158,7 @@ class HardwareSpec:
                                                                else "")
                     raise HardwareSpecError(
                         f"{t.origin}.layers: entries for {len(extra)} layer(s) this model does not have ({shown}): "
-                        f"the file was measured on another model; profile this one (tools/profile_hw.py)")
+                        f"the file was measured on another model; profile this one (fxmpq profile)")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -246,13 +245,9 @@ Offer = Callable[[Iterable[LayerKind]], tuple[Pair, ...]]  # the formats the tar
 def _parse_term(t: Table, offer: Offer) -> Term:
     ttype = enum_value(t, "type", TermType, "term type")
     scale = number(t, "scale", 1.0)
-    if not math.isfinite(scale) or scale < 0:
-        raise t.fail("scale", f"expected a finite non-negative number, found {scale!r}")
     kwargs: dict[str, Any] = {"origin": t.where()}
     if ttype is TermType.CONSTANT:  # once per model: no kinds, no layers
-        value = float(t.take("value", float))
-        if not math.isfinite(value):
-            raise t.fail("value", f"expected a finite number, found {value!r}")
+        value = number(t, "value", negative=True)
         t.finish()
         return Term(type=ttype, scale=scale, value=value, **kwargs)
     if ttype is TermType.LAYER_TABLE:  # the layers say their own kinds
@@ -280,7 +275,7 @@ def _parse_term(t: Table, offer: Offer) -> Term:
                                      f"it reads")
         t.finish()
         # a measured table prices the kinds it has entries of; a layer of another kind (a matmul in a file
-        # written before tools/profile_hw.py timed them: its float time is in the file's constant) costs 0 here
+        # written before fxmpq profile timed them: its float time is in the file's constant) costs 0 here
         return Term(type=ttype, scale=scale, layers=MappingProxyType(entries),
                     kinds=frozenset(e.signature.kind for e in entries.values()), **kwargs)
     kinds_raw = t.take("kinds", list, None)
@@ -300,10 +295,7 @@ def _parse_term(t: Table, offer: Offer) -> Term:
         values = {}
         for key in vt.data:
             pair = _parse_pair_key(vt, key)
-            v = number(vt, key)
-            if not math.isfinite(v) or v < 0:
-                raise vt.fail(key, f"expected a finite non-negative number, found {v!r}")
-            values[pair] = v
+            values[pair] = number(vt, key)
         vt.finish()
         needed = offer(kinds)
         missing = [_spell(p) for p in needed if p not in values]
@@ -340,9 +332,7 @@ def _parse_layer_entry(e: Table, offer: Offer) -> LayerEntry:
             chain[pair] = {}
             for k2 in inner.data:
                 p2 = _parse_pair_key(inner, k2)
-                v = float(inner.take(k2, float))
-                if not math.isfinite(v):
-                    raise inner.fail(k2, f"expected a finite number, found {v!r}")
+                v = number(inner, k2, negative=True)
                 chain[pair][p2] = v
             inner.finish()
         ct.finish()
@@ -355,9 +345,7 @@ def _parse_layer_entry(e: Table, offer: Offer) -> LayerEntry:
         if key != FLOAT_KEY and not re.fullmatch(r"[0-9]+[xX](?:[0-9]+|float)", key):
             continue  # left for finish() to name as an unknown key
         pair = _parse_pair_key(e, key)
-        v = float(e.take(key, float))
-        if not math.isfinite(v) or v < 0:
-            raise e.fail(key, f"expected a finite non-negative number, found {v!r}")
+        v = number(e, key)
         values[pair] = v
     e.finish()
     needed = offer({kind})
@@ -500,9 +488,15 @@ def load_hardware(name_or_path: str | Path | HardwareSpec) -> HardwareSpec:
     text_path = str(name_or_path)
     p = Path(text_path)
     if p.suffix == ".toml" or p.exists() or "/" in text_path or "\\" in text_path:
+        if p.is_dir():
+            raise HardwareSpecError(f"{text_path}: is a directory, not a hardware description file (.toml)")
         if not p.is_file():
             raise HardwareSpecError(f"{text_path}: no such hardware description file")
-        raw = p.read_bytes()
+        try:
+            raw = p.read_bytes()
+        except OSError as e:
+            raise HardwareSpecError(f"{text_path}: cannot read the hardware description file "
+                                    f"({e.strerror or type(e).__name__})") from None
         file = str(p)
     else:
         ref = resources.files(_PACKAGE) / f"{text_path}.toml"

@@ -196,7 +196,7 @@ def quantize(
     `indicator_data` feeds indicator training when given (each joint step costs len(bits) + 1 passes, so a subset
     of `data` is often enough); fine-tuning always uses `data`. `model_factory` ("package.module:function", a
     torchvision or fxmpq.models name) and `model_kwargs` are recorded in the checkpoints, so that
-    `tools/lower.py <work_dir>` can rebuild the model later.
+    `fxmpq lower <work_dir>` can rebuild the model later.
     """
     if isinstance(model, nn.Module):
         refuse_quantized(model, "quantize")

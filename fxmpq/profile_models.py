@@ -1,4 +1,4 @@
-"""The small models tools/profile_hw.py times: one layer of a captured model alone (a matmul as a two-input model),
+"""The small models `fxmpq profile` times: one layer of a captured model alone (a matmul as a two-input model),
 and two layers run back to back with the ops between them (fxmpq.profiling exports and times them)."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def one_layer_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
         return _OneMatmul(is_nonnegative(gm, layer_input(node)), is_nonnegative(gm, weight_arg(node))).eval()
     if not rec.weight:
         raise ArgumentError(f"layer {rec.name}: its weight is computed in forward, so it cannot be profiled alone "
-                            f"(tools/profile_hw.py); price the model with a formula-based hardware file")
+                            f"(fxmpq profile); price the model with a formula-based hardware file")
     weight = gm.get_parameter(rec.weight).detach().clone()
     bias = gm.get_parameter(rec.bias).detach().clone() if rec.bias is not None else None
     if rec.conv is None:

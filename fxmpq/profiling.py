@@ -231,7 +231,7 @@ class HardwareProfile:
         q = json.dumps
         desc = (f"ONNX Runtime CPU, {self.model} {shape} batch {self.batch}, {self.threads} thread(s), measured on "
                 f"{self.cpu}")
-        source = f"tools/profile_hw.py on {self.date}: {self.runtime}, {self.cpu}"
+        source = f"fxmpq profile on {self.date}: {self.runtime}, {self.cpu}"
         latency_desc = f"measured ONNX Runtime latency, {self.threads} thread(s), batch {self.batch}"
         notes = (f"whole model all float {self.float_model_ms:.4f} ms, all W8A8 {self.int8_model_ms:.4f} ms "
                  f"(layers alone and chains {self.int8_predicted_ms:.4f} ms; W8A8 scale {self.int8_scale:.4f})")
@@ -240,7 +240,7 @@ class HardwareProfile:
         n_chains = sum(1 for lp in self.layers if lp.chain_ms)
         lines = [
             f"# ONNX Runtime CPU latency of {self.model} at {shape}, batch {self.batch}, {self.threads} thread(s),",
-            "# measured by tools/profile_hw.py (fxmpq.profiling): every quantizable layer exported alone by fxmpq",
+            "# measured by fxmpq profile (fxmpq.profiling): every quantizable layer exported alone by fxmpq",
             "# (prepare, apply_policy in each format, lower) and timed in ONNX Runtime; the two whole models",
             "# (all layers float, all W8A8) timed in the same interleaved rounds.",
             f"#   command: {self.command}",
@@ -315,7 +315,7 @@ class HardwareProfile:
         lines += [
             "",
             "[provenance]",
-            'tool = "tools/profile_hw.py"',
+            'tool = "fxmpq profile"',
             f"command = {q(self.command)}",
             f"date = {q(self.date)}",
             f"model = {q(self.model)}",

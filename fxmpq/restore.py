@@ -12,7 +12,7 @@ from torch import nn
 
 from . import models
 from .checkpoint import join_state, load_checkpoint
-from .errors import CheckpointError, FxmpqError, ModelSpecError
+from .errors import CheckpointError, FxmpqError, ModelSpecError, PolicyError
 from .pipeline import FINETUNE_CKPT, INDICATORS_CKPT
 from .policy import Policy
 from .quant_model import QuantModel
@@ -68,7 +68,7 @@ def load_quantized(
     spec = model_spec or _first(meta, _FACTORY_KEYS)
     if not isinstance(spec, str):
         raise CheckpointError(f"{where}: no model factory recorded; give one (package.module:function, "
-                              f"tools/lower.py --model)")
+                              f"fxmpq lower --model)")
     kwargs = model_kwargs if model_kwargs is not None else meta.get("model_kwargs") or {}
     if not isinstance(kwargs, Mapping):
         raise CheckpointError(f"{where}: model_kwargs must be an object, found {type(kwargs).__name__}")
@@ -78,7 +78,7 @@ def load_quantized(
         shape = shape[0]
     if not shape:
         raise CheckpointError(f"{where}: no example input shape recorded; give one (such as 1x3x224x224, "
-                              f"tools/lower.py --input)")
+                              f"fxmpq lower --input)")
     example = torch.randn(*[int(d) for d in shape])
     policy = meta.get("policy")
     if not isinstance(policy, dict) or not policy:
@@ -103,10 +103,13 @@ def load_quantized(
                     per_channel=bool(per_channel), act_bits=tuple(act_bits) if act_bits else None)
     except FxmpqError as e:
         raise CheckpointError(f"{where}: cannot rebuild model {spec}: {' '.join(str(e).split())}") from None
-    if has_output_q:
-        apply_policy(q, pol)
-    else:  # fine-tuned after set_policy only: load, then fix and add output quantizers (initialised on data)
-        q.set_policy(pol)
+    try:
+        if has_output_q:
+            apply_policy(q, pol)
+        else:  # fine-tuned after set_policy only: load, then fix and add output quantizers (initialised on data)
+            q.set_policy(pol)
+    except PolicyError as e:
+        raise CheckpointError(f"{where}: its policy does not fit model {spec}: {' '.join(str(e).split())}") from None
     target = q.state_dict()
     if set(state) != set(target):
         # a state saved from the QuantModel itself or from its graph module
@@ -121,8 +124,10 @@ def load_quantized(
                               f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})")
     try:
         q.load_state_dict(state, strict=True)
-    except (RuntimeError, FxmpqError) as e:
-        raise CheckpointError(f"{where}: weights do not fit model {spec}: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, FxmpqError) as e:  # torch's first line is a heading; the mismatches follow it
+        lines = [x.strip().rstrip(".") for x in str(e).splitlines() if x.strip()]
+        detail = "; ".join(lines[1:3]) + ("; ..." if len(lines) > 3 else "") if len(lines) > 1 else str(e)
+        raise CheckpointError(f"{where}: weights do not fit model {spec}: {detail}") from None
     if not has_output_q:
         log.warning("%s: checkpoint has no output quantizers (fine-tuned without apply_policy); adding them, "
                     "initialised on random inputs", where)
@@ -135,8 +140,9 @@ def _finetune_hint(ckpt: Path) -> str:
     ft = ckpt.parent / FINETUNE_CKPT
     if ft.is_file():
         return f"lower the fine-tuning checkpoint {ft} instead"
-    return (f"lower the fine-tuning checkpoint instead ({ft} once fine-tuning ran: fxmpq.quantize(work_dir=...) "
-            f"or fxmpq.finetune(checkpoint=...) after the search)")
+    return (f"lower the fine-tuning checkpoint instead ({ft} once fine-tuning ran: fxmpq finetune ... --joint "
+            f"{ckpt.parent} --out {ckpt.parent} after fxmpq search, or fxmpq quantize --work-dir; in Python "
+            f"fxmpq.quantize(work_dir=...) or fxmpq.finetune(checkpoint=...))")
 
 
 def _factory(spec: str, where: str, kwargs: Mapping[str, Any]) -> Callable[[], nn.Module]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,6 +102,13 @@ class SearchResult:
     def to_json(self, path: str | Path | None = None) -> str:
         """Serialise to JSON; also write it to `path` when given."""
         return dump_json(self.to_dict(), path)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SearchResult:
+        """The inverse of to_dict (the per-layer objective values are not stored: the table leaves them blank);
+        KeyError, TypeError or ValueError (PolicyError for the policy) when `data` is not one."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"policy", "layer_values"}
+        return cls(policy=Policy.from_json(json.dumps(data["policy"])), **{k: data[k] for k in names if k in data})
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Used by the hardware schema (fxmpq/hardware.py); errors are HardwareSpecError, t
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -65,13 +66,18 @@ def _type_name(t: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(x, x.__name__) for x in ts)
 
 
-def number(t: Table, key: str, default: Any = _MISSING) -> float:
-    """A TOML number as a float; an integer too large for a float is refused naming the key, like a wrong type."""
+def number(t: Table, key: str, default: Any = _MISSING, *, negative: bool = False) -> float:
+    """A TOML number as a finite float (non-negative unless `negative`); an integer too large for a float, inf,
+    nan or a refused sign is a HardwareSpecError naming the key, like a wrong type."""
     value = t.take(key, float, default)
+    expected = f"expected a finite{'' if negative else ' non-negative'} number"
     try:
-        return float(value)
+        x = float(value)
     except OverflowError:
-        raise t.fail(key, f"expected a finite non-negative number, found {brief(value)}") from None
+        raise t.fail(key, f"{expected}, found {brief(value)}") from None
+    if not math.isfinite(x) or (x < 0 and not negative):
+        raise t.fail(key, f"{expected}, found {x!r}")
+    return x
 
 
 E = TypeVar("E", bound=enum.Enum)

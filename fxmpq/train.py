@@ -502,7 +502,7 @@ def finetune(
     loss is the KL divergence to the teacher's soft output (softmax over the last dim) instead of `loss_fn`. Checkpoints carry what a tool needs to rebuild the model:
     candidate bits, the policy, the per-layer quantizer state, the hardware name and path, the example input
     shapes, `model_factory` ("package.module:function" or a torchvision/fxmpq.models name, stored as given)
-    and `model_kwargs` (JSON-able keyword arguments for it), so that tools/lower.py rebuilds the model.
+    and `model_kwargs` (JSON-able keyword arguments for it), so that `fxmpq lower` rebuilds the model.
     With `cosine`, the learning rate decays from `lr` to 0 along a half cosine over the run's steps. Other arguments as in
     `train_indicators`.
     """

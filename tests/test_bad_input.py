@@ -72,6 +72,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
     bitops = (ROOT / "hardware" / "bitops.toml").read_text()
     put("huge_scale.toml", bitops.replace('type = "bitops"', 'type = "bitops", scale = 1' + "0" * 400, 1))
     put("unknown_key.toml", bitops.replace("[target]", "[target]\ncolour = 'blue'", 1))
+    measured = (ROOT / "hardware" / "ort_cpu_resnet18.toml").read_text()
+    put("huge_table.toml", re.sub(r'"8x8" = [0-9.]+', '"8x8" = 1' + "0" * 400, measured, count=1))
+    (d / "hw_folder.toml").mkdir()
+    out["hw_folder.toml"] = d / "hw_folder.toml"
     put("a_file", "not a folder")
     # indicators of TinyNet (good), and of another model (foreign: different layer names)
     torch.manual_seed(0)
@@ -156,6 +160,10 @@ API_CASES = [
          ("huge_scale.toml", "scale")),
     Case("hw-unknown-key", lambda c: fxmpq.load_hardware(c[F]["unknown_key.toml"]), HardwareSpecError,
          ("target", "'colour'")),
+    Case("hw-layer-table-int-overflows-float", lambda c: fxmpq.load_hardware(c[F]["huge_table.toml"]),
+         HardwareSpecError, ("huge_table.toml", "metrics.latency.terms[1].layers.conv1.8x8", "finite")),
+    Case("hw-a-directory", lambda c: fxmpq.load_hardware(c[F]["hw_folder.toml"]), HardwareSpecError,
+         ("hw_folder.toml", "is a directory")),
     Case("hw-text-not-str", lambda c: loads_hardware(3.5), HardwareSpecError, ("float",)),
     # budgets
     Case("budget-ratio-below-1", lambda c: Budget.parse("c0.5"), BudgetError, ("c0.5", "below 1")),
@@ -219,7 +227,7 @@ API_CASES = [
          ("class indices",)),
     # example inputs and models
     Case("example-wrong-shape", lambda c: fxmpq.prepare(TinyNet(), torch.randn(2, 5, 8, 8)), TraceError,
-         ("node conv1", "5 channels")),
+         ("module conv1 (Conv2d)", "%conv1", "5 channels")),
     Case("example-uint8", lambda c: fxmpq.prepare(TinyNet(), torch.zeros(2, 3, 8, 8, dtype=torch.uint8)),
          TraceError, ("uint8", "floating point")),
     Case("example-float64", lambda c: fxmpq.analyze(PlainCNN(), torch.randn(2, 3, 16, 16, dtype=torch.float64)),

@@ -575,3 +575,13 @@ def test_every_measured_term_error_names_file_and_key_path(path, value, message)
     with pytest.raises(HardwareSpecError) as exc:
         _load(_measured(path, value))
     assert str(exc.value) == message
+
+
+@pytest.mark.parametrize("path", ["metrics.latency.terms[1].layers.conv1.8x8", "metrics.latency.terms[0].value",
+                                  "metrics.latency.terms[1].layers.conv2.chain.8x8.float"])
+def test_an_integer_too_large_for_a_float_names_file_and_key_path(path):
+    """10**400 is a valid TOML integer that float() refuses (OverflowError): a HardwareSpecError naming the key."""
+    with pytest.raises(HardwareSpecError) as exc:
+        _load(_measured(path, 10**400))
+    assert str(exc.value).startswith(f"t.toml: {path}: expected a finite "), str(exc.value)
+    assert str(exc.value).endswith("found an integer of about 401 digits")

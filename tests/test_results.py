@@ -39,6 +39,16 @@ def test_json_writes_the_status_string(case, tmp_path) -> None:
     assert data["limits"] == res.limits and data["n_vars"] == res.n_vars
 
 
+def test_from_dict_reads_back_what_to_dict_wrote(case) -> None:
+    a, ind, res = case
+    back = fxmpq.SearchResult.from_dict(json.loads(res.to_json()))
+    assert back == dataclasses.replace(res, layer_values={})  # per-layer objective values are not stored
+    assert back.status is SearchStatus.OPTIMAL
+    assert back.table(a, ind).splitlines()[-1] == res.table(a, ind).splitlines()[-1]
+    with pytest.raises(KeyError):
+        fxmpq.SearchResult.from_dict({"objective": 1.0})
+
+
 def test_table_rows_and_footer(case) -> None:
     a, ind, res = case
     lines = res.table(a, ind).splitlines()

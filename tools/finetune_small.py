@@ -5,7 +5,7 @@
 
 Prints FP32 accuracy, accuracy right after applying the policy (LSQ step sizes initialised from data), after
 fine-tuning, and the ONNX Runtime parity report of the lowered model; the fine-tuning checkpoint and the ONNX
-model land in --out (tools/lower.py can lower the checkpoint again).
+model land in --out (`fxmpq lower OUT` lowers the checkpoint again).
 """
 
 from __future__ import annotations

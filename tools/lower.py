@@ -1,76 +1,18 @@
-"""Lower a quantized checkpoint written by fxmpq to a QDQ ONNX model and print its parity report.
+"""A quantized checkpoint written by fxmpq to a checked QDQ ONNX model: `fxmpq lower` under its design-card name.
 
-    python tools/lower.py CHECKPOINT_OR_WORKDIR --out model.onnx [--model pkg.mod:factory]
-        [--model-kwargs JSON] [--input 1x3x224x224] [--repeats 20] [--threads N] [--no-measure]
-        [--storage int8|packed]
-
-The checkpoint is self-describing (model factory, input shape, candidate bits, hardware, policy, weights) and is
-loaded with torch.load(weights_only=True); fxmpq.restore.load_quantized rebuilds the model. Exit status 0 when the
-ONNX model was written and matches PyTorch; otherwise 1 with the reason on one line (2 for a bad option, a missing,
-corrupt or foreign checkpoint, or an indicator-training one: lower the fine-tuning checkpoint). A model that fails the
-check does not replace --out; it is kept beside it as <name>.failed.onnx. The report includes the latency audit:
-the exported model's median latency in ONNX Runtime (threads and batch stated) next to the hardware file's
-prediction, and per layer the kernel ORT ran, its time, and whether it ran as priced. `--storage packed` stores
-weights of at most 4 bits as INT4 initializers (the file follows the policy's size; open it with fxmpq.ort_session
-to run integer kernels).
+    python tools/lower.py CHECKPOINT_OR_WORKDIR --out model.onnx [--storage int8|packed] [--no-measure]
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-import tempfile
-from pathlib import Path
+from collections.abc import Sequence
 
-from fxmpq import models
-from fxmpq.cli import check_count, check_output, fail, parse_shape
-from fxmpq.errors import ArgumentError, CheckpointError, FxmpqError
-from fxmpq.export import export_fp32, lower
-from fxmpq.restore import load_quantized
-from fxmpq.storage import as_storage
+from fxmpq.cli import lower as _command
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", type=Path, help="checkpoint file or work directory written by fxmpq")
-    ap.add_argument("--out", type=Path, required=True, help="ONNX file to write")
-    ap.add_argument("--model", help="model factory 'package.module:function' (overrides the checkpoint's)")
-    ap.add_argument("--model-kwargs", help="JSON keyword arguments for the factory (overrides the checkpoint's)")
-    ap.add_argument("--input", help="input shape such as 1x3x224x224 (overrides the checkpoint's)")
-    ap.add_argument("--samples", type=int, default=64, help="random inputs for the parity check (default 64)")
-    ap.add_argument("--repeats", type=int, default=20, help="timed runs of the exported model (default 20)")
-    ap.add_argument("--threads", type=int, help="ONNX Runtime threads for the timing (default: the hardware "
-                    "file's, else 1)")
-    ap.add_argument("--no-measure", action="store_true", help="skip the latency audit")
-    ap.add_argument("--storage", default="int8", help="weight containers: int8 (default, fused by ONNX Runtime "
-                    "as stored) or packed (<= 4-bit weights as INT4; open with fxmpq.ort_session)")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        check_count(args.samples, "--samples")
-        check_output(args.out, "--out")
-        storage = as_storage(args.storage, "--storage")
-        shape = parse_shape(args.input, batch=True) if args.input else None
-        kwargs = models.parse_model_kwargs(args.model_kwargs) if args.model_kwargs else None
-        q, example, factory = load_quantized(args.checkpoint, args.model, shape, kwargs)
-        rep = lower(q, args.out, example, samples=args.samples, measure=not args.no_measure, repeats=args.repeats,
-                    threads=args.threads, storage=storage)
-        print(rep.table())
-        if rep.layer_timings:
-            print(rep.layer_table())
-        with tempfile.TemporaryDirectory() as d:
-            fp = export_fp32(factory(), Path(d) / "fp32.onnx", example)
-            fp_bytes = fp.stat().st_size
-        print(f"size           {rep.onnx_bytes / 1e6:.3f} MB vs FP32 ONNX {fp_bytes / 1e6:.3f} MB "
-              f"({fp_bytes / rep.onnx_bytes:.2f}x smaller; packed {rep.packed_weight_bytes / 1e6:.3f} MB "
-              f"at the policy's bit-widths)")
-    except (CheckpointError, ArgumentError) as e:
-        return fail(e, 2)
-    except FxmpqError as e:
-        return fail(e, 1)
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    return _command.main(argv, prog="lower.py", label=None)
 
 
 if __name__ == "__main__":

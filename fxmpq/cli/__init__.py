@@ -1,16 +1,22 @@
-"""Helpers the command-line tools share: parsing option values into what the library takes, and one-line errors."""
+"""The installed `fxmpq` command (fxmpq.cli.main) and the helpers its subcommands share: parsing option values into
+what the library takes, one-line errors. One module per subcommand: analyze, profile, train_indicators, search,
+finetune, lower, quantize, report; `data` holds the dataset, bits and weights options several of them take."""
 
 from __future__ import annotations
 
+import argparse
+import functools
 import re
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .atomic import check_writable
-from .errors import ArgumentError
+from ..atomic import check_writable
+from ..errors import ArgumentError
 
-__all__ = ["check_count", "check_output", "fail", "one_line", "parse_shape"]
+__all__ = ["Parser", "check_count", "check_output", "fail", "held_warnings", "one_line", "parse_shape"]
 
 
 def parse_shape(text: str, *, option: str = "--input", batch: bool = False) -> tuple[int, ...]:
@@ -51,3 +57,35 @@ def fail(error: BaseException, code: int, *, prog: str | None = None) -> int:
     """Print "[prog: ]error: <message>" on one line to stderr (never a traceback); returns the exit status `code`."""
     print(f"{prog + ': ' if prog else ''}error: {one_line(error)}", file=sys.stderr)
     return code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr ("<prog>: error: <message> (see <prog> --help)", exit 2)
+    instead of the usage block followed by the message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def held_warnings(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorate a subcommand's `main`: the warnings libraries raise while it runs (torch, torchvision, onnx, on a
+    foreign checkpoint or model, say) are held back. A run that fails prints its one error line alone; one that
+    succeeds (exit status 0, --help included) shows them when it is done."""
+
+    @functools.wraps(main)
+    def run(*args: Any, **kwargs: Any) -> int:
+        code: Any = 1
+        caught: list[warnings.WarningMessage] = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                code = main(*args, **kwargs)
+        except SystemExit as e:  # argparse: --help (0) or a bad option (2)
+            code = e.code or 0
+            raise
+        finally:
+            if code == 0:
+                for w in caught:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        return code
+
+    return run
