@@ -249,3 +249,52 @@ def test_bench_weight_only_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "| FP32 MatMul |" in proc.stdout
     assert all(f"| MatMulNBits {b}-bit, accuracy_level 4 |" in proc.stdout for b in (2, 4, 8))
+
+
+PEER_FREE = {"uniform", "fxmpq", "hessian", "random-1", "random-2", "inverted"}  # bench_peers' without a peer
+
+
+def test_bench_peers_smoke_without_peers(tmp_path):
+    """The side-by-side benchmark's peer-free path: every method priced within its budget, fxmpq's policy
+    exported with parity, the rank study's sources, the report and plot; a second run has nothing to do."""
+    args = ("--smoke", "--nets", "small_mobilenet", "--seeds", "1", "--workers", "1", "--peers", "",
+            "--out", str(tmp_path / "bp"))
+    proc = _tool("bench_peers.py", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "bp/results.json").read_text())
+    plan = res["plan"]
+    main = {e["method"] for e in plan if not (e["method"].startswith("random-") and int(e["method"][7:]) > 2)}
+    assert main == PEER_FREE
+    assert {e["budget"] for e in plan} == {"bitops-w3a3", "bitops-w4a4", "size-w3"}
+    assert all(e["cost"] <= e["limit"] * (1 + 1e-9) for e in plan)
+    runs = {(r["key"], r["seed"]): r for r in res["runs"]}
+    fx = [e for e in plan if e["method"] == "fxmpq"]
+    assert all(runs[(e["key"], 0)]["export"]["passed"] for e in fx)
+    rank = [e for e in plan if e["budget"] == "bitops-w4a4" and e["method"].startswith("random-")]
+    assert len({e["key"] for e in rank}) >= 3 and all(
+        {"LIMPQ objective", "Hessian objective", "joint-model top-1"} <= set(e["pred"]) for e in rank)
+    report = (tmp_path / "bp/results.md").read_text()
+    assert "Rank correlation at bitops-w4a4" in report and "Where fxmpq wins, ties and loses" in report
+    assert (tmp_path / "bp/accuracy_vs_cost_small_mobilenet.png").is_file()
+    again = _tool("bench_peers.py", *args, cwd=tmp_path)
+    assert again.returncode == 0 and ", 0 to do" in again.stdout, again.stdout[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peer", ["aimet", "modelopt"])
+def test_bench_peers_runs_a_peer_when_its_environment_exists(tmp_path, peer):
+    """One peer end to end (its own venv from tools/peers/make_env.sh): its policy is mapped, priced by
+    fxmpq within the budget (or flagged), fine-tuned and exported with parity."""
+    python = Path(os.environ.get(f"FXMPQ_{peer.upper()}_PYTHON", ROOT / f".venv-{peer}" / "bin" / "python"))
+    if not python.is_file():
+        pytest.skip(f"no {peer} environment at {python} (tools/peers/make_env.sh {peer})")
+    proc = _tool("bench_peers.py", "--smoke", "--nets", "small_mobilenet", "--seeds", "1", "--workers", "1",
+                 "--peers", peer, f"--{peer}-python", str(python), "--out", str(tmp_path / "bp"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "bp/results.json").read_text())
+    rows = [e for e in res["plan"] if e["method"] == peer]
+    assert rows, proc.stdout[-3000:]
+    runs = {(r["key"], r["seed"]): r for r in res["runs"]}
+    for e in rows:
+        assert e["cost"] <= e["limit"] * (1 + 1e-9) or e["fits"] is False
+        assert runs[(e["key"], 0)]["export"]["passed"], runs[(e["key"], 0)]["export"]
