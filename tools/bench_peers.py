@@ -262,7 +262,8 @@ def run_peer(peer: str, python: Path, p: Prepared, data_name: str, budget: str, 
     job = {"net": p.net, "net_kwargs": p.kwargs, "fp32": str(p.fp32_path), "data": "digits" if smoke else data_name,
            "data_dir": data_dir, "val": [n_train - (256 if smoke else VAL), n_train], "calib_samples": r.calib,
            "hardware": str(hw), "bits": list(BITS), "budget": limit, "seed": 0, "out": str(folder),
-           "sensitivity_pairs": [list(x) for x in pairs] if pairs else None, "smoke": smoke, "threads": 1}
+           "sensitivity_pairs": [list(x) for x in pairs] if pairs else None, "smoke": smoke, "threads": 1,
+           "phase1_samples": r.calib, "phase2_samples": 64 if smoke else 500}
     (folder / "job.json").write_text(json.dumps(job, indent=1))
     print(f"  [{p.net}] {peer} search at {budget} ...", flush=True)
     t = time.time()
