@@ -20,12 +20,12 @@ METHODS = {"uniform", "fxmpq", "hessian", "random-1", "random-2", "random-3", "i
 STAGES = {"input", "trace", "prepare", "indicators", "search", "apply", "lower", "validate"}  # bench_zoo's
 
 
-def _tool(name: str, *args: str, cwd: Path, tiny_models: bool = False) -> subprocess.CompletedProcess:
+def _tool(name: str, *args: str, cwd: Path, tiny_models: bool = False, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     if tiny_models:  # "models:PlainCNN" names the tests' tiny models
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, str(ROOT / "tools" / name), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_bench_policy_smoke(tmp_path):
@@ -83,6 +83,15 @@ def test_bench_zoo_report_lists_failures(tmp_path):
     assert "[1/3]" not in proc.stdout and text in proc.stdout + "\n"
     assert "2 of 3" in text and "1 with end-to-end parity" in text and "1 (vgg13) faithful at every quantizer" in text
     assert "| ok, amplified (stage by stage 1.00 steps) |" in text and "| alexnet |" in text
+    # a row judged by lower()'s noise-floor criterion shows ONNX Runtime's figure and the floor's side by side
+    faithful = {**ok, "model": "vgg16", "strict_parity": False, "forced_max_steps": 1.0, "max_diff_steps": 13.0,
+                "criterion": "faithful: within PyTorch's own noise floor", "floor_steps": 18.0}
+    (out / "vgg16.json").write_text(json.dumps(faithful))
+    proc = _tool("bench_zoo.py", "--models", "alexnet,vgg16", "--out", str(out), cwd=tmp_path)
+    text = (out / "results.md").read_text()
+    assert proc.returncode == 0 and "1 (vgg16) faithful at every quantizer" in text, proc.stderr[-2000:]
+    assert "no further than PyTorch's own noise floor allows" in text
+    assert "| ok, faithful (ONNX Runtime 13.00 steps, PyTorch's own noise floor 18.00) |" in text
 
 
 def test_bench_search_smoke(tmp_path):
@@ -289,7 +298,8 @@ def test_bench_peers_runs_a_peer_when_its_environment_exists(tmp_path, peer):
     if not python.is_file():
         pytest.skip(f"no {peer} environment at {python} (tools/peers/make_env.sh {peer})")
     proc = _tool("bench_peers.py", "--smoke", "--nets", "small_mobilenet", "--seeds", "1", "--workers", "1",
-                 "--peers", peer, f"--{peer}-python", str(python), "--out", str(tmp_path / "bp"), cwd=tmp_path)
+                 "--peers", peer, f"--{peer}-python", str(python), "--out", str(tmp_path / "bp"), cwd=tmp_path,
+                 timeout=3600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "bp/results.json").read_text())
     rows = [e for e in res["plan"] if e["method"] == peer]

@@ -344,7 +344,9 @@ def plan_net(p: Prepared, args: argparse.Namespace, r: Recipe, hw: Path, data_na
             add(budget, method, res.policy, prep_s + time.perf_counter() - t, limit, metric)
             if budget == RANK_BUDGET and method.startswith("random-"):
                 rank_random.append(res.policy.complete(a))
-        pairs = sorted({pol[n] for pol in rank_random for n in layers}) if budget == RANK_BUDGET else None
+        # the (w, a) pairs the rank study's policies use, for AIMET's phase-1 scores (not in the smoke run: minutes)
+        pairs = (sorted({pol[n] for pol in rank_random for n in layers}) if budget == RANK_BUDGET and not args.smoke
+                 else None)
         for peer in PEERS:
             if peer not in args.peers:
                 continue
