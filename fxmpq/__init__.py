@@ -7,6 +7,7 @@ import logging
 from . import models
 from .analysis import Analysis
 from .budget import Budget
+from .candidates import Candidate, CandidateSet, candidates
 from .deploy import ort_session
 from .errors import (
     ArgumentError,
@@ -33,9 +34,11 @@ from .policy import Policy
 from .quant_model import QuantModel
 from .record import LayerRecord
 from .search import ParetoResult, SearchResult, SearchStatus, pareto, search
+from .sensitivity import measured_indicators
 from .stages import analyze, apply_policy, prepare
 from .storage import Storage
 from .train import TrainStats, finetune, indicators_from_model, train_indicators
+from .verify import verify
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -46,6 +49,8 @@ __all__ = [
     "ArgumentError",
     "Budget",
     "BudgetError",
+    "Candidate",
+    "CandidateSet",
     "CheckpointError",
     "Cleaning",
     "DataError",
@@ -77,11 +82,13 @@ __all__ = [
     "analyze",
     "apply_policy",
     "builtin_hardware",
+    "candidates",
     "finetune",
     "hessian_indicators",
     "indicators_from_model",
     "load_hardware",
     "lower",
+    "measured_indicators",
     "models",
     "ort_session",
     "pareto",
@@ -90,4 +97,5 @@ __all__ = [
     "search",
     "trace",
     "train_indicators",
+    "verify",
 ]

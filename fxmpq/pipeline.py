@@ -16,6 +16,7 @@ from .analysis import Analysis
 from .atomic import check_writable, remove_stale_temps
 from .batches import check_data, split_batch
 from .budget import Budget
+from .candidates import DEFAULT_COUNT, CandidateSet, as_result
 from .devices import as_device
 from .errors import ArgumentError, CheckpointError, DataError, FxmpqError, IndicatorError
 from .export import LowerReport, lower
@@ -25,8 +26,10 @@ from .indicators import Indicators
 from .jsonio import dump_json
 from .policy import Policy
 from .quant_model import QuantModel
-from .search import SearchResult, check_feasible, pareto, search
+from .search import SearchResult, check_feasible, pareto
+from .selection import VerifyOptions, select_policy
 from .stages import apply_policy, prepare
+from .targets import check_goal, parse_goal
 from .train import CHECKPOINT_EVERY, finetune, train_indicators
 from .train_state import Stage, restore_model_state
 
@@ -38,6 +41,7 @@ __all__ = ["QuantizedModel", "accuracy", "quantize"]
 INDICATORS_JSON = "indicators.json"
 INDICATORS_CKPT = "indicators.ckpt"
 SEARCH_JSON = "search.json"
+CANDIDATES_JSON = "candidates.json"
 POLICY_JSON = "policy.json"
 FINETUNE_CKPT = "finetune.pt"
 SUMMARY_JSON = "summary.json"
@@ -59,7 +63,7 @@ def default_bits(hw: HardwareSpec) -> tuple[tuple[int, ...], tuple[int, ...] | N
 
 PLOTS = ("bits_per_layer.png", "indicators.png", "pareto.png")
 MODEL_ONNX = "model.onnx"
-ARTEFACTS = (INDICATORS_JSON, INDICATORS_CKPT, SEARCH_JSON, POLICY_JSON, FINETUNE_CKPT, SUMMARY_JSON, *PLOTS,
+ARTEFACTS = (INDICATORS_JSON, INDICATORS_CKPT, SEARCH_JSON, CANDIDATES_JSON, POLICY_JSON, FINETUNE_CKPT, SUMMARY_JSON, *PLOTS,
              MODEL_ONNX, AUDIT_JSON)
 
 
@@ -78,6 +82,14 @@ class QuantizedModel:
     work_dir: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
     audit: LowerReport | None = None  # the export's report (parity, kernels, measured vs predicted latency)
+    candidates: CandidateSet | None = None  # the verified candidates (None: verification did not run)
+
+    @property
+    def final_drop(self) -> float | None:
+        """FP32 top-1 minus the fine-tuned model's, on the validation data (None without it)."""
+        if self.fp32_accuracy is None or self.accuracy is None:
+            return None
+        return self.fp32_accuracy - self.accuracy
 
     def export(self, path: str | Path | None = None, **kwargs: Any) -> LowerReport:
         """Lower to QDQ ONNX (default: <work_dir>/model.onnx) and check it against PyTorch in ONNX Runtime; with a
@@ -97,20 +109,55 @@ class QuantizedModel:
 
     def report(self) -> str:
         """The per-layer table (bits, indicators, share of each budget metric) and the headline numbers."""
-        lines = [self.search.table(self.analysis, self.indicators), ""]
+        shown = self.search
+        if self.candidates is not None and self.candidates.best is not None:
+            shown = as_result(self.candidates.best, self.search)
+        lines = [shown.table(self.analysis, self.indicators), ""]
         w, a = self.policy.average_bits(self.analysis)
         lines.append(f"average bits of searchable layers: W{w:.2f} A{a:.2f}  (weights by params, activations by MACs)")
-        for metric, total in self.search.totals.items():
-            limit = self.search.limits.get(metric)
+        for metric, total in shown.totals.items():
+            limit = shown.limits.get(metric)
             lim = f" / limit {limit:.4g} ({100 * total / limit:.1f} %)" if limit else ""
             lines.append(f"{metric:>10}: {total:.4g}{lim}")
         lines.append(f"search: {self.search.status}, gap {self.search.gap:.3g}, "
                      f"{1000 * (self.search.solve_time + self.search.build_time):.1f} ms")
+        lines += self._verified_lines()
         if self.fp32_accuracy is not None and self.accuracy is not None:
             lines.append(f"top-1: FP32 {100 * self.fp32_accuracy:.2f} %  ->  quantized {100 * self.accuracy:.2f} %")
+        lines += self._target_lines()
         if self.files:
             lines.append("files: " + ", ".join(f"{k}={v}" for k, v in self.files.items()))
         return "\n".join(lines)
+
+    def _verified_lines(self) -> list[str]:
+        """What verification chose, next to the search's optimum when that was another candidate."""
+        c = self.candidates
+        if c is None or c.best is None:
+            return []
+        best = c.best
+        acc = "-" if best.accuracy is None else f"{100 * best.accuracy:.2f} %"
+        line = (f"verified {sum(x.accuracy is not None for x in c)} of {len(c)} candidate policies on {c.samples} "
+                f"held-out samples (jointly trained model): chose {c.chosen} ({'; '.join(best.sources)}), estimated "
+                f"top-1 {acc}")
+        opt = next((x for x in c if x.policy == self.search.policy), None)
+        if opt is not None and opt is not best and opt.accuracy is not None:
+            line += f"; the search's optimum {100 * opt.accuracy:.2f} %"
+        return [line]
+
+    def _target_lines(self) -> list[str]:
+        """An accuracy target's estimated drop (before fine-tuning) and final drop, side by side."""
+        c = self.candidates
+        if c is None or c.max_drop is None:
+            return []
+        est, final = c.estimated_drop, self.final_drop
+        line = (f"target: drop <= {100 * c.max_drop:.2f} pp; estimated drop {100 * est:.2f} pp (jointly trained "
+                f"model, before fine-tuning)" if est is not None else f"target: drop <= {100 * c.max_drop:.2f} pp")
+        if final is not None:
+            met = final <= c.max_drop + 1e-12
+            line += f"; final drop {100 * final:.2f} pp: " + ("within the target" if met else "MISSES the target")
+        if c.target_met is False:
+            line += " (no candidate was estimated within it: the most accurate was taken)"
+        return [line]
 
 
 @torch.no_grad()
@@ -171,6 +218,9 @@ def quantize(
     export: bool = True,
     checkpoint_every: int | None = CHECKPOINT_EVERY,
     act_bits: Sequence[int] | None = None,
+    verify: int | bool = DEFAULT_COUNT,
+    verify_batches: int | None = None,
+    minimize: str | None = None,
 ) -> QuantizedModel:
     """FP32 model + data + budget -> a fine-tuned mixed-precision QuantModel (LIMPQ), every stage kept.
 
@@ -185,7 +235,16 @@ def quantize(
 
     `budget` is a Budget, a dict of absolute limits, or a string: "w3a4" (no more BitOps than uniform W3A4, the
     paper's 3MP/4MP), "c12.2" (size <= FP32 size / 12.2), "bitops<=9.7G", "size<=4MB", "latency<=12.5" (a
-    metric of the hardware file, in its unit), joined with "&". `bits` are the candidate bit-widths (default: the
+    metric of the hardware file, in its unit), joined with "&"; or an accuracy target, "drop<=1%" (top-1 at most
+    one percentage point below the FP32 model's on `val_data`), alone or with cost limits ("drop<=1%&c8"): the
+    Pareto front of `minimize` (a metric of the hardware, default its first) and the uniform policies are measured
+    on the jointly trained model from the cheapest up, the first within the target is fine-tuned, and the report
+    gives its estimated and its final drop side by side.
+    Verification (with `val_data`, on by default): after the search, up to `verify` (default 16; 0 or False: off)
+    distinct candidate policies within the budget (fxmpq.candidates: optima at several alphas, the ILP's
+    next-best, the largest uniform and near-uniform policies) are measured on the jointly trained model, each on
+    `verify_batches` batches of `val_data` (None: all), and the most accurate is fine-tuned (fxmpq.verify); they
+    are written to <work_dir>/candidates.json, which a re-run with the same settings reuses. `bits` are the candidate bit-widths (default: the
     paper's 2..6 that the hardware runs, else the hardware's own, e.g. 8 for a profiled ONNX Runtime CPU file);
     `act_bits` the activations' own candidates (default: `bits`, or every activation width of a hardware file whose
     activation widths differ from its weight widths, such as an A16W8 / A8W4 NPU target).
@@ -205,7 +264,12 @@ def quantize(
         bits, own_act_bits = default_bits(hw)
         act_bits = own_act_bits if act_bits is None else act_bits
     bits = tuple(bits)
-    budget_obj = Budget.coerce(budget)
+    goal = parse_goal(budget)
+    count = _verify_count(verify)
+    if verify_batches is not None and (isinstance(verify_batches, bool) or not isinstance(verify_batches, int)
+                                       or verify_batches < 1):
+        raise ArgumentError(f"quantize: verify_batches must be None or an integer >= 1, found {verify_batches!r}")
+    metric = check_goal(goal, hw, minimize=minimize, has_val=val_data is not None, verify=count)
     device = as_device(device, "quantize: device")
     example = as_input_tuple(example_inputs)
     wd = _work_dir(work_dir)
@@ -215,7 +279,8 @@ def quantize(
     qmodel = prepare(model, example, hardware=hw, bits=bits, per_channel=per_channel, act_bits=act_bits)
     if device is not None:
         qmodel.to(device)
-    budget_limits = check_feasible(qmodel.analysis, budget_obj, qmodel.all_bits)  # InfeasibleBudget before training
+    budget_limits = ({} if goal.budget is None  # InfeasibleBudget before training
+                     else check_feasible(qmodel.analysis, goal.budget, qmodel.all_bits))
     check_data(model, data, example, "data")
     if indicator_data is not None:
         check_data(model, indicator_data, example, "indicator_data")
@@ -241,14 +306,21 @@ def quantize(
     if ind_path is not None:
         files["indicators"] = ind_path
 
-    # 3. ILP search
-    result = search(qmodel.analysis, indicators, budget_obj, alpha=alpha)
-    policy = result.policy
+    # 3. ILP search; with validation data, candidate policies verified on the jointly trained model
+    chosen = select_policy(qmodel, indicators, goal, VerifyOptions(count, verify_batches, metric), alpha=alpha,
+                           val_data=val_data, fp32_model=model, device=device,
+                           saved=wd / CANDIDATES_JSON if wd is not None else None)
+    result, policy = chosen.search, chosen.policy
     if wd is not None:
         result.to_json(wd / SEARCH_JSON)
+        if chosen.candidates is not None:
+            chosen.candidates.to_json(wd / CANDIDATES_JSON)
+            files["candidates"] = wd / CANDIDATES_JSON
+        else:  # an earlier run's candidates would describe another choice than this policy
+            (wd / CANDIDATES_JSON).unlink(missing_ok=True)
         policy.to_json(wd / POLICY_JSON)
         files["policy"] = wd / POLICY_JSON
-        files.update(_plots(qmodel.analysis, indicators, result, budget_obj, alpha, wd))
+        files.update(_plots(qmodel.analysis, indicators, chosen.chosen, alpha, wd))
 
     # 4. apply the policy (fixes quantizers, adds output quantizers) and fine-tune with LSQ
     apply_policy(qmodel, policy, example)
@@ -268,17 +340,42 @@ def quantize(
 
     out = QuantizedModel(model=qmodel, policy=policy, indicators=indicators, analysis=qmodel.analysis,
                          search=result, example_inputs=example, fp32_accuracy=fp32_acc, accuracy=q_acc,
-                         work_dir=wd, files=files)
+                         work_dir=wd, files=files, candidates=chosen.candidates)
+    if goal.max_drop is not None and out.final_drop is not None and out.final_drop > goal.max_drop + 1e-12:
+        log.warning("the fine-tuned model misses the target %s: final drop %.2f pp (estimated %.2f pp before "
+                    "fine-tuning)", goal, 100 * out.final_drop, 100 * (chosen.candidates.estimated_drop or 0.0))
     if wd is not None:
-        summary = {"budget": str(budget), "limits": budget_limits, "totals": result.totals,
-                   "objective": result.objective, "status": result.status, "fp32_accuracy": fp32_acc,
+        summary = {"budget": str(budget), "limits": budget_limits, "totals": chosen.chosen.totals,
+                   "objective": chosen.chosen.objective, "status": chosen.chosen.status, "fp32_accuracy": fp32_acc,
                    "accuracy": q_acc, "average_bits": policy.average_bits(qmodel.analysis)}
+        if chosen.candidates is not None:
+            c = chosen.candidates
+            summary["verified"] = {"candidates": len(c), "chosen": c.chosen, "sources": list(c.best.sources),
+                                   "estimated_accuracy": c.best.accuracy, "samples": c.samples}
+            if c.max_drop is not None:
+                summary["target"] = {"max_drop": c.max_drop, "metric": c.metric, "estimated_drop": c.estimated_drop,
+                                     "final_drop": out.final_drop, "estimated_within": c.target_met,
+                                     "final_within": None if out.final_drop is None
+                                     else out.final_drop <= c.max_drop + 1e-12}
         dump_json(summary, wd / SUMMARY_JSON)
         if export:  # 5. lower and audit (parity, kernels, measured latency)
             rep = out.export(check=False)
             if not rep.passed:
                 log.warning("the exported model does not match PyTorch within tolerance (see %s)", wd / AUDIT_JSON)
     return out
+
+
+def _verify_count(verify: Any) -> int:
+    """quantize()'s `verify` as a number of candidates (True: the default 16; False or 0: off); ArgumentError
+    otherwise."""
+    if verify is True:
+        return DEFAULT_COUNT
+    if verify is False:
+        return 0
+    if not isinstance(verify, int) or verify < 0:
+        raise ArgumentError(f"quantize: verify must be a number of candidate policies >= 0 (0 or False: off) or "
+                            f"True, found {verify!r}")
+    return verify
 
 
 def _work_dir(work_dir: str | Path | None) -> Path | None:
@@ -316,8 +413,8 @@ def _resume_joint_state(qmodel: QuantModel, ckpt: Path) -> None:
     """Put `qmodel` where indicator training left it (weights, BatchNorm statistics, step sizes), as an
     uninterrupted run fine-tunes from it; quantizers off, as train_indicators leaves them."""
     if not ckpt.is_file():
-        log.warning("%s is missing: fine-tuning starts from the FP32 weights, not from the joint-training state "
-                    "(an uninterrupted run starts from the latter)", ckpt)
+        log.warning("%s is missing: verification measures and fine-tuning starts from the FP32 weights, not from "
+                    "the joint-training state (an uninterrupted run uses the latter)", ckpt)
         return
     try:
         restore_model_state(qmodel, ckpt, Stage.INDICATORS)
@@ -328,7 +425,7 @@ def _resume_joint_state(qmodel: QuantModel, ckpt: Path) -> None:
     log.info("joint-training state read from %s", ckpt)
 
 
-def _plots(analysis: Analysis, indicators: Indicators, result: SearchResult, budget: Budget, alpha: float,
+def _plots(analysis: Analysis, indicators: Indicators, result: SearchResult, alpha: float,
            wd: Path) -> dict[str, Path]:
     """Bits per layer, indicators per layer and bit, and the BitOps Pareto curve with the chosen point."""
     from .report import plot_bits, plot_indicators, plot_pareto

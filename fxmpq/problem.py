@@ -339,6 +339,20 @@ class Problem:
         """(metric row of each limit, the limits as an array) in the order of `limits`."""
         return [self.metrics.index(k) for k in limits], np.array(list(limits.values()), dtype=np.float64)
 
+    def selection(self, policy: Policy) -> np.ndarray | None:
+        """The columns (one per unit, in unit order) that make `policy`; None when some unit does not keep its
+        layers' combination (a choice the solver can never return, so no cut is needed to exclude it)."""
+        sel = np.empty(len(self.units), dtype=np.int64)
+        offset = 0
+        for u, unit in enumerate(self.units):
+            want = np.array([_code(policy[n]) for n in unit.layers])
+            hit = np.flatnonzero(np.all(unit.choices == want[None], axis=(1, 2)))
+            if not len(hit):
+                return None
+            sel[u] = offset + int(hit[0])
+            offset += len(unit.obj)
+        return sel
+
     def policy(self, sel: np.ndarray) -> tuple[Policy, dict[str, float]]:
         """The complete policy (pinned included) and per-layer objective values of one column per unit."""
         bits, values = {}, {}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .budget import Budget
-from .errors import ArgumentError, BudgetError, FxmpqError
+from .errors import ArgumentError, BudgetError, FxmpqError, InfeasibleBudget
 from .indicators import Cleaning, Indicators
 from .problem import Problem, infeasible_budget
 from .results import ParetoResult, SearchResult, SearchStatus
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TIME_LIMIT", "ParetoResult", "SearchResult", "SearchStatus", "check_feasible", "pareto", "search"]
+__all__ = ["DEFAULT_TIME_LIMIT", "ParetoResult", "SearchResult", "SearchStatus", "check_feasible", "pareto", "ranked",
+           "search", "solve_problem"]
 
 DEFAULT_TIME_LIMIT = 60.0  # seconds per solve; real networks prove their optimum in milliseconds (docs/RESULTS.md)
 
@@ -56,8 +57,46 @@ def search(
     limits = Budget.coerce(budget).resolve(analysis)
     _check_time_limit(time_limit)
     prob = Problem.from_indicators(analysis, indicators, alpha, weight_only, clean)
-    res, _ = _solve(prob, limits, time_limit)
+    res, _ = solve_problem(prob, limits, time_limit)
     return replace(res, solve_time=time.perf_counter() - t0 - prob.build_time, build_time=prob.build_time)
+
+
+def ranked(
+    analysis: Analysis,
+    indicators: Indicators,
+    budget: Budget | str | Mapping[str, float],
+    count: int,
+    alpha: float = 2.0,
+    *,
+    weight_only: bool = False,
+    clean: Cleaning | str = Cleaning.PAPER,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
+) -> tuple[SearchResult, ...]:
+    """The `count` best distinct policies within `budget`, in order of objective: the optimum, then the next-best.
+
+    The k-th is the optimum once the k-1 before it are excluded by no-good cuts (rows of the same solver, so each
+    is proven: no policy but the earlier ones is better). Fewer come back when fewer policies fit. Exact over the
+    problem's choices: layers that choose together (a shared input quantizer, chain terms) choose among their
+    Pareto-minimal combinations, so a combination worse in the objective and every cost than another is never
+    ranked. Arguments and errors as in `search`, and ArgumentError for a `count` below 1.
+    """
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+        raise ArgumentError(f"count must be an integer >= 1, found {count!r}")
+    limits = Budget.coerce(budget).resolve(analysis)
+    _check_time_limit(time_limit)
+    prob = Problem.from_indicators(analysis, indicators, alpha, weight_only, clean)
+    found: list[SearchResult] = []
+    sels: list[np.ndarray] = []
+    for _ in range(int(count)):
+        try:
+            res, sel = solve_problem(prob, limits, time_limit, exclude=sels)
+        except InfeasibleBudget:
+            if not sels:
+                raise
+            break  # every policy within the budget is ranked
+        found.append(res)
+        sels.append(sel)
+    return tuple(found)
 
 
 def pareto(
@@ -91,14 +130,14 @@ def pareto(
     if low is None:
         low = float(prob.min_totals(prob.unpriced_cols)[k])
     if high is None:
-        free, _ = _solve(prob, {m: v for m, v in base.items() if m != metric}, time_limit)
+        free, _ = solve_problem(prob, {m: v for m, v in base.items() if m != metric}, time_limit)
         high = float(free.totals[metric])
     budgets = tuple(float(x) for x in np.linspace(low, max(high, low), int(points)))
     results, start = [], None
     for b in budgets:
         limits = dict(base)
         limits[metric] = min(b, base.get(metric, math.inf))
-        res, start = _solve(prob, limits, time_limit, start)
+        res, start = solve_problem(prob, limits, time_limit, start)
         results.append(res)
     return ParetoResult(metric, budgets, tuple(results))
 
@@ -149,20 +188,27 @@ def _smallest(prob: Problem, limits: Mapping[str, float]) -> dict[str, float]:
     return {k: float(mins[prob.metrics.index(k)]) for k in limits}
 
 
-def _solve(prob: Problem, limits: dict[str, float], time_limit: float | None,
-           start: np.ndarray | None = None) -> tuple[SearchResult, np.ndarray]:
-    """Solve without prohibitively priced points when some policy fits so, else with them (they stay prices)."""
+def solve_problem(prob: Problem, limits: dict[str, float], time_limit: float | None = DEFAULT_TIME_LIMIT,
+                  start: np.ndarray | None = None, *, exclude: Sequence[np.ndarray] = (),
+                  allowed: np.ndarray | None = None) -> tuple[SearchResult, np.ndarray]:
+    """The optimum of a built Problem within `limits` and its selection (one problem column per unit).
+
+    Solved without prohibitively priced points when some policy fits so, else with them (they stay prices).
+    `exclude` rules out selections (no-good cuts: the next-best policy once these are found); `allowed` (a boolean
+    mask over the problem's columns) restricts the choices, e.g. to a neighbourhood of a uniform policy. Raises
+    InfeasibleBudget when no allowed, unexcluded policy fits.
+    """
     t0 = time.perf_counter()
     kidx, lim = prob.limit_arrays(limits)
     out = None
-    unpriced = prob.unpriced_cols
-    if unpriced is not None and _reachable(prob, unpriced, kidx, lim):
-        out = Solver(prob, unpriced, kidx, lim, time_limit).run(start)
+    every = np.arange(len(prob.obj)) if allowed is None else np.flatnonzero(allowed)
+    unpriced = every[prob.priced[every] == 0]
+    if len(np.unique(prob.col_unit[unpriced])) == len(prob.units) and _reachable(prob, unpriced, kidx, lim):
+        out = Solver(prob, unpriced, kidx, lim, time_limit, exclude).run(start)
     if out is None:  # the budget forces prohibitively priced points
-        all_cols = np.arange(len(prob.obj))
-        if not _reachable(prob, all_cols, kidx, lim):
+        if not _reachable(prob, every, kidx, lim):
             raise infeasible_budget(limits, _smallest(prob, limits), jointly=False)
-        out = Solver(prob, all_cols, kidx, lim, time_limit).run(start)
+        out = Solver(prob, every, kidx, lim, time_limit, exclude).run(start)
         if out is None:
             raise infeasible_budget(limits, _smallest(prob, limits), jointly=True)
     sel = out.sel

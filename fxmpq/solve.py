@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,16 +43,24 @@ class Solver:
     """Solves one multiple-choice knapsack instance exactly: reductions, LP bound, incumbent, DP or HiGHS MIP.
 
     The instance is `prob`'s columns `cols` under the limits `limits` on the metric rows `kidx` (pinned layers'
-    costs are subtracted here). Within each unit, columns weakly dominated in the objective and every limited
+    costs are subtracted here); each selection in `exclude` (problem columns, one per unit) is ruled out by a
+    no-good cut (the next-best policies). Within each unit, columns weakly dominated in the objective and every limited
     metric are dropped first (exact: an optimum survives).
     """
 
     def __init__(self, prob: Problem, cols: np.ndarray, kidx: list[int], limits: np.ndarray,
-                 time_limit: float | None):
+                 time_limit: float | None, exclude: Sequence[np.ndarray] = ()):
         self.p, self.time_limit = prob, time_limit
         self.U = len(prob.units)
         self.b = limits - prob.pinned_cost[kidx]
         raw = prob.cost[np.ix_(kidx, cols)] if kidx else np.zeros((0, len(cols)))
+        self.n_limits = len(kidx)  # the budget's rows; the no-good cuts follow them
+        if len(exclude):
+            # a no-good cut per excluded selection (one problem column per unit): at most U - 1 of its columns.
+            # The cuts are rows like the budget's, so every step below (dominance, bounds, DP, MIP) keeps them
+            cuts = np.array([np.isin(cols, sel) for sel in exclude], dtype=np.float64)
+            raw = np.vstack([raw, cuts])
+            self.b = np.concatenate([self.b, np.full(len(exclude), self.U - 1.0)])
         obj = prob.obj[cols]
         unit = prob.col_unit[cols]
         keep = nondominated_within(unit, np.vstack([obj[None], raw]))
@@ -167,10 +176,13 @@ class Solver:
         return None if out is None else out.sel
 
     def _multipliers(self, lam: np.ndarray) -> np.ndarray:
-        """[M, K] non-negative multipliers: the LP's, each component scaled by a few factors (all combinations)."""
+        """[M, K] non-negative multipliers: the LP's, each budget row's scaled by a few factors (all combinations);
+        the no-good cuts keep the LP's (a grid over them too would grow as 6^cuts)."""
         factors = np.array([0.0, 0.5, 0.8, 1.0, 1.25, 2.0])
-        grids = [lam[k] * factors if lam[k] > 0 else np.zeros(1) for k in range(len(lam))]
-        mesh = np.stack(np.meshgrid(*grids, indexing="ij"), axis=-1).reshape(-1, len(lam))
+        k = self.n_limits
+        grids = [lam[i] * factors if lam[i] > 0 else np.zeros(1) for i in range(k)]
+        mesh = np.stack(np.meshgrid(*grids, indexing="ij"), axis=-1).reshape(-1, k) if k else np.zeros((1, 0))
+        mesh = np.hstack([mesh, np.broadcast_to(lam[k:], (len(mesh), len(lam) - k))])
         return np.unique(mesh, axis=0)
 
     def _enumerate(self, keep: np.ndarray, sel: np.ndarray, r: np.ndarray, L: float,

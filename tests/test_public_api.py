@@ -7,14 +7,14 @@ import inspect
 import fxmpq
 
 EXPECTED = {
-    "Analysis", "ArgumentError", "Budget", "BudgetError", "CheckpointError", "Cleaning", "DataError", "ExportError",
+    "Analysis", "ArgumentError", "Budget", "BudgetError", "Candidate", "CandidateSet", "CheckpointError", "Cleaning", "DataError", "ExportError",
     "FxmpqError", "HardwareSpec", "HardwareSpecError", "IndicatorError", "Indicators", "InfeasibleBudget", "LayerKind",
     "LayerRecord", "LowerReport", "ModelSpecError",
     "ParetoResult", "PassError", "Pins", "Policy", "PolicyError", "QuantModel", "QuantizedModel", "SearchResult",
     "SearchStatus", "Storage",
     "TraceError", "TrainStats", "__version__", "accuracy", "analyze", "apply_policy", "builtin_hardware",
-    "finetune", "hessian_indicators", "indicators_from_model", "load_hardware", "lower", "models", "ort_session", "pareto", "prepare", "quantize",
-    "search", "trace", "train_indicators",
+    "candidates", "finetune", "hessian_indicators", "indicators_from_model", "load_hardware", "lower", "measured_indicators", "models", "ort_session", "pareto", "prepare", "quantize",
+    "search", "trace", "train_indicators", "verify",
 }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,8 @@ from ..datasets import load_digits, load_fashion_mnist, load_small
 from ..errors import ArgumentError, CheckpointError, DataError, ModelSpecError
 from ..models import resolve_factory
 
-__all__ = ["SHIPPED_DATASETS", "DataSpec", "example_batch", "load_dataset", "load_weights", "loader", "parse_bits",
-           "sample_shape"]
+__all__ = ["SHIPPED_DATASETS", "DataSpec", "example_batch", "hold_out", "load_dataset", "load_weights", "loader",
+           "parse_bits", "sample_shape"]
 
 SHIPPED_DATASETS = ("digits", "fashion-mnist", "auto")
 DATASET_HELP = ("digits (scikit-learn's, 1x16x16), fashion-mnist (Debian's dataset-fashion-mnist, 1x28x28), auto "
@@ -55,6 +55,18 @@ def load_dataset(spec: str, limit: int | None = None, *, val_limit: int | None =
     if limit is not None:
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     return DataSpec(spec, dataset, None, None)
+
+
+def hold_out(spec: DataSpec, fraction: float, *, seed: int = 0) -> DataSpec:
+    """`spec` with a seeded random `fraction` of its training samples as the held-out set (--val-fraction), in
+    place of its test split; DataError when either part would be empty."""
+    n = len(spec.train)
+    k = round(n * fraction)
+    if k < 1 or n - k < 1:
+        raise DataError(f"--val-fraction {fraction}: {n} training samples of --dataset {spec.name} leave "
+                        f"{k} held out and {n - k} to train on; both need at least one")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return replace(spec, train=Subset(spec.train, sorted(order[k:])), val=Subset(spec.train, sorted(order[:k])))
 
 
 def sample_shape(spec: DataSpec, given: tuple[int, ...] | None) -> tuple[int, ...]:

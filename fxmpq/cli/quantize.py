@@ -4,10 +4,14 @@
     fxmpq lower runs/q --out runs/q/model.onnx
 
 fxmpq.quantize top to bottom: prepare (trace, cost analysis, fake quantizers), joint indicator training, the ILP
-search under --budget, the policy applied and fine-tuned with LSQ, the export to <work-dir>/model.onnx and its
-audit (parity in ONNX Runtime, integer kernels, measured latency). Every artefact lands in --work-dir
-(indicators.json, policy.json, checkpoints, plots, summary.json, audit.json) and a re-run resumes from what is
-there (a run killed anywhere ends where the uninterrupted one would). Start from trained FP32 weights: --weights
+search under --budget, up to --verify candidate policies measured on the validation data with the jointly trained
+model (the most accurate kept), the policy applied and fine-tuned with LSQ, the export to <work-dir>/model.onnx
+and its audit (parity in ONNX Runtime, integer kernels, measured latency). --budget "drop<=1%" instead asks for
+the cheapest policy (in --minimize, default the hardware's first metric) whose top-1 is at most 1 percentage point
+below FP32: the Pareto front and the uniform policies are measured from the cheapest up. The validation data is
+the dataset's test split, or --val-fraction F of the training samples. Every artefact lands in --work-dir
+(indicators.json, candidates.json, policy.json, checkpoints, plots, summary.json, audit.json) and a re-run resumes
+from what is there (a run killed anywhere ends where the uninterrupted one would). Start from trained FP32 weights: --weights
 (a state_dict), or --fp32-epochs N trains the model first (kept as <work-dir>/fp32.pt). Exit status 0, 2 for bad
 input (checked before any training), 1 when a stage fails or the export does not match PyTorch.
 """
@@ -18,15 +22,27 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from ..budget import Budget
+from torch.utils.data import Subset
+
+from ..candidates import DEFAULT_COUNT
 from ..devices import as_device
 from ..errors import ArgumentError, BudgetError, CheckpointError, DataError, FxmpqError, IndicatorError
 from ..hardware import load_hardware
 from ..models import build_model, parse_model_kwargs
 from ..pipeline import quantize
+from ..targets import check_goal, parse_goal
 from ..train import CHECKPOINT_EVERY
 from . import Parser, check_count, check_output, fail, held_warnings, parse_shape
-from .data import DATASET_HELP, example_batch, load_dataset, load_weights, loader, parse_bits, sample_shape
+from .data import (
+    DATASET_HELP,
+    example_batch,
+    hold_out,
+    load_dataset,
+    load_weights,
+    loader,
+    parse_bits,
+    sample_shape,
+)
 from .fp32 import FP32_WEIGHTS, pretrained
 
 __all__ = ["build_parser", "main"]
@@ -39,25 +55,52 @@ def run(args: argparse.Namespace, label: str | None) -> int:
                                  ("--finetune-epochs", args.finetune_epochs, 0), ("--max-steps", args.max_steps, 0),
                                  ("--checkpoint-every", args.checkpoint_every, 1)):
         check_count(value, option, least=least)
+    check_count(args.verify, "--verify", least=0)
+    check_count(args.verify_batches, "--verify-batches", least=1)
+    if args.val_fraction is not None:
+        if not 0 < args.val_fraction < 1:
+            raise ArgumentError(f"--val-fraction {args.val_fraction}: expected a fraction between 0 and 1 such as 0.1")
+        if args.val_samples is not None:
+            raise ArgumentError("--val-samples limits the dataset's test split, which --val-fraction replaces; give "
+                                "one of them")
     wd = check_output(args.work_dir, "--work-dir", directory=True)
-    budget = Budget.parse(args.budget)
+    goal = parse_goal(args.budget)
     kwargs = parse_model_kwargs(args.model_kwargs)
     bits = parse_bits(args.bits) if args.bits else None
     given = parse_shape(args.input) if args.input else None
     hw = load_hardware(args.hardware)
+    if args.minimize is not None and goal.max_drop is None:
+        raise ArgumentError(f"--minimize {args.minimize}: goes with an accuracy target such as --budget 'drop<=1%' "
+                            f"(the cheapest policy within it); --budget {args.budget} is a cost limit")
+    if args.minimize is not None and args.minimize not in hw.metrics:
+        raise BudgetError(f"--minimize {args.minimize}: not a metric of hardware {hw.name!r}; its metrics: "
+                          f"{', '.join(hw.metrics)}")
+    if goal.max_drop is not None and not args.verify:
+        raise ArgumentError(f"--budget {args.budget}: an accuracy target is met by measuring candidate policies on "
+                            f"the validation data, which --verify 0 turns off; give --verify N (N >= 1)")
     device = as_device(args.device, "--device") if args.device else None
     model = build_model(args.model, kwargs)
     if args.weights:
         load_weights(model, args.weights, args.model)
     data = load_dataset(args.dataset, args.samples, val_limit=args.val_samples)
+    if args.val_fraction is not None:
+        data = hold_out(data, args.val_fraction, seed=args.seed)
     shape = sample_shape(data, given)
     example = example_batch(data, shape, 1)
     train = loader(data.train, args.batch_size, seed=args.seed)
     ind_train = None
-    if args.indicator_samples is not None:
+    if args.indicator_samples is not None and args.val_fraction is not None:  # never the held-out samples
+        ind_train = loader(Subset(data.train, range(min(args.indicator_samples, len(data.train)))), args.batch_size,
+                           seed=args.seed + 1)
+    elif args.indicator_samples is not None:
         ind_data = load_dataset(args.dataset, args.indicator_samples, val_limit=0)
         ind_train = loader(ind_data.train, args.batch_size, seed=args.seed + 1)
     val = loader(data.val, 256, shuffle=False) if data.val is not None and len(data.val) else None
+    if goal.max_drop is not None and val is None:
+        raise ArgumentError(f"--budget {args.budget}: the drop is measured against the FP32 model's top-1 on "
+                            f"validation data, and --dataset {args.dataset} has none; hold some out with "
+                            f"--val-fraction F (e.g. 0.1 of the training samples)")
+    check_goal(goal, hw, minimize=args.minimize, has_val=val is not None, verify=args.verify)
 
     try:
         if args.fp32_epochs or (wd / FP32_WEIGHTS).is_file():
@@ -67,15 +110,18 @@ def run(args: argparse.Namespace, label: str | None) -> int:
         elif not args.weights:
             print(f"note: {args.model} starts from its initial weights; give --weights FP32.pt (a trained "
                   f"state_dict) or --fp32-epochs N")
-        r = quantize(model.eval(), budget, train, example, hardware=hw, bits=bits, indicator_epochs=args.indicator_epochs,
+        r = quantize(model.eval(), goal.budget if goal.max_drop is None else args.budget, train, example, hardware=hw, bits=bits, indicator_epochs=args.indicator_epochs,
                      finetune_epochs=args.finetune_epochs, alpha=args.alpha, lr=args.lr, finetune_lr=args.finetune_lr,
                      val_data=val, work_dir=wd, device=device, per_channel=args.per_channel,
                      distill=not args.no_distill, max_steps=args.max_steps, model_factory=args.model,
                      model_kwargs=kwargs, seed=args.seed, progress=not args.quiet, indicator_data=ind_train,
-                     export=not args.no_export, checkpoint_every=args.checkpoint_every)
+                     export=not args.no_export, checkpoint_every=args.checkpoint_every, verify=args.verify,
+                     verify_batches=args.verify_batches, minimize=args.minimize)
     except FxmpqError as e:  # a budget no policy meets, data the model refuses, ... are still bad input
         bad_input = (ArgumentError, BudgetError, CheckpointError, DataError, IndicatorError)
         return fail(e, 2 if isinstance(e, bad_input) else 1, prog=label)
+    if r.candidates is not None:
+        print(r.candidates.table() + "\n")
     print(r.report())
     if r.audit is not None:
         print(r.audit.table())
@@ -91,7 +137,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("model", help="torchvision model name, a fxmpq.models name or package.module:function")
     ap.add_argument("--dataset", default="auto", help=DATASET_HELP)
     ap.add_argument("--budget", required=True, help='"w3a4" (BitOps of uniform W3A4), "c12.2" (size <= FP32/12.2), '
-                    '"bitops<=9.7G", "size<=4MB", "latency<=800" (a metric of the hardware), joined with "&"')
+                    '"bitops<=9.7G", "size<=4MB", "latency<=800" (a metric of the hardware), joined with "&"; or '
+                    '"drop<=1%%" (top-1 at most 1 percentage point below FP32 on the validation data, the cheapest '
+                    'in --minimize), alone or with cost limits ("drop<=1%%&c8")')
+    ap.add_argument("--minimize", help="with a drop<= budget: the hardware metric to make cheapest (default its "
+                    "first, e.g. bitops)")
+    ap.add_argument("--verify", type=int, default=DEFAULT_COUNT, help="candidate policies to measure on the "
+                    "validation data before fine-tuning, the most accurate kept (default %(default)s; 0: off, the "
+                    "search's optimum is fine-tuned)")
+    ap.add_argument("--verify-batches", type=int, help="validation batches (of 256) each candidate is measured on "
+                    "(default all)")
+    ap.add_argument("--val-fraction", type=float, help="hold out this fraction of the training samples (seeded) as "
+                    "the validation data, instead of the dataset's test split (needed for a drop<= budget on a "
+                    "dataset without one)")
     ap.add_argument("--work-dir", required=True, help="folder for every artefact; a re-run resumes from it")
     ap.add_argument("--input", help="per-sample input shape such as 1x16x16 (needed for a user's dataset)")
     ap.add_argument("--model-kwargs", default="", help='JSON keyword arguments for the model, e.g. \'{"num_classes": 10}\'')

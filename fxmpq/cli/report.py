@@ -3,7 +3,8 @@ the accuracy, and the export's audit.
 
     fxmpq report runs/q
 
-Reads policy.json (required), indicators.json, search.json, summary.json and audit.json when they are there, and
+Reads policy.json (required), indicators.json, search.json, candidates.json (the verified candidate policies),
+summary.json and audit.json when they are there, and
 rebuilds the model's cost analysis from the checkpoint's record (finetune.pt, else indicators.ckpt: model factory,
 input shape, hardware); --model, --model-kwargs, --input and --hardware override it. Nothing is trained or exported.
 Exit status 0, or 2 with one line on stderr when the directory holds no policy or a file is unreadable.
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from ..analysis import Analysis
+from ..candidates import CandidateSet, as_result
 from ..checkpoint import load_checkpoint
 from ..errors import ArgumentError, FxmpqError, PolicyError
 from ..hardware import load_hardware
@@ -27,6 +29,7 @@ from ..jsonio import read_json
 from ..models import build_model, parse_model_kwargs
 from ..pipeline import (
     AUDIT_JSON,
+    CANDIDATES_JSON,
     FINETUNE_CKPT,
     INDICATORS_CKPT,
     INDICATORS_JSON,
@@ -118,6 +121,10 @@ def report(args: argparse.Namespace) -> str:
     policy = Policy.from_json(wd / POLICY_JSON)
     indicators = Indicators.from_json(wd / INDICATORS_JSON) if (wd / INDICATORS_JSON).is_file() else None
     result = _search(wd / SEARCH_JSON)
+    cands = CandidateSet.from_json(wd / CANDIDATES_JSON) if (wd / CANDIDATES_JSON).is_file() else None
+    if result is not None and result.policy != policy:  # verification chose another policy than the ILP's optimum
+        best = cands.best if cands is not None else None
+        result = as_result(best, result) if best is not None and best.policy == policy else None
     summary = _json(wd / SUMMARY_JSON, "summary") or {}
     audit = _json(wd / AUDIT_JSON, "audit")
     analysis = _analysis(args, wd)
@@ -134,10 +141,17 @@ def report(args: argparse.Namespace) -> str:
         lines.append(f"average   W{w:.2f} A{a:.2f} over searchable layers (weights by params, activations by MACs)")
     if summary.get("budget") is not None:
         lines.append(f"budget    {summary['budget']}")
+    if cands is not None:
+        lines += ["candidates (verified on the jointly trained model before fine-tuning):", cands.table()]
     if summary.get("accuracy") is not None:
         fp32 = summary.get("fp32_accuracy")
         lines.append("top-1     " + (f"FP32 {100 * fp32:.2f} % -> " if fp32 is not None else "")
                      + f"quantized {100 * summary['accuracy']:.2f} %")
+    target = summary.get("target")
+    if isinstance(target, Mapping) and target.get("final_drop") is not None:
+        met = "within the target" if target.get("final_within") else "MISSES the target"
+        lines.append(f"target    drop <= {100 * target['max_drop']:.2f} pp: final drop {100 * target['final_drop']:.2f} "
+                     f"pp, {met}")
     if isinstance(audit, Mapping):
         lines += _audit_lines(audit)
     lines.append("files     " + ", ".join(sorted(p.name for p in wd.iterdir() if not p.name.startswith("."))))
