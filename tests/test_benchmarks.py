@@ -260,21 +260,21 @@ def test_bench_weight_only_smoke(tmp_path):
     assert all(f"| MatMulNBits {b}-bit, accuracy_level 4 |" in proc.stdout for b in (2, 4, 8))
 
 
-PEER_FREE = {"uniform", "fxmpq", "hessian", "random-1", "random-2", "inverted"}  # bench_peers' without a peer
+PEER_FREE = {"uniform", "fxmpq", "fxmpq-verify", "measured", "hessian", "random-1", "random-2", "inverted"}
 
 
 def test_bench_peers_smoke_without_peers(tmp_path):
     """The side-by-side benchmark's peer-free path: every method priced within its budget, fxmpq's policy
     exported with parity, the rank study's sources, the report and plot; a second run has nothing to do."""
-    args = ("--smoke", "--nets", "small_mobilenet", "--seeds", "1", "--workers", "1", "--peers", "",
-            "--out", str(tmp_path / "bp"))
+    args = ("--smoke", "--nets", "small_mobilenet", "--budgets", "bitops-w4a4,size-w3", "--seeds", "1",
+            "--workers", "1", "--peers", "", "--out", str(tmp_path / "bp"))
     proc = _tool("bench_peers.py", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "bp/results.json").read_text())
     plan = res["plan"]
     main = {e["method"] for e in plan if not (e["method"].startswith("random-") and int(e["method"][7:]) > 2)}
     assert main == PEER_FREE
-    assert {e["budget"] for e in plan} == {"bitops-w3a3", "bitops-w4a4", "size-w3"}
+    assert {e["budget"] for e in plan} == {"bitops-w4a4", "size-w3"}
     assert all(e["cost"] <= e["limit"] * (1 + 1e-9) for e in plan)
     runs = {(r["key"], r["seed"]): r for r in res["runs"]}
     fx = [e for e in plan if e["method"] == "fxmpq"]

@@ -15,6 +15,9 @@ and these policies, each priced by fxmpq's own cost analysis (never the peer's n
   uniform       the largest uniform (w, a) that fits          fxmpq      learned step sizes (LIMPQ), alpha 2
   hessian       Hutchinson trace x quantization error, alpha 1  random-1/2 the ILP with seeded random indicators
   inverted      the learned indicators' order reversed          aimet      AIMET AMP's greedy order walked to the budget
+  fxmpq-verify  fxmpq.candidates (16: alphas, uniform and near-uniform, next-best) verified on the jointly trained
+                model with the validation split (fxmpq.verify), the most accurate kept
+  measured      fxmpq.measured_indicators (one layer's loss increase per bit on the jointly trained model), alpha 1
   modelopt      ModelOpt auto_quantize: effective bits (its size budget) bisected until fxmpq's measured size, or
                 at a BitOps budget (which it cannot express) BitOps, fits; W=A formats there, WbA8 at size
 
@@ -58,7 +61,8 @@ NETS = ("mobilenet_v2_small", "resnet20", "small_vit")
 BITS = (2, 3, 4, 5, 6, 8)
 BUDGETS = {"bitops-w3a3": ("bitops", 3, 3), "bitops-w4a4": ("bitops", 4, 4), "size-w3": ("size", 3, 8)}
 RANK_BUDGET = "bitops-w4a4"
-METHODS = ("uniform", "fxmpq", "hessian", "random-1", "random-2", "inverted", "aimet", "modelopt")
+METHODS = ("uniform", "fxmpq", "fxmpq-verify", "measured", "hessian", "random-1", "random-2", "inverted", "aimet",
+           "modelopt")
 PEERS = {"aimet": "aimet_amp.py", "modelopt": "modelopt_autoq.py"}
 VAL = 5000  # last training images: the searches' and peers' validation split
 
@@ -75,6 +79,9 @@ class Recipe:
     finetune_lr: float = 0.01
     batch_size: int = 64
     val_images: int = 1000  # of the validation split, for the jointly trained model's accuracy per policy
+    measure_batches: int = 1  # validation batches for the measured sensitivities (each layer x bit x w/a: many evals)
+    val_batch: int = 250
+    verify_count: int = 16
     test_samples: int | None = None
     rank_policies: int = 16
     fp32_limit: int | None = None
@@ -82,7 +89,8 @@ class Recipe:
 
 
 SMOKE = Recipe(fp32_epochs=1, indicator_steps=2, hessian_batches=1, hessian_probes=1, finetune_steps=2,
-               val_images=64, test_samples=128, rank_policies=4, fp32_limit=512, calib=32)
+               val_images=64, test_samples=128, rank_policies=4, fp32_limit=512, calib=32, measure_batches=1,
+               verify_count=4, val_batch=32)
 
 
 def policy_key(policy: fxmpq.Policy) -> str:
@@ -178,6 +186,7 @@ class Prepared:
     analysis: fxmpq.Analysis
     indicators: fxmpq.Indicators
     hessian: fxmpq.Indicators
+    measured: fxmpq.Indicators | None
     times: dict[str, float]
 
 
@@ -231,9 +240,30 @@ def prepare_net(net: str, data: ImageData, valid: ImageData, out: Path, hw: Path
                                      probes=r.hessian_probes, seed=0)
         times["hessian"] = time.time() - t
         hessian.to_json(hes_path)
+    mea_path = folder / "measured.json"
+    measured = None
+    if mea_path.is_file():
+        measured = fxmpq.Indicators.from_json(mea_path)
+    elif (folder / "joint.pt").is_file():
+        print(f"[{net}] measured sensitivities on the jointly trained model", flush=True)
+        t = time.time()
+        measured = fxmpq.measured_indicators(joint_model(net, kwargs, fp32_path, folder, valid, hw),
+                                             valid.loader("train", r.val_batch, shuffle=False), batches=r.measure_batches)
+        times["measured"] = time.time() - t
+        measured.to_json(mea_path)
     times_path.write_text(json.dumps(times, indent=1))
     analysis = fxmpq.analyze(model, data.train_x[:1], hardware=hw)
-    return Prepared(net, kwargs, folder, fp32_path, fp32_acc, analysis, indicators, hessian, times)
+    return Prepared(net, kwargs, folder, fp32_path, fp32_acc, analysis, indicators, hessian, measured, times)
+
+
+def joint_model(net: str, kwargs: dict[str, Any], fp32_path: Path, folder: Path, valid: ImageData,
+                hw: Path) -> fxmpq.QuantModel:
+    """The jointly trained QuantModel (every bit-width's step sizes and BatchNorms), rebuilt from joint.pt."""
+    model = build_model(net, kwargs)
+    model.load_state_dict(torch.load(fp32_path, weights_only=True))
+    q = fxmpq.prepare(model.eval(), valid.train_x[:2], hardware=hw, bits=BITS)
+    q.load_state_dict(torch.load(folder / "joint.pt", weights_only=True))
+    return q
 
 
 def largest_uniform(a: fxmpq.Analysis, metric: str, limit: float) -> fxmpq.Policy | None:
@@ -280,6 +310,31 @@ def run_peer(peer: str, python: Path, p: Prepared, data_name: str, budget: str, 
     return meta
 
 
+def verify_at(p: Prepared, budget: str, bud: fxmpq.Budget, valid: ImageData, hw: Path,
+              r: Recipe) -> tuple[fxmpq.Policy, float] | None:
+    """fxmpq's verified choice at `budget`: its candidates evaluated on the jointly trained model (cached, with
+    every candidate's estimate, in <net>/verify-<budget>.json); (policy, seconds of candidates + verification)."""
+    path = p.folder / f"verify-{budget}.json"
+    if path.is_file():
+        rec = json.loads(path.read_text())
+        return fxmpq.Policy(rec["policy"]), rec["seconds"]
+    if not (p.folder / "joint.pt").is_file():
+        return None
+    t = time.time()
+    cands = fxmpq.candidates(p.analysis, p.indicators, bud, alpha=2.0, count=r.verify_count)
+    q = joint_model(p.net, p.kwargs, p.fp32_path, p.folder, valid, hw)
+    cands = fxmpq.verify(q, cands, valid.loader("train", r.val_batch, shuffle=False, limit=r.val_images))
+    secs = time.time() - t
+    best = cands.best
+    path.write_text(json.dumps({"policy": {n: list(v) for n, v in best.policy.items()}, "seconds": secs,
+                                "candidates": [{"sources": list(c.sources), "objective": c.objective,
+                                                "totals": dict(c.totals), "accuracy": c.accuracy}
+                                               for c in cands.candidates]}, indent=1))
+    print(f"  [{p.net}] verified {len(cands.candidates)} candidates at {budget} in {secs:.0f} s: best "
+          f"{'/'.join(best.sources)} at {100 * (best.accuracy or 0):.2f} % on the joint model", flush=True)
+    return best.policy, secs
+
+
 def objective(ind: fxmpq.Indicators, policy: fxmpq.Policy, alpha: float, layers: list[str]) -> float:
     """sum_l I_act[l][a] + alpha * I_w[l][w] over the searchable layers (indicators repaired to be monotone)."""
     c = ind.cleaned("isotonic").indicators
@@ -292,11 +347,8 @@ def joint_accuracy(p: Prepared, valid: ImageData, policies: dict[str, fxmpq.Poli
     have: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
     todo = {k: v for k, v in policies.items() if k not in have}
     if todo and (p.folder / "joint.pt").is_file():
-        model = build_model(p.net, p.kwargs)
-        model.load_state_dict(torch.load(p.fp32_path, weights_only=True))
-        q = fxmpq.prepare(model.eval(), valid.train_x[:2], hardware=hw, bits=BITS)
-        q.load_state_dict(torch.load(p.folder / "joint.pt", weights_only=True))
-        loader = valid.loader("train", 250, shuffle=False, limit=r.val_images)
+        q = joint_model(p.net, p.kwargs, p.fp32_path, p.folder, valid, hw)
+        loader = valid.loader("train", r.val_batch, shuffle=False, limit=r.val_images)
         for key, pol in todo.items():
             q.set_policy(pol)
             have[key] = fxmpq.accuracy(q, loader)
@@ -304,7 +356,8 @@ def joint_accuracy(p: Prepared, valid: ImageData, policies: dict[str, fxmpq.Poli
     return have
 
 
-def plan_net(p: Prepared, args: argparse.Namespace, r: Recipe, hw: Path, data_name: str) -> list[dict[str, Any]]:
+def plan_net(p: Prepared, args: argparse.Namespace, r: Recipe, hw: Path, data_name: str,
+             valid: ImageData) -> list[dict[str, Any]]:
     """Every (budget, method) policy of one net, with its key, cost and search time; policies saved by key."""
     a = p.analysis
     layers = [m.name for m in a.searchable]
@@ -325,6 +378,8 @@ def plan_net(p: Prepared, args: argparse.Namespace, r: Recipe, hw: Path, data_na
 
     rank_random: list[fxmpq.Policy] = []
     for budget, (metric, w, b) in BUDGETS.items():
+        if budget not in args.budgets:
+            continue
         bud = fxmpq.Budget.uniform(w, b, metric=metric)
         limit = bud.resolve(a)[metric]
         uni = largest_uniform(a, metric, limit)
@@ -333,6 +388,12 @@ def plan_net(p: Prepared, args: argparse.Namespace, r: Recipe, hw: Path, data_na
         sources = {"fxmpq": (p.indicators, 2.0, p.times.get("indicator_training", 0.0)),
                    "hessian": (p.hessian, 1.0, p.times.get("hessian", 0.0)),
                    "inverted": (inverted_indicators(p.indicators), 2.0, 0.0)}
+        if p.measured is not None:
+            sources["measured"] = (p.measured, 1.0, p.times.get("indicator_training", 0.0) + p.times.get("measured", 0.0))
+        verified = verify_at(p, budget, bud, valid, hw, r)
+        if verified is not None:
+            pol, secs = verified
+            add(budget, "fxmpq-verify", pol, p.times.get("indicator_training", 0.0) + secs, limit, metric)
         n_random = r.rank_policies if budget == RANK_BUDGET else 2
         for k in range(1, n_random + 1):
             sources[f"random-{k}"] = (random_indicators(p.indicators.layers, BITS, 1000 * w + k), 2.0, 0.0)
@@ -368,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/bench_peers"))
     ap.add_argument("--data", help="Fashion-MNIST folder (default: Debian's /usr/share/datasets/fashion-mnist)")
     ap.add_argument("--nets", default=",".join(NETS))
+    ap.add_argument("--budgets", default=",".join(BUDGETS), help=f"a subset of {', '.join(BUDGETS)} (default all)")
     ap.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per policy (default 3)")
     ap.add_argument("--workers", type=int, default=2, help="fine-tuning processes, one thread each (default 2)")
     ap.add_argument("--peers", default="aimet,modelopt", help="peers to run (default aimet,modelopt; '' for none)")
@@ -380,9 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     args.peers = [s.strip() for s in args.peers.split(",") if s.strip()]
     unknown = [s for s in args.peers if s not in PEERS]
     nets = [n.strip() for n in args.nets.split(",") if n.strip()]
-    if unknown or not nets:
-        print(f"bench_peers.py: error: unknown peer(s) {unknown} (known: {', '.join(PEERS)})" if unknown else
-              "bench_peers.py: error: --nets is empty", file=sys.stderr)
+    args.budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    bad = [b for b in args.budgets if b not in BUDGETS]
+    problem = (f"unknown peer(s) {unknown} (known: {', '.join(PEERS)})" if unknown else "--nets is empty" if not nets
+               else f"unknown budget(s) {bad} (known: {', '.join(BUDGETS)})" if bad or not args.budgets else None)
+    if problem:
+        print(f"bench_peers.py: error: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     recipe = SMOKE if args.smoke else Recipe()
@@ -402,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(data.test_y)} test), nets {nets}, budgets {list(BUDGETS)}, {args.seeds} seeds, peers {args.peers}",
           flush=True)
     prepared = {net: prepare_net(net, data, valid, args.out, hw, recipe) for net in nets}
-    plan = [e for net in nets for e in plan_net(prepared[net], args, recipe, hw, data.name)]
+    plan = [e for net in nets for e in plan_net(prepared[net], args, recipe, hw, data.name, valid)]
     (args.out / "plan.json").write_text(json.dumps(plan, indent=1, default=str))
     if args.prepare_only:
         print(f"prepared {len(plan)} (net, budget, method) policies; plan in {args.out / 'plan.json'}")
@@ -420,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in range(1 if rank_only else args.seeds):
             k = (e["net"], e["key"], s)
             exp = None
-            if s == 0 and not args.no_export and e["method"] in ("fxmpq", "aimet", "modelopt"):
+            if s == 0 and not args.no_export and e["method"] in ("fxmpq", "fxmpq-verify", "aimet", "modelopt"):
                 exp = str(args.out / e["net"] / "onnx" / f"{e['key']}.onnx")
             wanted[k] = wanted.get(k) or exp
     rank_only_keys = {(e["net"], e["key"]) for e in plan if e["budget"] == RANK_BUDGET and e["method"].startswith("random-")
@@ -465,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             pol = pols[e["key"]]
             e["pred"] = {"LIMPQ objective": -objective(p.indicators, pol, 2.0, layers),
                          "Hessian objective": -objective(p.hessian, pol, 1.0, layers)}
+            if p.measured is not None:
+                e["pred"]["measured-sensitivity objective"] = -objective(p.measured, pol, 1.0, layers)
             if e["key"] in jacc:
                 e["pred"]["joint-model top-1"] = jacc[e["key"]]
             if sens is not None:

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-ORDER = ("fxmpq", "uniform", "aimet", "modelopt", "hessian", "random-1", "random-2", "inverted")
+ORDER = ("fxmpq", "fxmpq-verify", "measured", "uniform", "aimet", "modelopt", "hessian", "random-1", "random-2",
+         "inverted")
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -84,15 +85,23 @@ def render_report(plan: list[dict[str, Any]], done: dict[tuple[str, str, int], d
                 accs = _accs(done, net, e["key"], seeds)
                 mean, sd = _stats(accs) if accs else (float("nan"), float("nan"))
                 vs = "—" if "fxmpq" in same or not accs or not fx_accs else verdict(fx_accs, accs)
-                if vs != "—" and len(accs) >= 2 and len(fx_accs) >= 2 and e["method"] in ("uniform", "aimet", "modelopt"):
-                    summary.append(f"{net} {budget}: fxmpq {100 * _stats(fx_accs)[0]:.2f} vs {e['method']} "
-                                   f"{100 * mean:.2f} ({vs})")
                 fit = "" if e.get("fits", True) else " (does not fit: nearest it reached)"
                 w, a = e["avg_bits"]
                 exp = _export(done, net, e["key"])
                 lines.append(f"| {budget} | {' = '.join(same)} | {100 * e['cost'] / e['limit']:.1f} %{fit} | "
                              f"{w:.2f} / {a:.2f} | {100 * mean:.2f} | {100 * sd:.2f} | "
                              f"{len(accs)}/{seeds} | {vs} | {e['search_s']:.1f} | {exp} |")
+            for ours in ("fxmpq", "fxmpq-verify"):
+                mine = next((e for e in brows if e["method"] == ours), None)
+                mine_accs = _accs(done, net, mine["key"], seeds) if mine else []
+                for e in brows:
+                    accs = _accs(done, net, e["key"], seeds)
+                    if e["method"] in ("uniform", "aimet", "modelopt") and accs and mine_accs and e["key"] != mine["key"]:
+                        summary.append(f"{net} {budget}: {ours} {100 * _stats(mine_accs)[0]:.2f} vs {e['method']} "
+                                       f"{100 * _stats(accs)[0]:.2f} ({verdict(mine_accs, accs)}; "
+                                       f"{len(mine_accs)} and {len(accs)} seeds)")
+                    elif e["method"] in ("uniform", "aimet", "modelopt") and mine and e["key"] == mine["key"]:
+                        summary.append(f"{net} {budget}: {ours} found the same policy as {e['method']}")
         lines += ["", *rank_section(plan, done, net, rank_budget)]
         try:
             plot_net(plan, done, net, seeds, out / f"accuracy_vs_cost_{net}.png")
@@ -103,7 +112,7 @@ def render_report(plan: list[dict[str, Any]], done: dict[tuple[str, str, int], d
         lines += ["", f"Wall time ({net}): FP32 training {t.get('fp32_training', float('nan')):.0f} s, joint indicator "
                   f"training {t.get('indicator_training', float('nan')):.0f} s (counted in fxmpq's search time), "
                   f"Hessian indicators {t.get('hessian', float('nan')):.0f} s (in hessian's)."]
-    lines += ["", "### Where fxmpq wins, ties and loses (uniform and the peers, at least 2 seeds each)", ""]
+    lines += ["", "### Where fxmpq wins, ties and loses against uniform and the peers (seeds as in the table)", ""]
     lines += [f"- {s}" for s in summary] or ["- (not enough finished runs yet)"]
     lines += ["", f"Wall time of this invocation: {wall / 60:.1f} min."]
     return "\n".join(lines)
@@ -171,7 +180,7 @@ def plot_net(plan: list[dict[str, Any]], done: dict, net: str, seeds: int, path:
                 pts.sort()
                 ax.errorbar([c / 1e6 for c, _, _ in pts], [100 * m for _, m, _ in pts], yerr=[100 * s for _, _, s in pts],
                             marker="o", capsize=3, label=method,
-                            linestyle="-" if method in ("fxmpq", "uniform", "aimet", "modelopt") else ":")
+                            linestyle="-" if method in ("fxmpq", "fxmpq-verify", "uniform", "aimet", "modelopt") else ":")
         ax.set_xlabel(f"{metric} (M{'bit' if metric == 'size' else ''}), measured by fxmpq")
         ax.set_ylabel("test top-1 (%)")
         ax.set_title(f"{net}: {metric} budgets")
