@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from .audit import LayerTiming
+from .noise_floor import NoiseFloor
 from .tables import render
+from .verdict import floor_line
 
 __all__ = ["LowerReport"]
 
@@ -40,7 +42,7 @@ class LowerReport:
     # zero-initialised heads, quantized logits that tie) are counted in `top1_ties`
     top1_decisive: float | None = None
     top1_ties: int = 0
-    within_tolerance: bool = True  # the max-difference criterion alone (passed = this and top-1 agreement)
+    within_tolerance: bool = True  # the strict max-difference criterion alone (strict: passed = this and top-1)
     # measured only when parity fails: the largest difference at any quantizer, in its own steps, when PyTorch
     # computes each quantizer from ONNX Runtime's values of the ones before it; <= 1 means every stage of the
     # export is faithful and the end-to-end difference is float rounding amplified by the network
@@ -63,12 +65,28 @@ class LowerReport:
     # model computes (an export bug), whatever ONNX Runtime does with the lowered graph
     lowered_max_steps: float | None = None
     lowered_diverging: str | None = None
-    # how `passed` was judged: "output steps" (a quantized output), "relative to max |y|" (a float model), or, for a
-    # float output after quantized layers whose direct difference exceeds rtol, "stage by stage (...)": every
-    # quantizer within max_steps fed ONNX Runtime's values before it, the lowering faithful, and the float ops after
-    # the last quantizers within rtol (`tail_rel_diff`, relative to max |y|) when fed ONNX Runtime's values there
+    # how `passed` was judged (fxmpq.verdict.Criterion, a str): "output steps" (a quantized output), "relative to
+    # max |y|" (a float model), or, for a float output after quantized layers whose direct difference exceeds rtol,
+    # "stage by stage (...)": every quantizer within max_steps fed ONNX Runtime's values before it, the lowering
+    # faithful, and the float ops after the last quantizers within rtol (`tail_rel_diff`, relative to max |y|) when
+    # fed ONNX Runtime's values there; or, for a quantized output beyond max_steps, "faithful: within PyTorch's own
+    # noise floor": every stage faithful and ONNX Runtime's spread at most 1.5x `noise_floor`'s. `strict`: only the
+    # first rules were applied (lower(strict=True))
     criterion: str = "output steps"
     tail_rel_diff: float | None = None
+    strict: bool = False
+    # measured when the strict check fails but every stage is faithful (fxmpq.noise_floor): the QuantModel against
+    # itself with its float ops' outputs moved by up to a few float32 epsilons; `top1_disagreements` counts the decisive
+    # inputs whose top-1 ONNX Runtime flips, to set beside the floor's
+    noise_floor: NoiseFloor | None = None
+    top1_disagreements: int | None = None
+    # measured when the strict check fails: quantizer values ONNX Runtime puts one step from PyTorch's when each
+    # quantizer is fed ONNX Runtime's inputs (`stage_flips` of `stage_values`, on the first `batch` inputs), the first
+    # quantizer where that happens, and the float ops before it (the likely origin of the end-to-end difference)
+    stage_flips: int | None = None
+    stage_values: int | None = None
+    first_flip: str | None = None
+    first_flip_ops: tuple[str, ...] = ()
     # how the weights are stored (fxmpq.storage.Storage): "int8", or "packed" (<= 4-bit weights in INT4/UINT4
     # initializers); each quantized layer's container ("int8", "int4", "uint4", also in the ONNX metadata
     # `fxmpq.weight_containers`) and the bytes its weight initializers take in the file. With packed storage
@@ -111,6 +129,8 @@ class LowerReport:
                f" (opened with fxmpq.ort_session; {self.fused_layers_plain}/{self.quantized_layers} when the packed "
                f"file is opened plainly: ORT runs INT4-weight layers in float)"),
         ]
+        if self.noise_floor is not None:
+            lines.append(f"noise floor    {floor_line(self)}")
         if self.diverging:
             lines.append(f"first divergence {self.diverging}")
         if self.lowered_max_steps is not None:
@@ -120,8 +140,15 @@ class LowerReport:
         if self.forced_max_steps is not None:
             lines.append(f"stage by stage  every quantizer fed ONNX Runtime's inputs: max |diff| "
                          f"{self.forced_max_steps:.2f} steps ("
-                         + ("faithful: the end-to-end difference is float rounding the network amplifies)"
-                            if self.stagewise_faithful else "an export stage computes something else)"))
+                         + ("faithful: the end-to-end difference is float rounding the network amplifies"
+                            if self.stagewise_faithful else "an export stage computes something else")
+                         + ("" if self.stage_flips is None else
+                            f"; {self.stage_flips} of {self.stage_values} values one step apart")
+                         + ("" if self.noise_floor is None else
+                            f" (the noise floor's perturbation: {self.noise_floor.stage_flips} of "
+                            f"{self.noise_floor.stage_values})")
+                         + (f", the first at {self.first_flip}" if self.first_flip else "")
+                         + (f" after {', '.join(self.first_flip_ops[:3])}" if self.first_flip_ops else "") + ")")
         if self.measured_latency_ms is not None:
             pred = (f"predicted {self.predicted_latency_ms:.3f} ms (measured/predicted "
                     f"{self.measured_latency_ms / self.predicted_latency_ms:.3f})"
@@ -148,4 +175,5 @@ class LowerReport:
         """JSON-ready: every field (the path as a string, layer timings as objects)."""
         out = dataclasses.asdict(self)
         out["path"] = str(self.path)
+        out["criterion"] = str(self.criterion)
         return out

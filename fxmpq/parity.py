@@ -4,6 +4,7 @@ runs (the QuantModel against the lowered graph, and each quantizer against ONNX 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,8 @@ from .quant import LSQQuantizer
 if TYPE_CHECKING:
     from .quant_model import QuantModel
 
-__all__ = ["lowering_parity", "open_session", "output_step", "qdq_nodes", "quantizer_parity", "run_ort", "run_torch"]
+__all__ = ["StageParity", "lowering_parity", "open_session", "output_step", "qdq_nodes", "quantizer_parity", "run_ort",
+           "run_torch"]
 
 
 def open_session(path: Path, extra_outputs: Sequence[str] = ()) -> Any:
@@ -141,16 +143,35 @@ def qdq_nodes(lowered: fx.GraphModule) -> list[fx.Node]:
     return [n for n in lowered.graph.nodes if QDQ_META in n.meta]
 
 
+@dataclass(frozen=True)
+class StageParity:
+    """Every activation quantizer, PyTorch vs ONNX Runtime (see quantizer_parity).
+
+    `diverging`: the first quantizer more than one step apart end to end (None when all agree within one);
+    `forced_max_steps`: the largest difference, in each quantizer's own steps, when PyTorch computes every
+    quantizer from ONNX Runtime's values of the quantizers before it (None when the graphs cannot be aligned);
+    `forced_output`: the lowered graph's output so computed; `flips` of `values`: the quantizer values a step
+    apart so computed (float ops rounding differently near a tie), and `first_flip` the first quantizer in graph
+    order (its QuantModel name) with one."""
+
+    diverging: str | None
+    forced_max_steps: float | None
+    forced_output: np.ndarray | None = None
+    flips: int = 0
+    values: int = 0
+    first_flip: str | None = None
+
+
 def quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Tensor, ...], batch: int
-                      ) -> tuple[str | None, float | None, np.ndarray | None]:
-    """(first divergence, forced max steps, forced output): every activation quantizer, PyTorch vs ONNX Runtime, in
-    graph order.
+                     ) -> StageParity:
+    """Every activation quantizer, PyTorch vs ONNX Runtime, in graph order, on the first `batch` inputs.
 
     The first divergence is the first quantizer whose outputs differ by more than one of its steps when both
     run end to end. The forced figure is the largest difference, in each quantizer's own steps, when PyTorch
     computes every quantizer from ONNX Runtime's values of the quantizers before it (teacher forcing): at most
     1 means each stage of the export computes what PyTorch computes, and an end-to-end difference beyond that
-    is float rounding (LayerNorm, softmax, GELU run by two libraries) that the network itself amplifies.
+    is float rounding (LayerNorm, softmax, GELU run by two libraries) that the network itself amplifies; the
+    values a step apart there are counted (`flips`), to set beside the noise floor's own.
     """
     import onnx
 
@@ -168,8 +189,8 @@ def quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Te
         if src is not None and src.op_type == "QuantizeLinear":
             names.append(n.output[0])
     if len(names) != len(qnodes):
-        return (f"cannot align intermediate outputs ({len(qnodes)} quantizers in PyTorch, {len(names)} "
-                f"QDQ pairs in ONNX)"), None, None
+        return StageParity(f"cannot align intermediate outputs ({len(qnodes)} quantizers in PyTorch, {len(names)} "
+                           f"QDQ pairs in ONNX)", None)
     x = tuple(t[:batch] for t in inputs)
     ys = run_ort(open_session(path, names), x, batch, names)
     ort_out = dict(zip((n.name for n in qnodes), ys))
@@ -184,8 +205,16 @@ def quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Te
             return float("inf"), y
         return float(np.abs(ref - y).max(initial=0.0)) / steps[n.name], y
 
+    def apart(n: fx.Node, r: torch.Tensor, y: np.ndarray) -> int:
+        """How many values of quantizer `n` are a step or more apart (all of them when the shapes differ)."""
+        if y.size != r.numel():
+            return r.numel()
+        return int((np.abs(r.numpy() - y.reshape(r.shape)) > 0.5 * steps[n.name]).sum())
+
     first: list[str] = []
     forced: list[float] = []
+    flips = [0, 0]
+    first_flip: list[str] = []
 
     class Compare(fx.Interpreter):
         """Runs the lowered graph; with `force`, each quantizer's output is replaced by ONNX Runtime's."""
@@ -201,12 +230,15 @@ def quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Te
             d, y = steps_apart(n, r)
             if self.force:
                 forced.append(d)
+                off = apart(n, r, y) if d > 0.5 else 0
+                flips[0] += off
+                flips[1] += r.numel()
+                if off and not first_flip:
+                    first_flip.append(str(n.meta[QDQ_META]))
                 return torch.from_numpy(y).reshape(r.shape) if y.size == r.numel() else r
             if d > 1.0 + 1e-3 and not first:
-                off = int((np.abs(r.numpy() - y.reshape(r.shape)) > 0.5 * steps[n.name]).sum()) \
-                    if y.size == r.numel() else r.numel()
                 first.append(f"quantizer {n.meta[QDQ_META]} (node {n.name}): max |diff| {d:.2f} steps "
-                             f"({off} of {r.numel()} values differ)")
+                             f"({apart(n, r, y)} of {r.numel()} values differ)")
             return r
 
     with torch.no_grad():
@@ -214,4 +246,5 @@ def quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Te
         out = Compare(force=True).run(*x)
     out = out[0] if isinstance(out, tuple | list) else out
     out_np = out.detach().float().numpy() if isinstance(out, torch.Tensor) else None
-    return (first[0] if first else None), max(forced, default=0.0), out_np
+    return StageParity(first[0] if first else None, max(forced, default=0.0), out_np, flips[0], flips[1],
+                       first_flip[0] if first_flip else None)

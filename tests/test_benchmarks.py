@@ -83,6 +83,15 @@ def test_bench_zoo_report_lists_failures(tmp_path):
     assert "[1/3]" not in proc.stdout and text in proc.stdout + "\n"
     assert "2 of 3" in text and "1 with end-to-end parity" in text and "1 (vgg13) faithful at every quantizer" in text
     assert "| ok, amplified (stage by stage 1.00 steps) |" in text and "| alexnet |" in text
+    # a row judged by lower()'s noise-floor criterion shows ONNX Runtime's figure and the floor's side by side
+    faithful = {**ok, "model": "vgg16", "strict_parity": False, "forced_max_steps": 1.0, "max_diff_steps": 13.0,
+                "criterion": "faithful: within PyTorch's own noise floor", "floor_steps": 18.0}
+    (out / "vgg16.json").write_text(json.dumps(faithful))
+    proc = _tool("bench_zoo.py", "--models", "alexnet,vgg16", "--out", str(out), cwd=tmp_path)
+    text = (out / "results.md").read_text()
+    assert proc.returncode == 0 and "1 (vgg16) faithful at every quantizer" in text, proc.stderr[-2000:]
+    assert "no further than PyTorch's own noise floor allows" in text
+    assert "| ok, faithful (ONNX Runtime 13.00 steps, PyTorch's own noise floor 18.00) |" in text
 
 
 def test_bench_search_smoke(tmp_path):

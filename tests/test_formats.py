@@ -217,8 +217,8 @@ def test_float_layers_reading_one_tensor_share_one_dequantize(tmp_path, hw) -> N
     assert len(channels) == 1 and len(channels[0].users) == 2
     rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], samples=16, measure=False)
     assert rep.passed
-    first, forced, _ = quantizer_parity(lowered, tmp_path / "m.onnx", (x,), 8)
-    assert first is None and forced <= 1 and len(qdq_nodes(lowered)) >= 2
+    stages = quantizer_parity(lowered, tmp_path / "m.onnx", (x,), 8)
+    assert stages.diverging is None and stages.forced_max_steps <= 1 and len(qdq_nodes(lowered)) >= 2
 
 
 def test_a_max_pool_of_float_values_stays_float_in_onnx_runtime(tmp_path) -> None:
