@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_policy import policy_key
 from common import train_fp32
 from peer_report import render_report
 
@@ -93,11 +93,6 @@ class Recipe:
 SMOKE = Recipe(fp32_epochs=1, indicator_steps=2, hessian_batches=1, hessian_probes=1, finetune_steps=2,
                val_images=64, test_samples=128, rank_policies=4, fp32_limit=512, calib=32, measure_batches=1,
                verify_count=4, val_batch=32)
-
-
-def policy_key(policy: fxmpq.Policy) -> str:
-    """A short stable hash of a complete policy (runs of identical policies are shared)."""
-    return hashlib.sha1(json.dumps(sorted((n, list(p)) for n, p in policy.items())).encode()).hexdigest()[:12]
 
 
 def hardware_file(out: Path) -> Path:
