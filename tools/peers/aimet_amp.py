@@ -68,11 +68,11 @@ Exit status 2 with one error line for a bad job file or a missing peer package.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
-import pickle
 import sys
 import time
 import warnings
@@ -362,6 +362,27 @@ class State:
         return fxmpq.Policy(bits).complete(analysis)
 
 
+@contextlib.contextmanager
+def phase1_list(algo_cls: Any) -> Any:
+    """AIMET's phase-1 list as its algorithm returns it, kept in memory.
+
+    AIMET also caches that list as a pickle under results_dir; the adapter never reads it (no unpickling).
+    """
+    lists: list[list] = []
+    original = algo_cls._create_and_save_accuracy_list
+
+    def capture(self: Any, baseline_candidate: Any) -> Any:
+        out = original(self, baseline_candidate)
+        lists.append(list(out))
+        return out
+
+    algo_cls._create_and_save_accuracy_list = capture
+    try:
+        yield lists
+    finally:
+        algo_cls._create_and_save_accuracy_list = original
+
+
 def bits_of(candidate: tuple) -> tuple[int, int | None]:
     """(activation bits, parameter bits or None) of an AIMET candidate."""
     if len(candidate) == 1:
@@ -489,13 +510,15 @@ def main(argv: list[str]) -> int:
     say(f"sim ready in {t_sim:.1f} s: {len(groups)} AIMET quantizer groups")
     candidates = candidates_of(pairs)
     t1 = time.perf_counter()
-    pareto = aimet["choose_mixed_precision"](
-        sim, dummy, candidates, phase1_callback(), CallbackFunc(top1, None), allowed_accuracy_drop=None,
-        results_dir=str(results_dir), clean_start=True, forward_pass_callback=CallbackFunc(calib_fn, calib),
-        amp_search_algo=aimet["AMPSearchAlgo"].BruteForce)
+    with phase1_list(aimet["GreedyMixedPrecisionAlgo"]) as lists:
+        pareto = aimet["choose_mixed_precision"](
+            sim, dummy, candidates, phase1_callback(), CallbackFunc(top1, None), allowed_accuracy_drop=None,
+            results_dir=str(results_dir), clean_start=True, forward_pass_callback=CallbackFunc(calib_fn, calib),
+            amp_search_algo=aimet["AMPSearchAlgo"].BruteForce)
     t_amp = time.perf_counter() - t1
-    with open(results_dir / ".cache" / "accuracy_list.pkl", "rb") as f:
-        accuracy_list = pickle.load(f)  # AIMET's phase-1 list, written by itself: (group, candidate, score, bitops)
+    if len(lists) != 1:
+        raise RuntimeError(f"AIMET built its phase-1 list {len(lists)} times in one search (expected once)")
+    accuracy_list = lists[0]  # (group, candidate, score, bitops), in AIMET's greedy order
     amp_info = {}
     info_path = results_dir / "amp_info_list.json"
     if info_path.is_file():
