@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 
 from . import models
-from .analysis import Analysis
-from .budget import Budget
-from .candidates import Candidate, CandidateSet, candidates
-from .deploy import ort_session
+from .capture.graph import trace
+from .capture.record import LayerRecord
+from .core.options import QuantOptions, SearchOptions, TrainOptions
+from .cost.analysis import Analysis
+from .cost.budget import Budget
+from .cost.policy import Policy
 from .errors import (
     ArgumentError,
     BudgetError,
@@ -24,21 +26,21 @@ from .errors import (
     PolicyError,
     TraceError,
 )
-from .export import LowerReport, lower
-from .graph import trace
-from .hardware import HardwareSpec, LayerKind, Pins, builtin_hardware, load_hardware
-from .hessian import hessian_indicators
-from .indicators import Cleaning, Indicators
+from .export.deploy import ort_session
+from .export.lower import LowerReport, lower
+from .hardware.spec import HardwareSpec, LayerKind, Pins, builtin_hardware, load_hardware
 from .pipeline import QuantizedModel, accuracy, quantize
-from .policy import Policy
-from .quant_model import QuantModel
-from .record import LayerRecord
-from .search import ParetoResult, SearchResult, SearchStatus, pareto, search
-from .sensitivity import measured_indicators
+from .policy_search.api import ParetoResult, SearchResult, SearchStatus, pareto, search
+from .policy_search.candidates import Candidate, CandidateSet, candidates
+from .policy_search.hessian import hessian_indicators
+from .policy_search.indicators import Cleaning, Indicators
+from .policy_search.sensitivity import measured_indicators
+from .policy_search.verify import verify
+from .quant.quant_model import QuantModel
+from .quant.storage import Storage
 from .stages import analyze, apply_policy, prepare
-from .storage import Storage
-from .train import TrainStats, finetune, indicators_from_model, train_indicators
-from .verify import verify
+from .train.loop import TrainStats, indicators_from_model
+from .train.trainings import finetune, train_indicators
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -71,11 +73,14 @@ __all__ = [
     "Policy",
     "PolicyError",
     "QuantModel",
+    "QuantOptions",
     "QuantizedModel",
+    "SearchOptions",
     "SearchResult",
     "SearchStatus",
     "Storage",
     "TraceError",
+    "TrainOptions",
     "TrainStats",
     "__version__",
     "accuracy",

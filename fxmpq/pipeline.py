@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
-from collections.abc import Sequence
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,40 +13,43 @@ from typing import Any
 import torch
 from torch import nn
 
-from .analysis import Analysis
-from .atomic import check_writable, remove_stale_temps
-from .batches import check_data, split_batch
-from .budget import Budget
-from .candidates import DEFAULT_COUNT, CandidateSet, as_result
-from .devices import as_device
+from .capture.graph import as_input_tuple, refuse_quantized
+from .core.atomic import check_writable, remove_stale_temps
+from .core.batches import check_data, split_batch
+from .core.devices import as_device
+from .core.jsonio import dump_json
+from .core.options import QuantOptions, SearchOptions, TrainOptions
+from .core.workdir import (
+    ARTEFACTS,
+    AUDIT_JSON,
+    CANDIDATES_JSON,
+    FINETUNE_CKPT,
+    INDICATORS_CKPT,
+    INDICATORS_JSON,
+    MODEL_ONNX,
+    POLICY_JSON,
+    SEARCH_JSON,
+    SUMMARY_JSON,
+)
+from .cost.analysis import Analysis
+from .cost.budget import Budget
+from .cost.policy import Policy
 from .errors import ArgumentError, CheckpointError, DataError, FxmpqError, IndicatorError
-from .export import LowerReport, lower
-from .graph import as_input_tuple, refuse_quantized
-from .hardware import HardwareSpec, load_hardware
-from .indicators import Indicators
-from .jsonio import dump_json
-from .policy import Policy
-from .quant_model import QuantModel
-from .search import SearchResult, check_feasible, pareto
-from .selection import VerifyOptions, select_policy
+from .export.lower import LowerReport, lower
+from .hardware.spec import HardwareSpec, load_hardware
+from .policy_search.api import SearchResult, check_feasible, pareto
+from .policy_search.candidates import DEFAULT_COUNT, CandidateSet, as_result
+from .policy_search.indicators import Indicators
+from .policy_search.selection import VerifyOptions, select_policy
+from .policy_search.targets import check_goal, parse_goal
+from .quant.quant_model import QuantModel
 from .stages import apply_policy, prepare
-from .targets import check_goal, parse_goal
-from .train import CHECKPOINT_EVERY, finetune, train_indicators
-from .train_state import Stage, restore_model_state
+from .train.train_state import Stage, restore_model_state
+from .train.trainings import finetune, train_indicators
 
 log = logging.getLogger(__name__)
 
 __all__ = ["QuantizedModel", "accuracy", "quantize"]
-
-# Artefact names inside a work directory (each stage's output; a re-run resumes from what is there).
-INDICATORS_JSON = "indicators.json"
-INDICATORS_CKPT = "indicators.ckpt"
-SEARCH_JSON = "search.json"
-CANDIDATES_JSON = "candidates.json"
-POLICY_JSON = "policy.json"
-FINETUNE_CKPT = "finetune.pt"
-SUMMARY_JSON = "summary.json"
-AUDIT_JSON = "audit.json"
 
 PAPER_BITS = (2, 3, 4, 5, 6)  # the paper's candidate bit-widths
 
@@ -59,12 +63,6 @@ def default_bits(hw: HardwareSpec) -> tuple[tuple[int, ...], tuple[int, ...] | N
         return tuple(hw.weight_bits), tuple(hw.act_bits)
     both = sorted(set(hw.weight_bits) & set(hw.act_bits))
     return tuple(b for b in PAPER_BITS if b in both) or tuple(both), None
-
-
-PLOTS = ("bits_per_layer.png", "indicators.png", "pareto.png")
-MODEL_ONNX = "model.onnx"
-ARTEFACTS = (INDICATORS_JSON, INDICATORS_CKPT, SEARCH_JSON, CANDIDATES_JSON, POLICY_JSON, FINETUNE_CKPT, SUMMARY_JSON, *PLOTS,
-             MODEL_ONNX, AUDIT_JSON)
 
 
 @dataclass
@@ -198,29 +196,13 @@ def quantize(
     example_inputs: Any,
     *,
     hardware: str | HardwareSpec = "bitops",
-    bits: Sequence[int] | None = None,
-    indicator_epochs: int = 1,
-    finetune_epochs: int = 1,
-    alpha: float = 2.0,
-    lr: float = 0.01,
-    finetune_lr: float | None = None,
     val_data: Any = None,
     work_dir: str | Path | None = None,
-    device: str | torch.device | None = None,
-    per_channel: bool = False,
-    distill: bool = True,
-    max_steps: int | None = None,
-    model_factory: str | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    indicator_data: Any = None,
+    quant: QuantOptions | None = None,
+    search: SearchOptions | None = None,
+    train: TrainOptions | None = None,
     export: bool = True,
-    checkpoint_every: int | None = CHECKPOINT_EVERY,
-    act_bits: Sequence[int] | None = None,
-    verify: int | bool = DEFAULT_COUNT,
-    verify_batches: int | None = None,
-    minimize: str | None = None,
+    **legacy: Any,
 ) -> QuantizedModel:
     """FP32 model + data + budget -> a fine-tuned mixed-precision QuantModel (LIMPQ), every stage kept.
 
@@ -256,7 +238,21 @@ def quantize(
     of `data` is often enough); fine-tuning always uses `data`. `model_factory` ("package.module:function", a
     torchvision or fxmpq.models name) and `model_kwargs` are recorded in the checkpoints, so that
     `fxmpq lower <work_dir>` can rebuild the model later.
+
+    The options come as objects: `quant=QuantOptions(bits, act_bits, per_channel)`,
+    `search=SearchOptions(alpha, verify, verify_batches, minimize)`, `train=TrainOptions(indicator_epochs,
+    finetune_epochs, lr, finetune_lr, distill, max_steps, seed, device, progress, checkpoint_every, indicator_data,
+    model_factory, model_kwargs)`; each field as a keyword of its own (`bits=...`) still works for one release,
+    with a DeprecationWarning.
     """
+    quant, search, train = _options(quant, search, train, legacy)
+    bits, act_bits, per_channel = quant.bits, quant.act_bits, quant.per_channel
+    alpha, verify, verify_batches, minimize = search.alpha, search.verify, search.verify_batches, search.minimize
+    t = train
+    indicator_epochs, finetune_epochs, lr, finetune_lr, distill = (t.indicator_epochs, t.finetune_epochs, t.lr,
+                                                                   t.finetune_lr, t.distill)
+    max_steps, seed, device, progress, checkpoint_every = t.max_steps, t.seed, t.device, t.progress, t.checkpoint_every
+    indicator_data, model_factory, model_kwargs = t.indicator_data, t.model_factory, t.model_kwargs
     if isinstance(model, nn.Module):
         refuse_quantized(model, "quantize")
     hw = load_hardware(hardware)
@@ -365,6 +361,37 @@ def quantize(
     return out
 
 
+_GROUPS = {"quant": QuantOptions, "search": SearchOptions, "train": TrainOptions}
+_LEGACY = {f.name: g for g, cls in _GROUPS.items() for f in dataclasses.fields(cls)}
+
+
+def _options(quant: Any, search: Any, train: Any, legacy: dict[str, Any]
+             ) -> tuple[QuantOptions, SearchOptions, TrainOptions]:
+    """The three option objects, with quantize()'s old keywords (one per field) folded in under a
+    DeprecationWarning; TypeError for a keyword quantize() never had, ArgumentError for a wrong object or a field
+    given twice."""
+    unknown = [k for k in legacy if k not in _LEGACY]
+    if unknown:
+        raise TypeError(f"quantize() got an unexpected keyword argument {unknown[0]!r}")
+    given = {"quant": quant, "search": search, "train": train}
+    out = {}
+    for g, cls in _GROUPS.items():
+        obj = given[g]
+        if obj is not None and not isinstance(obj, cls):
+            raise ArgumentError(f"quantize: {g}= must be a fxmpq.{cls.__name__}, found {type(obj).__name__}")
+        fields = {k: v for k, v in legacy.items() if _LEGACY[k] == g}
+        if obj is not None and fields:
+            raise ArgumentError(f"quantize: {', '.join(f'{k}=' for k in fields)} and {g}= both given; set "
+                                f"{'it' if len(fields) == 1 else 'them'} in the {cls.__name__} only")
+        out[g] = dataclasses.replace(obj or cls(), **fields)
+    if legacy:
+        spelled = ", ".join(f"{_GROUPS[_LEGACY[k]].__name__}({k}=...)" for k in legacy)
+        warnings.warn(f"quantize({', '.join(f'{k}=' for k in legacy)}) is deprecated: pass {spelled} as "
+                      f"quant=/search=/train=; the separate keywords go in the next release",
+                      DeprecationWarning, stacklevel=3)
+    return out["quant"], out["search"], out["train"]
+
+
 def _verify_count(verify: Any) -> int:
     """quantize()'s `verify` as a number of candidates (True: the default 16; False or 0: off); ArgumentError
     otherwise."""
@@ -428,7 +455,7 @@ def _resume_joint_state(qmodel: QuantModel, ckpt: Path) -> None:
 def _plots(analysis: Analysis, indicators: Indicators, result: SearchResult, alpha: float,
            wd: Path) -> dict[str, Path]:
     """Bits per layer, indicators per layer and bit, and the BitOps Pareto curve with the chosen point."""
-    from .report import plot_bits, plot_indicators, plot_pareto
+    from .policy_search.report import plot_bits, plot_indicators, plot_pareto
 
     out = {"plot_bits": plot_bits(result.policy, analysis, wd / "bits_per_layer.png"),
            "plot_indicators": plot_indicators(indicators, wd / "indicators.png")}

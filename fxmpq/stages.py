@@ -16,22 +16,23 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .analysis import Analysis
-from .batches import check_inputs
+from .capture.graph import NodeFailure, as_input_tuple, refuse_quantized, run_graph, trace
+from .capture.record import records
+from .core.batches import check_inputs
+from .cost.analysis import Analysis
+from .cost.policy import Policy
 from .errors import ArgumentError, DataError, PolicyError
-from .graph import NodeFailure, as_input_tuple, refuse_quantized, run_graph, trace
-from .hardware import HardwareSpec, Pins, load_hardware
+from .hardware.spec import HardwareSpec, Pins, load_hardware
 from .passes import (
     AnnotateCostPass,
     ApplyPolicyPass,
+    ContiguousBeforeReshapePass,
     InsertFakeQuantPass,
     LowerToQDQPass,
     PassBase,
     run_passes,
 )
-from .policy import Policy
-from .quant_model import QuantModel
-from .record import records
+from .quant.quant_model import QuantModel
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,10 @@ def apply_passes(policy: Policy | Mapping[str, tuple[int, int]], *, output_bits:
     return [ApplyPolicyPass(policy=policy, output_bits=output_bits, hardware=hardware)]
 
 
-def lower_passes(example_inputs: Any = None) -> list[PassBase]:
-    """Rewrite the fixed model into integer weights, int32 biases and QDQ ops (export's input)."""
-    return [LowerToQDQPass(example_inputs=example_inputs)]
+def lower_passes(example_inputs: Any = None, *, accuracy_level: int = 4) -> list[PassBase]:
+    """Rewrite the fixed model into integer weights, int32 biases and QDQ ops, weight-only layers as MatMulNBits at
+    `accuracy_level` (the hardware's matmul_nbits_accuracy_level); the result is exactly the graph export translates."""
+    return [LowerToQDQPass(example_inputs=example_inputs, accuracy_level=accuracy_level), ContiguousBeforeReshapePass()]
 
 
 # ----------------------------------------------------------------------------------------------- the stages

@@ -9,9 +9,9 @@ from types import MappingProxyType
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxmpq.capture.record import records, set_record
 from fxmpq.errors import PolicyError
-from fxmpq.hardware import HardwareSpec, Pins
-from fxmpq.record import records, set_record
+from fxmpq.hardware.spec import HardwareSpec, Pins
 
 log = logging.getLogger(__name__)
 

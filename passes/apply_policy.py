@@ -10,15 +10,15 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxmpq.capture.matcher import bias_arg, layer_input, linear_runs_as_conv, set_weight_arg, weight_arg
+from fxmpq.capture.record import Applied, LayerRecord, record_of, records, set_record
+from fxmpq.core.primitives import container_zero_point
+from fxmpq.cost.policy import Policy
 from fxmpq.errors import PassError, PolicyError
-from fxmpq.formats import INTEGER_KERNEL_BITS, Format, format_name, format_of, integer_kernel
-from fxmpq.hardware import HardwareSpec, LayerKind
-from fxmpq.kernels import AddRounding, BiasRounding
-from fxmpq.matcher import bias_arg, layer_input, linear_runs_as_conv, set_weight_arg, weight_arg
-from fxmpq.policy import Policy
-from fxmpq.primitives import container_zero_point
-from fxmpq.quant import QUANT_LAYER_TYPES, LSQQuantizer, to_plain_layer
-from fxmpq.record import Applied, LayerRecord, record_of, records, set_record
+from fxmpq.hardware.formats import INTEGER_KERNEL_BITS, Format, format_name, format_of, integer_kernel
+from fxmpq.hardware.spec import HardwareSpec, LayerKind
+from fxmpq.quant.kernels import AddRounding, BiasRounding
+from fxmpq.quant.lsq import QUANT_LAYER_TYPES, LSQQuantizer, to_plain_layer
 
 from .patterns import (
     add_operands,

@@ -11,17 +11,17 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxmpq.capture.matcher import emit_call, layer_input, set_weight_arg, weight_arg
+from fxmpq.capture.record import LayerRecord, QuantSites, records, set_record
 from fxmpq.errors import PassError
-from fxmpq.hardware import LayerKind
-from fxmpq.matcher import emit_call, layer_input, set_weight_arg, weight_arg
-from fxmpq.quant import (
+from fxmpq.hardware.spec import LayerKind
+from fxmpq.quant.lsq import (
     QUANT_LAYER_TYPES,
     LSQQuantizer,
     SwitchableBatchNorm1d,
     SwitchableBatchNorm2d,
     to_quant_layer,
 )
-from fxmpq.record import LayerRecord, QuantSites, records, set_record
 
 from .patterns import is_nonnegative, layer_weight, set_submodule
 

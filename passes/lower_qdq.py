@@ -1,15 +1,14 @@
 """LowerToQDQPass: rewrite a fixed QuantModel graph into integer weights, int32 biases and QDQ custom ops.
 
-About 550 lines because it is one pass whose emitters (integer layer, weight-only MatMulNBits, float layer, matmul, the
-activation quantizers and the float inputs of float layers) share the record, the BatchNorm fold and the naming of
-the lowered buffers; the custom ops, the storage and the ONNX translation live in fxmpq/storage.py and export.py."""
+One pass whose emitters (integer layer, weight-only MatMulNBits, float layer, matmul, the activation quantizers and
+the float inputs of float layers) share the record, the BatchNorm fold and the naming of the lowered buffers; the
+custom ops live in qdq_ops.py, the storage in fxmpq/quant/storage.py, the ONNX translation in fxmpq/export/lower.py."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-import operator
 from typing import Any
 
 import torch
@@ -17,19 +16,28 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxmpq.dead_code import eliminate_dead_code
+from fxmpq.capture.graph import as_input_tuple, constant_value, propagate_shapes
+from fxmpq.capture.matcher import bias_arg, emit_call, layer_input, linear_runs_as_conv, weight_arg
+from fxmpq.capture.record import LayerRecord, Lowered, records, set_record
+from fxmpq.core.dead_code import eliminate_dead_code
+from fxmpq.core.primitives import INT32_MAX, container_zero_point, quantize, round_to_grid
 from fxmpq.errors import ExportError
-from fxmpq.formats import Format, act_container_bits, integer_kernel
-from fxmpq.graph import as_input_tuple, constant_value, propagate_shapes
-from fxmpq.hardware import MAX_ACT_BITS, LayerKind
-from fxmpq.kernels import AddRounding, BiasRounding
-from fxmpq.matcher import bias_arg, emit_call, layer_input, linear_runs_as_conv, weight_arg
-from fxmpq.primitives import INT32_MAX, container_zero_point, fake_quantize, quantize, round_to_grid
-from fxmpq.quant import LSQQuantizer
-from fxmpq.record import LayerRecord, Lowered, records, set_record
-from fxmpq.storage import NBITS_BLOCK, pack_nbits, unpack_nbits
+from fxmpq.hardware.formats import Format, act_container_bits, integer_kernel
+from fxmpq.hardware.spec import MAX_ACT_BITS, LayerKind
+from fxmpq.quant.kernels import AddRounding, BiasRounding
+from fxmpq.quant.lsq import LSQQuantizer
+from fxmpq.quant.storage import NBITS_BLOCK, pack_nbits
 
-from .patterns import bn_module, layer_weight, relu_bounds
+from .patterns import bn_module, keeps_grid, layer_weight, relu_bounds
+from .qdq_ops import (
+    DQ_OP,
+    NBITS_OP,
+    QDQ_CHANNELS_OP,
+    QDQ_OP,
+    dequantize,
+    quantize_dequantize,
+    quantize_dequantize_channels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,92 +48,8 @@ LOWERED = "fxmpq_lowered"  # container module of the integer buffers
 QDQ_META = "fxmpq_qdq"  # node.meta key: the quantizer qualname a quantize_dequantize node came from
 
 
-# ----------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("fxmpq_qdq::quantize_dequantize", mutates_args=())
-def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
-    """ONNX QuantizeLinear(uint8) -> Clip(qmin, qmax) -> DequantizeLinear; qmin/qmax include the zero point."""
-    return fake_quantize(x, scale, qmin - zero_point, qmax - zero_point)
-
-
-@quantize_dequantize.register_fake
-def _(x: torch.Tensor, scale: torch.Tensor, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("fxmpq_qdq::dequantize", mutates_args=())
-def dequantize(q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
-    """ONNX DequantizeLinear of an integer tensor (no zero point), per channel along `axis` when scale is 1-D."""
-    s = scale
-    if scale.dim() == 1:
-        shape = [1] * q.dim()
-        shape[axis] = -1
-        s = scale.reshape(shape)
-    return q.to(torch.float32) * s
-
-
-@dequantize.register_fake
-def _(q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
-    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
-
-
-@torch.library.custom_op("fxmpq_qdq::quantize_dequantize_channels", mutates_args=())
-def quantize_dequantize_channels(x: torch.Tensor, scale: torch.Tensor, zero_point: int, qmin: int, qmax: int,
-                                 axis: int, channels: int) -> torch.Tensor:
-    """quantize_dequantize whose DequantizeLinear carries the (one) scale repeated per channel along `axis`.
-
-    The same values as quantize_dequantize. It feeds float layers: ONNX Runtime (WeightBiasQuantization, 1.20+)
-    quantizes the float weights of a Conv/Gemm whose input comes from a per-tensor DequantizeLinear and runs the
-    layer as an integer kernel, which is not the float layer the policy asked for; a per-channel scale is outside
-    that rewrite.
-    """
-    return fake_quantize(x, scale, qmin - zero_point, qmax - zero_point)
-
-
-@quantize_dequantize_channels.register_fake
-def _(x: torch.Tensor, scale: torch.Tensor, zero_point: int, qmin: int, qmax: int, axis: int,
-      channels: int) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("fxmpq_qdq::matmul_nbits", mutates_args=())
-def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, k: int, n: int,
-                 bits: int, block_size: int, accuracy_level: int) -> torch.Tensor:
-    """com.microsoft MatMulNBits (default zero point 2^(b-1), one scale per output channel and block) plus the bias,
-    computed in float: ONNX Runtime's accuracy_level 0 (fp32 compute); level 4 quantizes x per block to int8."""
-    q = unpack_nbits(packed, k, bits).to(torch.float32)
-    blocks = packed.shape[1]
-    s = scales.reshape(n, blocks).repeat_interleave(block_size, dim=1)[:, :k]
-    return torch.nn.functional.linear(x, q * s, bias)
-
-
-@matmul_nbits.register_fake
-def _(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, k: int, n: int,
-      bits: int, block_size: int, accuracy_level: int) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], n))
-
-
-QDQ_OP = torch.ops.fxmpq_qdq.quantize_dequantize.default
-NBITS_OP = torch.ops.fxmpq_qdq.matmul_nbits.default
-QDQ_CHANNELS_OP = torch.ops.fxmpq_qdq.quantize_dequantize_channels.default
-DQ_OP = torch.ops.fxmpq_qdq.dequantize.default
-
 
 # ----------------------------------------------------------------------------------------------- the pass
-_GRID_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout2d)
-_GRID_FUNCTIONS = {torch.flatten, torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d,
-                   torch.max_pool2d, torch.nn.functional.dropout, operator.getitem}
-_GRID_METHODS = {"view", "reshape", "flatten", "contiguous", "permute", "transpose", "squeeze", "unsqueeze"}
-
-
-def _keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether `node` only moves or selects its first input's values (a quantized tensor stays on its grid)."""
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _GRID_MODULES)
-    if node.op == "call_function":
-        return node.target in _GRID_FUNCTIONS
-    return node.op == "call_method" and node.target in _GRID_METHODS
-
-
 def _output_bits(gm: fx.GraphModule, out: fx.Node) -> int | None:
     """The bits of the one quantizer that reads `out` (maybe through a ReLU), None when no single one does."""
     x = out
@@ -250,11 +174,18 @@ class LowerToQDQPass(PassBase):
         else:
             bias = gm.get_parameter(rec.bias) if rec.bias is not None else None
         wq = gm.get_submodule(rec.sites.weight_quantizer) if rec.sites is not None else None
-        if wq is None or wq.active_bits is None:
+        applied = rec.applied  # the format comes from the record (ApplyPolicy's); the quantizer must agree with it
+        running = wq.active_bits if wq is not None else None
+        if running != applied.w_bits:
+            now = "is off" if running is None else f"runs at {running} bits"
+            raise ExportError(f"layer {name}: its applied policy is {applied.format.value} W{applied.w_bits} but its "
+                              f"weight quantizer {now}: the model changed after apply_policy "
+                              f"(set_policy or set_uniform); apply the policy again (fxmpq.apply_policy) before lowering")
+        if applied.format is Format.FLOAT:
             self._lower_float(gm, node, rec, weight, bias)
             return
-        b = wq.active_bits
-        if rec.applied is not None and rec.applied.format is Format.WEIGHT_ONLY:
+        b = applied.w_bits
+        if applied.format is Format.WEIGHT_ONLY:
             self._lower_weight_only(gm, node, rec, weight, bias, wq)
             return
         if b > 8:
@@ -511,7 +442,7 @@ class LowerToQDQPass(PassBase):
         x = layer_input(node)
         src = x
         while isinstance(src, fx.Node) and not (src.op == "call_function" and src.target is QDQ_OP):
-            if not _keeps_grid(gm, src):
+            if not keeps_grid(gm, src):
                 return
             src = src.args[0]
         if not isinstance(src, fx.Node):

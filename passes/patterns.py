@@ -9,32 +9,65 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxmpq.graph import constant_value
-from fxmpq.kernels import AddRounding, BiasRounding
-from fxmpq.matcher import weight_arg
-from fxmpq.quant import LSQQuantizer
-from fxmpq.record import LayerRecord
+from fxmpq.capture.graph import constant_value
+from fxmpq.capture.matcher import weight_arg
+from fxmpq.capture.record import LayerRecord
+from fxmpq.capture.value_ops import (
+    MAX_POOL_FUNCTIONS,
+    MAX_POOL_MODULES,
+    SELECT_FUNCTIONS,
+    SHAPE_FUNCTIONS,
+    SHAPE_METHODS,
+    SHAPE_MODULES,
+)
+from fxmpq.quant.kernels import AddRounding, BiasRounding
+from fxmpq.quant.lsq import LSQQuantizer
 
-__all__ = ["add_operands", "bn_module", "device_of", "is_add_rounding", "is_bias_rounding", "is_bn", "is_max_pool",
-           "is_nonnegative", "is_quantizer", "layer_weight", "relu_bounds", "set_submodule", "sole_user"]
+__all__ = [
+    "add_operands",
+    "bn_module",
+    "device_of",
+    "is_add_rounding",
+    "is_bias_rounding",
+    "is_bn",
+    "is_max_pool",
+    "is_nonnegative",
+    "is_quantizer",
+    "keeps_grid",
+    "layer_weight",
+    "relu_bounds",
+    "set_submodule",
+    "sole_user",
+]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 _NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
-_PASS_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Upsample,
-    LSQQuantizer,
+_PASS_MODULES = (  # sign-preserving: the value ops, averages, interpolation, a quantizer (a grid through zero)
+    *MAX_POOL_MODULES, *SHAPE_MODULES, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample, LSQQuantizer,
 )
 _NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softmax,
                      torch.softmax, torch.abs}
-_PASS_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-                   F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten, F.dropout, operator.getitem,
-                   torch.mean, F.interpolate, torch.max_pool2d, torch.avg_pool1d}
+_PASS_FUNCTIONS = {*SELECT_FUNCTIONS, *SHAPE_FUNCTIONS, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+                   F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.mean, F.interpolate, torch.avg_pool1d}
 _ALL_ARGS_FUNCTIONS = {operator.add, torch.add, operator.mul, torch.mul, torch.cat, torch.stack}
 _NONNEG_METHODS = {"relu", "relu_", "sigmoid", "abs", "softmax"}
-_PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "mean", "permute", "transpose", "squeeze",
-                 "unsqueeze", "max", "__getitem__", "expand", "repeat"}
+_PASS_METHODS = {*SHAPE_METHODS, "mean", "max", "__getitem__", "expand", "repeat"}
+
+
+_GRID_MODULES = MAX_POOL_MODULES + SHAPE_MODULES
+_GRID_FUNCTIONS = SHAPE_FUNCTIONS | SELECT_FUNCTIONS
+_GRID_METHODS = SHAPE_METHODS
+
+
+def keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` only moves or selects its first input's values (a quantized tensor stays on its grid)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _GRID_MODULES)
+    if node.op == "call_function":
+        return node.target in _GRID_FUNCTIONS
+    return node.op == "call_method" and node.target in _GRID_METHODS
 
 
 def is_nonnegative(gm: fx.GraphModule, node: fx.Node, _memo: dict[fx.Node, bool] | None = None) -> bool:
@@ -151,16 +184,14 @@ def is_add_rounding(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), AddRounding)
 
 
-_MAX_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d)
-_MAX_POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, torch.max_pool1d, torch.max_pool2d}
 
 
 def is_max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether `node` max-pools one tensor without returning indices (it commutes with rounding to a grid)."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        return isinstance(m, _MAX_POOL_MODULES) and not m.return_indices
-    if node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS:
+        return isinstance(m, MAX_POOL_MODULES) and not m.return_indices
+    if node.op == "call_function" and node.target in MAX_POOL_FUNCTIONS:
         positional = node.args[6] if len(node.args) > 6 else False  # (input, kernel, stride, padding, dilation, ceil)
         return not (node.kwargs.get("return_indices", False) or positional)
     return False

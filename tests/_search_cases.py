@@ -11,8 +11,8 @@ from models import ResidualNet
 
 import fxmpq
 from fxmpq import Indicators
-from fxmpq.baselines import transplanted_indicators
-from fxmpq.hardware import loads_hardware
+from fxmpq.hardware.spec import loads_hardware
+from fxmpq.policy_search.baselines import transplanted_indicators
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "data" / "limpq_resnet50_indicators.json"

@@ -13,9 +13,9 @@ from torch import nn
 
 import fxmpq
 from fxmpq.errors import HardwareSpecError, PolicyError
-from fxmpq.formats import act_container_bits, integer_kernel
-from fxmpq.hardware import loads_hardware
-from fxmpq.kernels import AddRounding
+from fxmpq.hardware.formats import act_container_bits, integer_kernel
+from fxmpq.hardware.spec import loads_hardware
+from fxmpq.quant.kernels import AddRounding
 
 NPU_TOML = """
 [target]

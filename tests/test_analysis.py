@@ -10,8 +10,8 @@ from models import GroupedNet, PlainCNN, ResidualNet, UntraceableNet
 
 import fxmpq
 from fxmpq import Analysis, LayerKind, Pins, Policy, PolicyError, analyze
-from fxmpq.hardware import loads_hardware
-from fxmpq.record import record_of
+from fxmpq.capture.record import record_of
+from fxmpq.hardware.spec import loads_hardware
 
 X16 = torch.randn(1, 3, 16, 16)
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from models import PlainCNN, ResidualNet
 
+from fxmpq.capture.record import records
 from fxmpq.errors import PolicyError
-from fxmpq.kernels import AddRounding, BiasRounding
 from fxmpq.passes import ApplyPolicyPass, LowerToQDQPass, run_passes
-from fxmpq.quant import LSQQuantizer
-from fxmpq.record import records
+from fxmpq.quant.kernels import AddRounding, BiasRounding
+from fxmpq.quant.lsq import LSQQuantizer
 from fxmpq.stages import apply_policy, prepare
 
 BITS = (2, 3, 4, 5, 6, 7, 8)

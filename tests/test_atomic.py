@@ -1,4 +1,4 @@
-"""fxmpq.atomic: a failing writer leaves the old file intact and no temp file; groups (ONNX + external data)."""
+"""fxmpq.core.atomic: a failing writer leaves the old file intact and no temp file; groups (ONNX + external data)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fxmpq.atomic import atomic_path, atomic_paths, atomic_write_text
-from fxmpq.checkpoint import load_checkpoint, save_checkpoint
+from fxmpq.core.atomic import atomic_path, atomic_paths, atomic_write_text
+from fxmpq.core.checkpoint import load_checkpoint, save_checkpoint
+from fxmpq.core.jsonio import dump_json
 from fxmpq.errors import ArgumentError
-from fxmpq.jsonio import dump_json
 
 
 def _leftovers(d: Path) -> list[str]:
@@ -131,7 +131,7 @@ def test_atomic_paths_rejects_files_in_different_directories(tmp_path):
 
 
 def test_onnx_with_external_data_through_atomic_paths(tmp_path):
-    """What fxmpq.export needs: onnx.save_model with external data refers to the sidecar by its final name."""
+    """What fxmpq.export.lower needs: onnx.save_model with external data refers to the sidecar by its final name."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 

@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxmpq
-from fxmpq.attention import einsum_as_matmul
-from fxmpq.hardware import LayerKind
+from fxmpq.capture.attention import einsum_as_matmul
+from fxmpq.capture.record import records
+from fxmpq.hardware.spec import LayerKind
 from fxmpq.models.vit import small_vit
-from fxmpq.record import records
 
 
 def _coverage(gm: torch.fx.GraphModule, x: torch.Tensor) -> float:

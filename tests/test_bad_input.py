@@ -35,8 +35,8 @@ from fxmpq import (
     PolicyError,
     TraceError,
 )
-from fxmpq.checkpoint import load_checkpoint
-from fxmpq.hardware import loads_hardware
+from fxmpq.core.checkpoint import load_checkpoint
+from fxmpq.hardware.spec import loads_hardware
 from fxmpq.models import build_model, parse_model_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,9 +1,9 @@
-"""fxmpq.baselines: the random and inverted indicators bench_policy compares the learned ones with."""
+"""fxmpq.policy_search.baselines: the random and inverted indicators bench_policy compares the learned ones with."""
 
 from __future__ import annotations
 
 import fxmpq
-from fxmpq.baselines import inverted_indicators, random_indicators
+from fxmpq.policy_search.baselines import inverted_indicators, random_indicators
 
 
 def _indicators() -> fxmpq.Indicators:

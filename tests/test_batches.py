@@ -1,4 +1,4 @@
-"""fxmpq.batches: one DataError per malformed batch, naming the batch, what was expected and what was found."""
+"""fxmpq.core.batches: one DataError per malformed batch, naming the batch, what was expected and what was found."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxmpq.batches import check_data, split_batch
+from fxmpq.core.batches import check_data, split_batch
 from fxmpq.errors import DataError
 
 SHAPES = [(2, 3, 8, 8)]

@@ -13,7 +13,7 @@ import torch
 from models import PlainCNN, TinyAttention
 
 import fxmpq
-from fxmpq.hardware import LayerKind
+from fxmpq.hardware.spec import LayerKind
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"uniform", "fxmpq", "hessian", "random-1", "random-2", "random-3", "inverted"}  # bench_policy's

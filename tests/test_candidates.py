@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import fxmpq
 from fxmpq import ArgumentError, Budget, CandidateSet, InfeasibleBudget, PolicyError, SearchStatus
-from fxmpq.search import ranked
+from fxmpq.policy_search.api import ranked
 
 ANALYSES = {s: small_analysis(s) for s in (False, True)}  # 3 searchable layers, 6 pairs: 216 policies
 BITS = (2, 4, 8)
@@ -128,7 +128,7 @@ def test_bad_arguments(kwargs, match) -> None:
 
 
 def test_front_candidates_are_ordered_by_the_metric_and_hold_the_uniform_policies() -> None:
-    from fxmpq.candidates import front_candidates
+    from fxmpq.policy_search.candidates import front_candidates
 
     analysis, ind, _ = _case(False, 5, 0.5)
     cs = front_candidates(analysis, ind, "bitops", points=8, budget="size<=1e9")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxmpq
-from fxmpq.capture import ShapeTracer
+from fxmpq.capture.tracer import ShapeTracer
 from fxmpq.errors import TraceError
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxmpq.checkpoint import save_checkpoint
 from fxmpq.cli.main import COMMANDS, main
+from fxmpq.core.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = {"analyze", "profile", "train-indicators", "search", "finetune", "lower", "quantize", "report"}

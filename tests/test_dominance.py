@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fxmpq import dominance
-from fxmpq.dominance import nondominated, nondominated_within
+from fxmpq.core import dominance
+from fxmpq.core.dominance import nondominated, nondominated_within
 
 
 def _brute(pts: np.ndarray) -> list[int]:

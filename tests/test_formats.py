@@ -11,8 +11,8 @@ from models import PlainCNN, PoolResNet, ResidualNet
 
 import fxmpq
 from fxmpq.errors import HardwareSpecError, PolicyError
-from fxmpq.formats import Format, format_of
-from fxmpq.hardware import FLOAT, LayerInfo, LayerKind, loads_hardware
+from fxmpq.hardware.formats import Format, format_of
+from fxmpq.hardware.spec import FLOAT, LayerInfo, LayerKind, loads_hardware
 
 FLOAT_TOML = """
 [target]
@@ -171,7 +171,7 @@ def test_a_float_output_after_integer_layers_is_judged_stage_by_stage(tmp_path, 
     """conv1 and fc in float between integer layers: one-step ties upstream move the float logits by far more than
     rtol, so lower() judges each stage (every quantizer within a step, teacher-forced; the float tail within rtol);
     a wrong lowering still fails."""
-    import fxmpq.export as E
+    import fxmpq.export.lower as E
     from fxmpq.passes import LowerToQDQPass, PassBase, PassResult
 
     unpinned = loads_hardware(FLOAT_TOML.replace("[metrics.latency]", "[pins]\nfirst_layer = false\n"
@@ -192,7 +192,7 @@ def test_a_float_output_after_integer_layers_is_judged_stage_by_stage(tmp_path, 
             gm.get_buffer(name).mul_(1.5)
             return PassResult(gm, False)
 
-    monkeypatch.setattr(E, "lower_passes", lambda ex=None: [LowerToQDQPass(example_inputs=ex), Corrupt()])
+    monkeypatch.setattr(E, "lower_passes", lambda ex=None, accuracy_level=4: [LowerToQDQPass(example_inputs=ex), Corrupt()])
     bad = fxmpq.lower(q, tmp_path / "bad.onnx", x[:1], samples=64, check=False, measure=False)
     assert not bad.passed and bad.lowered_max_steps > 1 and bad.lowered_diverging.startswith("quantizer conv2")
 
@@ -203,7 +203,7 @@ def test_float_layers_reading_one_tensor_share_one_dequantize(tmp_path, hw) -> N
     quantizers with the ONNX graph's one to one."""
     import copy
 
-    from fxmpq.parity import qdq_nodes, quantizer_parity
+    from fxmpq.export.parity import qdq_nodes, quantizer_parity
     from fxmpq.passes import run_passes
     from fxmpq.passes.lower_qdq import QDQ_CHANNELS_OP
     from fxmpq.stages import lower_passes

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import fxmpq
 from fxmpq import Budget, FxmpqError, Indicators, Policy
-from fxmpq.hardware import loads_hardware
+from fxmpq.hardware.spec import loads_hardware
 
 ROOT = Path(__file__).resolve().parent.parent
 FEW, MANY = 50, 3000

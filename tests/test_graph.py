@@ -21,8 +21,8 @@ from torch import nn
 
 import fxmpq
 from fxmpq import LayerKind, TraceError, trace
-from fxmpq.matcher import match
-from fxmpq.record import LayerRecord, record_of, records, set_record
+from fxmpq.capture.matcher import match
+from fxmpq.capture.record import LayerRecord, record_of, records, set_record
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fxmpq import HardwareSpec, HardwareSpecError, LayerKind, builtin_hardware, load_hardware
-from fxmpq.hardware import LayerInfo, TermType, loads_hardware, parse_hardware
+from fxmpq.hardware.spec import LayerInfo, TermType, loads_hardware, parse_hardware
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "hardware.md"
 

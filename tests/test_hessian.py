@@ -13,7 +13,7 @@ from torch import nn
 
 import fxmpq
 import fxmpq.hardware_specs
-from fxmpq.hessian import hessian_indicators, mse_step, quantization_error
+from fxmpq.policy_search.hessian import hessian_indicators, mse_step, quantization_error
 
 
 def _half_sq(out: torch.Tensor, _: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""fxmpq.ilp: the HiGHS boundary against brute force on tiny multiple-choice knapsacks, and its status mapping."""
+"""fxmpq.policy_search.ilp: the HiGHS boundary against brute force on tiny multiple-choice knapsacks, and its status mapping."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxmpq import ilp
+from fxmpq.policy_search import ilp
 
 
 def _mckp(cost: np.ndarray, weight: np.ndarray, groups: list[list[int]], cap: float):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxmpq import ArgumentError, Cleaning, Indicators
-from fxmpq.indicators import _pav_decreasing
+from fxmpq.policy_search.indicators import _pav_decreasing
 
 
 def _ind() -> Indicators:

@@ -12,10 +12,10 @@ import torchvision
 from _quant_models import FunctionalNet, TinyNet
 
 import fxmpq
+from fxmpq.capture.graph import trace
 from fxmpq.errors import PassError, PolicyError
-from fxmpq.graph import trace
 from fxmpq.passes import InsertFakeQuantPass, run_passes
-from fxmpq.quant import LSQQuantizer, QuantConv2d, SwitchableBatchNorm2d
+from fxmpq.quant.lsq import LSQQuantizer, QuantConv2d, SwitchableBatchNorm2d
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from fxmpq.kernels import AddRounding, fma_float32
-from fxmpq.primitives import quantize
+from fxmpq.core.primitives import quantize
+from fxmpq.quant.kernels import AddRounding, fma_float32
 
 
 def _exact_fma32(x: float, y: float, z: float) -> float:

@@ -15,7 +15,7 @@ from models import GroupedNet, PlainCNN, PoolResNet, ResidualNet
 from onnx import numpy_helper
 
 from fxmpq.errors import ExportError
-from fxmpq.export import LowerReport, lower, qlinear_counts
+from fxmpq.export.lower import LowerReport, lower, qlinear_counts
 from fxmpq.stages import apply_policy, prepare
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -167,7 +167,7 @@ def test_unsupported_layer_names_the_node(tmp_path):
 
 
 def test_mismatch_fails_loudly_and_names_a_layer(tmp_path, monkeypatch):
-    import fxmpq.export as E
+    import fxmpq.export.lower as E
 
     q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
     real = E.run_torch
@@ -182,7 +182,7 @@ def test_mismatch_fails_loudly_and_names_a_layer(tmp_path, monkeypatch):
 
 def test_a_wrong_stage_is_found_stage_by_stage(tmp_path, monkeypatch):
     """A layer whose weights the file scales wrongly: named as the first divergence, and not faithful."""
-    import fxmpq.export as E
+    import fxmpq.export.lower as E
 
     q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
     real = E._save_model
@@ -222,7 +222,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
 def test_a_failing_export_leaves_the_previous_good_file(tmp_path, monkeypatch):
     """The file is checked before it replaces anything: a parity failure keeps the old model and the failed one
     beside it under another name, and says so."""
-    import fxmpq.export as E
+    import fxmpq.export.lower as E
 
     q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
     path = tmp_path / "m.onnx"
@@ -383,7 +383,7 @@ def test_predicted_latency_in_milliseconds_from_the_hardware_unit(tmp_path):
 
 def test_an_integer_layer_run_in_float_is_flagged(tmp_path, monkeypatch):
     """A layer priced as an integer kernel that ONNX Runtime runs in float is listed (here: the profile says so)."""
-    import fxmpq.audit as export
+    import fxmpq.export.audit as export
 
     q, x, _ = _quantized(PlainCNN(), (1, 3, 16, 16), per_channel=False)
     real = export.profile_nodes
@@ -402,7 +402,7 @@ def test_an_integer_layer_run_in_float_is_flagged(tmp_path, monkeypatch):
 def test_a_wrong_lowering_is_found_against_the_quant_model(tmp_path, monkeypatch):
     """The lowered graph itself wrong (one layer's weight scale off by 1.5x): ONNX Runtime runs it faithfully, so
     only comparing the QuantModel with the lowered graph finds it; the diagnosis must not call it faithful."""
-    import fxmpq.export as E
+    import fxmpq.export.lower as E
     from fxmpq.passes import LowerToQDQPass, PassBase, PassResult
 
     class Corrupt(PassBase):
@@ -413,7 +413,7 @@ def test_a_wrong_lowering_is_found_against_the_quant_model(tmp_path, monkeypatch
             return PassResult(gm, False)
 
     q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
-    monkeypatch.setattr(E, "lower_passes", lambda ex=None: [LowerToQDQPass(example_inputs=ex), Corrupt()])
+    monkeypatch.setattr(E, "lower_passes", lambda ex=None, accuracy_level=4: [LowerToQDQPass(example_inputs=ex), Corrupt()])
     rep = lower(q, tmp_path / "m.onnx", x, samples=16, check=False)
     assert not rep.passed
     assert rep.forced_max_steps is not None and rep.forced_max_steps <= 1  # ORT agrees with the (wrong) graph
@@ -550,7 +550,7 @@ def test_functional_batch_norm_after_a_conv_is_switchable_and_folded(tmp_path):
         "stem", "bn1.batch_norm", "bn1.act", "conv", "bn2.batch_norm", "bn2.act", "fc"]
     assert torch.equal(gm(x), net(x))
     q, x, _ = _quantized(net, (2, 3, 16, 16), False)
-    from fxmpq.quant import SwitchableBatchNorm2d
+    from fxmpq.quant.lsq import SwitchableBatchNorm2d
 
     assert isinstance(q.graph_module.get_submodule("bn2.batch_norm"), SwitchableBatchNorm2d)
     rep = lower(q, tmp_path / "m.onnx", x, samples=16, measure=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from models import PlainCNN
 
-from fxmpq.checkpoint import save_checkpoint, split_state
+from fxmpq.core.checkpoint import save_checkpoint, split_state
 from fxmpq.stages import apply_policy, prepare
 
 ROOT = Path(__file__).resolve().parents[1]

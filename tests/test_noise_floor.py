@@ -1,4 +1,4 @@
-"""Parity judged against the model's own noise floor (fxmpq.noise_floor, fxmpq.verdict): a faithful export whose
+"""Parity judged against the model's own noise floor (fxmpq.export.noise_floor, fxmpq.export.verdict): a faithful export whose
 float ops round differently in ONNX Runtime is written; one noisier than PyTorch is against itself, or with a wrong
 stage, is refused, naming the float op or the stage."""
 
@@ -16,11 +16,11 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 import fxmpq
-import fxmpq.export as E
+import fxmpq.export.lower as E
 from fxmpq.errors import ExportError
+from fxmpq.export.noise_floor import float_op_nodes, float_ops_before, measure_noise_floor, perturb
+from fxmpq.export.verdict import Criterion
 from fxmpq.models import small_vit
-from fxmpq.noise_floor import float_op_nodes, float_ops_before, measure_noise_floor, perturb
-from fxmpq.verdict import Criterion
 
 
 # ----------------------------------------------------------------------------------------------- the perturbation

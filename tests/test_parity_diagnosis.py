@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fxmpq
-from fxmpq.parity import lowering_parity
+from fxmpq.export.parity import lowering_parity
 from fxmpq.passes import run_passes
 from fxmpq.stages import lower_passes
 

@@ -11,11 +11,18 @@ import torch
 from _quant_models import TinyNet
 from torch import nn
 
+from fxmpq.capture.graph import trace
+from fxmpq.capture.record import records
 from fxmpq.errors import ExportError, PassError
-from fxmpq.graph import trace
-from fxmpq.hardware import load_hardware
-from fxmpq.passes import AnnotateCostPass, ApplyPolicyPass, InsertFakeQuantPass, LowerToQDQPass, run_passes
-from fxmpq.record import records
+from fxmpq.hardware.spec import load_hardware
+from fxmpq.passes import (
+    AnnotateCostPass,
+    ApplyPolicyPass,
+    ContiguousBeforeReshapePass,
+    InsertFakeQuantPass,
+    LowerToQDQPass,
+    run_passes,
+)
 from fxmpq.stages import apply_policy, prepare
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -61,6 +68,10 @@ def test_annotate_cost_writes_records_only(tiny) -> None:
     assert [n for n, r in recs.items() if r.pinned] == ["conv1", "fc"]
     assert recs["conv2"].costs[(2, 3)]["bitops"] == recs["conv2"].macs * 6
     assert set(recs["conv2"].costs) == set(load_hardware("bitops").pairs)
+    _golden("annotate_cost_tiny_costs.txt", "".join(  # pins and every format's cost, layer by layer
+        f"{r.name}: pinned={r.pinned} pin_bits={r.pin_bits} "
+        + " ".join(f"{w}x{a}={dict(c)}" for (w, a), c in sorted(r.costs.items(), key=str)) + "\n"
+        for r in recs.values()))
 
 
 def test_insert_fake_quant_golden_and_sites(tiny) -> None:
@@ -137,3 +148,34 @@ def test_lower_needs_a_policy_and_eval_mode(tiny) -> None:
     apply_policy(q, {"conv2": (2, 2), "conv3": (4, 4)}, x)
     with pytest.raises(ExportError, match="eval mode"):
         run_passes(copy.deepcopy(q.graph_module).train(), [LowerToQDQPass()])
+
+
+def test_lower_reads_the_format_from_the_record(tiny) -> None:
+    """A quantizer switched after apply_policy contradicts the record: the lowering refuses, naming the layer."""
+    model, x = tiny
+    q = prepare(model, x, bits=(2, 3, 4))
+    apply_policy(q, POLICY, x)
+    q.weight_quantizer("conv2").active_bits = None  # switched off; the record says W2
+    gm = copy.deepcopy(q.graph_module).eval()
+    with pytest.raises(ExportError, match=r"layer conv2: its applied policy is integer W2 but its weight quantizer "
+                                          r"is off"):
+        run_passes(gm, [LowerToQDQPass(example_inputs=x)])
+
+
+class _Heads(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(x.shape[0], -1) + x.permute(0, 2, 1).flatten(1)
+
+
+def test_contiguous_before_reshape_golden() -> None:
+    gm = trace(_Heads(), torch.randn(2, 3, 4))
+    before = _code(gm)
+    result = run_passes(gm, [ContiguousBeforeReshapePass()])
+    assert result.modified is True
+    _golden("contiguous_reshape_before.txt", before)
+    _golden("contiguous_reshape_after.txt", _code(result.graph_module))
+    x = torch.randn(5, 3, 4)
+    torch.testing.assert_close(result.graph_module(x), _Heads()(x), rtol=0, atol=0)
+    assert run_passes(result.graph_module, [ContiguousBeforeReshapePass()]).modified is False  # idempotent
+    plain = trace(nn.Flatten(), torch.randn(2, 3, 4))
+    assert run_passes(plain, [ContiguousBeforeReshapePass()]).modified is False

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import fxmpq
-import fxmpq.selection as selection
+import fxmpq.policy_search.selection as selection
 from fxmpq import CandidateSet, Policy
 from fxmpq.cli.main import main
-from fxmpq.datasets import load_digits
+from fxmpq.core.datasets import load_digits
 
 X = torch.randn(1, 1, 16, 16)
 KW = {"max_steps": 1, "finetune_epochs": 0, "progress": False, "export": False, "checkpoint_every": None}

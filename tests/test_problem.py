@@ -10,8 +10,8 @@ from _search_cases import monotone_indicators, policies, small_analysis
 
 import fxmpq
 from fxmpq import ArgumentError, Indicators, InfeasibleBudget
-from fxmpq.dominance import nondominated
-from fxmpq.problem import Problem, candidate_pairs, infeasible_budget
+from fxmpq.core.dominance import nondominated
+from fxmpq.policy_search.problem import Problem, candidate_pairs, infeasible_budget
 
 ANALYSES = {s: small_analysis(s) for s in (False, True)}
 BITS = (2, 4, 8)

@@ -1,6 +1,6 @@
 """Measured hardware files: the file profile_hw writes, the totals it predicts, and every way it is refused.
 
-The files here are written by fxmpq.profiling.HardwareProfile.to_toml from made-up numbers (no timing), for the
+The files here are written by fxmpq.profiling.profile.HardwareProfile.to_toml from made-up numbers (no timing), for the
 layers of a tiny model traced at a given input shape, as tools/profile_hw.py would write them.
 """
 
@@ -11,10 +11,10 @@ import torch
 from models import PlainCNN, ResidualNet
 
 import fxmpq
-from fxmpq.baselines import random_indicators
 from fxmpq.errors import HardwareSpecError, PolicyError
-from fxmpq.hardware import FLOAT, LayerSignature, load_hardware
-from fxmpq.profiling import INT8, HardwareProfile, LayerProfile, ort_target
+from fxmpq.hardware.spec import FLOAT, LayerSignature, load_hardware
+from fxmpq.policy_search.baselines import random_indicators
+from fxmpq.profiling.profile import INT8, HardwareProfile, LayerProfile, ort_target
 
 REMAINDER = 0.125
 

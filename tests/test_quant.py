@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxmpq.errors import PolicyError
-from fxmpq.quant import LSQQuantizer, SwitchableBatchNorm2d, lsq_fake_quant
+from fxmpq.quant.lsq import LSQQuantizer, SwitchableBatchNorm2d, lsq_fake_quant
 
 
 def _reference(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, g: float) -> torch.Tensor:

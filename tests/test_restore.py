@@ -1,4 +1,4 @@
-"""fxmpq.restore: a fine-tuning checkpoint rebuilds the same QuantModel; indicator-training ones are refused."""
+"""fxmpq.train.restore: a fine-tuning checkpoint rebuilds the same QuantModel; indicator-training ones are refused."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from models import PlainCNN
 
 import fxmpq
 from fxmpq.errors import CheckpointError
-from fxmpq.restore import find_checkpoint, load_quantized
+from fxmpq.train.restore import find_checkpoint, load_quantized
 
 BITS = (2, 3, 4)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxmpq.checkpoint import load_checkpoint
+from fxmpq.core.checkpoint import load_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 

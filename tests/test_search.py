@@ -35,8 +35,8 @@ from fxmpq import (
     InfeasibleBudget,
     SearchStatus,
 )
-from fxmpq.hardware import loads_hardware
-from fxmpq.search import check_feasible
+from fxmpq.hardware.spec import loads_hardware
+from fxmpq.policy_search.api import check_feasible
 
 ANALYSES = {s: small_analysis(s) for s in (False, True)}
 

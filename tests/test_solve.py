@@ -1,4 +1,4 @@
-"""The solver (fxmpq.solve): brute force on random instances, feasibility re-checked, DP and HiGHS agree, plain HiGHS."""
+"""The solver (fxmpq.policy_search.solve): brute force on random instances, feasibility re-checked, DP and HiGHS agree, plain HiGHS."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxmpq
-from fxmpq import Budget, Indicators, SearchStatus, ilp
-from fxmpq.problem import Problem
-from fxmpq.solve import Solver
+from fxmpq import Budget, Indicators, SearchStatus
+from fxmpq.policy_search import ilp
+from fxmpq.policy_search.problem import Problem
+from fxmpq.policy_search.solve import Solver
 
 
 class MipOnly(Solver):

@@ -14,10 +14,10 @@ from models import PoolResNet, ResidualNet
 from onnx import TensorProto, numpy_helper
 
 import fxmpq
-from fxmpq.export import lower, qlinear_counts
-from fxmpq.record import records
+from fxmpq.capture.record import records
+from fxmpq.export.lower import lower, qlinear_counts
+from fxmpq.quant.storage import Storage, widen
 from fxmpq.stages import apply_policy, prepare
-from fxmpq.storage import Storage, widen
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 MIXED = (2, 4, 8, 3, 5)  # the searchable layers' weight bits, in turn

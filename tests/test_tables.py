@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fxmpq.tables import render
+from fxmpq.core.tables import render
 
 
 def test_render_pads_and_aligns() -> None:

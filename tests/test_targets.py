@@ -12,7 +12,7 @@ import fxmpq
 import fxmpq.pipeline as pipeline
 from fxmpq import ArgumentError, Budget, BudgetError
 from fxmpq.cli.main import main
-from fxmpq.targets import parse_goal
+from fxmpq.policy_search.targets import parse_goal
 
 X = torch.randn(1, 3, 16, 16)
 DATA = [(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))] * 2

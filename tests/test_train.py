@@ -7,9 +7,9 @@ import torch
 from _quant_models import TinyNet, random_batches
 
 import fxmpq
-from fxmpq.checkpoint import load_checkpoint, save_checkpoint
+from fxmpq.core.checkpoint import load_checkpoint, save_checkpoint
 from fxmpq.errors import ArgumentError, CheckpointError, DataError, PolicyError
-from fxmpq.indicators import Indicators
+from fxmpq.policy_search.indicators import Indicators
 
 BITS = (2, 3, 4)
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import fxmpq
 from fxmpq import ArgumentError, Candidate, CandidateSet, Indicators, Policy, PolicyError
-from fxmpq.hardware import loads_hardware
+from fxmpq.hardware.spec import loads_hardware
 
 HW = loads_hardware("""
 [target]

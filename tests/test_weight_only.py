@@ -13,11 +13,11 @@ from onnx import numpy_helper
 from torch import nn
 
 import fxmpq
+from fxmpq.core.primitives import quantize
 from fxmpq.errors import HardwareSpecError, PolicyError
-from fxmpq.formats import Format, format_of
-from fxmpq.hardware import LayerInfo, LayerKind, loads_hardware
-from fxmpq.kernels import int8_activation_bound
-from fxmpq.primitives import quantize
+from fxmpq.hardware.formats import Format, format_of
+from fxmpq.hardware.spec import LayerInfo, LayerKind, loads_hardware
+from fxmpq.quant.kernels import int8_activation_bound
 
 WO_TOML = """
 [target]

@@ -4,7 +4,7 @@
 
 Times --steps steps of joint indicator training without checkpoints (the median step), then the median of 20
 training checkpoints written the way the loop writes them (model, optimizer and random state; write, fsync,
-rename), and reports the overhead of checkpointing every N steps (fxmpq.train.CHECKPOINT_EVERY by default) as a
+rename), and reports the overhead of checkpointing every N steps (fxmpq.train.loop.CHECKPOINT_EVERY by default) as a
 share of the training time.
 """
 
@@ -21,8 +21,8 @@ import torch
 import fxmpq
 from fxmpq.cli import parse_shape
 from fxmpq.models import build_model
-from fxmpq.train import CHECKPOINT_EVERY
-from fxmpq.train_state import Stage, save_state
+from fxmpq.train.loop import CHECKPOINT_EVERY
+from fxmpq.train.train_state import Stage, save_state
 
 
 def _step_times(q: fxmpq.QuantModel, data: list, steps: int) -> list[float]:

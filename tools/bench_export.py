@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 import torchvision
 
-from fxmpq.export import export_fp32, lower, qlinear_counts
+from fxmpq.export.lower import export_fp32, lower, qlinear_counts
 from fxmpq.stages import apply_policy, prepare
 
 BITS = (2, 3, 4, 5, 6, 7, 8)

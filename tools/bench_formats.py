@@ -3,11 +3,11 @@
     python tools/bench_formats.py [--threads 1] [--repeats 100] [--warmup 10] [--smoke]
 
 One Conv2d(128, 128, 3x3) at 28x28 and one Linear(768, 3072) on 16 tokens (random weights, seeded), each exported
-by fxmpq (prepare on fxmpq.profiling.ort_target(), apply_policy at the format, lower with its parity check) in
+by fxmpq (prepare on fxmpq.profiling.profile.ort_target(), apply_policy at the format, lower with its parity check) in
 every format it offers the layer: float, W8A8, W4A8 (8-bit containers), W4A8 packed (INT4 initializers) opened
 plainly and opened with fxmpq.ort_session (widened to INT8 in memory), W8A16 (uint16 activations) and, for the
 linear layer, weight-only W2/W4/W8 (MatMulNBits, accuracy level 4). All sessions are timed in interleaved rounds
-(fxmpq.measure.time_sessions, batch 1, `--threads` intra-op threads, thread CPU clock at one thread; medians).
+(fxmpq.export.measure.time_sessions, batch 1, `--threads` intra-op threads, thread CPU clock at one thread; medians).
 Prints a Markdown table: the ORT op that computes the layer (from ORT's profiler), median ms, ratio to float,
 the bytes of the file's initializers (weights, bias, scales), the file's bytes, and parity. `--smoke`: small layers, 3 repeats.
 """
@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 import fxmpq
-from fxmpq.audit import INTEGER_KERNELS
-from fxmpq.deploy import deployable
-from fxmpq.formats import format_name
-from fxmpq.measure import TimingOptions, profile_nodes, session, time_sessions
-from fxmpq.profiling import ort_target
-from fxmpq.storage import initializer_bytes
+from fxmpq.export.audit import INTEGER_KERNELS
+from fxmpq.export.deploy import deployable
+from fxmpq.export.measure import TimingOptions, profile_nodes, session, time_sessions
+from fxmpq.hardware.formats import format_name
+from fxmpq.profiling.profile import ort_target
+from fxmpq.quant.storage import initializer_bytes
 
 LAYOUT_OPS = {"QuantizeLinear", "DequantizeLinear", "Transpose", "Reshape", "ReorderInput", "ReorderOutput",
               "Flatten", "Clip"}

@@ -4,7 +4,7 @@
                                [--repeats 100] [--warmup 5] [--calib 8] [--profile] [--out DIR]
                                [--also LABEL=PATH_WITH_{model} ...]
 
-For each torchvision model (random weights, seeded): the FP32 ONNX model (fxmpq.export.export_fp32); ONNX Runtime's
+For each torchvision model (random weights, seeded): the FP32 ONNX model (fxmpq.export.lower.export_fp32); ONNX Runtime's
 quantize_static on it (after quant_pre_process, the pre-processing ONNX Runtime recommends: QDQ format, per-channel
 QInt8 weights, QUInt8 activations, MinMax calibration on `--calib` random inputs through a CalibrationDataReader);
 and fxmpq at W8A8 everywhere (prepare with bits (8,), apply_policy on the same random inputs, fxmpq.lower, whose
@@ -36,7 +36,7 @@ import torchvision
 from onnxruntime import quantization as ortq
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from fxmpq.export import export_fp32, lower, qlinear_counts
+from fxmpq.export.lower import export_fp32, lower, qlinear_counts
 from fxmpq.stages import apply_policy, prepare
 
 VARIANTS = ("fp32", "ort", "fxmpq")

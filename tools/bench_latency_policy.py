@@ -12,7 +12,7 @@ layer, measured on the uniform-int8 file: that row is the calibration point) are
 the prediction.
 
 On Fashion-MNIST: train the FP32 network once (cached in --out), profile it in ONNX Runtime with
-tools/profile_hw.py's code (fxmpq.profiling: every layer alone and in back-to-back pairs, W8A8 and float), learn
+tools/profile_hw.py's code (fxmpq.profiling.profile: every layer alone and in back-to-back pairs, W8A8 and float), learn
 the indicators once with that file as the hardware (joint training; candidates W8A8 and float), then put latency
 budgets at --fractions of the way from the all-int8 to the all-float prediction and find for each:
 
@@ -42,17 +42,17 @@ import torch
 from common import train_fp32
 
 import fxmpq
-from fxmpq.atomic import atomic_write_text
-from fxmpq.baselines import random_indicators
-from fxmpq.datasets import ImageData, load_fashion_mnist, load_small
-from fxmpq.deploy import deployable
+from fxmpq.core.atomic import atomic_write_text
+from fxmpq.core.datasets import ImageData, load_fashion_mnist, load_small
+from fxmpq.core.tables import render
 from fxmpq.errors import FxmpqError
-from fxmpq.hardware import FLOAT, load_hardware
-from fxmpq.measure import TimingOptions, session, time_sessions
+from fxmpq.export.deploy import deployable
+from fxmpq.export.measure import TimingOptions, session, time_sessions
+from fxmpq.hardware.spec import FLOAT, load_hardware
 from fxmpq.models import build_model
-from fxmpq.profiling import INT8, profile_model
-from fxmpq.storage import initializer_bytes
-from fxmpq.tables import render
+from fxmpq.policy_search.baselines import random_indicators
+from fxmpq.profiling.profile import INT8, profile_model
+from fxmpq.quant.storage import initializer_bytes
 
 
 def _recipe(smoke: bool) -> dict[str, Any]:

@@ -3,10 +3,10 @@
     python tools/bench_measured.py [--models resnet18,mobilenet_v2] [--input 3x224x224] [--budgets 5]
         [--repeats 20] [--threads 1] [--seed 0] [--out runs/bench_measured] [--smoke]
 
-Per model: tools/profile_hw.py's measurement (fxmpq.profiling.profile_model) runs twice, and the per-layer relative
+Per model: tools/profile_hw.py's measurement (fxmpq.profiling.profile.profile_model) runs twice, and the per-layer relative
 spread between the two files is reported (|a - b| / mean, per layer and format). With the first file as the
 hardware, `--budgets` latency budgets are spread evenly between the all-W8A8 and the all-float predictions
-(exclusive); for each, a policy is searched (fxmpq.baselines.random_indicators, seed `--seed`: random
+(exclusive); for each, a policy is searched (fxmpq.policy_search.baselines.random_indicators, seed `--seed`: random
 per-layer sensitivities, so the policy is a random one that uses the budget), applied, lowered to ONNX (parity
 checked) and timed; every exported model is then timed again in interleaved rounds (the table's `measured`).
 Writes results.json and results.md in --out and prints the tables. `--smoke` is a seconds-long run on a tiny
@@ -28,14 +28,14 @@ import torch
 
 import fxmpq
 from fxmpq import models
-from fxmpq.atomic import atomic_write_text
-from fxmpq.baselines import random_indicators
 from fxmpq.cli import parse_shape
+from fxmpq.core.atomic import atomic_write_text
+from fxmpq.core.tables import render
 from fxmpq.errors import FxmpqError
-from fxmpq.hardware import FLOAT, load_hardware
-from fxmpq.measure import TimingOptions, session, time_sessions
-from fxmpq.profiling import INT8, HardwareProfile, profile_model
-from fxmpq.tables import render
+from fxmpq.export.measure import TimingOptions, session, time_sessions
+from fxmpq.hardware.spec import FLOAT, load_hardware
+from fxmpq.policy_search.baselines import random_indicators
+from fxmpq.profiling.profile import INT8, HardwareProfile, profile_model
 
 
 def spread(a: HardwareProfile, b: HardwareProfile) -> dict[str, float]:

@@ -52,11 +52,11 @@ from common import train_fp32
 from peer_report import render_report
 
 import fxmpq
-from fxmpq.baselines import inverted_indicators, random_indicators
-from fxmpq.datasets import ImageData, load_digits, load_fashion_mnist
-from fxmpq.hessian import hessian_indicators
-from fxmpq.kernels import AddRounding, BiasRounding
+from fxmpq.core.datasets import ImageData, load_digits, load_fashion_mnist
 from fxmpq.models import build_model
+from fxmpq.policy_search.baselines import inverted_indicators, random_indicators
+from fxmpq.policy_search.hessian import hessian_indicators
+from fxmpq.quant.kernels import AddRounding, BiasRounding
 
 ROOT = Path(__file__).resolve().parent.parent
 NETS = ("mobilenet_v2_small", "resnet20", "small_vit")

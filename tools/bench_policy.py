@@ -9,7 +9,7 @@ BitOps budgets equal to uniform W2A2, W3A3 and W4A4 (first conv and last linear 
 
   uniform      every searchable layer at the budget's bits
   fxmpq        learned step sizes (LIMPQ), alpha 2
-  hessian      Hutchinson trace x quantization error (HAWQ-V2/V3 style, fxmpq.hessian), alpha 1
+  hessian      Hutchinson trace x quantization error (HAWQ-V2/V3 style, fxmpq.policy_search.hessian), alpha 1
   random-k     3 random policies on the budget: the ILP with seeded random indicators (k = 1, 2, 3)
   inverted     the learned indicators with the layers' order of sensitivity reversed (a sanity check)
 
@@ -38,10 +38,10 @@ import torch
 from common import train_fp32
 
 import fxmpq
-from fxmpq.baselines import inverted_indicators, random_indicators
-from fxmpq.datasets import ImageData, load_fashion_mnist, load_small
-from fxmpq.hessian import hessian_indicators
+from fxmpq.core.datasets import ImageData, load_fashion_mnist, load_small
 from fxmpq.models import build_model
+from fxmpq.policy_search.baselines import inverted_indicators, random_indicators
+from fxmpq.policy_search.hessian import hessian_indicators
 
 NETS = ("small_resnet", "small_mobilenet")
 METHODS = ("uniform", "fxmpq", "hessian", "random-1", "random-2", "random-3", "inverted")
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.md").write_text(report + "\n")
     (args.out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
     plot_accuracy(rows, args.out / "accuracy_vs_bitops.png")
-    from fxmpq.report import plot_bits
+    from fxmpq.policy_search.report import plot_bits
 
     for net, p in prepared.items():
         for b in budgets:

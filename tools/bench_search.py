@@ -28,8 +28,8 @@ import torchvision
 from torch import nn
 
 import fxmpq
-from fxmpq.baselines import transplanted_indicators
-from fxmpq.problem import Problem
+from fxmpq.policy_search.baselines import transplanted_indicators
+from fxmpq.policy_search.problem import Problem
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "limpq_resnet50_indicators.json"
 

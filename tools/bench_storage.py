@@ -6,9 +6,9 @@
 For each torchvision model (random weights, seeded): every searchable layer at W`--wbits`A8 (the pinned first and
 last layers stay W8A8), calibrated on 8 random inputs, lowered twice with fxmpq.lower (parity checked on each file):
 storage="int8" and storage="packed" (weights of at most 4 bits as INT4 initializers). Timed interleaved with
-fxmpq.measure.time_sessions at `--threads` threads, batch 1 (medians of `--repeats` rounds, each running every
+fxmpq.export.measure.time_sessions at `--threads` threads, batch 1 (medians of `--repeats` rounds, each running every
 variant once, thread CPU clock at one thread): (a) the int8 file, (b) the packed file opened plainly
-(fxmpq.measure.session: ONNX Runtime runs its INT4-weight layers as float convolutions), (c) the packed file opened
+(fxmpq.export.measure.session: ONNX Runtime runs its INT4-weight layers as float convolutions), (c) the packed file opened
 with fxmpq.ort_session (4-bit weights widened to INT8 in memory, fused into QLinearConv). Prints a Markdown table:
 file size, weight initializer bytes, the policy's packed bytes, median latency, its ratio to (a), QLinearConv count.
 `--smoke`: resnet18 at 32x32, 2 repeats, no warm-up (a quick check that the script runs).
@@ -27,9 +27,9 @@ import torch
 import torchvision
 
 import fxmpq
-from fxmpq.deploy import deployable
-from fxmpq.export import qlinear_counts
-from fxmpq.measure import TimingOptions, session, time_sessions
+from fxmpq.export.deploy import deployable
+from fxmpq.export.lower import qlinear_counts
+from fxmpq.export.measure import TimingOptions, session, time_sessions
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 VARIANTS = ("int8 file", "packed, plain session", "packed, fxmpq.ort_session")

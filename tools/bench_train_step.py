@@ -14,7 +14,8 @@ import torchvision
 from torch import nn
 
 import fxmpq
-from fxmpq.train import _joint_step, _StepContext
+from fxmpq.train.loop import _StepContext
+from fxmpq.train.trainings import _joint_step
 
 
 class SmallCNN(nn.Module):

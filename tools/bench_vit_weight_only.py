@@ -4,12 +4,12 @@
 
 fxmpq.models.vit_like (ViT-B/32's shape: 224x224, patch 32, width 768, depth 12, MLP 3072; every projection an
 nn.Linear, 49 linear layers; random weights, seeded) exported three ways, each through fxmpq with its parity check:
-  FP32       fxmpq.export.export_fp32
+  FP32       fxmpq.export.lower.export_fp32
   W8A8       every layer W8A8 QDQ (linear layers as 1x1 QLinearConv, the patch conv as QLinearConv)
   weight-only the linear layers weight-only in a 2/4/8 mix by role (attention qkv 4, proj 8, fc1 4, fc2 2, head 8),
              the patch conv in float: com.microsoft MatMulNBits, block 32, accuracy level 4
 Checks that every weight-only layer is a MatMulNBits node in ONNX Runtime's optimized graph, then times the three
-in interleaved rounds (fxmpq.measure.time_sessions, batch 1, `--threads` threads, thread CPU clock at one thread;
+in interleaved rounds (fxmpq.export.measure.time_sessions, batch 1, `--threads` threads, thread CPU clock at one thread;
 medians) and prints a Markdown table: ms, ratio to FP32, file bytes, ratio to FP32, parity. `--smoke`: a tiny ViT.
 """
 
@@ -25,10 +25,10 @@ import onnxruntime as ort
 import torch
 
 import fxmpq
-from fxmpq.export import export_fp32
-from fxmpq.measure import TimingOptions, session, time_sessions
+from fxmpq.export.lower import export_fp32
+from fxmpq.export.measure import TimingOptions, session, time_sessions
 from fxmpq.models import vit_like
-from fxmpq.profiling import ort_target
+from fxmpq.profiling.profile import ort_target
 
 ROLE_BITS = {"attn.qkv": 4, "attn.proj": 8, "fc1": 4, "fc2": 2, "head": 8}
 

@@ -3,10 +3,10 @@
     python tools/bench_weight_only.py [--k 768] [--n 3072] [--batch 1] [--threads 1] [--repeats 200]
                                       [--warmup 20] [--levels 4] [--seed 0] [--smoke]
 
-One nn.Linear(K, N) (random weights, seeded), exported in float (fxmpq.export.export_fp32) and, through fxmpq
+One nn.Linear(K, N) (random weights, seeded), exported in float (fxmpq.export.lower.export_fp32) and, through fxmpq
 (prepare on a target offering weight-only 2/4/8 bits, apply_policy at (b, None), lower with its parity check), as
 MatMulNBits at 2, 4 and 8 bits for each `--levels` accuracy_level. Timed interleaved with
-fxmpq.measure.time_sessions at `--threads` threads and `--batch` rows (medians of `--repeats` rounds, each running
+fxmpq.export.measure.time_sessions at `--threads` threads and `--batch` rows (medians of `--repeats` rounds, each running
 every variant once; thread CPU clock at one thread). Prints a Markdown table: median ms and the ratio to FP32.
 `--smoke`: K=64, N=32, 3 repeats (a quick check that the script runs).
 """
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 import fxmpq
-from fxmpq.export import export_fp32
-from fxmpq.hardware import loads_hardware
-from fxmpq.measure import TimingOptions, session, time_sessions
+from fxmpq.export.lower import export_fp32
+from fxmpq.export.measure import TimingOptions, session, time_sessions
+from fxmpq.hardware.spec import loads_hardware
 
 TARGET = """
 [target]

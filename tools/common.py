@@ -7,7 +7,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fxmpq.datasets import ImageData
+from fxmpq.core.datasets import ImageData
 
 
 def train_fp32(model: torch.nn.Module, data: ImageData, epochs: int, *, limit: int | None = None, seed: int = 0,

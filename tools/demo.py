@@ -19,7 +19,7 @@ from common import train_fp32
 
 import fxmpq
 from fxmpq.cli import check_count, check_output, fail
-from fxmpq.datasets import load_small
+from fxmpq.core.datasets import load_small
 from fxmpq.models import small_resnet
 
 
@@ -65,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     ind_data = data.loader("train", 64, limit=256 if quick else args.indicator_samples, seed=args.seed + 1)
     ft_data = data.loader("train", 64, limit=256 if quick else args.finetune_samples, seed=args.seed + 2)
     try:
-        r = fxmpq.quantize(model, args.budget, ft_data, data.test_x[:1], indicator_data=ind_data,
-                           indicator_epochs=args.indicator_epochs, finetune_epochs=args.finetune_epochs,
-                           val_data=val, work_dir=args.out, seed=args.seed, max_steps=4 if quick else None,
-                           model_factory="fxmpq.models:small_resnet")
+        train = fxmpq.TrainOptions(indicator_epochs=args.indicator_epochs, finetune_epochs=args.finetune_epochs,
+                                   seed=args.seed, max_steps=4 if quick else None, indicator_data=ind_data,
+                                   model_factory="fxmpq.models:small_resnet")
+        r = fxmpq.quantize(model, args.budget, ft_data, data.test_x[:1], val_data=val, work_dir=args.out,
+                           train=train)
     except fxmpq.FxmpqError as e:
         return fail(e, 1)
 

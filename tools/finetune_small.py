@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxmpq
-from fxmpq.datasets import load_small
+from fxmpq.core.datasets import load_small
 from fxmpq.models import small
 
 

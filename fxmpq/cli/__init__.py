@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..atomic import check_writable
+from ..core.atomic import check_writable
 from ..errors import ArgumentError
 
 __all__ = ["Parser", "check_count", "check_output", "fail", "held_warnings", "one_line", "parse_shape"]
@@ -43,7 +43,7 @@ def check_count(value: Any, option: str, *, least: int = 1) -> Any:
 
 
 def check_output(path: str | Path | None, option: str, *, directory: bool = False) -> Path | None:
-    """The output `path` of `option` once it is clear it can be written (fxmpq.atomic.check_writable), before any
+    """The output `path` of `option` once it is clear it can be written (fxmpq.core.atomic.check_writable), before any
     work: an output that cannot be written is refused at once, not after the work that produces it."""
     return None if path is None else check_writable(path, option, directory=directory)
 

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from .. import models
-from ..analysis import Analysis
+from ..cost.analysis import Analysis
+from ..cost.policy import Policy
 from ..errors import ArgumentError, FxmpqError, PolicyError
-from ..hardware import Pins, builtin_hardware, load_hardware
-from ..policy import Policy
+from ..hardware.spec import Pins, builtin_hardware, load_hardware
 from ..stages import analyze
 from . import Parser, check_count, fail, held_warnings, parse_shape
 

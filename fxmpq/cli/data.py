@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from ..checkpoint import load_tensors
-from ..datasets import load_digits, load_fashion_mnist, load_small
+from ..core.checkpoint import load_tensors
+from ..core.datasets import load_digits, load_fashion_mnist, load_small
 from ..errors import ArgumentError, CheckpointError, DataError, ModelSpecError
 from ..models import resolve_factory
 

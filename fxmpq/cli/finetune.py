@@ -19,16 +19,17 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..checkpoint import load_checkpoint
-from ..devices import as_device
+from ..core.checkpoint import load_checkpoint
+from ..core.devices import as_device
+from ..cost.policy import Policy
 from ..errors import CheckpointError, FxmpqError
-from ..hardware import load_hardware
+from ..hardware.spec import load_hardware
 from ..models import build_model, parse_model_kwargs
 from ..pipeline import FINETUNE_CKPT, INDICATORS_CKPT, POLICY_JSON, accuracy
-from ..policy import Policy
 from ..stages import apply_policy, prepare
-from ..train import CHECKPOINT_EVERY, finetune
-from ..train_state import Stage, restore_model_state
+from ..train.loop import CHECKPOINT_EVERY
+from ..train.train_state import Stage, restore_model_state
+from ..train.trainings import finetune
 from . import Parser, check_count, check_output, fail, held_warnings, parse_shape
 from .data import DATASET_HELP, example_batch, load_dataset, load_weights, loader, parse_bits, sample_shape
 from .train_indicators import DEFAULT_BITS

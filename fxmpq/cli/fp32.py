@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path, remove_stale_temps
+from ..core.atomic import atomic_path, remove_stale_temps
 from .data import load_weights, loader
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@
         [--input 1x3x224x224] [--repeats 20] [--threads N] [--no-measure] [--storage int8|packed]
 
 The checkpoint is self-describing (model factory, input shape, candidate bits, hardware, policy, weights) and is
-loaded with torch.load(weights_only=True); fxmpq.restore.load_quantized rebuilds the model. Exit status 0 when the
+loaded with torch.load(weights_only=True); fxmpq.train.restore.load_quantized rebuilds the model. Exit status 0 when the
 ONNX model was written and matches PyTorch; otherwise 1 with the reason on one line (2 for a bad option, a missing,
 corrupt or foreign checkpoint, or an indicator-training one: lower the fine-tuning checkpoint). A model that fails the
 check does not replace --out; it is kept beside it as <name>.failed.onnx. The report includes the latency audit:
@@ -24,9 +24,9 @@ from pathlib import Path
 
 from .. import models
 from ..errors import ArgumentError, CheckpointError, FxmpqError
-from ..export import export_fp32, lower
-from ..restore import load_quantized
-from ..storage import as_storage
+from ..export.lower import export_fp32, lower
+from ..quant.storage import as_storage
+from ..train.restore import load_quantized
 from . import Parser, check_count, check_output, fail, held_warnings, parse_shape
 
 __all__ = ["build_parser", "main"]

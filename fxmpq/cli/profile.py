@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..atomic import atomic_write_text
+from ..core.atomic import atomic_write_text
+from ..core.tables import render
 from ..errors import ArgumentError, FxmpqError, ModelSpecError
-from ..formats import format_name
-from ..hardware import FLOAT, load_hardware
-from ..profiling import HardwareProfile, profile_model
-from ..tables import render
+from ..hardware.formats import format_name
+from ..hardware.spec import FLOAT, load_hardware
+from ..profiling.profile import HardwareProfile, profile_model
 from . import Parser, check_output, fail, held_warnings, parse_shape
 
 __all__ = ["build_parser", "main"]

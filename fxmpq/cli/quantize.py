@@ -24,14 +24,15 @@ from collections.abc import Sequence
 
 from torch.utils.data import Subset
 
-from ..candidates import DEFAULT_COUNT
-from ..devices import as_device
+from ..core.devices import as_device
+from ..core.options import QuantOptions, SearchOptions, TrainOptions
 from ..errors import ArgumentError, BudgetError, CheckpointError, DataError, FxmpqError, IndicatorError
-from ..hardware import load_hardware
+from ..hardware.spec import load_hardware
 from ..models import build_model, parse_model_kwargs
 from ..pipeline import quantize
-from ..targets import check_goal, parse_goal
-from ..train import CHECKPOINT_EVERY
+from ..policy_search.candidates import DEFAULT_COUNT
+from ..policy_search.targets import check_goal, parse_goal
+from ..train.loop import CHECKPOINT_EVERY
 from . import Parser, check_count, check_output, fail, held_warnings, parse_shape
 from .data import (
     DATASET_HELP,
@@ -110,13 +111,16 @@ def run(args: argparse.Namespace, label: str | None) -> int:
         elif not args.weights:
             print(f"note: {args.model} starts from its initial weights; give --weights FP32.pt (a trained "
                   f"state_dict) or --fp32-epochs N")
-        r = quantize(model.eval(), goal.budget if goal.max_drop is None else args.budget, train, example, hardware=hw, bits=bits, indicator_epochs=args.indicator_epochs,
-                     finetune_epochs=args.finetune_epochs, alpha=args.alpha, lr=args.lr, finetune_lr=args.finetune_lr,
-                     val_data=val, work_dir=wd, device=device, per_channel=args.per_channel,
-                     distill=not args.no_distill, max_steps=args.max_steps, model_factory=args.model,
-                     model_kwargs=kwargs, seed=args.seed, progress=not args.quiet, indicator_data=ind_train,
-                     export=not args.no_export, checkpoint_every=args.checkpoint_every, verify=args.verify,
-                     verify_batches=args.verify_batches, minimize=args.minimize)
+        r = quantize(model.eval(), goal.budget if goal.max_drop is None else args.budget, train, example, hardware=hw,
+                     val_data=val, work_dir=wd, export=not args.no_export,
+                     quant=QuantOptions(bits=bits, per_channel=args.per_channel),
+                     search=SearchOptions(alpha=args.alpha, verify=args.verify, verify_batches=args.verify_batches,
+                                          minimize=args.minimize),
+                     train=TrainOptions(indicator_epochs=args.indicator_epochs, finetune_epochs=args.finetune_epochs,
+                                        lr=args.lr, finetune_lr=args.finetune_lr, distill=not args.no_distill,
+                                        max_steps=args.max_steps, seed=args.seed, device=device,
+                                        progress=not args.quiet, checkpoint_every=args.checkpoint_every,
+                                        indicator_data=ind_train, model_factory=args.model, model_kwargs=kwargs))
     except FxmpqError as e:  # a budget no policy meets, data the model refuses, ... are still bad input
         bad_input = (ArgumentError, BudgetError, CheckpointError, DataError, IndicatorError)
         return fail(e, 2 if isinstance(e, bad_input) else 1, prog=label)

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from ..analysis import Analysis
-from ..candidates import CandidateSet, as_result
-from ..checkpoint import load_checkpoint
+from ..core.checkpoint import load_checkpoint
+from ..core.jsonio import read_json
+from ..core.tables import render
+from ..cost.analysis import Analysis
+from ..cost.policy import Policy
 from ..errors import ArgumentError, FxmpqError, PolicyError
-from ..hardware import load_hardware
-from ..indicators import Indicators
-from ..jsonio import read_json
+from ..hardware.spec import load_hardware
 from ..models import build_model, parse_model_kwargs
 from ..pipeline import (
     AUDIT_JSON,
@@ -37,10 +37,10 @@ from ..pipeline import (
     SEARCH_JSON,
     SUMMARY_JSON,
 )
-from ..policy import Policy
-from ..results import SearchResult
+from ..policy_search.candidates import CandidateSet, as_result
+from ..policy_search.indicators import Indicators
+from ..policy_search.results import SearchResult
 from ..stages import analyze
-from ..tables import render
 from . import Parser, fail, held_warnings, parse_shape
 
 __all__ = ["build_parser", "main"]

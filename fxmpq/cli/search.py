@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from ..budget import Budget
+from ..cost.budget import Budget
 from ..errors import FxmpqError
-from ..hardware import load_hardware
-from ..indicators import Cleaning, Indicators
+from ..hardware.spec import load_hardware
 from ..models import build_model, parse_model_kwargs
-from ..report import plot_bits
-from ..search import search
+from ..policy_search.api import search
+from ..policy_search.indicators import Cleaning, Indicators
+from ..policy_search.report import plot_bits
 from ..stages import analyze
 from . import Parser, check_output, fail, held_warnings, parse_shape
 

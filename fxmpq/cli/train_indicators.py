@@ -22,12 +22,13 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ..devices import as_device
+from ..core.devices import as_device
 from ..errors import FxmpqError
-from ..hardware import load_hardware
+from ..hardware.spec import load_hardware
 from ..models import build_model, parse_model_kwargs
 from ..stages import prepare
-from ..train import CHECKPOINT_EVERY, train_indicators
+from ..train.loop import CHECKPOINT_EVERY
+from ..train.trainings import train_indicators
 from . import Parser, check_count, check_output, fail, held_warnings, parse_shape
 from .data import DATASET_HELP, load_dataset, load_weights, parse_bits, sample_shape
 

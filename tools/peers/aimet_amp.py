@@ -429,7 +429,7 @@ def main(argv: list[str]) -> int:
 
     try:
         import fxmpq
-        import fxmpq.datasets
+        import fxmpq.core.datasets
         import fxmpq.models
     except ImportError as e:
         fail(f"fxmpq is not importable with {sys.executable} ({e}); install it in this venv: pip install -e REPO")
@@ -450,8 +450,8 @@ def main(argv: list[str]) -> int:
             model.load_state_dict(torch.load(job["fp32"], weights_only=True, map_location="cpu"))
         except Exception as e:  # a file that is no state dict of this net
             fail(f"fp32 {job['fp32']}: cannot load into {job['net']} ({type(e).__name__}: {str(e).splitlines()[0]})")
-        data = (fxmpq.datasets.load_digits() if job["data"] == "digits"
-                else fxmpq.datasets.load_fashion_mnist(job["data_dir"]))
+        data = (fxmpq.core.datasets.load_digits() if job["data"] == "digits"
+                else fxmpq.core.datasets.load_fashion_mnist(job["data_dir"]))
         hw = fxmpq.load_hardware(job["hardware"])
     except fxmpq.FxmpqError as e:
         fail(str(e).splitlines()[0])

@@ -136,7 +136,7 @@ def import_packages() -> dict[str, Any]:
         raise JobError(f"missing package: torch ({e}); run inside the ModelOpt venv (tools/peers/make_env.sh)") from None
     try:
         import fxmpq
-        import fxmpq.datasets
+        import fxmpq.core.datasets
         import fxmpq.models
 
         mods["fxmpq"] = fxmpq
@@ -359,8 +359,8 @@ def run(job: dict[str, Any], mods: dict[str, Any], out_dir: Path, t_process: flo
 
     # --- data, model, fxmpq's analysis (all before ModelOpt converts the model in place)
     try:
-        data = (fxmpq.datasets.load_fashion_mnist(job["data_dir"]) if job["data"] == "fashion-mnist"
-                else fxmpq.datasets.load_digits())
+        data = (fxmpq.core.datasets.load_fashion_mnist(job["data_dir"]) if job["data"] == "fashion-mnist"
+                else fxmpq.core.datasets.load_digits())
     except fxmpq.FxmpqError as e:
         raise JobError(f"data {job['data']!r}: {e}") from None
     lo, hi = job["val"]

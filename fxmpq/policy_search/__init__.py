@@ -1,0 +1,1 @@
+"""Importance and search: indicators (learned, Hessian, measured, baselines), the exact ILP, candidate verification, accuracy targets, figures. Imports the stages below it (core to quant, fxmpq.passes, fxmpq.stages)."""

@@ -1,0 +1,197 @@
+"""train_indicators() and finetune(): the method's two trainings, each a step function on the shared loop.
+
+Joint training runs every candidate bit-width uniformly, then one random per-layer policy, each step; the learned
+step sizes are the indicators. Fine-tuning runs the fixed policy once per step, optionally distilled from a teacher.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PolicyError
+from ..policy_search.indicators import Indicators
+from ..quant.quant_model import QuantModel
+from .ddp import pick_device
+from .loop import (
+    CHECKPOINT_EVERY,
+    LossFn,
+    OptimizerFactory,
+    StepFn,
+    TrainStats,
+    _expect_quant_model,
+    _StepContext,
+    indicators_from_model,
+    random_policy,
+    run_training,
+)
+from .train_state import Stage
+
+log = logging.getLogger(__name__)
+
+__all__ = ["finetune", "train_indicators"]
+
+
+def _kl(student: torch.Tensor, teacher_prob: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the last dimension, averaged over the batch (in-place distillation)."""
+    return F.kl_div(F.log_softmax(student, dim=-1), teacher_prob, reduction="batchmean")
+
+
+
+
+# ------------------------------------------------------------------------------------------- the two trainings
+def _joint_step(distill: bool) -> StepFn:
+    def step(ctx: _StepContext, inputs: tuple[torch.Tensor, ...], targets: Any) -> dict[str, float]:
+        qm = ctx.qmodel
+        passes: list[tuple[int, int] | None] = [*qm.uniform_pairs, None]  # None: the random policy
+        rng = random.Random(ctx.seed * 1_000_003 + ctx.step)
+        teacher = None
+        losses: dict[str, float] = {}
+        for i, b in enumerate(passes):
+            if b is None:
+                qm.set_policy(random_policy(qm, rng))
+            else:
+                qm.set_uniform(*b)
+            with ctx.sync(last=i == len(passes) - 1):
+                out = ctx.forward(inputs)
+                if teacher is None or not distill:
+                    loss = ctx.loss_fn(out, targets)
+                else:
+                    loss = _kl(out, teacher)
+                if distill and teacher is None:
+                    teacher = out.detach().softmax(dim=-1)
+                loss.backward()
+            losses[(f"w{b[0]}" if b[0] == b[1] else f"w{b[0]}a{b[1]}") if b is not None else "rand"] = float(loss.detach())
+        return losses
+
+    return step
+
+
+def _plain_step(teacher: nn.Module | None) -> StepFn:
+    def step(ctx: _StepContext, inputs: tuple[torch.Tensor, ...], targets: Any) -> dict[str, float]:
+        out = ctx.forward(inputs)
+        if teacher is not None:
+            with torch.no_grad():
+                soft = teacher(*inputs).softmax(dim=-1)
+            loss = _kl(out, soft)
+        else:
+            loss = ctx.loss_fn(out, targets)
+        loss.backward()
+        return {"loss": float(loss.detach())}
+
+    return step
+
+
+def train_indicators(
+    qmodel: QuantModel,
+    data: Any,
+    epochs: int = 1,
+    lr: float = 0.01,
+    loss_fn: LossFn | None = None,
+    distill: bool = True,
+    *,
+    step_lr: float | None = None,
+    weight_decay: float = 1e-4,
+    optimizer: OptimizerFactory | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool | str | Path = False,
+    max_steps: int | None = None,
+    progress: bool = True,
+    batch_size: int = 32,
+    model_factory: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    clip_grad_norm: float | None = None,
+    checkpoint_every: int | None = CHECKPOINT_EVERY,
+) -> Indicators:
+    """Learn every layer's step sizes at every candidate bit in one joint run; returns them as Indicators.
+
+    Each step (the LIMPQ scheme): for every candidate bit b, highest first, run the whole model at uniform
+    b, compute the loss and backpropagate (gradients accumulate); then one random per-layer policy; then one
+    optimizer step. With `distill`, the lower bits and the random policy learn from the highest bit's soft
+    output (KL divergence over the last dim of the logits, in-place distillation) instead of the labels. `data` yields (inputs, targets)
+    batches (a Dataset is wrapped in a DataLoader of `batch_size`). Default optimizer: SGD with momentum 0.9,
+    `lr` for weights, `step_lr` (default `lr`) for step sizes, `weight_decay` on conv/linear weights only.
+    A checkpoint is written atomically after each epoch and every `checkpoint_every` optimizer steps (None: at
+    epoch ends only) when `checkpoint` is given; `resume=True` continues from it (or `resume=<path>`), mid-epoch
+    where it was written there (the batches already seen in that epoch are skipped in the same order, with the
+    same random state), and ends identical to an uninterrupted run on CPU. Under torch.distributed (torchrun) the model is wrapped in DDP; the
+    earlier passes of a step accumulate under no_sync and the last one all-reduces. Before each optimizer
+    step the gradients' total norm is clipped to `clip_grad_norm` when given, and a non-finite gradient
+    raises DataError naming the parameters (so a diverging run stops before it corrupts the model). The quantizers are left
+    switched as they were before the call.
+    """
+    _expect_quant_model(qmodel, "train_indicators")
+    before = qmodel.policy
+    try:
+        run_training(qmodel, data, stage=Stage.INDICATORS, step_fn=_joint_step(distill), epochs=epochs, lr=lr,
+             step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
+             device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
+             batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {}),
+                         "distill": distill}, clip_grad_norm=clip_grad_norm,
+             checkpoint_every=checkpoint_every)
+    finally:
+        if before is None:
+            qmodel.disable_quant()
+        else:
+            qmodel.set_policy(before)
+    return indicators_from_model(qmodel)
+
+
+def finetune(
+    qmodel: QuantModel,
+    data: Any,
+    epochs: int = 1,
+    lr: float = 0.01,
+    loss_fn: LossFn | None = None,
+    distill_from: nn.Module | None = None,
+    *,
+    step_lr: float | None = None,
+    weight_decay: float = 1e-4,
+    optimizer: OptimizerFactory | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool | str | Path = False,
+    max_steps: int | None = None,
+    progress: bool = True,
+    batch_size: int = 32,
+    model_factory: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    cosine: bool = False,
+    clip_grad_norm: float | None = None,
+    checkpoint_every: int | None = CHECKPOINT_EVERY,
+) -> TrainStats:
+    """LSQ quantization-aware training of weights and step sizes at the model's current policy.
+
+    One forward per step at the policy in force (after `set_policy(...)`, fixed with `fix()` or not). With
+    `distill_from` (an FP32 teacher nn.Module, put in eval mode and moved to the training device), the
+    loss is the KL divergence to the teacher's soft output (softmax over the last dim) instead of `loss_fn`. Checkpoints carry what a tool needs to rebuild the model:
+    candidate bits, the policy, the per-layer quantizer state, the hardware name and path, the example input
+    shapes, `model_factory` ("package.module:function" or a torchvision/fxmpq.models name, stored as given)
+    and `model_kwargs` (JSON-able keyword arguments for it), so that `fxmpq lower` rebuilds the model.
+    With `cosine`, the learning rate decays from `lr` to 0 along a half cosine over the run's steps. Other arguments as in
+    `train_indicators`.
+    """
+    _expect_quant_model(qmodel, "finetune")
+    if qmodel.policy is None:
+        raise PolicyError("finetune: quantization is off; call qmodel.set_policy(policy) (or set_uniform) first")
+    teacher = None
+    if distill_from is not None:
+        teacher = distill_from
+        teacher.eval()
+        dev = pick_device(qmodel, device)
+        teacher.to(dev)
+    return run_training(qmodel, data, stage=Stage.FINETUNE, step_fn=_plain_step(teacher), epochs=epochs, lr=lr,
+                step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
+                device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
+                batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {})},
+                cosine=cosine, clip_grad_norm=clip_grad_norm, checkpoint_every=checkpoint_every)
