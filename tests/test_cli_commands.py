@@ -88,6 +88,8 @@ def test_the_chain_stage_by_stage(tmp_path, monkeypatch, capsys):
         out[argv[0]] = proc.stdout
     assert "written to run/indicators.json" in out["train-indicators"]
     assert "starting from the joint-training state in run/indicators.ckpt" in out["finetune"]
+    # no FP32 weights anywhere: it trains on the labels rather than distilling from the untrained model
+    assert "note: no FP32 weights (--weights, or fp32.pt beside --joint): fine-tuning on the labels" in out["finetune"]
     assert "fxmpq lower run --out run/model.onnx" in out["finetune"]
     assert "parity         PASS" in out["lower"] and (run / "model.onnx").is_file()
     monkeypatch.chdir(tmp_path)

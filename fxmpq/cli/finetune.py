@@ -21,11 +21,12 @@ from pathlib import Path
 
 from ..core.checkpoint import load_checkpoint
 from ..core.devices import as_device
+from ..core.workdir import FINETUNE_CKPT, FP32_WEIGHTS, INDICATORS_CKPT, POLICY_JSON
 from ..cost.policy import Policy
 from ..errors import CheckpointError, FxmpqError
 from ..hardware.spec import load_hardware
 from ..models import build_model, parse_model_kwargs
-from ..pipeline import FINETUNE_CKPT, INDICATORS_CKPT, POLICY_JSON, accuracy
+from ..pipeline import accuracy
 from ..stages import apply_policy, prepare
 from ..train.loop import CHECKPOINT_EVERY
 from ..train.train_state import Stage, restore_model_state
@@ -67,13 +68,22 @@ def run(args: argparse.Namespace, label: str | None) -> int:
     bits = parse_bits(args.bits) if args.bits else tuple(meta.get("bits") or parse_bits(DEFAULT_BITS))
     act_bits = tuple(meta["act_bits"]) if meta.get("act_bits") and not args.bits else None
     model = build_model(args.model, kwargs)
-    if args.weights:
-        load_weights(model, args.weights, args.model)
+    weights = args.weights
+    if not weights and joint is not None and (joint.parent / FP32_WEIGHTS).is_file():
+        weights = str(joint.parent / FP32_WEIGHTS)  # the FP32 weights `fxmpq quantize --fp32-epochs` kept there
+        print(f"FP32 weights from {weights} (beside --joint)")
+    if weights:
+        load_weights(model, weights, args.model)
+    distill = not args.no_distill
+    if distill and not weights:
+        print("note: no FP32 weights (--weights, or fp32.pt beside --joint): fine-tuning on the labels; distilling "
+              "from the model's initial weights would teach it nothing")
+        distill = False
     data = load_dataset(args.dataset, args.samples, val_limit=args.val_samples)
     shape = sample_shape(data, given)
     example, calibration = example_batch(data, shape, 1), example_batch(data, shape, 64)
     model.eval()
-    teacher = None if args.no_distill else copy.deepcopy(model)
+    teacher = copy.deepcopy(model) if distill else None
     q = prepare(model, example, hardware=hw, bits=bits, per_channel=args.per_channel, act_bits=act_bits)
     if joint is not None:
         restore_model_state(q, joint, Stage.INDICATORS)

@@ -13,13 +13,13 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..core.atomic import atomic_path, remove_stale_temps
+from ..core.workdir import FP32_WEIGHTS
 from .data import load_weights, loader
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FP32_WEIGHTS", "pretrained"]
 
-FP32_WEIGHTS = "fp32.pt"
 
 
 def pretrained(model: nn.Module, spec: str, data: Dataset, path: Path, *, epochs: int, batch_size: int, seed: int,

@@ -3,6 +3,7 @@ restore, which read them (each stage's output; a re-run resumes from what is the
 
 from __future__ import annotations
 
+FP32_WEIGHTS = "fp32.pt"  # the FP32 state_dict `fxmpq quantize --fp32-epochs` trains and keeps
 INDICATORS_JSON = "indicators.json"
 INDICATORS_CKPT = "indicators.ckpt"
 SEARCH_JSON = "search.json"
