@@ -24,6 +24,7 @@ from .errors import (
     ModelSpecError,
     PassError,
     PolicyError,
+    SolverError,
     TraceError,
 )
 from .export.deploy import ort_session
@@ -78,6 +79,7 @@ __all__ = [
     "SearchOptions",
     "SearchResult",
     "SearchStatus",
+    "SolverError",
     "Storage",
     "TraceError",
     "TrainOptions",

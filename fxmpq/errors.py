@@ -55,6 +55,11 @@ class ModelSpecError(FxmpqError):
     """A model named on the command line or in a checkpoint cannot be built (unknown name, bad factory)."""
 
 
+class SolverError(FxmpqError):
+    """The exact search could not finish: its time limit ran out, the solver failed, or an instance has too many
+    combinations to enumerate. Bad input (a budget, indicators) has its own class; this is the search's limit."""
+
+
 
 # ------------------------------------------------------------------------ message helpers (shared by every module)
 def brief(value: object, limit: int = 60) -> str:

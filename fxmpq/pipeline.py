@@ -95,7 +95,7 @@ class QuantizedModel:
         storage="packed": <= 4-bit weights as INT4 initializers, opened with fxmpq.ort_session)."""
         if path is None:
             if self.work_dir is None:
-                raise FxmpqError("export() needs a path when quantize() ran without a work_dir")
+                raise ArgumentError("export() needs a path when quantize() ran without a work_dir")
             path = self.work_dir / MODEL_ONNX
         report = lower(self.model, path, self.example_inputs, **kwargs)
         self.files["onnx"] = Path(path)

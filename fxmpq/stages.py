@@ -144,11 +144,11 @@ def _candidate_bits(bits: Any) -> tuple[int, ...]:
     try:
         items = list(bits)
     except TypeError:
-        raise PolicyError(f"prepare: bits must be a sequence of bit-widths such as (2, 3, 4, 5, 6), found "
+        raise ArgumentError(f"prepare: bits must be a sequence of bit-widths such as (2, 3, 4, 5, 6), found "
                           f"{type(bits).__name__}") from None
     bad = [b for b in items if isinstance(b, bool) or not isinstance(b, numbers.Integral)]
     if bad:
-        raise PolicyError(f"prepare: bits must be integers such as (2, 3, 4, 5, 6), found {bad[0]!r}")
+        raise ArgumentError(f"prepare: bits must be integers such as (2, 3, 4, 5, 6), found {bad[0]!r}")
     return tuple(sorted({int(b) for b in items}))
 
 

@@ -21,7 +21,7 @@ from fxmpq.capture.matcher import bias_arg, emit_call, layer_input, linear_runs_
 from fxmpq.capture.record import LayerRecord, Lowered, records, set_record
 from fxmpq.core.dead_code import eliminate_dead_code
 from fxmpq.core.primitives import INT32_MAX, container_zero_point, quantize, round_to_grid
-from fxmpq.errors import ExportError
+from fxmpq.errors import ExportError, TraceError
 from fxmpq.hardware.formats import Format, act_container_bits, integer_kernel
 from fxmpq.hardware.spec import MAX_ACT_BITS, LayerKind
 from fxmpq.quant.kernels import AddRounding, BiasRounding
@@ -170,7 +170,10 @@ class LowerToQDQPass(PassBase):
             raise ExportError(f"layer {name} (node {node.format_node()}): padding_mode={rec.conv.padding_mode!r} "
                               f"has no QDQ lowering; use padding_mode='zeros'")
         if rec.bias_computed:  # e.g. cat(q_bias, zeros, v_bias): a constant of the model, computed once here
-            bias = constant_value(gm, bias_arg(node), f"layer {name} (node {node.format_node()}): the bias")
+            try:
+                bias = constant_value(gm, bias_arg(node), f"layer {name} (node {node.format_node()}): the bias")
+            except TraceError as e:  # a capture fact, met while exporting
+                raise ExportError(str(e)) from None
         else:
             bias = gm.get_parameter(rec.bias) if rec.bias is not None else None
         wq = gm.get_submodule(rec.sites.weight_quantizer) if rec.sites is not None else None

@@ -205,9 +205,9 @@ API_CASES = [
     Case("policy-a-folder", lambda c: Policy.from_json(c[F]["dir"]), PolicyError, ("policy file",)),
     Case("policy-unknown-layer", lambda c: Policy({"ghost": (4, 4)}).validate(c["tiny"].analysis), PolicyError,
          ("ghost",)),
-    Case("prepare-bits-not-ints", lambda c: fxmpq.prepare(TinyNet(), X, bits=("a",)), PolicyError, ("'a'",)),
+    Case("prepare-bits-not-ints", lambda c: fxmpq.prepare(TinyNet(), X, bits=("a",)), ArgumentError, ("'a'",)),
     Case("quantize-no-quantizable-layers", lambda c: _q(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU())),
-         PolicyError, ("no quantizable layers",)),
+         ArgumentError, ("no quantizable layers",)),
     # data
     Case("data-label-out-of-range-batch-1", lambda c: fxmpq.train_indicators(
         c["tiny"], [GOOD_BATCHES[0], (GOOD_BATCHES[0][0], torch.tensor([0, 1, 10, 2]))], progress=False),

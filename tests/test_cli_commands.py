@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fxmpq.cli.main import COMMANDS, main
-from fxmpq.core.checkpoint import save_checkpoint
+from fxmpq.core.checkpoint import save_checkpoint, split_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = {"analyze", "profile", "train-indicators", "search", "finetune", "lower", "quantize", "report"}
@@ -129,9 +129,11 @@ def warning_net():
 
 def _bad_files(d: Path) -> dict[str, Path]:
     torch.save({"weight": torch.zeros(3)}, d / "protocol4.pt", pickle_protocol=4)  # torch warns reading it
-    meta = {"model_factory": f"{__name__}:warning_net", "example_shape": [1, 1, 16, 16], "bits": [2, 3, 4],
-            "hardware": "bitops", "policy": {"0": [4, 4]}}
-    save_checkpoint(d / "foreign.pt", {"model.fc.weight": torch.zeros(2)}, meta)
+    tensors, skeleton = split_state({"fc.weight": torch.zeros(2)}, "model")
+    meta = {"kind": "finetune", "model_factory": f"{__name__}:warning_net", "model_kwargs": {},
+            "example_shapes": [[1, 1, 16, 16]], "bits": [2, 3, 4], "act_bits": [2, 3, 4], "per_channel": False,
+            "hardware": {"name": "bitops", "path": ""}, "policy": {"0": [4, 4]}, "model_state": skeleton}
+    save_checkpoint(d / "foreign.pt", tensors, meta)  # the schema's keys, another model's policy and weights
     (d / "hw.toml").mkdir()
     (d / "empty").mkdir()
     (d / "a_file").write_text("x")

@@ -13,6 +13,7 @@ from models import PlainCNN
 
 from fxmpq.core.checkpoint import save_checkpoint, split_state
 from fxmpq.stages import apply_policy, prepare
+from fxmpq.train.train_state import Stage, checkpoint_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -30,9 +31,8 @@ def _checkpoint(path: Path) -> Path:
     policy = {n: (3, 4) for n in q.searchable_names}
     apply_policy(q, policy, x)
     tensors, skeleton = split_state(q.state_dict(), "model")
-    meta = {"model_factory": "models:PlainCNN", "example_shape": [1, 3, 16, 16], "bits": list(BITS),
-            "hardware": "bitops", "per_channel": False,
-            "policy": {k: list(v) for k, v in q.policy.items()}, "state": skeleton}
+    meta = {"kind": Stage.FINETUNE.value, **checkpoint_meta(q, {"model_factory": "models:PlainCNN"}),
+            "model_state": skeleton}  # the schema training writes (fxmpq.train.train_state.ModelMeta), no optimizer
     return save_checkpoint(path, tensors, meta)
 
 
@@ -54,7 +54,7 @@ def test_lowers_a_checkpoint_with_packed_storage(tmp_path):
 
 
 def test_work_directory_and_model_override(tmp_path):
-    _checkpoint(tmp_path / "checkpoint.pt")
+    _checkpoint(tmp_path / "finetune.pt")
     r = _run(str(tmp_path), "--out", str(tmp_path / "m.onnx"), "--model", "models:PlainCNN",
              "--input", "2x3x16x16", "--samples", "8")
     assert r.returncode == 0, r.stderr
@@ -124,3 +124,24 @@ def test_lowers_a_checkpoint_written_by_finetune(tmp_path, with_apply_policy):
     r = _run(str(tmp_path / "work"), "--out", str(out), "--samples", "32")
     assert r.returncode == 0, r.stderr
     assert "PASS" in r.stdout and out.is_file()
+
+
+def test_a_work_directory_without_finetune_pt_names_what_it_holds(tmp_path):
+    """One schema, one file name: a work directory is read through its finetune.pt only; other .pt files are listed,
+    not guessed at."""
+    _checkpoint(tmp_path / "model.pt")
+    r = _run(str(tmp_path), "--out", str(tmp_path / "m.onnx"))
+    assert r.returncode == 2
+    assert f"work directory {tmp_path} holds no finetune.pt (other .pt files: model.pt; give the checkpoint file" \
+        in r.stderr
+
+
+def test_a_checkpoint_missing_schema_keys_is_named(tmp_path):
+    x = torch.randn(4, 3, 16, 16)
+    q = prepare(PlainCNN().eval(), x, bits=BITS)
+    tensors, skeleton = split_state(q.state_dict(), "model")
+    save_checkpoint(tmp_path / "old.pt", tensors, {"kind": "finetune", "model_factory": "models:PlainCNN",
+                                                   "input_shape": [1, 3, 16, 16], "model_state": skeleton})
+    r = _run(str(tmp_path / "old.pt"), "--out", str(tmp_path / "m.onnx"))
+    assert r.returncode == 2
+    assert "old.pt: not written by fxmpq's training (its metadata lacks model_kwargs, example_shapes" in r.stderr

@@ -12,7 +12,7 @@ EXPECTED = {
     "LayerRecord", "LowerReport", "ModelSpecError",
     "ParetoResult", "PassError", "Pins", "Policy", "PolicyError", "QuantModel", "QuantOptions", "QuantizedModel",
     "SearchOptions", "SearchResult", "TrainOptions",
-    "SearchStatus", "Storage",
+    "SearchStatus", "SolverError", "Storage",
     "TraceError", "TrainStats", "__version__", "accuracy", "analyze", "apply_policy", "builtin_hardware",
     "candidates", "finetune", "hessian_indicators", "indicators_from_model", "load_hardware", "lower", "measured_indicators", "models", "ort_session", "pareto", "prepare", "quantize",
     "search", "trace", "train_indicators", "verify",

@@ -20,7 +20,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..core.dead_code import eliminate_dead_code
 from ..core.primitives import FakeQuantizer
-from ..errors import ArgumentError, ExportError, TraceError, first_line
+from ..errors import ArgumentError, TraceError, first_line
 from .attention import decompose_einsum, decompose_sdpa, mha_forward, mha_supported, traced_through
 from .matcher import find_layers
 from .tracer import ShapeTracer, fold_rank_checks, substitute_constants
@@ -198,7 +198,7 @@ def _propagate(gm: fx.GraphModule, inputs: Sequence[Any], model: nn.Module) -> N
 
 def constant_value(gm: fx.GraphModule, node: Any, what: str) -> torch.Tensor:
     """The value of `node` when it depends on parameters and constants only (no graph input): evaluated once, in
-    eval mode. ExportError naming `what` when it reads an input."""
+    eval mode. TraceError naming `what` when it reads an input."""
     memo: dict[fx.Node, Any] = {}
 
     def value(n: Any) -> Any:
@@ -207,7 +207,7 @@ def constant_value(gm: fx.GraphModule, node: Any, what: str) -> torch.Tensor:
         if n in memo:
             return memo[n]
         if n.op == "placeholder":
-            raise ExportError(f"{what} is computed from the model's input ({n.name}), not a constant of the model")
+            raise TraceError(f"{what} is computed from the model's input ({n.name}), not a constant of the model")
         args = fx.node.map_aggregate(n.args, value)
         kwargs = fx.node.map_aggregate(n.kwargs, value)
         if n.op == "get_attr":
@@ -219,14 +219,14 @@ def constant_value(gm: fx.GraphModule, node: Any, what: str) -> torch.Tensor:
         elif n.op == "call_module":
             out = gm.get_submodule(n.target)(*args, **kwargs)
         else:
-            raise ExportError(f"{what}: cannot evaluate node {n.format_node()}")
+            raise TraceError(f"{what}: cannot evaluate node {n.format_node()}")
         memo[n] = out
         return out
 
     with torch.no_grad():
         out = value(node)
     if not isinstance(out, torch.Tensor):
-        raise ExportError(f"{what} is not a tensor ({type(out).__name__})")
+        raise TraceError(f"{what} is not a tensor ({type(out).__name__})")
     return out.detach()
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..cost.budget import Budget
-from ..errors import ArgumentError, BudgetError, FxmpqError, InfeasibleBudget
+from ..errors import ArgumentError, BudgetError, InfeasibleBudget, SolverError
 from .indicators import Cleaning, Indicators
 from .problem import Problem, infeasible_budget
 from .results import ParetoResult, SearchResult, SearchStatus
@@ -217,7 +217,7 @@ def solve_problem(prob: Problem, limits: dict[str, float], time_limit: float | N
     totals = prob.analysis.cost(policy)
     for k, v in limits.items():  # checked without trusting the solver
         if totals[k] > v * (1 + 1e-9) + 1e-9:
-            raise FxmpqError(f"internal error: the solved policy exceeds {k} ({totals[k]:.6g} > {v:.6g})")
+            raise SolverError(f"internal error: the solved policy exceeds {k} ({totals[k]:.6g} > {v:.6g})")
     gap = max(0.0, objective - out.bound) if np.isfinite(out.bound) else math.inf
     if out.status is SearchStatus.OPTIMAL and gap > 1e-9 * max(1.0, abs(objective)):
         out.status = SearchStatus.FEASIBLE

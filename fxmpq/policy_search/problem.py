@@ -13,7 +13,14 @@ import numpy as np
 
 from ..core.dominance import nondominated
 from ..cost.policy import Policy
-from ..errors import ArgumentError, FxmpqError, IndicatorError, InfeasibleBudget, PolicyError
+from ..errors import (
+    ArgumentError,
+    HardwareSpecError,
+    IndicatorError,
+    InfeasibleBudget,
+    PolicyError,
+    SolverError,
+)
 from ..hardware.spec import FLOAT, LayerKind
 from .indicators import Cleaning, Indicators
 
@@ -101,7 +108,7 @@ class Problem:
         # units: single layers, or groups tied by a shared activation quantizer or by chain terms
         groups = analysis.shared_input_groups() if hw.share_input_quantizer else []
         if groups and chains:
-            raise FxmpqError(f"hardware {hw.name!r} ({hw.path}) has both share_input_quantizer and per-layer chain "
+            raise HardwareSpecError(f"hardware {hw.name!r} ({hw.path}) has both share_input_quantizer and per-layer chain "
                              f"terms; the search handles one or the other")
         grouped = {n for g in groups + chains for n in g}
         self.units: list[Unit] = []
@@ -269,7 +276,7 @@ class Problem:
                 for idx in nondominated(vecs):
                     states.append((key, items[idx][0], items[idx][1]))
             if len(states) > _MAX_GROUP_CHOICES:
-                raise FxmpqError(f"chained layers {members} have too many format combinations to search")
+                raise SolverError(f"chained layers {members} have too many format combinations to search")
         vecs = np.array([v for _, v, _ in states])
         keep = nondominated(vecs)
         sels = [states[i][2] for i in keep]
@@ -308,7 +315,7 @@ class Problem:
                 keep = nondominated(nxt)
                 cur, cur_idx = nxt[keep], nxt_idx[keep]
                 if len(cur) > _MAX_GROUP_CHOICES:
-                    raise FxmpqError(f"shared-activation group {group} has too many combinations to search")
+                    raise SolverError(f"shared-activation group {group} has too many combinations to search")
             for row, sel in zip(cur, cur_idx):
                 choices.append([self.pairs[i] for i in sel])
                 priced.append(row[0])
@@ -411,7 +418,7 @@ def _decode(row: np.ndarray) -> Pair | tuple[None, None]:
 def _searchable(analysis: Analysis) -> list[str]:
     names = [m.name for m in analysis.searchable]
     if not analysis.layers:
-        raise PolicyError("the model has no quantizable layers (no Conv1d, Conv2d or Linear call in the traced graph); "
+        raise ArgumentError("the model has no quantizable layers (no Conv1d, Conv2d or Linear call in the traced graph); "
                           "nothing to quantize or search. Check that the model computes with such layers, and that "
                           "none sits inside a module kept opaque (leaf_modules)")
     if not names:

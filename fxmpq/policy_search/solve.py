@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..core.dominance import nondominated, nondominated_within
-from ..errors import FxmpqError
+from ..errors import SolverError
 from . import ilp
 from .results import SearchStatus
 
@@ -117,11 +117,11 @@ class Solver:
             # out of time before even the LP bound: the greedy incumbent, nothing proven
             sel = self._repair(self._round(np.ones(n)))
             if sel is None:
-                raise FxmpqError("the time limit ran out before any policy within the budget was found; "
+                raise SolverError("the time limit ran out before any policy within the budget was found; "
                                  "raise time_limit")
             return self._outcome(sel, SearchStatus.FEASIBLE, -np.inf, -np.inf, n, 0)
         if lp.status is not ilp.Status.OPTIMAL:
-            raise FxmpqError(f"the LP relaxation failed: {lp.message}")
+            raise SolverError(f"the LP relaxation failed: {lp.message}")
         dual = lp.row_dual[self.U:]
         L, r, lam = -np.inf, None, None
         for cand in (np.clip(-dual, 0, None), np.clip(dual, 0, None)):
@@ -285,7 +285,7 @@ class Solver:
             if sol.status is ilp.Status.INFEASIBLE:
                 return None
             if sol.x is None:
-                raise FxmpqError(f"HiGHS found no solution: {sol.message}")
+                raise SolverError(f"HiGHS found no solution: {sol.message}")
             chosen = idx[sol.x > 0.5]
             if len(chosen) == self.U and self.feasible(chosen):
                 break
@@ -293,7 +293,7 @@ class Solver:
             tot = self.raw[:, chosen].sum(axis=1)
             hi[self.U:] = np.minimum(hi[self.U:], (self.b - np.maximum(tot - self.b, 0) * 2) / self.scale)
         else:
-            raise FxmpqError("HiGHS returned budget-violating solutions four times; cannot certify a policy")
+            raise SolverError("HiGHS returned budget-violating solutions four times; cannot certify a policy")
         if sel is not None and float(self.obj[sel].sum()) < float(self.obj[chosen].sum()):
             chosen = sel
         status = SearchStatus.OPTIMAL if sol.status is ilp.Status.OPTIMAL else SearchStatus.FEASIBLE

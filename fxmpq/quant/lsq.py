@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.primitives import FakeQuantizer, fake_quantize, fake_quantize_with_mask, qrange
-from ..errors import PolicyError
+from ..errors import ArgumentError, CheckpointError, PolicyError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class LSQQuantizer(FakeQuantizer):
         super().__init__()
         bits = tuple(sorted({int(b) for b in bits}))
         if not bits or any(b < 1 or b > 16 for b in bits):
-            raise PolicyError(f"LSQQuantizer bit-widths must be integers in 1..16, found {bits}")
+            raise ArgumentError(f"LSQQuantizer bit-widths must be integers in 1..16, found {bits}")
         self.bits = bits
         self.signed = bool(signed)
         self.channels = channels
@@ -197,7 +197,7 @@ class LSQQuantizer(FakeQuantizer):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         bits = tuple(int(b) for b in state["bits"])
         if bits != self.bits:
-            raise PolicyError(f"checkpoint quantizer has bits {bits}, this one {self.bits} (fix it first)")
+            raise CheckpointError(f"checkpoint quantizer has bits {bits}, this one {self.bits} (fix it first)")
         self.active_bits = state["active_bits"]
         self._seen_init = False  # the loaded `initialized` buffer decides again
 
@@ -249,7 +249,7 @@ class _SwitchableBatchNorm(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         bits = tuple(int(b) for b in state["bits"])
         if bits != self.bits:
-            raise PolicyError(f"checkpoint BatchNorm has bits {bits}, this one {self.bits} (fix it first)")
+            raise CheckpointError(f"checkpoint BatchNorm has bits {bits}, this one {self.bits} (fix it first)")
         self.active_bits = state["active_bits"]
 
 

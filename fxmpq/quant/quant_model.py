@@ -96,6 +96,12 @@ class QuantModel(nn.Module):
         except KeyError:
             raise PolicyError(f"no quantized layer {name!r}; layers: {', '.join(self.layer_names)}") from None
 
+    @property
+    def per_channel(self) -> bool:
+        """Whether the weight quantizers hold a step per output channel (prepare(per_channel=True)); a matmul's
+        operand quantizer is per tensor either way."""
+        return any(self.graph_module.get_submodule(s.weight_quantizer).channels for s in self.sites.values())
+
     def weight_quantizer(self, name: str) -> LSQQuantizer:
         """The weight LSQQuantizer of layer `name`."""
         return self.graph_module.get_submodule(self._site(name).weight_quantizer)

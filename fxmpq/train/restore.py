@@ -17,31 +17,25 @@ from ..cost.policy import Policy
 from ..errors import CheckpointError, FxmpqError, ModelSpecError, PolicyError
 from ..quant.quant_model import QuantModel
 from ..stages import apply_policy, prepare
-from .train_state import Stage
+from .train_state import ModelMeta, Stage
 
 log = logging.getLogger(__name__)
 
 __all__ = ["find_checkpoint", "load_quantized"]
 
-_FACTORY_KEYS = ("model_factory", "factory", "model")
-_SHAPE_KEYS = ("example_shape", "input_shape", "example_input_shape", "example_shapes")
-_CKPT_NAMES = (FINETUNE_CKPT, "finetuned.pt", "checkpoint.pt", "quantized.pt", "model.pt")
-
-
 def find_checkpoint(path: str | Path) -> Path:
-    """`path` itself, or the checkpoint inside a work directory (a known name, else the newest *.pt)."""
+    """`path` itself, or the fine-tuning checkpoint of a work directory (its finetune.pt)."""
     path = Path(path)
     if path.is_dir():
-        for name in _CKPT_NAMES:
-            if (path / name).is_file():
-                return path / name
-        pts = sorted(path.glob("*.pt"), key=lambda p: p.stat().st_mtime)
-        if pts:
-            return pts[-1]
+        if (path / FINETUNE_CKPT).is_file():
+            return path / FINETUNE_CKPT
         if (path / INDICATORS_CKPT).is_file():
             raise CheckpointError(f"work directory {path} holds only the indicator-training checkpoint "
                                   f"{INDICATORS_CKPT}: {_finetune_hint(path / INDICATORS_CKPT)}")
-        raise CheckpointError(f"work directory {path} holds no checkpoint (*.pt)")
+        others = sorted(p.name for p in path.glob("*.pt"))
+        raise CheckpointError(f"work directory {path} holds no {FINETUNE_CKPT}"
+                              + (f" (other .pt files: {', '.join(others[:5])}; give the checkpoint file itself)"
+                                 if others else ""))
     return path
 
 
@@ -65,42 +59,33 @@ def load_quantized(
     if meta.get("kind") == Stage.INDICATORS:
         raise CheckpointError(f"{where}: an indicator-training checkpoint (its policy is the last random one of "
                               f"joint training, not a searched one); {_finetune_hint(ckpt)}")
-    spec = model_spec or _first(meta, _FACTORY_KEYS)
+    if meta.get("kind") not in (Stage.FINETUNE, Stage.INDICATORS):
+        raise CheckpointError(f"{where}: not a training checkpoint of fxmpq (kind {meta.get('kind')!r})")
+    recorded = ModelMeta.read(meta, where)
+    spec = model_spec or recorded.model_factory
     if not isinstance(spec, str):
         raise CheckpointError(f"{where}: no model factory recorded; give one (package.module:function, "
                               f"fxmpq lower --model)")
-    kwargs = model_kwargs if model_kwargs is not None else meta.get("model_kwargs") or {}
-    if not isinstance(kwargs, Mapping):
-        raise CheckpointError(f"{where}: model_kwargs must be an object, found {type(kwargs).__name__}")
+    kwargs = model_kwargs if model_kwargs is not None else recorded.model_kwargs
     factory = _factory(spec, where, kwargs)
-    shape = input_shape or _first(meta, _SHAPE_KEYS)
-    if isinstance(shape, list) and shape and isinstance(shape[0], list):
-        shape = shape[0]
+    shape = input_shape or (recorded.example_shapes[0] if recorded.example_shapes else None)
     if not shape:
         raise CheckpointError(f"{where}: no example input shape recorded; give one (such as 1x3x224x224, "
                               f"fxmpq lower --input)")
     example = torch.randn(*[int(d) for d in shape])
-    policy = meta.get("policy")
-    if not isinstance(policy, dict) or not policy:
+    policy = recorded.policy
+    if not policy:
         raise CheckpointError(f"{where}: no policy recorded (expected 'policy': {{layer: [w, a]}}); lower a "
                               f"checkpoint written by fxmpq.finetune")
-    bits = meta.get("bits") or meta.get("candidate_bits")
-    hardware = meta.get("hardware") or "bitops"
-    if isinstance(hardware, dict):  # {"name", "path"}: a user's file when it exists, else the shipped name
-        hw_path = hardware.get("path")
-        hardware = hw_path if hw_path and Path(hw_path).is_file() else (hardware.get("name") or "bitops")
+    hw_path = recorded.hardware.get("path")  # a user's file when it still exists, else the shipped name
+    hardware = hw_path if hw_path and Path(hw_path).is_file() else (recorded.hardware.get("name") or "bitops")
     state = _state_dict(tensors, meta, where)
-    per_channel = meta.get("per_channel")
-    if per_channel is None:  # infer from the weight quantizers' step sizes ([1, channels] per channel)
-        per_channel = any(k.endswith("weight_quantizer.step") and v.dim() == 2 and v.shape[-1] > 1
-                          for k, v in state.items() if isinstance(v, torch.Tensor))
     pol = Policy({k: tuple(v) for k, v in policy.items()})
     has_output_q = any(".output_quantizer." in k for k in state)
 
     try:
-        act_bits = meta.get("act_bits")
-        q = prepare(factory(), example, hardware=hardware, bits=tuple(bits) if bits else (2, 3, 4, 5, 6),
-                    per_channel=bool(per_channel), act_bits=tuple(act_bits) if act_bits else None)
+        q = prepare(factory(), example, hardware=hardware, bits=tuple(recorded.bits),
+                    per_channel=bool(recorded.per_channel), act_bits=tuple(recorded.act_bits) or None)
     except FxmpqError as e:
         raise CheckpointError(f"{where}: cannot rebuild model {spec}: {' '.join(str(e).split())}") from None
     try:
@@ -154,22 +139,9 @@ def _factory(spec: str, where: str, kwargs: Mapping[str, Any]) -> Callable[[], n
     return lambda: models.build_model(spec, kwargs)
 
 
-def _first(meta: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
-    for k in keys:
-        if meta.get(k) is not None:
-            return meta[k]
-    return None
-
-
 def _state_dict(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The model state: a split_state skeleton in the metadata joined with its tensors, or the flat tensors."""
-    for key in ("state", "model_state", "state_dict", "model"):
-        skel = meta.get(key)
-        if isinstance(skel, dict) and "__dict__" in skel:
-            state = join_state(skel, tensors, where)
-            if isinstance(state, dict) and isinstance(state.get("model"), dict):
-                return state["model"]
-            return state
-    if any(k.startswith("model.") for k in tensors):
-        return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    return dict(tensors)
+    """The model state save_state wrote: its skeleton (metadata 'model_state') joined with its tensors."""
+    skel = meta.get("model_state")
+    if not isinstance(skel, dict):
+        raise CheckpointError(f"{where}: no model state recorded (metadata 'model_state')")
+    return join_state(skel, tensors, where)

@@ -3,6 +3,7 @@ run stands, so that a resumed run ends bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import random
@@ -94,18 +95,47 @@ def set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], 
     random.setstate((version, tuple(state), gauss))
 
 
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a training checkpoint records to rebuild its model: the one schema `checkpoint_meta` writes and
+    `ModelMeta.read` reads (restore, `fxmpq lower`). `hardware` is {"name", "path"}; `policy` None before one is set."""
+
+    model_factory: str | None
+    model_kwargs: Mapping[str, Any]
+    example_shapes: list[list[int]]
+    bits: list[int]
+    act_bits: list[int]
+    per_channel: bool
+    hardware: Mapping[str, Any]
+    policy: Mapping[str, list[int | None]] | None
+
+    @classmethod
+    def read(cls, meta: Mapping[str, Any], where: str) -> ModelMeta:
+        """The schema's fields from a checkpoint's metadata; CheckpointError naming `where` and the key."""
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in meta]
+        if missing:
+            raise CheckpointError(f"{where}: not written by fxmpq's training (its metadata lacks {', '.join(missing)})")
+        for key, kind in (("model_kwargs", Mapping), ("example_shapes", list), ("bits", list), ("act_bits", list),
+                          ("hardware", Mapping)):
+            if not isinstance(meta[key], kind):
+                raise CheckpointError(f"{where}: metadata {key!r} must be {'an object' if kind is Mapping else 'a list'}, "
+                                      f"found {type(meta[key]).__name__}")
+        if meta["policy"] is not None and not isinstance(meta["policy"], Mapping):
+            raise CheckpointError(f"{where}: metadata 'policy' must be an object or null")
+        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls)})
+
+
 def checkpoint_meta(qmodel: QuantModel, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint metadata of `qmodel`: ModelMeta's fields (model_factory and model_kwargs from `extra`) and its
+    quantizers' state."""
     hw = qmodel.analysis.hardware
     policy = qmodel.policy
-    return {
-        "bits": list(qmodel.bits),
-        "act_bits": list(qmodel.act_bits),
-        "policy": {n: list(p) for n, p in policy.items()} if policy is not None else None,
-        "quant_state": qmodel.quant_state(),
-        "hardware": {"name": hw.name, "path": hw.path},
-        "example_shapes": [list(s) for s in qmodel.example_shapes],
-        **extra,
-    }
+    fields = ModelMeta(model_factory=extra.get("model_factory"), model_kwargs=dict(extra.get("model_kwargs") or {}),
+                       example_shapes=[list(s) for s in qmodel.example_shapes], bits=list(qmodel.bits),
+                       act_bits=list(qmodel.act_bits), per_channel=qmodel.per_channel,
+                       hardware={"name": hw.name, "path": hw.path},
+                       policy={n: list(p) for n, p in policy.items()} if policy is not None else None)
+    return {**dataclasses.asdict(fields), "quant_state": qmodel.quant_state()}
 
 
 def save_state(path: Path, qmodel: QuantModel, opt: torch.optim.Optimizer, *, stage: Stage, epoch: int, step: int,
