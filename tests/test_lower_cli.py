@@ -145,3 +145,22 @@ def test_a_checkpoint_missing_schema_keys_is_named(tmp_path):
     r = _run(str(tmp_path / "old.pt"), "--out", str(tmp_path / "m.onnx"))
     assert r.returncode == 2
     assert "old.pt: not written by fxmpq's training (its metadata lacks model_kwargs, example_shapes" in r.stderr
+
+
+def test_strict_flag_reaches_lower(tmp_path, monkeypatch):
+    """`fxmpq lower --strict` asks lower() for the strict criterion alone (docs/export.md)."""
+    import fxmpq.cli.lower as cli
+
+    ckpt = _checkpoint(tmp_path / "ckpt.pt")
+    seen = {}
+    real = cli.lower
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "lower", spy)
+    assert cli.main([str(ckpt), "--out", str(tmp_path / "m.onnx"), "--samples", "8", "--no-measure", "--strict"]) == 0
+    assert seen["strict"] is True
+    assert cli.main([str(ckpt), "--out", str(tmp_path / "m.onnx"), "--samples", "8", "--no-measure"]) == 0
+    assert seen["strict"] is False

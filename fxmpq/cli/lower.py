@@ -47,6 +47,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--no-measure", action="store_true", help="skip the latency audit")
     ap.add_argument("--storage", default="int8", help="weight containers: int8 (default, fused by ONNX Runtime "
                     "as stored) or packed (<= 4-bit weights as INT4; open with fxmpq.ort_session)")
+    ap.add_argument("--strict", action="store_true", help="pass only when ONNX Runtime is within one output step "
+                    "of PyTorch end to end (default: also pass as faithful when every stage is within one step and "
+                    "ONNX Runtime's spread is within the model's own noise floor; docs/export.md)")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
 
@@ -66,7 +69,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "fxmpq lower", label:
         kwargs = models.parse_model_kwargs(args.model_kwargs) if args.model_kwargs else None
         q, example, factory = load_quantized(args.checkpoint, args.model, shape, kwargs)
         rep = lower(q, args.out, example, samples=args.samples, measure=not args.no_measure, repeats=args.repeats,
-                    threads=args.threads, storage=storage)
+                    threads=args.threads, storage=storage, strict=args.strict)
         print(rep.table())
         if rep.layer_timings:
             print(rep.layer_table())
