@@ -565,8 +565,10 @@ MEASURED_CASES = [
     ("provenance.threads", 0, "t.toml: provenance.threads: expected a positive integer, found 0"),
     ("provenance.threads", "1", "t.toml: provenance.threads: expected an integer, found a string '1'"),
     ("provenance.host", "x",
-     "t.toml: provenance: unknown key(s) 'host'; allowed: batch, clock, command, cpu, date, input, model, notes, "
-     "repeats, runtime, threads, tool"),
+     "t.toml: provenance: unknown key(s) 'host'; allowed: batch, clock, command, cpu, cpu_family, cpu_model, "
+     "cpu_vendor, date, input, isa, model, notes, repeats, runtime, threads, tool"),
+    ("provenance.isa", ["avx2", 3], 't.toml: provenance.isa[1]: expected a feature name such as "avx512_vnni", '
+     "found 3"),
 ]
 
 
@@ -585,3 +587,32 @@ def test_an_integer_too_large_for_a_float_names_file_and_key_path(path):
         _load(_measured(path, 10**400))
     assert str(exc.value).startswith(f"t.toml: {path}: expected a finite "), str(exc.value)
     assert str(exc.value).endswith("found an integer of about 401 digits")
+
+
+def test_a_profile_from_another_cpu_warns_once_naming_both(monkeypatch, caplog):
+    """A measured file records the CPU's int8 features; used where they differ, it warns (once per file), naming
+    both CPUs; on the same CPU, or a file without them (hand-written), it stays quiet."""
+    import logging
+
+    from fxmpq.core.cpuinfo import CpuInfo
+    from fxmpq.hardware import spec
+
+    here = CpuInfo("AuthenticAMD", 23, 1, "AMD EPYC 7571", ("avx2",))
+    monkeypatch.setattr(spec, "cpu_info", lambda: here)
+    monkeypatch.setattr(spec, "_WARNED", set())
+    prov = {**MEASURED["provenance"], "cpu": "Intel Xeon", "cpu_vendor": "GenuineIntel", "cpu_family": 6,
+            "cpu_model": 143, "isa": ["avx2", "avx512f", "avx512_vnni", "amx_int8"]}
+    with caplog.at_level(logging.WARNING, logger="fxmpq.hardware.spec"):
+        hw = _load(_with("provenance", prov, MEASURED))
+        _load(_with("provenance", prov, MEASURED))
+    assert hw.provenance.isa == ("avx2", "avx512f", "avx512_vnni", "amx_int8") and hw.provenance.cpu_model == 143
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1
+    assert ("profiled on Intel Xeon (GenuineIntel family 6 model 143; avx2, avx512f, avx512_vnni, amx_int8); this "
+            "machine is AMD EPYC 7571 (AuthenticAMD family 23 model 1; avx2)") in warned[0]
+    caplog.clear()
+    monkeypatch.setattr(spec, "_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="fxmpq.hardware.spec"):
+        _load(_with("provenance", {**prov, "cpu_vendor": "AuthenticAMD", "isa": ["avx2"]}, MEASURED))
+        _load(MEASURED)
+    assert not caplog.records

@@ -51,6 +51,11 @@ def test_file_parses_and_predicts_layers_plus_the_rest_once(tmp_path):
     assert not hw.pins.first_layer and not hw.pins.last_layer
     assert hw.metrics["latency"].unit == "ms" and hw.metrics["bytes"].unit == "bytes"
     assert hw.provenance.threads == 1 and hw.provenance.batch == 1 and hw.provenance.input == "3x16x16"
+    from fxmpq.core.cpuinfo import (
+        cpu_info,  # the CPU it was measured on, with the features int8 speed depends on
+    )
+
+    assert hw.provenance.isa == cpu_info().features and hw.provenance.cpu_vendor == cpu_info().vendor
     a = fxmpq.analyze(PlainCNN(), torch.randn(1, 3, 16, 16), hardware=path)
     assert a.names == ["conv1", "conv2", "fc"]
     all_int8 = a.cost({n: INT8 for n in a.names})

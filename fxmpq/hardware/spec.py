@@ -15,6 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ..core.cpuinfo import CpuInfo, cpu_info
 from ..core.strict_toml import Table
 from ..errors import HardwareSpecError, brief, first_line
 from .cost_terms import (
@@ -80,6 +81,10 @@ class Provenance:
     clock: str = ""  # "thread_cpu" or "wall" (fxmpq.export.measure.Clock)
     repeats: int | None = None
     notes: str = ""
+    cpu_vendor: str = ""  # /proc/cpuinfo vendor_id, "GenuineIntel"
+    cpu_family: int | None = None
+    cpu_model: int | None = None
+    isa: tuple[str, ...] | None = None  # the int8-relevant features it had (fxmpq.core.cpuinfo.INT8_FEATURES)
 
 
 @dataclass(frozen=True)
@@ -193,19 +198,43 @@ def _weight_only_bits(t: Table, wbits: tuple[int, ...]) -> tuple[int, ...]:
 
 
 
-_PROVENANCE_STR = ("tool", "command", "date", "model", "input", "runtime", "cpu", "clock", "notes")
-_PROVENANCE_INT = ("batch", "threads", "repeats")
+_PROVENANCE_STR = ("tool", "command", "date", "model", "input", "runtime", "cpu", "clock", "notes", "cpu_vendor")
+_PROVENANCE_INT = ("batch", "threads", "repeats", "cpu_family", "cpu_model")
 
 
 def _parse_provenance(p: Table) -> Provenance:
     kwargs: dict[str, Any] = {k: p.take(k, str, "") for k in _PROVENANCE_STR}
     for k in _PROVENANCE_INT:
         v = p.take(k, int, None)
-        if v is not None and v < 1:
-            raise p.fail(k, f"expected a positive integer, found {v}")
+        if v is not None and v < (0 if k.startswith("cpu_") else 1):
+            raise p.fail(k, f"expected a {'non-negative' if k.startswith('cpu_') else 'positive'} integer, found {v}")
         kwargs[k] = v
+    isa = p.take("isa", list, None)
+    if isa is not None:
+        bad = [i for i, f in enumerate(isa) if not isinstance(f, str)]
+        if bad:
+            raise p.fail(f"isa[{bad[0]}]", f"expected a feature name such as \"avx512_vnni\", found {brief(isa[bad[0]])}")
+        kwargs["isa"] = tuple(isa)
     p.finish()
     return Provenance(**kwargs)
+
+
+_WARNED: set[str] = set()
+
+
+def _check_cpu(spec: HardwareSpec) -> None:
+    """Warn once per file when it was profiled on a CPU whose int8 features differ from this machine's."""
+    pv = spec.provenance
+    if pv is None or pv.isa is None or spec.path in _WARNED:
+        return
+    here = cpu_info()
+    if set(pv.isa) == set(here.features) and (not pv.cpu_vendor or pv.cpu_vendor == here.vendor):
+        return
+    _WARNED.add(spec.path)
+    there = CpuInfo(pv.cpu_vendor or "?", pv.cpu_family, pv.cpu_model, pv.cpu or "?", tuple(pv.isa))
+    log.warning("hardware %s was profiled on %s; this machine is %s: its measured latencies (int8 against float "
+                "above all) may not hold here; `fxmpq profile` measures this one", spec.path, there.describe(),
+                here.describe())
 
 
 def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareSpec:
@@ -352,6 +381,8 @@ def loads_hardware(raw: bytes | str, file: str = "<memory>") -> HardwareSpec:
                   else first_line(e) or type(e).__name__)
         raise HardwareSpecError(f"{file}: invalid TOML: {reason}") from None
     try:
-        return parse_hardware(data, file)
+        spec = parse_hardware(data, file)
     except RecursionError:  # a value nested deep enough that printing it in a message recurses too far
         raise HardwareSpecError(f"{file}: a value is nested too deeply to be a hardware description") from None
+    _check_cpu(spec)
+    return spec

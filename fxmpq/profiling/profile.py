@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..capture.record import LayerRecord, records
+from ..core.cpuinfo import CpuInfo, cpu_info
 from ..errors import ArgumentError
 from ..export.deploy import deployable
 from ..export.lower import lower
@@ -180,6 +181,7 @@ class HardwareProfile:
     date: str = field(default_factory=lambda: datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%MZ"))
     runtime: str = field(default_factory=runtime_name)
     cpu: str = field(default_factory=cpu_name)
+    cpu_info: CpuInfo = field(default_factory=cpu_info)
     name: str = "ort_cpu"
 
     def chains(self, fmt: Pair) -> float:
@@ -324,6 +326,10 @@ class HardwareProfile:
             f"threads = {self.threads}",
             f"runtime = {q(self.runtime)}",
             f"cpu = {q(self.cpu)}",
+            f"cpu_vendor = {q(self.cpu_info.vendor)}",
+            *([f"cpu_family = {self.cpu_info.family}"] if self.cpu_info.family is not None else []),
+            *([f"cpu_model = {self.cpu_info.model}"] if self.cpu_info.model is not None else []),
+            f"isa = [{', '.join(q(f) for f in self.cpu_info.features)}]",
             f"clock = {q(self.clock)}",
             f"repeats = {self.repeats}",
             f"notes = {q(notes)}",
