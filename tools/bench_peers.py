@@ -507,9 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     rank_only_keys = {(e["net"], e["key"]) for e in plan if e["budget"] == RANK_BUDGET and e["method"].startswith("random-")
                       and int(e["method"][7:]) > 2} - {(e["net"], e["key"]) for e in plan
                                                       if not (e["method"].startswith("random-") and int(e["method"][7:]) > 2)}
-    # one net at a time; within it the main table's seeds first, the rank study's extra policies last
+    # one net at a time; within it every policy's first seed (the main table's, then the rank study's extra
+    # policies: a run cut short still has the whole table once and the rank study), then the further seeds
     jobs = sorted((k for k in wanted if k not in done),
-                  key=lambda k: (nets.index(k[0]), (k[0], k[1]) in rank_only_keys, k[2], k[1]))
+                  key=lambda k: (nets.index(k[0]), k[2] > 0, (k[0], k[1]) in rank_only_keys, k[2], k[1]))
     print(f"{len({(e['net'], e['key']) for e in plan})} distinct policies; {len(wanted)} runs, {len(jobs)} to do "
           f"({len(done)} already in {runs_path})", flush=True)
     ctx = mp.get_context("spawn")
