@@ -46,16 +46,17 @@ class BiasRounding(nn.Module):
             b_int = round_to_grid(b, b_scale)
             shape = [1] * y.dim()
             shape[self.channel_axis] = ch
-            rounded = y + (b_int * b_scale - b).reshape(shape).to(y.dtype)
-            if s_out is None:
-                return rounded
+            if s_out is None or ready is not None:
+                rounded = y + (b_int * b_scale - b).reshape(shape).to(y.dtype)
+                if s_out is None:
+                    return rounded
             # the integer kernel: acc (exact integer sum + int32 bias) * M, M = s_x * s_w / s_out (float32),
-            # rounded half to even; the following quantizer recovers n exactly from n * s_out
-            acc = round_to_grid(y.float() - b.reshape(shape), b_scale.reshape(shape)) + b_int.reshape(shape)
+            # rounded half to even; the following quantizer recovers n exactly from n * s_out. The same
+            # operations in the same order as round(round((y - b) / S) + b_int) * M) * s_out, in place
             so = s_out.detach().float().reshape(())
             m = (sx * scale) / so
-            n = torch.round(acc * m.reshape(shape))  # requantization: a multiply, not a division
-            out = (n * so).to(y.dtype)
+            out = torch.sub(y.float(), b.reshape(shape)).div_(b_scale.reshape(shape)).round_().add_(b_int.reshape(shape))
+            out = out.mul_(m.reshape(shape)).round_().mul_(so).to(y.dtype)  # requantization: a multiply
             if ready is not None:  # the output quantizer has no step size yet (its first batch): do not use it
                 out = torch.where(ready, out, rounded)
         return out
