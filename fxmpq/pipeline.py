@@ -40,6 +40,7 @@ from .hardware.spec import HardwareSpec, load_hardware
 from .policy_search.api import SearchResult, check_feasible, pareto
 from .policy_search.candidates import DEFAULT_COUNT, CandidateSet, as_result
 from .policy_search.indicators import Indicators
+from .policy_search.report import plot_bits, plot_indicators, plot_pareto
 from .policy_search.selection import VerifyOptions, select_policy
 from .policy_search.targets import check_goal, parse_goal
 from .quant.quant_model import QuantModel
@@ -455,8 +456,6 @@ def _resume_joint_state(qmodel: QuantModel, ckpt: Path) -> None:
 def _plots(analysis: Analysis, indicators: Indicators, result: SearchResult, alpha: float,
            wd: Path) -> dict[str, Path]:
     """Bits per layer, indicators per layer and bit, and the BitOps Pareto curve with the chosen point."""
-    from .policy_search.report import plot_bits, plot_indicators, plot_pareto
-
     out = {"plot_bits": plot_bits(result.policy, analysis, wd / "bits_per_layer.png"),
            "plot_indicators": plot_indicators(indicators, wd / "indicators.png")}
     metric = next((m for m in result.limits if m in analysis.hardware.metrics), None)

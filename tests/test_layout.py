@@ -133,3 +133,20 @@ def test_value_preserving_ops_come_from_one_vocabulary() -> None:
     assert "SHAPE_METHODS" in src and "SHAPE_MODULES" in src  # output_step walks the same vocabulary
     for mod in (matcher, lower_qdq, patterns, parity):  # and no module keeps a hand-written copy
         assert '"view", "reshape"' not in Path(mod.__file__).read_text(), mod.__name__
+
+
+def test_no_function_level_imports_of_fxmpq_modules() -> None:
+    """Every fxmpq import sits at the top of its module (or under TYPE_CHECKING): none hides a cycle in a function.
+    Heavy third-party libraries (matplotlib, torchvision) may still be imported where they are used."""
+    late = []
+    for _, path in modules():
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("fxmpq")):
+                    late.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+                elif isinstance(node, ast.Import) and any(a.name.startswith("fxmpq") for a in node.names):
+                    late.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not late, f"function-level fxmpq imports: {late}"

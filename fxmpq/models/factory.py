@@ -11,6 +11,10 @@ from typing import Any
 from torch import nn
 
 from ..errors import ModelSpecError, brief, first_line
+from .bench_nets import mobilenet_v2_small, resnet20
+from .mobilenet_v1 import mobilenet_v1
+from .small import small_mobilenet, small_resnet
+from .vit import small_vit, vit_like
 
 __all__ = ["build_model", "parse_model_kwargs", "resolve_factory"]
 
@@ -32,17 +36,7 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
         if not callable(obj):
             raise ModelSpecError(f"model {spec!r}: {module_name} has no callable {attr!r}")
         return obj
-    import torchvision
-
-    from . import (
-        mobilenet_v1,
-        mobilenet_v2_small,
-        resnet20,
-        small_mobilenet,
-        small_resnet,
-        small_vit,
-        vit_like,
-    )
+    import torchvision  # heavy, and only needed for a torchvision name
 
     ours = {"mobilenet_v1": mobilenet_v1, "mobilenet_v2_small": mobilenet_v2_small, "resnet20": resnet20,
             "small_mobilenet": small_mobilenet, "small_resnet": small_resnet, "small_vit": small_vit,
