@@ -21,7 +21,7 @@ from ..errors import (
     PolicyError,
     SolverError,
 )
-from ..hardware.spec import FLOAT, LayerKind
+from ..hardware.spec import FLOAT
 from .indicators import Cleaning, Indicators
 
 if TYPE_CHECKING:
@@ -381,7 +381,7 @@ def float_layers(analysis: Analysis) -> frozenset[str]:
     """
     hw = analysis.hardware
     grouped = {n for g in analysis.shared_input_groups() for n in g} if hw.share_input_quantizer else set()
-    return frozenset(m.name for m in analysis.searchable if m.kind in hw.float_kinds and m.name not in grouped)
+    return frozenset(m.name for m in analysis.searchable if FLOAT in hw.formats(m.kind) and m.name not in grouped)
 
 
 def weight_only_layers(analysis: Analysis, pairs: Sequence[Pair]) -> dict[str, tuple[int, ...]]:
@@ -390,11 +390,14 @@ def weight_only_layers(analysis: Analysis, pairs: Sequence[Pair]) -> dict[str, t
     Like float, a weight-only layer reads no activation quantizer, so layers tied by a shared one are left out.
     """
     hw = analysis.hardware
-    bits = tuple(w for w in hw.weight_only_bits if w in {p[0] for p in pairs})
-    if not bits:
-        return {}
+    candidates = {p[0] for p in pairs}
     grouped = {n for g in analysis.shared_input_groups() for n in g} if hw.share_input_quantizer else set()
-    return {m.name: bits for m in analysis.searchable if m.kind == LayerKind.LINEAR and m.name not in grouped}
+    out = {}
+    for m in analysis.searchable:  # the formats the hardware offers the layer (the one rule), at candidate bits
+        bits = tuple(w for w, a in hw.formats(m.kind) if a is None and w is not None and w in candidates)
+        if bits and m.name not in grouped:
+            out[m.name] = bits
+    return out
 
 
 def layer_formats(pairs: Sequence[Pair], may_float: bool, weight_only: Sequence[int] = ()
