@@ -13,9 +13,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxmpq.capture.matcher import bias_arg, layer_input, linear_runs_as_conv, set_weight_arg, weight_arg
 from fxmpq.capture.record import Applied, LayerRecord, record_of, records, set_record
 from fxmpq.core.primitives import container_zero_point
-from fxmpq.cost.policy import Policy
+from fxmpq.cost.policy import Policy, policy_problems
 from fxmpq.errors import PassError, PolicyError
-from fxmpq.hardware.formats import INTEGER_KERNEL_BITS, Format, format_name, format_of, integer_kernel
+from fxmpq.hardware.formats import INTEGER_KERNEL_BITS, Format, format_of, integer_kernel
 from fxmpq.hardware.spec import HardwareSpec, LayerKind
 from fxmpq.quant.kernels import AddRounding, BiasRounding
 from fxmpq.quant.lsq import QUANT_LAYER_TYPES, LSQQuantizer, to_plain_layer
@@ -97,30 +97,9 @@ class ApplyPolicyPass(PassBase):
 
     def _complete(self, layers: list[tuple[fx.Node, LayerRecord]]) -> dict[str, tuple[int, int]]:
         """The policy over every recorded layer (pins filled in), checked against the records."""
-        known = {r.name for _, r in layers}
-        problems = []
-        unknown = [n for n in self.policy if n not in known]
-        if unknown:
-            problems.append(f"unknown layer(s): {', '.join(unknown)}")
-        missing = [r.name for _, r in layers if r.searchable and r.name not in self.policy]
-        if missing:
-            problems.append(f"searchable layer(s) without bits: {', '.join(missing)}")
-        full = {}
-        for _, r in layers:
-            pair = r.pin_bits if r.pinned else self.policy.get(r.name)
-            if r.pinned and r.name in self.policy and self.policy[r.name] != r.pin_bits:
-                problems.append(f"{r.name} is pinned at W{r.pin_bits[0]}A{r.pin_bits[1]}")
-            if pair is not None:
-                full[r.name] = tuple(pair)
-        for n, pair in full.items():
-            try:
-                format_of(next(r.kind for _, r in layers if r.name == n), *pair, self.hardware)
-            except PolicyError as e:
-                problems.append(f"{n}: {e}")
-        unsupported = [f"{n} {format_name(full[n])}" for _, r in layers if r.searchable and (n := r.name) in full
-                       and full[n] not in r.costs and self.hardware is None]
-        if unsupported:
-            problems.append(f"bits the hardware does not run: {', '.join(unsupported)}")
+        problems = policy_problems(self.policy, [r for _, r in layers], self.hardware)
+        full = {r.name: tuple(r.pin_bits if r.pinned else self.policy[r.name]) for _, r in layers
+                if r.pinned or r.name in self.policy}
         if problems:
             raise PolicyError("policy does not fit the model: " + "; ".join(problems))
         return full

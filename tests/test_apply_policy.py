@@ -207,3 +207,17 @@ def test_shared_quantizer_moves_before_readers_that_come_first():
     assert first_sum.args == (call, call)
     with torch.no_grad():
         assert q(x).shape == (8, 4)
+
+
+def test_the_pass_and_policy_validate_share_one_check():
+    """ApplyPolicyPass and Policy.validate report a bad policy in the same words (cost/policy.py policy_problems)."""
+    from fxmpq.cost.policy import Policy
+
+    q, x = _prepared(PlainCNN)
+    bad = {**_policy(q), "ghost": (4, 4), q.searchable_names[0]: (9, 4)}
+    with pytest.raises(PolicyError) as by_validate:
+        Policy(bad).validate(q.analysis)
+    with pytest.raises(PolicyError) as by_pass:
+        apply_policy(q, bad, x)
+    assert str(by_pass.value) == str(by_validate.value)
+    assert "unknown layer(s): ghost" in str(by_pass.value) and "W9A4" in str(by_pass.value)

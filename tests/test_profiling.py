@@ -129,7 +129,8 @@ def test_a_format_the_runtime_cannot_run_is_refused(tmp_path):
     q = fxmpq.prepare(PlainCNN(), x, hardware=path, bits=(8,))
     with pytest.raises(PolicyError) as exc:
         fxmpq.apply_policy(q, {"conv1": INT8, "conv2": (4, 8), "fc": FLOAT}, x)
-    assert f"conv2: hardware 'ort_cpu' ({path}) does not run a conv layer as W4A8; it offers W8A8, float" in str(exc.value)
+    assert (f"bits hardware 'ort_cpu' ({path}) does not run: conv2 W4A8 (supported pairs: W8A8; float for conv, "
+            f"depthwise_conv, linear layers)") in str(exc.value)  # the one policy check's wording (cost/policy.py)
     with pytest.raises(PolicyError, match=r"candidate bits \[4\] are not supported by hardware 'ort_cpu'"):
         fxmpq.prepare(PlainCNN(), x, hardware=path, bits=(4, 8))
     a = fxmpq.analyze(PlainCNN(), x, hardware=path)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from ..capture.record import LayerRecord
 from ..core.jsonio import dump_json, read_json
 from ..errors import PolicyError, brief
-from ..hardware.formats import format_name
-from ..hardware.spec import FLOAT, FLOAT_BITS
+from ..hardware.formats import format_name, format_of
+from ..hardware.spec import FLOAT, FLOAT_BITS, HardwareSpec, Pair
 
 if TYPE_CHECKING:
     from .analysis import Analysis
@@ -96,29 +97,7 @@ class Policy(Mapping[str, Bits]):
 
     def validate(self, analysis: Analysis) -> None:
         """Raise PolicyError listing unknown layers, missing searchable layers, unsupported or off-pin bits."""
-        hw = analysis.hardware
-        known = {m.name: m for m in analysis.layers}
-        problems = []
-        unknown = [n for n in self.bits if n not in known]
-        if unknown:
-            problems.append(f"unknown layer(s): {', '.join(unknown)}")
-        missing = [m.name for m in analysis.layers if m.searchable and m.name not in self.bits]
-        if missing:
-            problems.append(f"searchable layer(s) without bits: {', '.join(missing)}")
-        bad = [f"{n} {format_name((w, a))}" for n, (w, a) in self.bits.items()
-               if n in known and known[n].searchable and not hw.runs(known[n].kind, w, a)]
-        if bad:
-            offers = ", ".join(f"W{w}A{a}" for w, a in hw.pairs)
-            if hw.weight_only_bits:
-                offers += f"; weight-only {', '.join(f'W{w}Afloat' for w in hw.weight_only_bits)} for linear layers"
-            if hw.float_kinds:
-                offers += f"; float for {', '.join(sorted(k.value for k in hw.float_kinds))} layers"
-            problems.append(f"bits hardware {hw.name!r} does not run: {', '.join(bad)} (supported pairs: {offers})")
-        off_pin = [f"{n} W{w}A{a} (pinned at W{known[n].pin_bits[0]}A{known[n].pin_bits[1]})"
-                   for n, (w, a) in self.bits.items() if n in known and known[n].pinned
-                   and (w, a) != known[n].pin_bits]
-        if off_pin:
-            problems.append(f"pinned layer(s) given other bits: {', '.join(off_pin)}")
+        problems = policy_problems(self.bits, analysis.layers, analysis.hardware)
         if problems:
             raise PolicyError("policy does not fit the model: " + "; ".join(problems))
 
@@ -163,3 +142,41 @@ class Policy(Mapping[str, Bits]):
             return cls(bits)
         except PolicyError as e:
             raise PolicyError(f"{where}: {e}") from None
+
+
+def policy_problems(bits: Mapping[str, Pair], layers: Sequence[LayerRecord], hw: HardwareSpec | None
+                    ) -> list[str]:
+    """Everything wrong with `bits` for `layers`: unknown layers, searchable layers without bits, formats the layer's
+    kind cannot take or `hw` does not run (without `hw`: formats the layer was not priced in), pinned layers given
+    other bits. The one policy check: Policy.validate and ApplyPolicyPass both call it."""
+    known = {m.name: m for m in layers}
+    problems = []
+    unknown = [n for n in bits if n not in known]
+    if unknown:
+        problems.append(f"unknown layer(s): {', '.join(unknown)}")
+    missing = [m.name for m in layers if m.searchable and m.name not in bits]
+    if missing:
+        problems.append(f"searchable layer(s) without bits: {', '.join(missing)}")
+    for n, (w, a) in bits.items():
+        if n in known:
+            try:
+                format_of(known[n].kind, w, a)  # the kind's own rule (weight-only: linear layers only)
+            except PolicyError as e:
+                problems.append(f"{n}: {e}")
+    bad = [f"{n} {format_name((w, a))}" for n, (w, a) in bits.items() if n in known and known[n].searchable
+           and (not hw.runs(known[n].kind, w, a) if hw is not None else (w, a) not in known[n].costs)]
+    if bad and hw is not None:
+        offers = ", ".join(f"W{w}A{a}" for w, a in hw.pairs)
+        if hw.weight_only_bits:
+            offers += f"; weight-only {', '.join(f'W{w}Afloat' for w in hw.weight_only_bits)} for linear layers"
+        if hw.float_kinds:
+            offers += f"; float for {', '.join(sorted(k.value for k in hw.float_kinds))} layers"
+        where = "" if hw.path.endswith("(shipped)") else f" ({hw.path})"  # a user's file: which one
+        problems.append(f"bits hardware {hw.name!r}{where} does not run: {', '.join(bad)} (supported pairs: {offers})")
+    elif bad:
+        problems.append(f"bits the layers were not priced in: {', '.join(bad)}")
+    off_pin = [f"{n} W{w}A{a} (pinned at W{known[n].pin_bits[0]}A{known[n].pin_bits[1]})"
+               for n, (w, a) in bits.items() if n in known and known[n].pinned and (w, a) != known[n].pin_bits]
+    if off_pin:
+        problems.append(f"pinned layer(s) given other bits: {', '.join(off_pin)}")
+    return problems
