@@ -454,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prepare-only", action="store_true", help="FP32, indicators, Hessian and peer searches only")
     ap.add_argument("--no-export", action="store_true", help="skip exporting the peers' and fxmpq's policies")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on scikit-learn's digits (the test suite's run)")
+    ap.add_argument("--report-only", action="store_true", help="no fine-tuning: the report from the runs done so far "
+                    "(a table with fewer seeds says so in its seeds column)")
     args = ap.parse_args(argv)
     args.peers = [s.strip() for s in args.peers.split(",") if s.strip()]
     unknown = [s for s in args.peers if s not in PEERS]
@@ -509,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       if not (e["method"].startswith("random-") and int(e["method"][7:]) > 2)}
     # one net at a time; within it every policy's first seed (the main table's, then the rank study's extra
     # policies: a run cut short still has the whole table once and the rank study), then the further seeds
-    jobs = sorted((k for k in wanted if k not in done),
+    jobs = [] if args.report_only else sorted((k for k in wanted if k not in done),
                   key=lambda k: (nets.index(k[0]), k[2] > 0, (k[0], k[1]) in rank_only_keys, k[2], k[1]))
     print(f"{len({(e['net'], e['key']) for e in plan})} distinct policies; {len(wanted)} runs, {len(jobs)} to do "
           f"({len(done)} already in {runs_path})", flush=True)
