@@ -223,7 +223,8 @@ def quantize(
     Pareto front of `minimize` (a metric of the hardware, default its first) and the uniform policies are measured
     on the jointly trained model from the cheapest up, the first within the target is fine-tuned, and the report
     gives its estimated and its final drop side by side.
-    Verification (with `val_data`, on by default): after the search, up to `verify` (default 16; 0 or False: off)
+    Verification (with `val_data`; by default only for an accuracy target, since under a cost budget the search's
+    optimum measured better, docs/RESULTS.md section 6): after the search, up to `verify` (True: 16; 0 or False: off)
     distinct candidate policies within the budget (fxmpq.candidates: optima at several alphas, the ILP's
     next-best, the largest uniform and near-uniform policies) are measured on the jointly trained model, each on
     `verify_batches` batches of `val_data` (None: all), and the most accurate is fine-tuned (fxmpq.verify); they
@@ -262,7 +263,7 @@ def quantize(
         act_bits = own_act_bits if act_bits is None else act_bits
     bits = tuple(bits)
     goal = parse_goal(budget)
-    count = _verify_count(verify)
+    count = _verify_count(verify, goal.max_drop is not None)
     if verify_batches is not None and (isinstance(verify_batches, bool) or not isinstance(verify_batches, int)
                                        or verify_batches < 1):
         raise ArgumentError(f"quantize: verify_batches must be None or an integer >= 1, found {verify_batches!r}")
@@ -393,9 +394,11 @@ def _options(quant: Any, search: Any, train: Any, legacy: dict[str, Any]
     return out["quant"], out["search"], out["train"]
 
 
-def _verify_count(verify: Any) -> int:
-    """quantize()'s `verify` as a number of candidates (True: the default 16; False or 0: off); ArgumentError
-    otherwise."""
+def _verify_count(verify: Any, target: bool) -> int:
+    """quantize()'s `verify` as a number of candidates (None: the default 16 for an accuracy target, else off;
+    True: 16; False or 0: off); ArgumentError otherwise."""
+    if verify is None:
+        return DEFAULT_COUNT if target else 0
     if verify is True:
         return DEFAULT_COUNT
     if verify is False:

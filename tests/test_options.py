@@ -50,3 +50,13 @@ def test_bad_options_fail_before_any_work(kwargs, error, message) -> None:
     with pytest.raises(error) as e:
         fxmpq.quantize(model, "w4a4", [(torch.randn(2, 4), torch.tensor([0, 1]))], torch.randn(1, 4), **kwargs)
     assert str(e.value) == message
+
+
+def test_verification_defaults_to_accuracy_targets_only() -> None:
+    """verify=None: 16 candidates for a drop<= target (it needs the measurement), none under a cost budget (the
+    search's optimum measured better there, docs/RESULTS.md section 6); explicit values as given."""
+    from fxmpq.pipeline import _verify_count
+
+    assert fxmpq.SearchOptions().verify is None
+    assert _verify_count(None, True) == 16 and _verify_count(None, False) == 0
+    assert _verify_count(True, False) == 16 and _verify_count(False, True) == 0 and _verify_count(5, False) == 5

@@ -76,7 +76,8 @@ def run(args: argparse.Namespace, label: str | None) -> int:
     if args.minimize is not None and args.minimize not in hw.metrics:
         raise BudgetError(f"--minimize {args.minimize}: not a metric of hardware {hw.name!r}; its metrics: "
                           f"{', '.join(hw.metrics)}")
-    if goal.max_drop is not None and not args.verify:
+    verify = args.verify if args.verify is not None else (DEFAULT_COUNT if goal.max_drop is not None else 0)
+    if goal.max_drop is not None and not verify:
         raise ArgumentError(f"--budget {args.budget}: an accuracy target is met by measuring candidate policies on "
                             f"the validation data, which --verify 0 turns off; give --verify N (N >= 1)")
     device = as_device(args.device, "--device") if args.device else None
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace, label: str | None) -> int:
         raise ArgumentError(f"--budget {args.budget}: the drop is measured against the FP32 model's top-1 on "
                             f"validation data, and --dataset {args.dataset} has none; hold some out with "
                             f"--val-fraction F (e.g. 0.1 of the training samples)")
-    check_goal(goal, hw, minimize=args.minimize, has_val=val is not None, verify=args.verify)
+    check_goal(goal, hw, minimize=args.minimize, has_val=val is not None, verify=verify)
 
     try:
         if args.fp32_epochs or (wd / FP32_WEIGHTS).is_file():
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace, label: str | None) -> int:
         r = quantize(model.eval(), goal.budget if goal.max_drop is None else args.budget, train, example, hardware=hw,
                      val_data=val, work_dir=wd, export=not args.no_export,
                      quant=QuantOptions(bits=bits, per_channel=args.per_channel),
-                     search=SearchOptions(alpha=args.alpha, verify=args.verify, verify_batches=args.verify_batches,
+                     search=SearchOptions(alpha=args.alpha, verify=verify, verify_batches=args.verify_batches,
                                           minimize=args.minimize),
                      train=TrainOptions(indicator_epochs=args.indicator_epochs, finetune_epochs=args.finetune_epochs,
                                         lr=args.lr, finetune_lr=args.finetune_lr, distill=not args.no_distill,
@@ -146,9 +147,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     'in --minimize), alone or with cost limits ("drop<=1%%&c8")')
     ap.add_argument("--minimize", help="with a drop<= budget: the hardware metric to make cheapest (default its "
                     "first, e.g. bitops)")
-    ap.add_argument("--verify", type=int, default=DEFAULT_COUNT, help="candidate policies to measure on the "
-                    "validation data before fine-tuning, the most accurate kept (default %(default)s; 0: off, the "
-                    "search's optimum is fine-tuned)")
+    ap.add_argument("--verify", type=int, help="candidate policies to measure on the validation data with the "
+                    f"jointly trained model before fine-tuning, the most accurate kept (default: {DEFAULT_COUNT} for "
+                    "a drop<= target, else 0: the search's optimum is fine-tuned, which measured better under a cost "
+                    "budget; docs/RESULTS.md section 6)")
     ap.add_argument("--verify-batches", type=int, help="validation batches (of 256) each candidate is measured on "
                     "(default all)")
     ap.add_argument("--val-fraction", type=float, help="hold out this fraction of the training samples (seeded) as "
