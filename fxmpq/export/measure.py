@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ..core.cpuinfo import cpu_info
 from ..errors import ArgumentError
 
 __all__ = ["Clock", "NodeTime", "Timing", "TimingOptions", "cpu_name", "profile_nodes", "runtime_name", "session",
@@ -197,14 +198,6 @@ def runtime_name() -> str:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), or the platform's processor string elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine() or "unknown CPU"
+    """The CPU's model name (/proc/cpuinfo, read once by fxmpq.core.cpuinfo), or the platform's string elsewhere."""
+    return cpu_info().name
 
