@@ -18,7 +18,14 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxmpq.capture.graph import as_input_tuple, constant_value, propagate_shapes
 from fxmpq.capture.matcher import bias_arg, emit_call, layer_input, linear_runs_as_conv, weight_arg
-from fxmpq.capture.record import LayerRecord, Lowered, records, set_record
+from fxmpq.capture.record import (
+    LayerRecord,
+    Lowered,
+    QuantizerRecord,
+    quantizer_record_of,
+    records,
+    set_record,
+)
 from fxmpq.core.dead_code import eliminate_dead_code
 from fxmpq.core.primitives import INT32_MAX, container_zero_point, quantize, round_to_grid
 from fxmpq.errors import ExportError, TraceError
@@ -41,11 +48,10 @@ from .qdq_ops import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DQ_OP", "LOWERED", "NBITS_OP", "QDQ_CHANNELS_OP", "QDQ_META", "QDQ_OP", "LowerToQDQPass", "dequantize",
+__all__ = ["DQ_OP", "LOWERED", "NBITS_OP", "QDQ_CHANNELS_OP", "QDQ_OP", "LowerToQDQPass", "dequantize",
            "quantize_dequantize", "quantize_dequantize_channels"]
 
 LOWERED = "fxmpq_lowered"  # container module of the integer buffers
-QDQ_META = "fxmpq_qdq"  # node.meta key: the quantizer qualname a quantize_dequantize node came from
 
 
 
@@ -433,7 +439,7 @@ class LowerToQDQPass(PassBase):
         with g.inserting_before(node):
             s = g.get_attr(f"{LOWERED}.{attr}")
             new = g.call_function(QDQ_OP, (x, s, zp, lo, hi))
-        new.meta[QDQ_META] = node.target
+        set_record(new, QuantizerRecord(quantizer=node.target))
         node.replace_all_uses_with(new)
         g.erase_node(node)
 
@@ -468,7 +474,7 @@ class LowerToQDQPass(PassBase):
         if new is None:
             with g.inserting_before(node):
                 new = g.call_function(QDQ_CHANNELS_OP, wanted)
-            new.meta[QDQ_META] = src.meta[QDQ_META]
+            set_record(new, quantizer_record_of(src))
         node.replace_input_with(x, new)
 
     @staticmethod

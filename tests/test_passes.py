@@ -12,7 +12,7 @@ from _quant_models import TinyNet
 from torch import nn
 
 from fxmpq.capture.graph import trace
-from fxmpq.capture.record import records
+from fxmpq.capture.record import META_KEY, quantizer_nodes, quantizer_record_of, records
 from fxmpq.errors import ExportError, PassError
 from fxmpq.hardware.spec import load_hardware
 from fxmpq.passes import (
@@ -23,6 +23,7 @@ from fxmpq.passes import (
     LowerToQDQPass,
     run_passes,
 )
+from fxmpq.passes.qdq_ops import QDQ_OP
 from fxmpq.stages import apply_policy, prepare
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -133,6 +134,12 @@ def test_lower_golden_and_records(tiny) -> None:
     assert {n: (low.w_bits, low.a_bits) for n, low in lowered.items()} == {"conv1": (8, 8), **POLICY, "fc": (8, 8)}
     assert lowered["conv2"].bn_folded and lowered["conv2"].int_bias and lowered["fc"].as_conv
     assert lowered["conv2"].qrange == (-2, 1)
+    # every quantize-dequantize node names its quantizer through the record, the one key fxmpq writes
+    qdq = [n for n in result.graph_module.graph.nodes if n.op == "call_function" and n.target is QDQ_OP]
+    assert qdq and [n for n, _ in quantizer_nodes(result.graph_module)] == qdq
+    assert {quantizer_record_of(n).quantizer for n in qdq} <= {name for name, _ in gm.named_modules()} | {
+        name for name, _ in q.graph_module.named_modules()}
+    assert not [k for n in result.graph_module.graph.nodes for k in n.meta if k.startswith("fxmpq") and k != META_KEY]
 
 
 def test_lower_without_layers_is_not_modified() -> None:

@@ -3,7 +3,8 @@
 The record is the only channel between passes. Capture writes the structural part (kind, parameter references,
 conv options, shapes, MACs, params, input tensor); AnnotateCost adds pins and costs; InsertFakeQuant the quantizer
 sites; ApplyPolicy the chosen bits and the output quantizer (and re-points the sites of layers that now share an
-input quantizer); LowerToQDQ what it emitted. A pass replaces a record
+input quantizer); LowerToQDQ what it emitted, and on each quantize-dequantize node it emits a QuantizerRecord naming the quantizer
+the node came from (a residual sum's quantizer belongs to no layer). A pass replaces a record
 (`dataclasses.replace`), never mutates it; records are immutable values, so copies of a graph share them.
 """
 
@@ -27,6 +28,9 @@ __all__ = [
     "LayerRecord",
     "Lowered",
     "QuantSites",
+    "QuantizerRecord",
+    "quantizer_nodes",
+    "quantizer_record_of",
     "record_of",
     "records",
     "set_record",
@@ -146,13 +150,21 @@ class LayerRecord(_Value):
         return self.conv.groups if self.conv is not None else 1
 
 
+@dataclass(frozen=True)
+class QuantizerRecord(_Value):
+    """A lowered quantize-dequantize node: the activation quantizer (module qualname) whose values it computes, so
+    that the export's metadata and the parity diagnosis name the quantizer a user knows."""
+
+    quantizer: str
+
+
 def record_of(node: fx.Node) -> LayerRecord | None:
     """The record of `node`, or None for nodes that are not quantizable layers."""
     value = node.meta.get(META_KEY)
     return value if isinstance(value, LayerRecord) else None
 
 
-def set_record(node: fx.Node, record: LayerRecord) -> None:
+def set_record(node: fx.Node, record: LayerRecord | QuantizerRecord) -> None:
     """Attach `record` to `node` (the one namespaced key fxmpq writes)."""
     node.meta[META_KEY] = record
 
@@ -171,5 +183,19 @@ def records(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, LayerRecord]]:
     """(node, record) of every quantizable layer in graph order."""
     for node in gm.graph.nodes:
         rec = record_of(node)
+        if rec is not None:
+            yield node, rec
+
+
+def quantizer_record_of(node: fx.Node) -> QuantizerRecord | None:
+    """The quantizer record of a lowered quantize-dequantize node, or None for any other node."""
+    value = node.meta.get(META_KEY)
+    return value if isinstance(value, QuantizerRecord) else None
+
+
+def quantizer_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, QuantizerRecord]]:
+    """(node, quantizer record) of every lowered quantize-dequantize node in graph order."""
+    for node in gm.graph.nodes:
+        rec = quantizer_record_of(node)
         if rec is not None:
             yield node, rec

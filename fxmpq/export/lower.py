@@ -24,19 +24,19 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture.graph import NodeFailure, as_input_tuple, run_graph
-from ..capture.record import records
+from ..capture.record import quantizer_nodes, records
 from ..core.atomic import atomic_paths, check_writable
 from ..core.batches import check_inputs
 from ..errors import ArgumentError, DataError, ExportError, first_line
 from ..passes import run_passes
-from ..passes.lower_qdq import DQ_OP, NBITS_OP, QDQ_CHANNELS_OP, QDQ_META, QDQ_OP
+from ..passes.lower_qdq import DQ_OP, NBITS_OP, QDQ_CHANNELS_OP, QDQ_OP
 from ..quant.storage import Storage, as_storage, pack_weights, stored_weight_bytes
 from ..stages import lower_passes
 from .audit import INTEGER_KERNELS, LayerTiming, latency_audit, latency_ms
 from .deploy import deployable
 from .lower_report import LowerReport
 from .measure import TimingOptions
-from .parity import open_session, qdq_nodes, run_ort, run_torch
+from .parity import open_session, run_ort, run_torch
 from .verdict import judge, mismatch
 
 if TYPE_CHECKING:
@@ -226,8 +226,8 @@ def to_onnx(lowered: fx.GraphModule, example_inputs: tuple[Any, ...], policy: An
     meta = {
         "fxmpq.policy": json.dumps({k: list(v) for k, v in (policy or {}).items()}),
         "fxmpq.bits": json.dumps({r.name: [low.w_bits, low.a_bits] for r, low in layers}),
-        "fxmpq.steps": json.dumps({n.meta.get(QDQ_META): float(lowered.get_buffer(n.args[1].target))
-                                   for n in qdq_nodes(lowered)}),
+        "fxmpq.steps": json.dumps({q.quantizer: float(lowered.get_buffer(n.args[1].target))
+                                   for n, q in quantizer_nodes(lowered)}),
         "fxmpq.weight_qrange": json.dumps({low.weight_buffer: list(low.qrange) for _, low in layers
                                            if low.qrange}),
         "fxmpq.storage": storage.value,

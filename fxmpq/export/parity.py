@@ -13,9 +13,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..capture.record import quantizer_nodes, quantizer_record_of
 from ..capture.value_ops import SHAPE_FUNCTIONS, SHAPE_METHODS, SHAPE_MODULES
 from ..errors import ExportError
-from ..passes.lower_qdq import QDQ_META, QDQ_OP
+from ..passes.lower_qdq import QDQ_OP
 from ..quant.lsq import LSQQuantizer
 
 if TYPE_CHECKING:
@@ -117,9 +118,10 @@ def lowering_parity(qmodel: QuantModel, lowered: fx.GraphModule, inputs: tuple[t
         def run_node(self, n: fx.Node) -> Any:
             nonlocal worst, first
             r = super().run_node(n)
-            name = n.meta.get(QDQ_META)
-            if name is None:
+            qrec = quantizer_record_of(n)
+            if qrec is None:
                 return r
+            name = qrec.quantizer
             # calls matched by size: a quantizer the lowering repeats after a max pool has no call of its own
             ref = [t for t in seen.get(name, []) if t.numel() == r.numel()]
             i = calls[(name, r.numel())] = calls.get((name, r.numel()), -1) + 1
@@ -140,7 +142,8 @@ def lowering_parity(qmodel: QuantModel, lowered: fx.GraphModule, inputs: tuple[t
 
 
 def qdq_nodes(lowered: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in lowered.graph.nodes if QDQ_META in n.meta]
+    """The lowered graph's quantize-dequantize nodes (those with a quantizer record), in graph order."""
+    return [n for n, _ in quantizer_nodes(lowered)]
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,8 @@ def quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Te
 
         def run_node(self, n: fx.Node) -> Any:
             r = super().run_node(n)
-            if QDQ_META not in n.meta:
+            qrec = quantizer_record_of(n)
+            if qrec is None:
                 return r
             d, y = steps_apart(n, r)
             if self.force:
@@ -234,10 +238,10 @@ def quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Te
                 flips[0] += off
                 flips[1] += r.numel()
                 if off and not first_flip:
-                    first_flip.append(str(n.meta[QDQ_META]))
+                    first_flip.append(qrec.quantizer)
                 return torch.from_numpy(y).reshape(r.shape) if y.size == r.numel() else r
             if d > 1.0 + 1e-3 and not first:
-                first.append(f"quantizer {n.meta[QDQ_META]} (node {n.name}): max |diff| {d:.2f} steps "
+                first.append(f"quantizer {qrec.quantizer} (node {n.name}): max |diff| {d:.2f} steps "
                              f"({apart(n, r, y)} of {r.numel()} values differ)")
             return r
 
