@@ -7,7 +7,7 @@ import logging
 from . import models
 from .capture.graph import trace
 from .capture.record import LayerRecord
-from .core.options import QuantOptions, SearchOptions, TrainOptions
+from .core.options import LowerOptions, QuantOptions, SearchOptions, TrainOptions
 from .cost.analysis import Analysis
 from .cost.budget import Budget
 from .cost.policy import Policy
@@ -66,6 +66,7 @@ __all__ = [
     "InfeasibleBudget",
     "LayerKind",
     "LayerRecord",
+    "LowerOptions",
     "LowerReport",
     "ModelSpecError",
     "ParetoResult",

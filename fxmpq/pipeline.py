@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from .core.atomic import check_writable, remove_stale_temps
 from .core.batches import check_data, split_batch
 from .core.devices import as_device
 from .core.jsonio import dump_json
-from .core.options import QuantOptions, SearchOptions, TrainOptions
+from .core.options import LowerOptions, QuantOptions, SearchOptions, TrainOptions, fold_keywords
 from .core.workdir import (
     ARTEFACTS,
     AUDIT_JSON,
@@ -90,15 +89,17 @@ class QuantizedModel:
             return None
         return self.fp32_accuracy - self.accuracy
 
-    def export(self, path: str | Path | None = None, **kwargs: Any) -> LowerReport:
+    def export(self, path: str | Path | None = None, options: LowerOptions | None = None, **kwargs: Any
+               ) -> LowerReport:
         """Lower to QDQ ONNX (default: <work_dir>/model.onnx) and check it against PyTorch in ONNX Runtime; with a
-        work dir, the report (the audit) is written to <work_dir>/audit.json. `kwargs` go to fxmpq.lower (e.g.
-        storage="packed": <= 4-bit weights as INT4 initializers, opened with fxmpq.ort_session)."""
+        work dir, the report (the audit) is written to <work_dir>/audit.json. `options` and `kwargs` go to
+        fxmpq.lower (e.g. LowerOptions(storage="packed"): <= 4-bit weights as INT4 initializers, opened with
+        fxmpq.ort_session; `inputs=` the parity check's inputs)."""
         if path is None:
             if self.work_dir is None:
                 raise ArgumentError("export() needs a path when quantize() ran without a work_dir")
             path = self.work_dir / MODEL_ONNX
-        report = lower(self.model, path, self.example_inputs, **kwargs)
+        report = lower(self.model, path, self.example_inputs, options, **kwargs)
         self.files["onnx"] = Path(path)
         self.audit = report
         if self.work_dir is not None:
@@ -243,18 +244,15 @@ def quantize(
 
     The options come as objects: `quant=QuantOptions(bits, act_bits, per_channel)`,
     `search=SearchOptions(alpha, verify, verify_batches, minimize)`, `train=TrainOptions(indicator_epochs,
-    finetune_epochs, lr, finetune_lr, distill, max_steps, seed, device, progress, checkpoint_every, indicator_data,
-    model_factory, model_kwargs)`; each field as a keyword of its own (`bits=...`) still works for one release,
+    finetune_epochs, lr, finetune_lr, step_lr, weight_decay, distill, cosine, max_steps, clip_grad_norm, seed, device,
+    progress, checkpoint_every, batch_size, indicator_data, model_factory, model_kwargs)`; each field as a keyword of its own (`bits=...`) still works for one release,
     with a DeprecationWarning.
     """
     quant, search, train = _options(quant, search, train, legacy)
     bits, act_bits, per_channel = quant.bits, quant.act_bits, quant.per_channel
     alpha, verify, verify_batches, minimize = search.alpha, search.verify, search.verify_batches, search.minimize
-    t = train
-    indicator_epochs, finetune_epochs, lr, finetune_lr, distill = (t.indicator_epochs, t.finetune_epochs, t.lr,
-                                                                   t.finetune_lr, t.distill)
-    max_steps, seed, device, progress, checkpoint_every = t.max_steps, t.seed, t.device, t.progress, t.checkpoint_every
-    indicator_data, model_factory, model_kwargs = t.indicator_data, t.model_factory, t.model_kwargs
+    finetune_epochs, distill, device, indicator_data = (train.finetune_epochs, train.distill, train.device,
+                                                        train.indicator_data)
     if isinstance(model, nn.Module):
         refuse_quantized(model, "quantize")
     hw = load_hardware(hardware)
@@ -269,6 +267,7 @@ def quantize(
         raise ArgumentError(f"quantize: verify_batches must be None or an integer >= 1, found {verify_batches!r}")
     metric = check_goal(goal, hw, minimize=minimize, has_val=val_data is not None, verify=count)
     device = as_device(device, "quantize: device")
+    train = dataclasses.replace(train, device=device)
     example = as_input_tuple(example_inputs)
     wd = _work_dir(work_dir)
     files: dict[str, Path] = {}
@@ -295,10 +294,8 @@ def quantize(
         log.info("indicators read from %s; indicator training skipped", ind_path)
     else:
         ckpt = wd / INDICATORS_CKPT if wd is not None else None
-        indicators = train_indicators(qmodel, data if indicator_data is None else indicator_data, epochs=indicator_epochs, lr=lr, distill=distill, seed=seed,
-                                      device=device, checkpoint=ckpt, resume=bool(ckpt and ckpt.is_file()),
-                                      max_steps=max_steps, progress=progress, model_factory=model_factory,
-                                      model_kwargs=model_kwargs, checkpoint_every=checkpoint_every)
+        indicators = train_indicators(qmodel, data if indicator_data is None else indicator_data, train,
+                                      checkpoint=ckpt, resume=bool(ckpt and ckpt.is_file()))
         if ind_path is not None:
             indicators.to_json(ind_path)
     if ind_path is not None:
@@ -327,10 +324,8 @@ def quantize(
     if teacher is not None and device is not None:
         teacher.to(device)
     if finetune_epochs > 0:
-        finetune(qmodel, data, epochs=finetune_epochs, lr=finetune_lr if finetune_lr is not None else lr,
-                 distill_from=teacher, seed=seed, device=device, checkpoint=ft_ckpt, cosine=True,
-                 resume=bool(ft_ckpt and ft_ckpt.is_file()), max_steps=max_steps, progress=progress,
-                 model_factory=model_factory, model_kwargs=model_kwargs, checkpoint_every=checkpoint_every)
+        finetune(qmodel, data, train, distill_from=teacher, checkpoint=ft_ckpt,
+                 resume=bool(ft_ckpt and ft_ckpt.is_file()))
     if ft_ckpt is not None and ft_ckpt.is_file():
         files["checkpoint"] = ft_ckpt
     qmodel.eval()
@@ -357,41 +352,19 @@ def quantize(
                                      else out.final_drop <= c.max_drop + 1e-12}
         dump_json(summary, wd / SUMMARY_JSON)
         if export:  # 5. lower and audit (parity, kernels, measured latency)
-            rep = out.export(check=False)
+            rep = out.export(options=LowerOptions(check=False))
             if not rep.passed:
                 log.warning("the exported model does not match PyTorch within tolerance (see %s)", wd / AUDIT_JSON)
     return out
 
 
-_GROUPS = {"quant": QuantOptions, "search": SearchOptions, "train": TrainOptions}
-_LEGACY = {f.name: g for g, cls in _GROUPS.items() for f in dataclasses.fields(cls)}
-
-
 def _options(quant: Any, search: Any, train: Any, legacy: dict[str, Any]
              ) -> tuple[QuantOptions, SearchOptions, TrainOptions]:
     """The three option objects, with quantize()'s old keywords (one per field) folded in under a
-    DeprecationWarning; TypeError for a keyword quantize() never had, ArgumentError for a wrong object or a field
-    given twice."""
-    unknown = [k for k in legacy if k not in _LEGACY]
-    if unknown:
-        raise TypeError(f"quantize() got an unexpected keyword argument {unknown[0]!r}")
-    given = {"quant": quant, "search": search, "train": train}
-    out = {}
-    for g, cls in _GROUPS.items():
-        obj = given[g]
-        if obj is not None and not isinstance(obj, cls):
-            raise ArgumentError(f"quantize: {g}= must be a fxmpq.{cls.__name__}, found {type(obj).__name__}")
-        fields = {k: v for k, v in legacy.items() if _LEGACY[k] == g}
-        if obj is not None and fields:
-            raise ArgumentError(f"quantize: {', '.join(f'{k}=' for k in fields)} and {g}= both given; set "
-                                f"{'it' if len(fields) == 1 else 'them'} in the {cls.__name__} only")
-        out[g] = dataclasses.replace(obj or cls(), **fields)
-    if legacy:
-        spelled = ", ".join(f"{_GROUPS[_LEGACY[k]].__name__}({k}=...)" for k in legacy)
-        warnings.warn(f"quantize({', '.join(f'{k}=' for k in legacy)}) is deprecated: pass {spelled} as "
-                      f"quant=/search=/train=; the separate keywords go in the next release",
-                      DeprecationWarning, stacklevel=3)
-    return out["quant"], out["search"], out["train"]
+    DeprecationWarning (fxmpq.core.options.fold_keywords)."""
+    o = fold_keywords("quantize", {"quant": (QuantOptions, quant), "search": (SearchOptions, search),
+                                   "train": (TrainOptions, train)}, legacy, stacklevel=4)
+    return o["quant"], o["search"], o["train"]
 
 
 def _verify_count(verify: Any, target: bool) -> int:

@@ -12,6 +12,7 @@ from onnx import TensorProto
 from torch import nn
 
 import fxmpq
+from fxmpq.core.options import LowerOptions, TrainOptions
 from fxmpq.errors import HardwareSpecError, PolicyError
 from fxmpq.hardware.formats import act_container_bits, integer_kernel
 from fxmpq.hardware.spec import loads_hardware
@@ -116,7 +117,7 @@ def test_joint_training_learns_16_bit_steps_and_the_search_uses_them(hw) -> None
     x = torch.randn(16, 3, 8, 8)
     data = [(x[i:i + 8], torch.randint(0, 10, (8,))) for i in (0, 8)]
     q = fxmpq.prepare(_model().train(), x[:2], hardware=hw, bits=(4, 8), act_bits=(8, 16))
-    ind = fxmpq.train_indicators(q, data, epochs=1, progress=False)
+    ind = fxmpq.train_indicators(q, data, TrainOptions(indicator_epochs=1, progress=False))
     name = q.searchable_names[0]
     assert set(ind.weight[name]) == {4, 8} and set(ind.act[name]) == {8, 16}
     assert ind.act[name][16] < ind.act[name][8]  # a finer grid: a smaller step
@@ -132,7 +133,7 @@ def _lowered(tmp_path, hw, policy_of):
     fxmpq.apply_policy(q, policy, x)
     q.eval()
     path = tmp_path / "m.onnx"
-    rep = fxmpq.lower(q, path, x[:1], inputs=x, samples=16)
+    rep = fxmpq.lower(q, path, x[:1], LowerOptions(samples=16), inputs=x)
     return path, rep
 
 
@@ -170,7 +171,7 @@ def test_a_clip_before_a_16_bit_quantizer_is_exact(tmp_path, hw) -> None:
     fxmpq.apply_policy(q, dict.fromkeys(q.searchable_names, (8, 16)), x)
     q.eval()
     path = tmp_path / "m.onnx"
-    rep = fxmpq.lower(q, path, x[:1], inputs=x, samples=16)
+    rep = fxmpq.lower(q, path, x[:1], LowerOptions(samples=16), inputs=x)
     assert rep.passed and rep.max_abs_diff <= 1.0 + 1e-3, rep.table()
     m = onnx.load(str(path))
     zp = _zp_types(m)
@@ -192,7 +193,7 @@ def test_a_sum_read_at_16_bits_stays_a_float_add(tmp_path, hw) -> None:
     fxmpq.apply_policy(q2, dict.fromkeys(q2.searchable_names, (8, 8)), x)
     assert any(isinstance(m, AddRounding) for m in q2.graph_module.modules())
     q.eval()
-    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], inputs=x, samples=4)
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], LowerOptions(samples=4), inputs=x)
     assert rep.passed, rep.table()
     np.testing.assert_equal(rep.format_mismatches, ())
 
@@ -210,7 +211,7 @@ def test_the_shipped_npu_target_runs_its_four_formats_end_to_end(tmp_path) -> No
     fxmpq.apply_policy(q, {"c2": (4, 16), "c3": (4, 8)}, x)
     q.eval()
     path = tmp_path / "m.onnx"
-    rep = fxmpq.lower(q, path, x[:1], inputs=x, samples=8, storage="packed")
+    rep = fxmpq.lower(q, path, x[:1], LowerOptions(samples=8, storage="packed"), inputs=x)
     assert rep.passed and rep.max_abs_diff <= 1.0 + 1e-3, rep.table()
     assert rep.weight_containers["c2"] == "int4" and rep.weight_containers["c1"] == "int8"
     assert TensorProto.UINT16 in set(_zp_types(onnx.load(str(path))).values())

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxmpq
 from fxmpq.capture.attention import einsum_as_matmul
 from fxmpq.capture.record import records
+from fxmpq.core.options import TrainOptions
 from fxmpq.hardware.spec import LayerKind
 from fxmpq.models.vit import small_vit
 
@@ -188,7 +189,7 @@ def test_a_vit_is_quantized_whole_and_lowered_with_parity() -> None:
     x = torch.randn(1, 1, 28, 28)
     q = fxmpq.prepare(small_vit(), x)
     data = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]
-    ind = fxmpq.train_indicators(q, data, epochs=1, max_steps=2, progress=False)
+    ind = fxmpq.train_indicators(q, data, TrainOptions(indicator_epochs=1, max_steps=2, progress=False))
     matmuls = [m.name for m in q.analysis.layers if m.kind is LayerKind.MATMUL]
     assert len(matmuls) == 8 and set(matmuls) <= set(ind.layers)  # both operands' steps are indicators
     res = fxmpq.search(q.analysis, ind, fxmpq.Budget.uniform(4, 4))
@@ -238,7 +239,11 @@ def test_a_functional_batch_norm_behind_a_rank_check_is_switchable_and_folded(tm
     assert not any(n.target is torch._assert for n in gm.graph.nodes)  # the rank check read the conv a 2nd time
     q = fxmpq.prepare(_ConvBNAct(), x)
     assert q.sites["conv"].batchnorm == "bn.batch_norm"
-    fxmpq.train_indicators(q, [(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,)))] * 2, epochs=1, progress=False)
+    fxmpq.train_indicators(
+        q,
+        [(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,)))] * 2,
+        TrainOptions(indicator_epochs=1, progress=False),
+    )
     fxmpq.apply_policy(q, {"conv": (4, 4)}, torch.randn(8, 3, 8, 8))
     rep = fxmpq.lower(q, tmp_path / "bn.onnx", x)
     assert rep.passed

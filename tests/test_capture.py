@@ -13,6 +13,7 @@ from torch import nn
 
 import fxmpq
 from fxmpq.capture.tracer import ShapeTracer
+from fxmpq.core.options import LowerOptions, TrainOptions
 from fxmpq.errors import TraceError
 
 
@@ -145,11 +146,13 @@ def test_a_shape_branching_model_goes_through_every_stage_with_parity(tmp_path) 
     x = torch.randn(8, 3, 16, 16, generator=g)
     data = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
     q = fxmpq.prepare(m, x)
-    ind = fxmpq.train_indicators(q, data, epochs=1, progress=False)  # batch 8 here, 8 at capture: any batch works
+    ind = fxmpq.train_indicators(
+        q, data, TrainOptions(indicator_epochs=1, progress=False)
+    )  # batch 8 here, 8 at capture: any batch works
     res = fxmpq.search(q.analysis, ind, "w4a4")
     fxmpq.apply_policy(q, res.policy, x)
     q.eval()
-    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], inputs=x, samples=8, measure=False)
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], LowerOptions(samples=8, measure=False), inputs=x)
     assert rep.passed and rep.fused_layers == rep.quantized_layers == 4, rep.table()
 
 
@@ -176,7 +179,7 @@ def test_a_bias_computed_from_parameters_is_lowered_as_a_constant(tmp_path) -> N
     q.set_uniform(4, 4)
     fxmpq.apply_policy(q, q.policy, x)
     q.eval()
-    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], inputs=x, samples=8, measure=False)
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], LowerOptions(samples=8, measure=False), inputs=x)
     assert rep.passed and rep.max_diff_steps == 0.0, rep.table()  # the int32 bias is simulated bit for bit
     assert rep.fused_layers == rep.quantized_layers == 2 and rec.name == "qkv"
 
@@ -209,8 +212,8 @@ def test_hugging_face_models_pass_every_stage(tmp_path, name) -> None:
     data = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
     q = fxmpq.prepare(m, x)
     assert q.graph_module.meta["capture"] == "specialized" and q.graph_module.meta["output"] == "logits"
-    ind = fxmpq.train_indicators(q, data, epochs=1, progress=False)
+    ind = fxmpq.train_indicators(q, data, TrainOptions(indicator_epochs=1, progress=False))
     fxmpq.apply_policy(q, fxmpq.search(q.analysis, ind, "w4a4").policy, x)
     q.eval()
-    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], inputs=x, samples=8, measure=False)
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], LowerOptions(samples=8, measure=False), inputs=x)
     assert rep.passed and rep.fused_layers == rep.quantized_layers, rep.table()

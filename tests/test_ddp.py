@@ -31,8 +31,12 @@ def _worker(out_dir: str) -> None:
     g = torch.Generator().manual_seed(1)
     data = torch.utils.data.TensorDataset(torch.randn(16, 3, 8, 8, generator=g),
                                           torch.randint(0, 10, (16,), generator=g))
-    ind = fxmpq.train_indicators(q, data, batch_size=4, epochs=1, max_steps=2, progress=False,
-                                 checkpoint=Path(out_dir) / "ddp.ckpt")
+    ind = fxmpq.train_indicators(
+        q,
+        data,
+        fxmpq.TrainOptions(batch_size=4, indicator_epochs=1, max_steps=2, progress=False),
+        checkpoint=Path(out_dir) / "ddp.ckpt",
+    )
     state = {n: p.detach() for n, p in q.named_parameters()}
     moved = sorted(n for n in state if not torch.equal(state[n], start[n]))
     torch.save(state, Path(out_dir) / f"params{rank}.pt")

@@ -10,6 +10,7 @@ import torch
 from models import PlainCNN, PoolResNet, ResidualNet
 
 import fxmpq
+from fxmpq.core.options import LowerOptions
 from fxmpq.errors import HardwareSpecError, PolicyError
 from fxmpq.hardware.formats import Format, format_of
 from fxmpq.hardware.spec import FLOAT, LayerInfo, LayerKind, loads_hardware
@@ -77,7 +78,7 @@ def test_float_layers_export_as_float_ops_with_parity(tmp_path, hw, model_cls) -
     assert floats and all(n not in q.sites for n in floats)  # their quantizers left the graph
     assert all(q.policy[n] == p for n, p in policy.items())
     q.eval()
-    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], samples=64)
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], LowerOptions(samples=64))
     assert rep.passed
     m = onnx.load(str(tmp_path / "m.onnx"))
     producer = {o: n for n in m.graph.node for o in n.output}
@@ -104,7 +105,7 @@ def test_a_float_layer_after_an_integer_layer_stays_float_in_onnx_runtime(tmp_pa
     q = fxmpq.prepare(ResidualNet().eval(), x, hardware=hw, bits=(2, 4, 8))
     fxmpq.apply_policy(q, {"conv1": FLOAT, "conv2": FLOAT, "shortcut": FLOAT}, x)
     q.eval()
-    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], samples=64)
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], LowerOptions(samples=64))
     assert rep.passed and rep.op_counts.get("QLinearConv", 0) == 2  # stem, fc
     assert rep.op_counts.get("Conv", 0) + rep.op_counts.get("FusedConv", 0) == 3
     assert rep.format_mismatches == ()
@@ -181,7 +182,7 @@ def test_a_float_output_after_integer_layers_is_judged_stage_by_stage(tmp_path, 
     q = fxmpq.prepare(_Wide().eval(), x, hardware=unpinned, bits=(2, 4, 8))
     fxmpq.apply_policy(q, {"stem": (8, 8), "conv1": FLOAT, "conv2": (8, 8), "fc": FLOAT}, x)
     q.eval()
-    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], samples=256, measure=False)
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], LowerOptions(samples=256, measure=False))
     assert rep.output_step is None  # a float output; the direct check failed, hence the criterion:
     assert rep.passed and rep.criterion.startswith("stage by stage") and "judged stage by stage" in rep.table()
     assert rep.forced_max_steps <= 1 and rep.lowered_max_steps <= 1 and rep.tail_rel_diff <= 1e-4
@@ -193,7 +194,7 @@ def test_a_float_output_after_integer_layers_is_judged_stage_by_stage(tmp_path, 
             return PassResult(gm, False)
 
     monkeypatch.setattr(E, "lower_passes", lambda ex=None, accuracy_level=4: [LowerToQDQPass(example_inputs=ex), Corrupt()])
-    bad = fxmpq.lower(q, tmp_path / "bad.onnx", x[:1], samples=64, check=False, measure=False)
+    bad = fxmpq.lower(q, tmp_path / "bad.onnx", x[:1], LowerOptions(samples=64, check=False, measure=False))
     assert not bad.passed and bad.lowered_max_steps > 1 and bad.lowered_diverging.startswith("quantizer conv2")
 
 
@@ -215,7 +216,7 @@ def test_float_layers_reading_one_tensor_share_one_dequantize(tmp_path, hw) -> N
     lowered = run_passes(copy.deepcopy(q.graph_module).eval(), lower_passes((x[:1],))).graph_module
     channels = [n for n in lowered.graph.nodes if n.target is QDQ_CHANNELS_OP]
     assert len(channels) == 1 and len(channels[0].users) == 2
-    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], samples=16, measure=False)
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], LowerOptions(samples=16, measure=False))
     assert rep.passed
     stages = quantizer_parity(lowered, tmp_path / "m.onnx", (x,), 8)
     assert stages.diverging is None and stages.forced_max_steps <= 1 and len(qdq_nodes(lowered)) >= 2
@@ -232,7 +233,7 @@ def test_a_max_pool_of_float_values_stays_float_in_onnx_runtime(tmp_path) -> Non
         q = fxmpq.prepare(PoolResNet().eval(), x, hardware=unpinned, bits=(2, 4, 8))
         fxmpq.apply_policy(q, {n: (stem if n == "stem" else (8, 8)) for n in q.searchable_names}, x)
         q.eval()
-        rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], samples=16, measure=False)
+        rep = fxmpq.lower(q, tmp_path / "m.onnx", x[:1], LowerOptions(samples=16, measure=False))
         assert rep.passed
         opt = tmp_path / "opt.onnx"
         fxmpq.ort_session(tmp_path / "m.onnx", optimized_path=opt)

@@ -23,6 +23,7 @@ import fxmpq
 from fxmpq import LayerKind, TraceError, trace
 from fxmpq.capture.matcher import match
 from fxmpq.capture.record import LayerRecord, record_of, records, set_record
+from fxmpq.core.options import LowerOptions
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -284,5 +285,5 @@ def test_layers_on_constants_are_not_quantizable_layers(tmp_path):
     assert list(found) == ["conv", "conv2", "fc"]  # cpb.0 / cpb.2 read a buffer: a constant, precomputed
     q = fxmpq.prepare(_ConstantBiasMLP().eval(), torch.randn(2, 3, 8, 8))
     fxmpq.apply_policy(q, {"conv2": (2, 3)}, torch.randn(8, 3, 8, 8))
-    rep = fxmpq.lower(q, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), samples=64)
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), LowerOptions(samples=64))
     assert rep.passed and rep.quantized_layers == 3

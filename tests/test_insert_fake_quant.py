@@ -13,6 +13,7 @@ from _quant_models import FunctionalNet, TinyNet
 
 import fxmpq
 from fxmpq.capture.graph import trace
+from fxmpq.core.options import TrainOptions
 from fxmpq.errors import PassError, PolicyError
 from fxmpq.passes import InsertFakeQuantPass, run_passes
 from fxmpq.quant.lsq import LSQQuantizer, QuantConv2d, SwitchableBatchNorm2d
@@ -144,7 +145,7 @@ def test_torchvision_joint_step(arch: str) -> None:
     model = getattr(torchvision.models, arch)(num_classes=10)
     x = torch.randn(2, 3, 32, 32)
     q = fxmpq.prepare(model, x, bits=(2, 4))
-    ind = fxmpq.train_indicators(q, [(x, torch.tensor([1, 2]))], max_steps=1, progress=False)
+    ind = fxmpq.train_indicators(q, [(x, torch.tensor([1, 2]))], TrainOptions(max_steps=1, progress=False))
     assert ind.layers == tuple(q.searchable_names)
     assert all(v > 0 for row in ind.weight.values() for v in row.values())
 

@@ -14,6 +14,7 @@ import torchvision
 from models import GroupedNet, PlainCNN, PoolResNet, ResidualNet
 from onnx import numpy_helper
 
+from fxmpq.core.options import LowerOptions
 from fxmpq.errors import ExportError
 from fxmpq.export.lower import LowerReport, lower, qlinear_counts
 from fxmpq.stages import apply_policy, prepare
@@ -68,7 +69,7 @@ def _check_model_file(path: Path, q, pol) -> onnx.ModelProto:
 def test_tiny_models_match_bit_for_bit(tmp_path, model_cls, per_channel):
     shape = (2, 3, 8, 8) if model_cls is GroupedNet else (2, 3, 16, 16)
     q, x, pol = _quantized(model_cls(), shape, per_channel)
-    rep = lower(q, tmp_path / "m.onnx", x, samples=512)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=512))
     assert isinstance(rep, LowerReport) and rep.passed
     assert rep.top1_agreement == 1.0 and rep.max_diff_steps == 0.0
     assert rep.fused_layers == rep.quantized_layers == len(q.layer_names)
@@ -80,7 +81,7 @@ def test_tiny_models_match_bit_for_bit(tmp_path, model_cls, per_channel):
 def test_residual_sums_run_as_qlinear_add_bit_for_bit(tmp_path, seed):
     """Random 2..8-bit policies: every residual sum of quantized tensors is a QLinearAdd, simulated exactly."""
     q, x, pol = _quantized(PoolResNet(), (2, 3, 16, 16), per_channel=seed == 1, seed=seed)
-    rep = lower(q, tmp_path / "m.onnx", x, samples=512)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=512))
     assert rep.passed and rep.max_diff_steps == 0.0 and rep.top1_agreement == 1.0
     assert rep.fused_layers == rep.quantized_layers == len(q.layer_names)
     _check_model_file(tmp_path / "m.onnx", q, pol)
@@ -97,7 +98,7 @@ def test_uniform_w8a8_runs_integer_end_to_end(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     q = prepare(PoolResNet().eval(), x, bits=(8,))
     apply_policy(q, {n: (8, 8) for n in q.searchable_names}, torch.randn(16, 3, 16, 16))
-    rep = lower(q, tmp_path / "m.onnx", x, samples=512)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=512))
     assert rep.passed and rep.max_diff_steps == 0.0 and rep.top1_agreement == 1.0
     counts = qlinear_counts(tmp_path / "m.onnx")
     assert counts["QLinearConv"] == 7 and counts["QLinearAdd"] == 2 and counts["NhwcMaxPool"] == 1
@@ -110,7 +111,7 @@ def _torchvision(tmp_path, name, per_channel, samples):
     model = getattr(torchvision.models, name)(num_classes=100)
     q, x, pol = _quantized(model, (2, 3, 32, 32), per_channel, seed=1)
     path = tmp_path / f"{name}.onnx"
-    rep = lower(q, path, x, samples=samples, check=False)
+    rep = lower(q, path, x, LowerOptions(samples=samples, check=False))
     _check_model_file(path, q, pol)
     # every quantized conv/linear became an integer kernel in ONNX Runtime's optimized graph
     counts = qlinear_counts(path)
@@ -136,7 +137,7 @@ def test_torchvision_models_512_inputs(tmp_path, name, per_channel):
 def test_integer_kernels_even_with_plain_relu_and_linear(tmp_path):
     q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
     path = tmp_path / "m.onnx"
-    lower(q, path, x, samples=8)
+    lower(q, path, x, LowerOptions(samples=8))
     counts = qlinear_counts(path)
     assert counts["QLinearConv"] == 3 and counts["Conv"] == 0 and counts["Relu"] == 0
 
@@ -173,8 +174,8 @@ def test_mismatch_fails_loudly_and_names_a_layer(tmp_path, monkeypatch):
     real = E.run_torch
     monkeypatch.setattr(E, "run_torch", lambda *a: real(*a) + 1.0)
     with pytest.raises(ExportError, match=r"does not match PyTorch.*first divergence"):
-        lower(q, tmp_path / "m.onnx", x, samples=16)
-    rep = lower(q, tmp_path / "m2.onnx", x, samples=16, check=False)
+        lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=16))
+    rep = lower(q, tmp_path / "m2.onnx", x, LowerOptions(samples=16, check=False))
     assert not rep.passed and rep.max_diff_steps > 1
     # every quantizer inside the graph still agrees: the stage-by-stage check calls the export faithful
     assert rep.forced_max_steps is not None and rep.forced_max_steps <= 1 and rep.stagewise_faithful
@@ -195,13 +196,13 @@ def test_a_wrong_stage_is_found_stage_by_stage(tmp_path, monkeypatch):
         real(model, path)
 
     monkeypatch.setattr(E, "_save_model", corrupt)
-    rep = lower(q, tmp_path / "m.onnx", x, samples=16, check=False)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=16, check=False))
     assert not rep.passed
     assert rep.diverging is not None and rep.diverging.startswith("quantizer ")
     assert rep.forced_max_steps > 1 and not rep.stagewise_faithful
     assert "an export stage computes something else" in rep.table()
     with pytest.raises(ExportError, match=r"stage by stage .* max \|diff\| [0-9.]+ steps$"):
-        lower(q, tmp_path / "m2.onnx", x, samples=16)
+        lower(q, tmp_path / "m2.onnx", x, LowerOptions(samples=16))
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):
@@ -214,7 +215,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx, "save_model", boom)
     with pytest.raises(ExportError, match=r"m\.onnx: cannot write the ONNX model: disk full"):
-        lower(q, path, x, samples=8)
+        lower(q, path, x, LowerOptions(samples=8))
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
@@ -226,12 +227,12 @@ def test_a_failing_export_leaves_the_previous_good_file(tmp_path, monkeypatch):
 
     q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
     path = tmp_path / "m.onnx"
-    lower(q, path, x, samples=8)
+    lower(q, path, x, LowerOptions(samples=8))
     good = path.read_bytes()
     real = E.run_torch
     monkeypatch.setattr(E, "run_torch", lambda *a: real(*a) + 1.0)
     with pytest.raises(ExportError) as exc:
-        lower(q, path, x, samples=8)
+        lower(q, path, x, LowerOptions(samples=8))
     msg = str(exc.value)
     assert "m.onnx was not replaced" in msg and "m.failed.onnx" in msg and "does not match PyTorch" in msg
     assert path.read_bytes() == good
@@ -262,7 +263,7 @@ def test_relu_dropout_linear_chain_with_small_outputs_and_batch_one_example(tmp_
     for name, quantizer in q.quantizers():
         if name.endswith("output_quantizer"):  # initialised on real outputs, not on a requantization at step 1
             assert float(quantizer.step_size().detach()) > 1e-6, name
-    rep = lower(q, tmp_path / "m.onnx", x, samples=256)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=256))
     assert rep.passed and rep.max_diff_steps == 0.0
     assert rep.fused_layers == rep.quantized_layers == 4
 
@@ -274,7 +275,7 @@ def test_convnext_block_exports_from_a_batch_of_one(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), CNBlock(8, 1e-6, 0.0),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
     q, x, _ = _quantized(model, (1, 3, 8, 8), per_channel=True)
-    rep = lower(q, tmp_path / "m.onnx", x, samples=64)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=64))
     assert rep.passed and x.shape[0] == 1
 
 
@@ -312,7 +313,7 @@ def test_linear_on_tokens_runs_as_an_integer_kernel(tmp_path):
     # fc1/fc2 read [N, 49, C]: lowered as 1x1 convolutions on [N*49, C, 1, 1], fused by ONNX Runtime, so the
     # model simulates their integer requantization like any conv's
     assert {"fc1", "fc2"} <= _requantized_layers(q)
-    rep = lower(q, tmp_path / "m.onnx", x, samples=512)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=512))
     assert rep.passed and rep.max_diff_steps == 0.0 and rep.top1_agreement == 1.0
     assert rep.fused_layers == rep.quantized_layers == 4  # embed, fc1, fc2, head
     q2, _, _ = _quantized(_ClassifierHead(), (1, 3, 8, 8), per_channel=False)
@@ -326,17 +327,17 @@ def test_report_separates_tied_logits_from_disagreements(tmp_path):
         model.classifier[-1].weight.zero_()
         model.classifier[-1].bias.zero_()
     q, x, _ = _quantized(model, (1, 3, 8, 8), per_channel=False)
-    rep = lower(q, tmp_path / "m.onnx", x, samples=32)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=32))
     assert rep.within_tolerance and rep.top1_ties == 32 and rep.top1_decisive is None
     q2, x2, _ = _quantized(_ClassifierHead(), (1, 3, 8, 8), per_channel=False)
-    rep2 = lower(q2, tmp_path / "m2.onnx", x2, samples=64)
+    rep2 = lower(q2, tmp_path / "m2.onnx", x2, LowerOptions(samples=64))
     assert rep2.top1_ties < 64 and rep2.top1_decisive == 1.0 and rep2.passed
 
 
 def test_metadata_holds_the_policy_bits_and_steps(tmp_path):
     q, x, pol = _quantized(ResidualNet(), (2, 3, 16, 16), per_channel=False)
     assert all(q.policy[n] == bits for n, bits in pol.items())
-    lower(q, tmp_path / "m.onnx", x, samples=16)
+    lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=16))
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     bits = json.loads(meta["fxmpq.bits"])
     full = q.policy
@@ -354,7 +355,7 @@ def test_metadata_holds_the_policy_bits_and_steps(tmp_path):
 # ----------------------------------------------------------------------------------------------- latency audit
 def test_latency_audit_maps_every_layer_and_states_its_conditions(tmp_path):
     q, x, _ = _quantized(ResidualNet(), (1, 3, 16, 16), per_channel=True)
-    rep = lower(q, tmp_path / "m.onnx", x, samples=16, repeats=5)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=16, repeats=5))
     assert rep.measured_latency_ms > 0 and rep.measured_wall_ms > 0
     assert (rep.latency_threads, rep.latency_batch, rep.latency_repeats, rep.latency_clock) == (1, 1, 5, "thread_cpu")
     assert rep.predicted_latency_ms is None  # bitops: no latency metric
@@ -363,10 +364,10 @@ def test_latency_audit_maps_every_layer_and_states_its_conditions(tmp_path):
     assert rep.format_mismatches == ()
     assert "latency" in rep.table() and "QLinearConv" in rep.layer_table()
     assert json.loads(json.dumps(rep.to_dict()))["layer_timings"][0]["layer"] == "stem"
-    off = lower(q, tmp_path / "n.onnx", x, samples=16, measure=False)
+    off = lower(q, tmp_path / "n.onnx", x, LowerOptions(samples=16, measure=False))
     assert off.measured_latency_ms is None and off.layer_timings == () and "measured (" not in off.table()
     with pytest.raises(ExportError, match="repeats must be a positive integer"):
-        lower(q, tmp_path / "n.onnx", x, samples=16, repeats=0)
+        lower(q, tmp_path / "n.onnx", x, LowerOptions(samples=16, repeats=0))
 
 
 def test_predicted_latency_in_milliseconds_from_the_hardware_unit(tmp_path):
@@ -375,7 +376,7 @@ def test_predicted_latency_in_milliseconds_from_the_hardware_unit(tmp_path):
     q = prepare(PlainCNN().eval(), x, hardware="bitfusion", bits=(4, 8))
     apply_policy(q, {"conv2": (4, 4)}, torch.randn(8, 3, 16, 16))
     q.eval()
-    rep = lower(q, tmp_path / "m.onnx", x, samples=16, repeats=3, threads=1)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=16, repeats=3, threads=1))
     us = q.analysis.cost(q.policy)["latency"]
     assert rep.predicted_latency_ms == pytest.approx(us / 1000)
     assert sum(t.predicted_ms for t in rep.layer_timings) == pytest.approx(us / 1000)
@@ -393,7 +394,7 @@ def test_an_integer_layer_run_in_float_is_flagged(tmp_path, monkeypatch):
         return [export.NodeTime(n.name, "Conv", n.inputs, n.outputs, n.median_ms)
                 if "fxmpq_lowered.conv2_weight" in n.inputs else n for n in nodes]
     monkeypatch.setattr(export, "profile_nodes", conv2_in_float)
-    rep = lower(q, tmp_path / "m.onnx", x, samples=16, repeats=3)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=16, repeats=3))
     assert rep.format_mismatches == (f"conv2: priced as an integer kernel (W{q.policy['conv2'][0]}A"
                                      f"{q.policy['conv2'][1]}), ORT ran Conv in float",)
     assert "NOT AS PRICED" in rep.table()
@@ -414,7 +415,7 @@ def test_a_wrong_lowering_is_found_against_the_quant_model(tmp_path, monkeypatch
 
     q, x, _ = _quantized(PlainCNN(), (2, 3, 16, 16), False)
     monkeypatch.setattr(E, "lower_passes", lambda ex=None, accuracy_level=4: [LowerToQDQPass(example_inputs=ex), Corrupt()])
-    rep = lower(q, tmp_path / "m.onnx", x, samples=16, check=False)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=16, check=False))
     assert not rep.passed
     assert rep.forced_max_steps is not None and rep.forced_max_steps <= 1  # ORT agrees with the (wrong) graph
     assert rep.lowered_max_steps > 1 and not rep.stagewise_faithful
@@ -435,7 +436,7 @@ def test_output_step_is_found_through_a_trailing_identity_module(tmp_path):
 
     torch.manual_seed(0)
     q, x, _ = _quantized(Head(), (2, 3, 8, 8), False)
-    rep = lower(q, tmp_path / "m.onnx", x, samples=32)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=32))
     assert rep.output_step is not None and rep.max_diff_steps is not None and rep.passed
 
 
@@ -471,7 +472,9 @@ def test_conv_relu_pool_linear_head_is_fused_and_accepted(tmp_path):
     model = _PlainBNHead().eval()
     _random_bn_stats(model)
     q, x, _ = _quantized(model, (2, 3, 32, 32), per_channel=False, seed=3)
-    rep = lower(q, tmp_path / "m.onnx", x, samples=512)  # check=True: raises unless it passes by default
+    rep = lower(
+        q, tmp_path / "m.onnx", x, LowerOptions(samples=512)
+    )  # check=True: raises unless it passes by default
     assert rep.quantized_layers == 6 and rep.fused_layers == 6  # every conv and the linear an integer kernel
     assert rep.top1_agreement >= 0.995
 
@@ -506,7 +509,7 @@ def test_a_module_read_after_its_layer_is_lowered_keeps_its_attributes(tmp_path)
     """Regression (timm edgenext/xcit): the lowering used to delete token_projection.bias while the graph still read
     token_projection.weight.dtype, and the export died with an internal AttributeError."""
     q, x, _ = _quantized(_PosEncNet(), (2, 3, 16, 16), False)
-    rep = lower(q, tmp_path / "m.onnx", x, samples=16, measure=False)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=16, measure=False))
     assert rep.passed and rep.quantized_layers == rep.fused_layers == 4
 
 
@@ -553,7 +556,7 @@ def test_functional_batch_norm_after_a_conv_is_switchable_and_folded(tmp_path):
     from fxmpq.quant.lsq import SwitchableBatchNorm2d
 
     assert isinstance(q.graph_module.get_submodule("bn2.batch_norm"), SwitchableBatchNorm2d)
-    rep = lower(q, tmp_path / "m.onnx", x, samples=16, measure=False)
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=16, measure=False))
     assert rep.passed and rep.fused_layers == rep.quantized_layers == 3
     assert "BatchNormalization" not in rep.op_counts
 

@@ -12,6 +12,7 @@ import torch
 from models import PlainCNN
 
 from fxmpq.core.checkpoint import save_checkpoint, split_state
+from fxmpq.core.options import TrainOptions
 from fxmpq.stages import apply_policy, prepare
 from fxmpq.train.train_state import Stage, checkpoint_meta
 
@@ -86,8 +87,12 @@ def test_indicator_training_checkpoint_is_refused(tmp_path):
     q = prepare(PlainCNN().eval(), torch.randn(4, 3, 16, 16), bits=BITS)
     data = torch.utils.data.TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)))
     ckpt = tmp_path / "indicators.ckpt"
-    fxmpq.train_indicators(q, data, epochs=1, checkpoint=ckpt, progress=False, batch_size=8,
-                           model_factory="models:PlainCNN")
+    fxmpq.train_indicators(
+        q,
+        data,
+        TrainOptions(indicator_epochs=1, progress=False, batch_size=8, model_factory="models:PlainCNN"),
+        checkpoint=ckpt,
+    )
     r = _run(str(ckpt), "--out", str(tmp_path / "m.onnx"))
     assert r.returncode == 2  # before: the last random policy of joint training was exported, exit 0
     lines = r.stderr.strip().splitlines()
@@ -118,8 +123,14 @@ def test_lowers_a_checkpoint_written_by_finetune(tmp_path, with_apply_policy):
         q.set_policy(policy)
     ckpt = tmp_path / "work" / "finetune.pt"
     data = torch.utils.data.TensorDataset(x, y)
-    fxmpq.finetune(q, data, epochs=1, lr=0.01, checkpoint=ckpt, progress=False, batch_size=8,
-                   model_factory="models:PlainCNN")
+    fxmpq.finetune(
+        q,
+        data,
+        TrainOptions(
+            finetune_epochs=1, lr=0.01, progress=False, batch_size=8, model_factory="models:PlainCNN"
+        ),
+        checkpoint=ckpt,
+    )
     out = tmp_path / "m.onnx"
     r = _run(str(tmp_path / "work"), "--out", str(out), "--samples", "32")
     assert r.returncode == 0, r.stderr
@@ -155,9 +166,9 @@ def test_strict_flag_reaches_lower(tmp_path, monkeypatch):
     seen = {}
     real = cli.lower
 
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        return real(*args, **kwargs)
+    def spy(q, path, example, options, **kwargs):
+        seen["strict"] = options.strict
+        return real(q, path, example, options, **kwargs)
 
     monkeypatch.setattr(cli, "lower", spy)
     assert cli.main([str(ckpt), "--out", str(tmp_path / "m.onnx"), "--samples", "8", "--no-measure", "--strict"]) == 0

@@ -12,6 +12,7 @@ from test_weight_only import WO_TOML
 from torch import nn
 
 import fxmpq
+from fxmpq.core.options import LowerOptions
 from fxmpq.export.lower import to_onnx
 from fxmpq.hardware.spec import loads_hardware
 from fxmpq.passes import run_passes
@@ -45,7 +46,7 @@ def test_lower_writes_exactly_the_pass_lists_graph(tmp_path) -> None:
     fxmpq.apply_policy(q, dict(zip(names, [(4, None), (8, 8), (2, None)])), x)
     q.eval()
     path = tmp_path / "m.onnx"
-    fxmpq.lower(q, path, x[:1], check=False, measure=False, samples=8)
+    fxmpq.lower(q, path, x[:1], LowerOptions(check=False, measure=False, samples=8))
 
     lowered = run_passes(copy.deepcopy(q.graph_module).eval(),
                          lower_passes((x[:1],), accuracy_level=hw.matmul_nbits_accuracy_level)).graph_module

@@ -17,6 +17,7 @@ from torch import nn
 
 import fxmpq
 import fxmpq.export.lower as E
+from fxmpq.core.options import LowerOptions
 from fxmpq.errors import ExportError
 from fxmpq.export.noise_floor import float_op_nodes, float_ops_before, measure_noise_floor, perturb
 from fxmpq.export.verdict import Criterion
@@ -137,7 +138,7 @@ def test_a_faithful_export_within_the_noise_floor_is_written(tmp_path) -> None:
     output moves by more than max_steps, but every stage is within one step and PyTorch against itself moves as far:
     the file is written, judged faithful, with both figures reported; strict=True refuses it."""
     q, x = _small_vit("random")
-    rep = fxmpq.lower(q, tmp_path / "m.onnx", x, samples=64, measure=False)
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=64, measure=False))
     assert (tmp_path / "m.onnx").is_file()
     assert not rep.within_tolerance and rep.max_diff_steps > 1  # the strict rule alone would refuse it
     assert rep.passed and rep.criterion == Criterion.NOISE_FLOOR and rep.stagewise_faithful
@@ -151,7 +152,7 @@ def test_a_faithful_export_within_the_noise_floor_is_written(tmp_path) -> None:
     assert rep.stage_flips > 0 and rep.first_flip is not None and "LayerNorm" in rep.first_flip_ops[0]
     assert rep.to_dict()["criterion"] == "faithful: within PyTorch's own noise floor"
     with pytest.raises(ExportError, match=r"strict=True: the noise floor is reported, not applied"):
-        fxmpq.lower(q, tmp_path / "s.onnx", x, samples=64, measure=False, strict=True)
+        fxmpq.lower(q, tmp_path / "s.onnx", x, LowerOptions(samples=64, measure=False, strict=True))
     assert not (tmp_path / "s.onnx").exists()
 
 
@@ -160,7 +161,7 @@ def test_an_export_noisier_than_the_floor_is_refused_naming_the_float_op(vit, tm
     than PyTorch's own perturbation does, and the output moves beyond the floor: refused, both figures given."""
     q, x = vit
     _scale_layernorms(monkeypatch, 1 + 2.0**-14)
-    rep = fxmpq.lower(q, tmp_path / "m.onnx", x, samples=64, measure=False, check=False)
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=64, measure=False, check=False))
     assert rep.stagewise_faithful and rep.noise_floor is not None and not rep.passed
     assert rep.stage_flips > 10 * max(rep.noise_floor.stage_flips, 1)
     assert rep.first_flip_ops and "LayerNorm" in rep.first_flip_ops[0]
@@ -169,7 +170,7 @@ def test_an_export_noisier_than_the_floor_is_refused_naming_the_float_op(vit, tm
                                           r"EXCEEDED \(ONNX Runtime's spread exceeds it\); the first value ONNX "
                                           r"Runtime rounds differently is at \S+, after the float ops "
                                           r"blocks\.\d\.norm\d \(LayerNorm\)"):
-        fxmpq.lower(q, tmp_path / "m2.onnx", x, samples=64, measure=False)
+        fxmpq.lower(q, tmp_path / "m2.onnx", x, LowerOptions(samples=64, measure=False))
 
 
 def _corrupt_weight_scale(model: onnx.ModelProto) -> None:
@@ -201,11 +202,11 @@ def test_a_wrong_stage_still_fails_with_the_stage_named(vit, tmp_path, monkeypat
     q, x = vit
     real = E._save_model
     monkeypatch.setattr(E, "_save_model", lambda model, path: (corrupt(model), real(model, path)))
-    rep = fxmpq.lower(q, tmp_path / "m.onnx", x, samples=32, measure=False, check=False)
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=32, measure=False, check=False))
     assert not rep.passed and not rep.stagewise_faithful and rep.forced_max_steps > 1
     assert rep.noise_floor is None  # no floor excuses a wrong stage, so none is measured
     with pytest.raises(ExportError, match=rf"first divergence: {stage}.*stage by stage .* max \|diff\| [0-9.]+ steps$"):
-        fxmpq.lower(q, tmp_path / "m2.onnx", x, samples=32, measure=False)
+        fxmpq.lower(q, tmp_path / "m2.onnx", x, LowerOptions(samples=32, measure=False))
 
 
 # ----------------------------------------------------------------------------------------------- the zoo (slow)
@@ -272,6 +273,6 @@ def test_a_corrupted_deep_or_attention_export_fails_with_the_stage_named(tmp_pat
     monkeypatch.setattr(E, "_save_model", lambda model, path: (corrupt(model), real(model, path)))
     with pytest.raises(ExportError, match=r"first divergence: quantizer \S+.*stage by stage .* max \|diff\| "
                                           r"[0-9.]+ steps$") as exc:
-        fxmpq.lower(q, tmp_path / "m.onnx", x, samples=32, measure=False)
+        fxmpq.lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=32, measure=False))
     assert "noise floor" not in str(exc.value)
     assert not (tmp_path / "m.onnx").exists()

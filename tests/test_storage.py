@@ -15,6 +15,7 @@ from onnx import TensorProto, numpy_helper
 
 import fxmpq
 from fxmpq.capture.record import records
+from fxmpq.core.options import LowerOptions
 from fxmpq.export.lower import lower, qlinear_counts
 from fxmpq.quant.storage import Storage, widen
 from fxmpq.stages import apply_policy, prepare
@@ -42,8 +43,8 @@ def _weights(q) -> dict[str, tuple[int, int]]:
 
 def _both(tmp_path, q, x):
     """The int8 and the packed export of `q` (no latency audit) and their reports."""
-    r8 = lower(q, tmp_path / "int8.onnx", x, samples=64, measure=False)
-    r4 = lower(q, tmp_path / "packed.onnx", x, samples=64, measure=False, storage="packed")
+    r8 = lower(q, tmp_path / "int8.onnx", x, LowerOptions(samples=64, measure=False))
+    r4 = lower(q, tmp_path / "packed.onnx", x, LowerOptions(samples=64, measure=False, storage="packed"))
     return r8, r4
 
 
@@ -149,14 +150,16 @@ def test_eight_bit_policy_packed_is_the_int8_file(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     q = prepare(ResidualNet().eval(), x, bits=(8,))
     apply_policy(q, {n: (8, 8) for n in q.searchable_names}, x)
-    r4 = lower(q.eval(), tmp_path / "p.onnx", x, samples=8, measure=False, storage=Storage.PACKED)
+    r4 = lower(
+        q.eval(), tmp_path / "p.onnx", x, LowerOptions(samples=8, measure=False, storage=Storage.PACKED)
+    )
     assert set(r4.weight_containers.values()) == {"int8"} and r4.fused_layers_plain is None
     assert r4.fused_layers == r4.quantized_layers
 
 
 def test_latency_audit_of_a_packed_file_times_the_widened_session(exported, tmp_path):
     q, x, _, _, _ = exported
-    rep = lower(q, tmp_path / "p.onnx", x, samples=8, repeats=2, storage="packed")
+    rep = lower(q, tmp_path / "p.onnx", x, LowerOptions(samples=8, repeats=2, storage="packed"))
     assert rep.measured_latency_ms is not None and not rep.format_mismatches
     assert all(t.integer for t in rep.layer_timings)
 
@@ -165,7 +168,7 @@ def test_latency_audit_of_a_packed_file_times_the_widened_session(exported, tmp_
 def test_bad_storage_is_one_argument_error_naming_it(tmp_path, exported, bad):
     q, x, _, _, _ = exported
     with pytest.raises(fxmpq.ArgumentError, match=r"lower: storage must be one of 'int8', 'packed'"):
-        lower(q, tmp_path / "m.onnx", x, storage=bad)
+        lower(q, tmp_path / "m.onnx", x, LowerOptions(storage=bad))
     assert not (tmp_path / "m.onnx").exists()
 
 

@@ -8,6 +8,7 @@ from _quant_models import TinyNet, random_batches
 
 import fxmpq
 from fxmpq.core.checkpoint import load_checkpoint, save_checkpoint
+from fxmpq.core.options import TrainOptions
 from fxmpq.errors import ArgumentError, CheckpointError, DataError, PolicyError
 from fxmpq.policy_search.indicators import Indicators
 
@@ -30,7 +31,9 @@ def test_joint_training_moves_every_step_size_and_orders_them() -> None:
     q(torch.randn(4, 3, 8, 8))  # initialise activation steps, so "moved" means trained
     q.disable_quant()
     before = {n: p.detach().clone() for n, p in q.named_parameters() if n.endswith("step")}
-    ind = fxmpq.train_indicators(q, random_batches(3), epochs=1, lr=0.01, progress=False)
+    ind = fxmpq.train_indicators(
+        q, random_batches(3), TrainOptions(indicator_epochs=1, lr=0.01, progress=False)
+    )
     after = {n: p.detach() for n, p in q.named_parameters() if n.endswith("step")}
     moved = [n for n in before if not torch.equal(before[n], after[n])]
     assert moved == list(before)
@@ -42,8 +45,12 @@ def test_joint_training_moves_every_step_size_and_orders_them() -> None:
 
 
 def test_deterministic_for_fixed_seed() -> None:
-    a = fxmpq.train_indicators(_prepare(), random_batches(2), epochs=1, seed=3, progress=False)
-    b = fxmpq.train_indicators(_prepare(), random_batches(2), epochs=1, seed=3, progress=False)
+    a = fxmpq.train_indicators(
+        _prepare(), random_batches(2), TrainOptions(indicator_epochs=1, seed=3, progress=False)
+    )
+    b = fxmpq.train_indicators(
+        _prepare(), random_batches(2), TrainOptions(indicator_epochs=1, seed=3, progress=False)
+    )
     assert a == b
 
 
@@ -68,15 +75,22 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path) -> None:
     data = torch.utils.data.TensorDataset(torch.randn(12, 3, 8, 8), torch.randint(0, 10, (12,)))
     loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)
     ref_q = _prepare()
-    ref = fxmpq.train_indicators(ref_q, loader, epochs=2, progress=False)
+    ref = fxmpq.train_indicators(ref_q, loader, TrainOptions(indicator_epochs=2, progress=False))
     ck = tmp_path / "run.ckpt"
     with pytest.raises(_Killed):  # dies at the 2nd step of epoch 2 (3 steps per epoch)
-        fxmpq.train_indicators(_prepare(), loader, epochs=2, checkpoint=ck, progress=False,
-                               loss_fn=_ce_killed_at(5))
+        fxmpq.train_indicators(
+            _prepare(),
+            loader,
+            TrainOptions(indicator_epochs=2, progress=False),
+            checkpoint=ck,
+            loss_fn=_ce_killed_at(5),
+        )
     meta = load_checkpoint(ck)[1]
     assert meta["epoch"] == 1 and meta["kind"] == "indicators" and type(meta["kind"]) is str  # the enum's value
     q = _prepare()
-    out = fxmpq.train_indicators(q, loader, epochs=2, checkpoint=ck, resume=True, progress=False)
+    out = fxmpq.train_indicators(
+        q, loader, TrainOptions(indicator_epochs=2, progress=False), checkpoint=ck, resume=True
+    )
     assert out == ref
     for (n, p), (_, r) in zip(q.named_parameters(), ref_q.named_parameters()):
         assert torch.equal(p, r), n
@@ -86,11 +100,15 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path) -> None:
 def test_wrong_batches_raise_data_error() -> None:
     q = _prepare()
     with pytest.raises(DataError, match=r"inputs must have shape \[N, 3, 8, 8\].*Tensor\(4, 1, 8, 8\)"):
-        fxmpq.train_indicators(q, [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))], progress=False)
+        fxmpq.train_indicators(
+            q, [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))], TrainOptions(progress=False)
+        )
     with pytest.raises(DataError, match="expected an \\(inputs, targets\\) pair"):
-        fxmpq.train_indicators(q, [torch.randn(4, 3, 8, 8)], progress=False)
+        fxmpq.train_indicators(q, [torch.randn(4, 3, 8, 8)], TrainOptions(progress=False))
     with pytest.raises(DataError, match="targets have batch size 3"):
-        fxmpq.train_indicators(q, [(torch.randn(4, 3, 8, 8), torch.zeros(3, dtype=torch.long))], progress=False)
+        fxmpq.train_indicators(
+            q, [(torch.randn(4, 3, 8, 8), torch.zeros(3, dtype=torch.long))], TrainOptions(progress=False)
+        )
 
 
 def test_wrong_arguments_raise_argument_error() -> None:
@@ -98,19 +116,26 @@ def test_wrong_arguments_raise_argument_error() -> None:
         with pytest.raises(ArgumentError, match=r"expected a QuantModel \(from fxmpq.prepare\), found TinyNet"):
             train(TinyNet(), random_batches(1), progress=False)
     with pytest.raises(ArgumentError, match="epochs must be an integer >= 0, found -1"):
-        fxmpq.train_indicators(_prepare(), random_batches(1), epochs=-1, progress=False)
+        fxmpq.train_indicators(
+            _prepare(), random_batches(1), TrainOptions(indicator_epochs=-1, progress=False)
+        )
 
 
 def test_finetune_at_policy_and_checkpoint_metadata(tmp_path) -> None:
     q = _prepare()
     with pytest.raises(PolicyError, match="set_policy"):
-        fxmpq.finetune(q, random_batches(1), progress=False)
+        fxmpq.finetune(q, random_batches(1), TrainOptions(progress=False))
     q.set_policy({"conv2": (2, 3), "conv3": (4, 2)})
     q.fix()
     w0 = q.weight_quantizer("conv2").step.detach().clone()
     ck = tmp_path / "ft.ckpt"
-    stats = fxmpq.finetune(q, random_batches(2), epochs=1, checkpoint=ck, progress=False,
-                           model_factory="tests.models:tiny", distill_from=TinyNet())
+    stats = fxmpq.finetune(
+        q,
+        random_batches(2),
+        TrainOptions(finetune_epochs=1, progress=False, model_factory="tests.models:tiny"),
+        checkpoint=ck,
+        distill_from=TinyNet(),
+    )
     assert stats.steps == 2 and stats.epochs == 1 and "loss" in stats.losses
     assert not torch.equal(q.weight_quantizer("conv2").step.detach(), w0)
     tensors, meta = load_checkpoint(ck)
@@ -125,7 +150,7 @@ def test_finetune_at_policy_and_checkpoint_metadata(tmp_path) -> None:
 def test_finetune_after_set_policy_without_fix() -> None:
     q = _prepare()
     q.set_policy({"conv2": (3, 3), "conv3": (2, 4)})
-    stats = fxmpq.finetune(q, random_batches(1), progress=False)
+    stats = fxmpq.finetune(q, random_batches(1), TrainOptions(progress=False))
     assert stats.steps == 1 and q.policy["conv2"] == (3, 3)
 
 
@@ -156,16 +181,18 @@ def test_resume_rejects_a_foreign_run(tmp_path) -> None:
     q = _prepare()
     q.set_uniform(2)
     ck = tmp_path / "ft.ckpt"
-    fxmpq.finetune(q, random_batches(1), checkpoint=ck, progress=False)
+    fxmpq.finetune(q, random_batches(1), TrainOptions(progress=False), checkpoint=ck)
     with pytest.raises(CheckpointError, match="written by 'finetune' training"):
-        fxmpq.train_indicators(_prepare(), random_batches(1), checkpoint=ck, resume=True, progress=False)
+        fxmpq.train_indicators(
+            _prepare(), random_batches(1), TrainOptions(progress=False), checkpoint=ck, resume=True
+        )
 
 
 def test_per_channel_indicators_are_channel_means_and_progress_bar_shows_losses(capsys) -> None:
     torch.manual_seed(0)
     q = fxmpq.prepare(TinyNet(), torch.randn(2, 3, 8, 8), bits=BITS, per_channel=True)
     assert q.weight_quantizer("conv3").step.shape == (3, 16)
-    ind = fxmpq.train_indicators(q, random_batches(2), epochs=1, progress=True)
+    ind = fxmpq.train_indicators(q, random_batches(2), TrainOptions(indicator_epochs=1, progress=True))
     for b in BITS:
         expected = q.weight_quantizer("conv3").step_size(b).detach().mean().item()
         assert ind.weight["conv3"][b] == pytest.approx(expected)
@@ -189,7 +216,9 @@ def test_cosine_finetune_decays_lr_and_resumes_exactly(tmp_path) -> None:
 
     q = _prepare()
     q.set_uniform(3)
-    fxmpq.finetune(q, data, epochs=2, lr=0.1, cosine=True, optimizer=sgd, progress=False)
+    fxmpq.finetune(
+        q, data, TrainOptions(finetune_epochs=2, lr=0.1, cosine=True, progress=False), optimizer=sgd
+    )
     assert seen[0] == pytest.approx(0.1) and seen == sorted(seen, reverse=True) and seen[-1] < 0.01
     whole = _steps(q)
 
@@ -197,11 +226,22 @@ def test_cosine_finetune_decays_lr_and_resumes_exactly(tmp_path) -> None:
     q2.set_uniform(3)
     ck = tmp_path / "ft.ckpt"
     with pytest.raises(_Killed):  # dies in epoch 2; the checkpoint holds epoch 1
-        fxmpq.finetune(q2, data, epochs=2, lr=0.1, cosine=True, checkpoint=ck, progress=False,
-                       loss_fn=_ce_killed_at(5))
+        fxmpq.finetune(
+            q2,
+            data,
+            TrainOptions(finetune_epochs=2, lr=0.1, cosine=True, progress=False),
+            checkpoint=ck,
+            loss_fn=_ce_killed_at(5),
+        )
     q3 = _prepare()
     q3.set_uniform(3)
-    fxmpq.finetune(q3, data, epochs=2, lr=0.1, cosine=True, checkpoint=ck, resume=True, progress=False)
+    fxmpq.finetune(
+        q3,
+        data,
+        TrainOptions(finetune_epochs=2, lr=0.1, cosine=True, progress=False),
+        checkpoint=ck,
+        resume=True,
+    )
     resumed = _steps(q3)
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
@@ -217,7 +257,7 @@ def test_non_finite_gradients_stop_before_the_step_and_clipping_bounds_the_norm(
         return torch.sqrt(((out - out.detach()) ** 2).sum())
 
     with pytest.raises(DataError, match=r"gradients became non-finite at step 0 in \d+ parameter\(s\) \(graph_module"):
-        fxmpq.finetune(q, random_batches(1), loss_fn=inf_loss, progress=False)
+        fxmpq.finetune(q, random_batches(1), TrainOptions(progress=False), loss_fn=inf_loss)
     after = _steps(q)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the model was not touched
 
@@ -225,8 +265,13 @@ def test_non_finite_gradients_stop_before_the_step_and_clipping_bounds_the_norm(
     sgd = _norm_recording_sgd(seen)
 
     big = lambda out, target: 1e6 * torch.nn.functional.cross_entropy(out, target)  # noqa: E731
-    fxmpq.finetune(_prepare_uniform(), random_batches(2), loss_fn=big, optimizer=sgd, clip_grad_norm=0.5,
-                   progress=False)
+    fxmpq.finetune(
+        _prepare_uniform(),
+        random_batches(2),
+        TrainOptions(clip_grad_norm=0.5, progress=False),
+        loss_fn=big,
+        optimizer=sgd,
+    )
     assert seen and all(n == pytest.approx(0.5, rel=1e-4) for n in seen)
 
 
@@ -236,8 +281,13 @@ def test_huge_finite_gradients_are_clipped_not_reported() -> None:
     sgd = _norm_recording_sgd(seen)
 
     huge = lambda out, target: 1e20 * torch.nn.functional.cross_entropy(out, target)  # noqa: E731
-    fxmpq.finetune(_prepare_uniform(), random_batches(2), loss_fn=huge, optimizer=sgd, clip_grad_norm=1.0,
-                   progress=False)
+    fxmpq.finetune(
+        _prepare_uniform(),
+        random_batches(2),
+        TrainOptions(clip_grad_norm=1.0, progress=False),
+        loss_fn=huge,
+        optimizer=sgd,
+    )
     assert seen and all(n == pytest.approx(1.0, rel=1e-4) for n in seen)
 
 
@@ -272,16 +322,26 @@ def test_mid_epoch_checkpoint_resumes_bit_identically(tmp_path) -> None:
         return torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1))
 
     ref_q = _prepare()
-    ref = fxmpq.train_indicators(ref_q, loader(), epochs=2, progress=False)
+    ref = fxmpq.train_indicators(ref_q, loader(), TrainOptions(indicator_epochs=2, progress=False))
     ck = tmp_path / "run.ckpt"
     with pytest.raises(_Killed):  # the 14th step: epoch 2, batch 6; the last checkpoint is after step 12
-        fxmpq.train_indicators(_prepare(), loader(), epochs=2, checkpoint=ck, checkpoint_every=4, progress=False,
-                               loss_fn=_ce_killed_at(14))
+        fxmpq.train_indicators(
+            _prepare(),
+            loader(),
+            TrainOptions(indicator_epochs=2, checkpoint_every=4, progress=False),
+            checkpoint=ck,
+            loss_fn=_ce_killed_at(14),
+        )
     meta = load_checkpoint(ck)[1]
     assert (meta["epoch"], meta["batch"], meta["step"]) == (1, 4, 12)
     q = _prepare()
-    out = fxmpq.train_indicators(q, loader(), epochs=2, checkpoint=ck, checkpoint_every=4, resume=True,
-                                 progress=False)
+    out = fxmpq.train_indicators(
+        q,
+        loader(),
+        TrainOptions(indicator_epochs=2, checkpoint_every=4, progress=False),
+        checkpoint=ck,
+        resume=True,
+    )
     assert out == ref
     ref_state, state = ref_q.state_dict(), q.state_dict()
     assert ref_state.keys() == state.keys()

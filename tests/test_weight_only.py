@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import fxmpq
+from fxmpq.core.options import LowerOptions
 from fxmpq.core.primitives import quantize
 from fxmpq.errors import HardwareSpecError, PolicyError
 from fxmpq.hardware.formats import Format, format_of
@@ -131,7 +132,7 @@ def test_mixed_mlp_exports_weight_only_layers_as_matmul_nbits(tmp_path, hw) -> N
         lsq[n] = quantize(weight, wq.step_size(b).detach(), qmin, qmax).numpy().astype(np.int64)
     q.eval()
     path = tmp_path / "m.onnx"
-    rep = fxmpq.lower(q, path, x[:1], samples=32)
+    rep = fxmpq.lower(q, path, x[:1], LowerOptions(samples=32))
     assert rep.passed and rep.format_mismatches == ()
     m = onnx.load(str(path))
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
@@ -218,7 +219,7 @@ def test_functional_linear_without_bias_per_channel_steps(tmp_path, hw, per_chan
     first, head = q.searchable_names
     fxmpq.apply_policy(q, {first: (4, None), head: (8, None)}, x)
     q.eval()
-    rep = fxmpq.lower(q, tmp_path / "f.onnx", x[:1], samples=32)
+    rep = fxmpq.lower(q, tmp_path / "f.onnx", x[:1], LowerOptions(samples=32))
     assert rep.passed and rep.format_mismatches == ()
     m = onnx.load(str(tmp_path / "f.onnx"))
     ops = [n.op_type for n in m.graph.node]

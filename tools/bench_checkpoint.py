@@ -20,6 +20,7 @@ import torch
 
 import fxmpq
 from fxmpq.cli import parse_shape
+from fxmpq.core.options import TrainOptions
 from fxmpq.models import build_model
 from fxmpq.train.loop import CHECKPOINT_EVERY
 from fxmpq.train.train_state import Stage, save_state
@@ -42,7 +43,9 @@ def _step_times(q: fxmpq.QuantModel, data: list, steps: int) -> list[float]:
         return opt
 
     t0 = time.perf_counter()
-    fxmpq.train_indicators(q, data, epochs=1, max_steps=steps, optimizer=sgd, progress=False)
+    fxmpq.train_indicators(
+        q, data, TrainOptions(indicator_epochs=1, max_steps=steps, progress=False), optimizer=sgd
+    )
     return [b - a for a, b in zip([t0, *marks], marks)][1:]  # the first step initialises the quantizers
 
 

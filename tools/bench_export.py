@@ -21,6 +21,7 @@ import onnxruntime as ort
 import torch
 import torchvision
 
+from fxmpq.core.options import LowerOptions
 from fxmpq.export.lower import export_fp32, lower, qlinear_counts
 from fxmpq.stages import apply_policy, prepare
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             rng = random.Random(args.seed)
             policy = {n: (rng.randint(2, 8), rng.randint(2, 8)) for n in q.searchable_names}
             apply_policy(q, policy, torch.randn(8, 3, args.size, args.size))
-            rep = lower(q, Path(d) / f"{name}_qdq.onnx", ex, samples=8, batch=8)
+            rep = lower(q, Path(d) / f"{name}_qdq.onnx", ex, LowerOptions(samples=8, batch=8))
             counts = qlinear_counts(rep.path)
             print(f"{name}: {rep.fused_layers}/{rep.quantized_layers} layers as integer kernels, parity "
                   f"{'PASS' if rep.passed else 'FAIL'}, QDQ {rep.onnx_bytes / 1e6:.1f} MB vs FP32 "

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                 fxmpq.apply_policy(q, {q.layer_names[0]: fmt}, calib)
                 q.eval()
                 path = Path(tmp) / f"{kind}{i}.onnx"
-                rep = fxmpq.lower(q, path, x, inputs=calib[:16], samples=16, measure=False, storage=storage)
+                rep = fxmpq.lower(q, path, x, fxmpq.LowerOptions(samples=16, measure=False, storage=storage),
+                                  inputs=calib[:16])
                 model_bytes = deployable(path) if widened else path
                 s = session(model_bytes, args.threads)
                 feed = {s.get_inputs()[0].name: x.numpy()}

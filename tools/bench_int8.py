@@ -36,6 +36,7 @@ import torchvision
 from onnxruntime import quantization as ortq
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from fxmpq.core.options import LowerOptions
 from fxmpq.export.lower import export_fp32, lower, qlinear_counts
 from fxmpq.stages import apply_policy, prepare
 
@@ -69,7 +70,7 @@ def build(name: str, out: Path, size: int, calib: int, seed: int) -> tuple[dict[
                          activation_type=ortq.QuantType.QUInt8, calibrate_method=ortq.CalibrationMethod.MinMax)
     q = prepare(model, ex, bits=(8,))
     apply_policy(q, {n: (8, 8) for n in q.searchable_names}, data)
-    rep = lower(q, paths["fxmpq"], ex, samples=16, batch=16)
+    rep = lower(q, paths["fxmpq"], ex, LowerOptions(samples=16, batch=16))
     line = (f"{name}: fxmpq W8A8 parity {'PASS' if rep.passed else 'FAIL'} (max |diff| {rep.max_diff_steps:.2f} "
             f"output steps, top-1 agreement {100 * rep.top1_agreement:.1f} % on {rep.samples} inputs), "
             f"{rep.fused_layers}/{rep.quantized_layers} layers as integer kernels")

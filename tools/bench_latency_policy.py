@@ -44,6 +44,7 @@ from common import train_fp32
 import fxmpq
 from fxmpq.core.atomic import atomic_write_text
 from fxmpq.core.datasets import ImageData, load_fashion_mnist, load_small
+from fxmpq.core.options import TrainOptions
 from fxmpq.core.tables import render
 from fxmpq.errors import FxmpqError
 from fxmpq.export.deploy import deployable
@@ -71,9 +72,20 @@ def finetune_policy(model: torch.nn.Module, hw: fxmpq.HardwareSpec, data: ImageD
     g = torch.Generator().manual_seed(seed)
     fxmpq.apply_policy(q, policy, data.train_x[torch.randperm(len(data.train_x), generator=g)[:256]])
     sub = torch.randperm(len(data.train_y), generator=g)[:min(r["finetune_samples"], len(data.train_y))]
-    fxmpq.finetune(q, torch.utils.data.TensorDataset(data.train_x[sub], data.train_y[sub]), epochs=1, lr=r["lr"],
-                   batch_size=r["batch_size"], distill_from=model, seed=seed, cosine=True, max_steps=r["max_steps"],
-                   progress=False)
+    fxmpq.finetune(
+        q,
+        torch.utils.data.TensorDataset(data.train_x[sub], data.train_y[sub]),
+        TrainOptions(
+            finetune_epochs=1,
+            lr=r["lr"],
+            batch_size=r["batch_size"],
+            seed=seed,
+            cosine=True,
+            max_steps=r["max_steps"],
+            progress=False,
+        ),
+        distill_from=model,
+    )
     q.eval()
     return q, fxmpq.accuracy(q, data.loader("test", 1000, limit=r["test_samples"]))
 
@@ -140,8 +152,11 @@ def run(args: argparse.Namespace) -> int:
     a = q.analysis
     names = a.names
     t = time.time()
-    ind = fxmpq.train_indicators(q, data.loader("train", r["batch_size"], limit=r["indicator_samples"], seed=1),
-                                 epochs=1, lr=r["lr"], seed=0, max_steps=r["max_steps"], progress=False)
+    ind = fxmpq.train_indicators(
+        q,
+        data.loader("train", r["batch_size"], limit=r["indicator_samples"], seed=1),
+        TrainOptions(indicator_epochs=1, lr=r["lr"], seed=0, max_steps=r["max_steps"], progress=False),
+    )
     print(f"indicators in {time.time() - t:.0f} s", flush=True)
     metric = args.metric
     lat_int8 = a.cost({n: INT8 for n in names})["latency"]
@@ -171,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
             accs.append(acc)
             if seed == 0:
                 path = out / f"{args.net}_{key.replace('@', '_')}.onnx"
-                rep = fxmpq.lower(qm, path, x, samples=64, check=False, measure=False,
-                                  storage="packed" if size_run else "int8")
+                rep = fxmpq.lower(qm, path, x, fxmpq.LowerOptions(
+                    samples=64, check=False, measure=False, storage="packed" if size_run else "int8"))
                 s = session(deployable(path), args.threads)  # widened as fxmpq.ort_session does
                 sessions[key] = (s, {s.get_inputs()[0].name: x.numpy()})
                 parity = rep.passed

@@ -63,7 +63,9 @@ def main() -> None:
             for name in STAGES:
                 spent[name].append(0.0)
             t = time.perf_counter()
-            rep = fxmpq.lower(q, Path(d) / "m.onnx", x, samples=args.samples, measure=False)
+            rep = fxmpq.lower(
+                q, Path(d) / "m.onnx", x, fxmpq.LowerOptions(samples=args.samples, measure=False)
+            )
             walls.append(time.perf_counter() - t)
     wall = statistics.median(walls)
     print(f"{args.model} {args.size}x{args.size}, {args.policy}, {args.samples} parity samples, torch threads "

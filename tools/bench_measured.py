@@ -84,7 +84,8 @@ def bench_model(name: str, shape: tuple[int, ...], args: argparse.Namespace, out
         fxmpq.apply_policy(q, res.policy, x)
         q.eval()
         path = out / f"{stem}_budget{k}.onnx"
-        rep = fxmpq.lower(q, path, x, samples=args.samples, check=False, repeats=args.repeats, threads=args.threads)
+        rep = fxmpq.lower(q, path, x, fxmpq.LowerOptions(samples=args.samples, check=False,
+                                                            repeats=args.repeats, threads=args.threads))
         floats = sum(1 for n in names if res.policy[n] == FLOAT)
         formats = res.policy.format_counts()
         rows.append({"formats": formats, "budget": budget, "predicted": rep.predicted_latency_ms, "lower_measured": rep.measured_latency_ms,

@@ -53,6 +53,7 @@ from peer_report import render_report
 
 import fxmpq
 from fxmpq.core.datasets import ImageData, load_digits, load_fashion_mnist
+from fxmpq.core.options import TrainOptions
 from fxmpq.models import build_model
 from fxmpq.policy_search.baselines import inverted_indicators, random_indicators
 from fxmpq.policy_search.hessian import hessian_indicators
@@ -156,8 +157,19 @@ def finetune_job(net: str, kwargs: dict[str, Any], fp32_path: str, hw: str, poli
     n = min(r.finetune_steps * r.batch_size, len(data.train_y))
     sub = torch.randperm(len(data.train_y), generator=g)[:n]
     train = torch.utils.data.TensorDataset(data.train_x[sub], data.train_y[sub])
-    fxmpq.finetune(q, train, epochs=1, lr=r.finetune_lr, batch_size=r.batch_size, distill_from=model, seed=seed,
-                   cosine=True, progress=False)
+    fxmpq.finetune(
+        q,
+        train,
+        TrainOptions(
+            finetune_epochs=1,
+            lr=r.finetune_lr,
+            batch_size=r.batch_size,
+            seed=seed,
+            cosine=True,
+            progress=False,
+        ),
+        distill_from=model,
+    )
     t_ft = time.time() - t0
     test = data.loader("test", 500, limit=r.test_samples)
     acc = fake_quant_accuracy(q, test)
@@ -165,7 +177,8 @@ def finetune_job(net: str, kwargs: dict[str, Any], fp32_path: str, hw: str, poli
     if export_to:
         out["acc_integer"] = fxmpq.accuracy(q, test)  # with the integer kernels' rounding simulated: the ONNX file's
         try:
-            rep = fxmpq.lower(q, export_to, data.train_x[:1], inputs=data.test_x[:64], measure=False)
+            rep = fxmpq.lower(q, export_to, data.train_x[:1], fxmpq.LowerOptions(measure=False),
+                              inputs=data.test_x[:64])
             out["export"] = {"passed": True, "summary": str(rep).splitlines()[0][:200]}
         except fxmpq.FxmpqError as e:
             out["export"] = {"passed": False, "error": str(e).splitlines()[0][:300]}
@@ -239,8 +252,11 @@ def prepare_net(net: str, data: ImageData, valid: ImageData, out: Path, hw: Path
         print(f"[{net}] joint indicator training, {r.indicator_steps} steps of {r.batch_size}", flush=True)
         q = fxmpq.prepare(model, data.train_x[:2], hardware=hw, bits=BITS)
         t = time.time()
-        indicators = fxmpq.train_indicators(q, train, epochs=1, lr=0.01, seed=0, max_steps=r.indicator_steps,
-                                            progress=False)
+        indicators = fxmpq.train_indicators(
+            q,
+            train,
+            TrainOptions(indicator_epochs=1, lr=0.01, seed=0, max_steps=r.indicator_steps, progress=False),
+        )
         times["indicator_training"] = time.time() - t
         torch.save(q.state_dict(), folder / "joint.pt")
         indicators.to_json(ind_path)

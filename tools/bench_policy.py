@@ -39,6 +39,7 @@ from common import train_fp32
 
 import fxmpq
 from fxmpq.core.datasets import ImageData, load_fashion_mnist, load_small
+from fxmpq.core.options import TrainOptions
 from fxmpq.models import build_model
 from fxmpq.policy_search.baselines import inverted_indicators, random_indicators
 from fxmpq.policy_search.hessian import hessian_indicators
@@ -104,8 +105,20 @@ def finetune_job(net: str, fp32_path: str, policy_json: str, seed: int, recipe: 
     n = min(r.finetune_samples, len(data.train_y))
     sub = torch.randperm(len(data.train_y), generator=g)[:n]
     train = torch.utils.data.TensorDataset(data.train_x[sub], data.train_y[sub])
-    fxmpq.finetune(q, train, epochs=r.finetune_epochs, lr=r.finetune_lr, batch_size=r.batch_size,
-                   distill_from=model, seed=seed, cosine=True, max_steps=r.max_steps, progress=False)
+    fxmpq.finetune(
+        q,
+        train,
+        TrainOptions(
+            finetune_epochs=r.finetune_epochs,
+            lr=r.finetune_lr,
+            batch_size=r.batch_size,
+            seed=seed,
+            cosine=True,
+            max_steps=r.max_steps,
+            progress=False,
+        ),
+        distill_from=model,
+    )
     acc = fxmpq.accuracy(q, data.loader("test", 1000, limit=r.test_samples))
     return {"acc": acc, "acc_before": before, "seconds": time.time() - t0}
 
@@ -157,10 +170,17 @@ def prepare_net(net: str, data: ImageData, out: Path, r: Recipe, seed: int) -> P
         out.to_json(path)
         return out
 
-    indicators = cached("indicators", f"joint indicator training on {r.indicator_samples} images",
-                        lambda q: fxmpq.train_indicators(
-                            q, data.loader("train", r.batch_size, limit=r.indicator_samples, seed=seed + 1),
-                            epochs=r.indicator_epochs, lr=0.01, seed=seed, max_steps=r.max_steps, progress=False))
+    indicators = cached(
+        "indicators",
+        f"joint indicator training on {r.indicator_samples} images",
+        lambda q: fxmpq.train_indicators(
+            q,
+            data.loader("train", r.batch_size, limit=r.indicator_samples, seed=seed + 1),
+            TrainOptions(
+                indicator_epochs=r.indicator_epochs, lr=0.01, seed=seed, max_steps=r.max_steps, progress=False
+            ),
+        ),
+    )
     hessian = cached("hessian", f"Hessian indicators ({r.hessian_batches} batches x {r.hessian_probes} probes)",
                      lambda q: hessian_indicators(q, data.loader("train", 128, seed=seed + 2),
                                                   batches=r.hessian_batches, probes=r.hessian_probes, seed=seed))

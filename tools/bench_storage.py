@@ -43,7 +43,8 @@ def build(name: str, out: Path, size: int, wbits: int, seed: int) -> dict[str, f
     data = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
     q = fxmpq.prepare(model, ex, bits=BITS)
     fxmpq.apply_policy(q, {n: (wbits, 8) for n in q.searchable_names}, data)
-    return {s: fxmpq.lower(q, out / f"{name}_{s}.onnx", ex, samples=8, batch=8, measure=False, storage=s)
+    return {s: fxmpq.lower(q, out / f"{name}_{s}.onnx", ex,
+                           fxmpq.LowerOptions(samples=8, batch=8, measure=False, storage=s))
             for s in ("int8", "packed")}
 
 

@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             fxmpq.apply_policy(q, policy, calib)
             q.eval()
             path = d / f"{label.split()[0]}.onnx"
-            reports[label] = fxmpq.lower(q, path, x, inputs=calib[:4], samples=4, measure=False)
+            reports[label] = fxmpq.lower(
+                q, path, x, fxmpq.LowerOptions(samples=4, measure=False), inputs=calib[:4]
+            )
             files[label] = path
             if label != "W8A8":
                 wo = sum(1 for p in policy.values() if p[0] is not None)

@@ -48,7 +48,7 @@ def weight_only_file(model: nn.Module, x: torch.Tensor, bits: int, level: int, p
     q = fxmpq.prepare(model, x, hardware=hw, bits=(2, 4, 8))
     fxmpq.apply_policy(q, {q.searchable_names[0]: (bits, None)}, x)
     q.eval()
-    rep = fxmpq.lower(q, path, x[:1], samples=8, measure=False)
+    rep = fxmpq.lower(q, path, x[:1], fxmpq.LowerOptions(samples=8, measure=False))
     assert rep.passed, rep.table()
     return path
 

@@ -168,15 +168,24 @@ def run_one(name: str, samples: int, progress: Path | None = None, batch: int = 
         row["batch"] = batch
         data = [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g))
                 for _ in range(2)]
-        ind = stage("indicators", lambda: fxmpq.train_indicators(q, data, epochs=1, max_steps=2, progress=False,
-                                                                 clip_grad_norm=1.0))
+        ind = stage(
+            "indicators",
+            lambda: fxmpq.train_indicators(
+                q,
+                data,
+                fxmpq.TrainOptions(indicator_epochs=1, max_steps=2, progress=False, clip_grad_norm=1.0),
+            ),
+        )
         res = stage("search", lambda: fxmpq.search(a, ind, fxmpq.Budget.uniform(4, 4)))
         row.update(search_status=res.status.value, search_ms=1e3 * (res.solve_time + res.build_time),
                    avg_bits=list(res.policy.average_bits(a)))
         stage("apply", lambda: fxmpq.apply_policy(q, res.policy, torch.randn(4, 3, size, size, generator=g)))
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / f"{name}.onnx"
-            rep = stage("lower", lambda: fxmpq.lower(q, path, x, samples=samples, batch=8, check=False))
+            rep = stage(
+                "lower",
+                lambda: fxmpq.lower(q, path, x, fxmpq.LowerOptions(samples=samples, batch=8, check=False)),
+            )
             row.update(onnx_mb=rep.onnx_bytes / 1e6, max_diff_steps=rep.max_diff_steps, max_abs_diff=rep.max_abs_diff,
                        rel_l2=rep.rel_l2, top1_agreement=rep.top1_agreement, fused=rep.fused_layers,
                        quantized=rep.quantized_layers, diverging=rep.diverging, top1_ties=rep.top1_ties,

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxmpq
 from fxmpq.core.datasets import load_small
+from fxmpq.core.options import TrainOptions
 from fxmpq.models import small
 
 
@@ -70,9 +71,19 @@ def main() -> None:
     print(f"quantized before fine-tuning {100 * acc_before:.2f} %")
     args.out.mkdir(parents=True, exist_ok=True)
     t = time.time()
-    fxmpq.finetune(q, TensorDataset(xtr, ytr), epochs=args.epochs, lr=args.lr, batch_size=64,
-                   checkpoint=args.out / "finetune.pt", model_factory=f"fxmpq.models.small:{args.model}",
-                   progress=False)
+    fxmpq.finetune(
+        q,
+        TensorDataset(xtr, ytr),
+        TrainOptions(
+            finetune_epochs=args.epochs,
+            lr=args.lr,
+            batch_size=64,
+            model_factory=f"fxmpq.models.small:{args.model}",
+            progress=False,
+            cosine=False,
+        ),
+        checkpoint=args.out / "finetune.pt",
+    )
     acc_after = fxmpq.accuracy(q, test)
     print(f"quantized after {args.epochs} fine-tuning epochs {100 * acc_after:.2f} % ({time.time() - t:.0f} s)")
     rep = fxmpq.lower(q, args.out / "model.onnx", ex, inputs=data.test_x[:512])

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..core.checkpoint import load_checkpoint
 from ..core.devices import as_device
+from ..core.options import CHECKPOINT_EVERY, TrainOptions
 from ..core.workdir import FINETUNE_CKPT, FP32_WEIGHTS, INDICATORS_CKPT, POLICY_JSON
 from ..cost.policy import Policy
 from ..errors import CheckpointError, FxmpqError
@@ -28,7 +29,6 @@ from ..hardware.spec import load_hardware
 from ..models import build_model, parse_model_kwargs
 from ..pipeline import accuracy
 from ..stages import apply_policy, prepare
-from ..train.loop import CHECKPOINT_EVERY
 from ..train.train_state import Stage, restore_model_state
 from ..train.trainings import finetune
 from . import Parser, check_count, check_output, fail, held_warnings, parse_shape
@@ -95,10 +95,19 @@ def run(args: argparse.Namespace, label: str | None) -> int:
 
     ckpt = out / FINETUNE_CKPT
     try:
-        finetune(q, data.train, epochs=args.epochs, lr=args.lr, distill_from=teacher, seed=args.seed, device=device,
-                 checkpoint=ckpt, resume=ckpt.is_file(), cosine=True, max_steps=args.max_steps,
-                 progress=not args.quiet, batch_size=args.batch_size, model_factory=args.model, model_kwargs=kwargs,
-                 checkpoint_every=args.checkpoint_every)
+        train = TrainOptions(
+            finetune_epochs=args.epochs,
+            lr=args.lr,
+            seed=args.seed,
+            device=device,
+            max_steps=args.max_steps,
+            progress=not args.quiet,
+            batch_size=args.batch_size,
+            model_factory=args.model,
+            model_kwargs=kwargs,
+            checkpoint_every=args.checkpoint_every,
+        )
+        finetune(q, data.train, train, distill_from=teacher, checkpoint=ckpt, resume=ckpt.is_file())
     except FxmpqError as e:  # the options were fine: the run failed
         return fail(e, 1, prog=label)
     q.eval()

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import models
+from ..core.options import LowerOptions
 from ..errors import ArgumentError, CheckpointError, FxmpqError
 from ..export.lower import export_fp32, lower
 from ..quant.storage import as_storage
@@ -68,8 +69,19 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "fxmpq lower", label:
         shape = parse_shape(args.input, batch=True) if args.input else None
         kwargs = models.parse_model_kwargs(args.model_kwargs) if args.model_kwargs else None
         q, example, factory = load_quantized(args.checkpoint, args.model, shape, kwargs)
-        rep = lower(q, args.out, example, samples=args.samples, measure=not args.no_measure, repeats=args.repeats,
-                    threads=args.threads, storage=storage, strict=args.strict)
+        rep = lower(
+            q,
+            args.out,
+            example,
+            LowerOptions(
+                samples=args.samples,
+                measure=not args.no_measure,
+                repeats=args.repeats,
+                threads=args.threads,
+                storage=storage,
+                strict=args.strict,
+            ),
+        )
         print(rep.table())
         if rep.layer_timings:
             print(rep.layer_table())

@@ -25,14 +25,13 @@ from collections.abc import Sequence
 from torch.utils.data import Subset
 
 from ..core.devices import as_device
-from ..core.options import QuantOptions, SearchOptions, TrainOptions
+from ..core.options import CHECKPOINT_EVERY, QuantOptions, SearchOptions, TrainOptions
 from ..errors import ArgumentError, BudgetError, CheckpointError, DataError, FxmpqError, IndicatorError
 from ..hardware.spec import load_hardware
 from ..models import build_model, parse_model_kwargs
 from ..pipeline import quantize
 from ..policy_search.candidates import DEFAULT_COUNT
 from ..policy_search.targets import check_goal, parse_goal
-from ..train.loop import CHECKPOINT_EVERY
 from . import Parser, check_count, check_output, fail, held_warnings, parse_shape
 from .data import (
     DATASET_HELP,

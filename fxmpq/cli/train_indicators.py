@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 
 from ..core.devices import as_device
+from ..core.options import CHECKPOINT_EVERY, TrainOptions
 from ..errors import FxmpqError
 from ..hardware.spec import load_hardware
 from ..models import build_model, parse_model_kwargs
 from ..stages import prepare
-from ..train.loop import CHECKPOINT_EVERY
 from ..train.trainings import train_indicators
 from . import Parser, check_count, check_output, fail, held_warnings, parse_shape
 from .data import DATASET_HELP, load_dataset, load_weights, parse_bits, sample_shape
@@ -70,10 +70,19 @@ def run(args: argparse.Namespace) -> int:
     device = _init_distributed() or device
     q = prepare(model, torch.randn(2, *shape), hardware=hw, bits=bits, per_channel=args.per_channel)
     ckpt = out / "indicators.ckpt"
-    ind = train_indicators(q, data.train, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                           seed=args.seed, device=device, checkpoint=ckpt, resume=ckpt.is_file(),
-                           max_steps=args.max_steps, model_factory=args.model, model_kwargs=kwargs,
-                           checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    train = TrainOptions(
+        indicator_epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=device,
+        max_steps=args.max_steps,
+        model_factory=args.model,
+        model_kwargs=kwargs,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.quiet,
+    )
+    ind = train_indicators(q, data.train, train, checkpoint=ckpt, resume=ckpt.is_file())
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         ind.to_json(out / "indicators.json")

@@ -4,11 +4,23 @@ field here, not a parameter threaded through five signatures."""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CHECKPOINT_EVERY", "DEFAULT_COUNT", "QuantOptions", "SearchOptions", "TrainOptions"]
+from ..errors import ArgumentError
+
+__all__ = [
+    "CHECKPOINT_EVERY",
+    "DEFAULT_COUNT",
+    "LowerOptions",
+    "QuantOptions",
+    "SearchOptions",
+    "TrainOptions",
+    "fold_keywords",
+]
 
 # A checkpoint every this many optimizer steps (besides the one at each epoch's end) when checkpoint= is given:
 # a run killed mid-epoch loses at most this many steps. Measured cost: docs/RESULTS.md (checkpoint cost).
@@ -47,21 +59,87 @@ class SearchOptions:
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Joint indicator training and fine-tuning: epochs of each, learning rates (`finetune_lr` None: `lr`),
-    distillation from the FP32 model, a cap on optimizer steps per training, the seed, the device, progress bars,
-    checkpoint frequency, `indicator_data` (joint training's own data; None: the training data), and the model's
-    factory spec and kwargs recorded in checkpoints (so `fxmpq lower <work_dir>` can rebuild the model)."""
+    """The two trainings, joint indicator training and fine-tuning, as quantize() runs them and as
+    train_indicators()/finetune() take them: epochs of each, learning rates (`finetune_lr` None: `lr`; `step_lr`
+    for the step sizes, None: the training's lr), weight decay on conv/linear weights, distillation in joint
+    training (from its highest bit-width), fine-tuning's half-cosine schedule, a cap on optimizer steps per
+    training, the gradient-norm clip, the seed, the device, progress bars, checkpoint frequency, the batch size a
+    Dataset is batched at, `indicator_data` (quantize()'s data for joint training; None: the training data), and
+    the model's factory spec and kwargs recorded in checkpoints (so `fxmpq lower <work_dir>` can rebuild it)."""
 
     indicator_epochs: int = 1
     finetune_epochs: int = 1
     lr: float = 0.01
     finetune_lr: float | None = None
+    step_lr: float | None = None
+    weight_decay: float = 1e-4
     distill: bool = True
+    cosine: bool = True
     max_steps: int | None = None
+    clip_grad_norm: float | None = None
     seed: int = 0
     device: Any = None
     progress: bool = True
     checkpoint_every: int | None = CHECKPOINT_EVERY
+    batch_size: int = 32
     indicator_data: Any = None
     model_factory: str | None = None
     model_kwargs: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class LowerOptions:
+    """lower()'s parity check and latency audit: `samples` random inputs (when no inputs are given) run `batch` at
+    a time; the tolerance (`max_steps` output steps, `min_top1` agreement on decisive inputs, `rtol` for a float
+    output); `check` (raise on a miss; False: write and report it), `strict` (today's first rule alone, no
+    noise-floor criterion), `seed` of the random inputs; `measure` (time the file in ONNX Runtime, median of
+    `repeats` runs on `threads` threads, None: the hardware file's); `storage` of the weights ("int8" or
+    "packed")."""
+
+    samples: int = 64
+    batch: int = 64
+    max_steps: float = 1.0
+    min_top1: float = 0.995
+    rtol: float = 1e-4
+    check: bool = True
+    strict: bool = False
+    seed: int = 0
+    measure: bool = True
+    repeats: int = 20
+    threads: int | None = None
+    storage: Any = "int8"
+
+
+def fold_keywords(caller: str, groups: Mapping[str, tuple[type, Any]], keywords: Mapping[str, Any],
+                  stacklevel: int = 3, aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The option objects of `caller` ({parameter: (class, object or None)}) with its old one-per-field
+    `keywords` folded in under one DeprecationWarning; each missing object is its class's default. TypeError for
+    a keyword that is no field (as Python says for an unknown keyword), ArgumentError for a wrong object or a
+    field given both ways; the caller's own checks judge the values. quantize() and lower() use it; `stacklevel`
+    points the warning at the user's call (3: `caller` calls this directly); `aliases` maps an old keyword to
+    its field where the names differ (finetune's `epochs` is `finetune_epochs`)."""
+    owner = {f.name: g for g, (cls, _) in groups.items() for f in dataclasses.fields(cls)}
+    given, mapped, source = list(keywords), {}, {}
+    for k, v in keywords.items():
+        f = (aliases or {}).get(k, k)
+        if f not in owner:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {k!r}")
+        if f in mapped:
+            raise ArgumentError(f"{caller}: {f}= given twice (as {source[f]}= and {k}=); give it once")
+        mapped[f], source[f] = v, k
+    keywords = mapped
+    out = {}
+    for g, (cls, obj) in groups.items():
+        if obj is not None and not isinstance(obj, cls):
+            raise ArgumentError(f"{caller}: {g}= must be a fxmpq.{cls.__name__}, found {type(obj).__name__}")
+        fields = {k: v for k, v in keywords.items() if owner[k] == g}
+        if obj is not None and fields:
+            raise ArgumentError(f"{caller}: {', '.join(f'{k}=' for k in fields)} and {g}= both given; set "
+                                f"{'it' if len(fields) == 1 else 'them'} in the {cls.__name__} only")
+        out[g] = dataclasses.replace(obj if obj is not None else cls(), **fields)
+    if keywords:
+        spelled = ", ".join(f"{groups[owner[k]][0].__name__}({k}=...)" for k in keywords)
+        warnings.warn(f"{caller}({', '.join(f'{k}=' for k in given)}) is deprecated: pass {spelled} as "
+                      f"{'/'.join(f'{g}=' for g in groups)}; the separate keywords go in the next release",
+                      DeprecationWarning, stacklevel=stacklevel)
+    return out

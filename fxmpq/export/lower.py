@@ -27,6 +27,7 @@ from ..capture.graph import NodeFailure, as_input_tuple, run_graph
 from ..capture.record import quantizer_nodes, records
 from ..core.atomic import atomic_paths, check_writable
 from ..core.batches import check_inputs
+from ..core.options import LowerOptions, fold_keywords
 from ..errors import ArgumentError, DataError, ExportError, first_line
 from ..passes import run_passes
 from ..passes.lower_qdq import DQ_OP, NBITS_OP, QDQ_CHANNELS_OP, QDQ_OP
@@ -245,22 +246,14 @@ def lower(
     qmodel: QuantModel,
     path: str | Path,
     example_inputs: Any,
+    options: LowerOptions | None = None,
     *,
     inputs: Any = None,
-    samples: int = 64,
-    max_steps: float = 1.0,
-    min_top1: float = 0.995,
-    rtol: float = 1e-4,
-    batch: int = 64,
-    check: bool = True,
-    strict: bool = False,
-    seed: int = 0,
-    measure: bool = True,
-    repeats: int = 20,
-    threads: int | None = None,
-    storage: str | Storage = Storage.INT8,
+    **legacy: Any,
 ) -> LowerReport:
-    """Lower `qmodel` (policy applied and fixed) to a QDQ ONNX model at `path` and check it.
+    """Lower `qmodel` (policy applied and fixed) to a QDQ ONNX model at `path` and check it; `options`
+    (fxmpq.LowerOptions) hold the check's tolerances, the latency audit's settings and the weight storage (each
+    field as a keyword of its own, `check=False`, still works for one release with a DeprecationWarning).
 
     The model is written to a temp file beside `path`, checked there with onnx.checker (full check), run in ONNX
     Runtime (CPU) on
@@ -301,17 +294,26 @@ def lower(
     latency audit are of the session `fxmpq.ort_session` opens, which widens the 4-bit weights in memory and fuses
     them.
     """
+    o = fold_keywords("lower", {"options": (LowerOptions, options)}, legacy)["options"]
+    samples, batch, max_steps, min_top1, rtol, seed = (
+        o.samples,
+        o.batch,
+        o.max_steps,
+        o.min_top1,
+        o.rtol,
+        o.seed,
+    )
     path = check_writable(path, "lower: path")
-    storage = as_storage(storage, "lower: storage")
+    storage = as_storage(o.storage, "lower: storage")
     ex = as_input_tuple(example_inputs)
     if not all(isinstance(x, torch.Tensor) for x in ex):
         raise ExportError("lower() needs tensor example inputs")
     timing = None
-    if measure:
+    if o.measure:
         prov = qmodel.hardware.provenance
+        threads = o.threads if o.threads is not None else (prov.threads if prov and prov.threads else 1)
         try:
-            timing = TimingOptions(threads=threads if threads is not None else (prov.threads if prov and prov.threads
-                                                                                else 1), repeats=repeats)
+            timing = TimingOptions(threads=threads, repeats=o.repeats)
         except ArgumentError as e:
             raise ExportError(f"lower(measure=True): {e}") from None
     if qmodel.policy is None:
@@ -345,11 +347,11 @@ def lower(
             _save_model(proto, tmp)
             try:
                 report = _check_file(tmp, path, qmodel, lowered, layers, inputs, batch=batch, max_steps=max_steps,
-                                     min_top1=min_top1, rtol=rtol, strict=strict)
+                                     min_top1=min_top1, rtol=rtol, strict=o.strict)
                 report = dataclasses.replace(
                     report, storage=storage.value, weight_containers={k: c.value for k, c in containers.items()},
                     stored_weight_bytes=stored_weight_bytes(proto, [(r.name, low) for r, low in layers], containers))
-                if check and not report.passed:
+                if o.check and not report.passed:
                     raise ExportError(mismatch(report))
             except ExportError as e:
                 kept = _keep_failed(tmp, tmp_data, path)

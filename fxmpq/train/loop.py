@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..core.atomic import check_writable, remove_stale_temps
 from ..core.batches import split_batch
-from ..core.options import CHECKPOINT_EVERY
+from ..core.options import CHECKPOINT_EVERY, TrainOptions
 from ..cost.policy import Policy
 from ..errors import ArgumentError, CheckpointError, DataError, PolicyError, first_line
 from ..policy_search.indicators import Indicators
@@ -148,35 +148,30 @@ def _param_groups(qmodel: QuantModel, lr: float, step_lr: float | None, weight_d
 def run_training(
     qmodel: QuantModel,
     data: Any,
+    t: TrainOptions,
     *,
     stage: Stage,
     step_fn: StepFn,
-    epochs: int,
+    epochs: tuple[str, int],
     lr: float,
-    step_lr: float | None,
-    weight_decay: float,
+    cosine: bool,
     optimizer: OptimizerFactory | None,
     loss_fn: LossFn | None,
-    seed: int,
-    device: str | torch.device | None,
     checkpoint: str | Path | None,
     resume: bool | str | Path,
-    max_steps: int | None,
-    progress: bool,
-    batch_size: int,
     extra_meta: Mapping[str, Any],
-    cosine: bool = False,
-    clip_grad_norm: float | None = None,
-    checkpoint_every: int | None = CHECKPOINT_EVERY,
 ) -> TrainStats:
-    """The one training loop: data checks, device, DDP, epochs, optimizer steps, progress, checkpoints, resume."""
+    """The one training loop: data checks, device, DDP, epochs, optimizer steps, progress, checkpoints, resume.
+    `t` holds the settings both trainings share; `epochs` (the field's name, for messages, and its value), `lr`
+    and `cosine` are the stage's own."""
     _expect_quant_model(qmodel, stage)
-    _check_counts(stage, epochs=epochs, max_steps=max_steps, batch_size=batch_size, checkpoint_every=checkpoint_every)
-    dev = pick_device(qmodel, device)
+    _check_counts(stage, **{epochs[0]: epochs[1]}, max_steps=t.max_steps, batch_size=t.batch_size,
+                  checkpoint_every=t.checkpoint_every)
+    dev = pick_device(qmodel, t.device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     qmodel.to(dev)
-    loader = make_loader(data, batch_size=batch_size, seed=seed, what=f"{stage}: data")
+    loader = make_loader(data, batch_size=t.batch_size, seed=t.seed, what=f"{stage}: data")
     if checkpoint is not None:
         check_writable(checkpoint, f"{stage}: checkpoint")
         remove_stale_temps(Path(checkpoint).parent, [Path(checkpoint).name])
@@ -192,11 +187,23 @@ def run_training(
     fork_devices = [dev] if dev.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=fork_devices):
-            return _loop(qmodel, loader, stage=stage, step_fn=step_fn, epochs=epochs, lr=lr, step_lr=step_lr,
-                         weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed, dev=dev,
-                         checkpoint=checkpoint, resume_path=resume_path, max_steps=max_steps, progress=progress,
-                         extra_meta=extra_meta, cosine=cosine, clip_grad_norm=clip_grad_norm,
-                         checkpoint_every=checkpoint_every, gens=loader_generators(loader))
+            return _loop(
+                qmodel,
+                loader,
+                t,
+                stage=stage,
+                step_fn=step_fn,
+                epochs=epochs[1],
+                lr=lr,
+                cosine=cosine,
+                optimizer=optimizer,
+                loss_fn=loss_fn,
+                dev=dev,
+                checkpoint=checkpoint,
+                resume_path=resume_path,
+                extra_meta=extra_meta,
+                gens=loader_generators(loader),
+            )
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
@@ -207,22 +214,41 @@ def _check_counts(stage: Stage, **counts: int | None) -> None:
     for name, value in counts.items():
         if value is None and name in ("max_steps", "checkpoint_every"):
             continue
-        least = 0 if name in ("epochs", "max_steps") else 1
+        least = 0 if name.endswith("epochs") or name == "max_steps" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ArgumentError(f"{stage}: {name} must be an integer >= {least}, found {value!r}")
 
 
-def _loop(qmodel: QuantModel, loader: Iterable[Any], *, stage: Stage, step_fn: StepFn, epochs: int, lr: float,
-          step_lr: float | None, weight_decay: float, optimizer: OptimizerFactory | None, loss_fn: LossFn | None,
-          seed: int, dev: torch.device, checkpoint: str | Path | None, resume_path: Path | None,
-          max_steps: int | None, progress: bool, extra_meta: Mapping[str, Any], cosine: bool = False,
-          clip_grad_norm: float | None = None, checkpoint_every: int | None = None,
-          gens: list[torch.Generator] | None = None) -> TrainStats:
+def _loop(
+    qmodel: QuantModel,
+    loader: Iterable[Any],
+    t: TrainOptions,
+    *,
+    stage: Stage,
+    step_fn: StepFn,
+    epochs: int,
+    lr: float,
+    cosine: bool,
+    optimizer: OptimizerFactory | None,
+    loss_fn: LossFn | None,
+    dev: torch.device,
+    checkpoint: str | Path | None,
+    resume_path: Path | None,
+    extra_meta: Mapping[str, Any],
+    gens: list[torch.Generator] | None = None,
+) -> TrainStats:
     gens = gens or []
+    seed, max_steps, progress, clip_grad_norm, checkpoint_every = (
+        t.seed,
+        t.max_steps,
+        t.progress,
+        t.clip_grad_norm,
+        t.checkpoint_every,
+    )
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    groups = _param_groups(qmodel, lr, step_lr, weight_decay)
+    groups = _param_groups(qmodel, lr, t.step_lr, t.weight_decay)
     for g in groups:
         g["base_lr"] = g["lr"]
     opt = optimizer(groups) if optimizer is not None else torch.optim.SGD(groups, lr=lr, momentum=0.9)

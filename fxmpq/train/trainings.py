@@ -6,9 +6,9 @@ step sizes are the indicators. Fine-tuning runs the fixed policy once per step, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.options import TrainOptions, fold_keywords
 from ..errors import PolicyError
 from ..policy_search.indicators import Indicators
 from ..quant.quant_model import QuantModel
 from .ddp import pick_device
 from .loop import (
-    CHECKPOINT_EVERY,
     LossFn,
     OptimizerFactory,
     StepFn,
@@ -92,34 +92,25 @@ def _plain_step(teacher: nn.Module | None) -> StepFn:
 def train_indicators(
     qmodel: QuantModel,
     data: Any,
-    epochs: int = 1,
-    lr: float = 0.01,
-    loss_fn: LossFn | None = None,
-    distill: bool = True,
+    train: TrainOptions | None = None,
     *,
-    step_lr: float | None = None,
-    weight_decay: float = 1e-4,
+    loss_fn: LossFn | None = None,
     optimizer: OptimizerFactory | None = None,
-    seed: int = 0,
-    device: str | torch.device | None = None,
     checkpoint: str | Path | None = None,
     resume: bool | str | Path = False,
-    max_steps: int | None = None,
-    progress: bool = True,
-    batch_size: int = 32,
-    model_factory: str | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    clip_grad_norm: float | None = None,
-    checkpoint_every: int | None = CHECKPOINT_EVERY,
+    **legacy: Any,
 ) -> Indicators:
     """Learn every layer's step sizes at every candidate bit in one joint run; returns them as Indicators.
 
     Each step (the LIMPQ scheme): for every candidate bit b, highest first, run the whole model at uniform
     b, compute the loss and backpropagate (gradients accumulate); then one random per-layer policy; then one
-    optimizer step. With `distill`, the lower bits and the random policy learn from the highest bit's soft
-    output (KL divergence over the last dim of the logits, in-place distillation) instead of the labels. `data` yields (inputs, targets)
-    batches (a Dataset is wrapped in a DataLoader of `batch_size`). Default optimizer: SGD with momentum 0.9,
-    `lr` for weights, `step_lr` (default `lr`) for step sizes, `weight_decay` on conv/linear weights only.
+    optimizer step. `train` (fxmpq.TrainOptions) holds the settings: `indicator_epochs`, `lr`, `distill`, `seed`,
+    ... (each as a keyword of its own, `epochs=` for `indicator_epochs`, still works for one release with a
+    DeprecationWarning). With `distill`, the lower bits and the random policy learn from the highest bit's soft
+    output (KL divergence over the last dim of the logits, in-place distillation) instead of the labels. `data`
+    yields (inputs, targets) batches (a Dataset is wrapped in a DataLoader of `batch_size`). Default optimizer:
+    SGD with momentum 0.9, `lr` for weights, `step_lr` (default `lr`) for step sizes, `weight_decay` on
+    conv/linear weights only.
     A checkpoint is written atomically after each epoch and every `checkpoint_every` optimizer steps (None: at
     epoch ends only) when `checkpoint` is given; `resume=True` continues from it (or `resume=<path>`), mid-epoch
     where it was written there (the batches already seen in that epoch are skipped in the same order, with the
@@ -129,15 +120,30 @@ def train_indicators(
     raises DataError naming the parameters (so a diverging run stops before it corrupts the model). The quantizers are left
     switched as they were before the call.
     """
+    t = fold_keywords("train_indicators", {"train": (TrainOptions, train)}, legacy,
+                      aliases={"epochs": "indicator_epochs"})["train"]
     _expect_quant_model(qmodel, "train_indicators")
     before = qmodel.policy
     try:
-        run_training(qmodel, data, stage=Stage.INDICATORS, step_fn=_joint_step(distill), epochs=epochs, lr=lr,
-             step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
-             device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
-             batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {}),
-                         "distill": distill}, clip_grad_norm=clip_grad_norm,
-             checkpoint_every=checkpoint_every)
+        run_training(
+            qmodel,
+            data,
+            t,
+            stage=Stage.INDICATORS,
+            step_fn=_joint_step(t.distill),
+            epochs=("indicator_epochs", t.indicator_epochs),
+            lr=t.lr,
+            cosine=False,
+            optimizer=optimizer,
+            loss_fn=loss_fn,
+            checkpoint=checkpoint,
+            resume=resume,
+            extra_meta={
+                "model_factory": t.model_factory,
+                "model_kwargs": dict(t.model_kwargs or {}),
+                "distill": t.distill,
+            },
+        )
     finally:
         if before is None:
             qmodel.disable_quant()
@@ -149,26 +155,14 @@ def train_indicators(
 def finetune(
     qmodel: QuantModel,
     data: Any,
-    epochs: int = 1,
-    lr: float = 0.01,
-    loss_fn: LossFn | None = None,
-    distill_from: nn.Module | None = None,
+    train: TrainOptions | None = None,
     *,
-    step_lr: float | None = None,
-    weight_decay: float = 1e-4,
+    distill_from: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
     optimizer: OptimizerFactory | None = None,
-    seed: int = 0,
-    device: str | torch.device | None = None,
     checkpoint: str | Path | None = None,
     resume: bool | str | Path = False,
-    max_steps: int | None = None,
-    progress: bool = True,
-    batch_size: int = 32,
-    model_factory: str | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    cosine: bool = False,
-    clip_grad_norm: float | None = None,
-    checkpoint_every: int | None = CHECKPOINT_EVERY,
+    **legacy: Any,
 ) -> TrainStats:
     """LSQ quantization-aware training of weights and step sizes at the model's current policy.
 
@@ -178,9 +172,15 @@ def finetune(
     candidate bits, the policy, the per-layer quantizer state, the hardware name and path, the example input
     shapes, `model_factory` ("package.module:function" or a torchvision/fxmpq.models name, stored as given)
     and `model_kwargs` (JSON-able keyword arguments for it), so that `fxmpq lower` rebuilds the model.
-    With `cosine`, the learning rate decays from `lr` to 0 along a half cosine over the run's steps. Other arguments as in
-    `train_indicators`.
+    `train` (fxmpq.TrainOptions): `finetune_epochs`, `finetune_lr` (None: `lr`), `cosine` (the default: the
+    learning rate decays to 0 along a half cosine over the run's steps, as quantize() always fine-tuned; the old
+    `cosine=` keyword defaulted to off), and the settings train_indicators reads; each as a keyword of its own
+    (`epochs=` for `finetune_epochs`) still works for one release with a DeprecationWarning.
     """
+    t = fold_keywords("finetune", {"train": (TrainOptions, train)}, legacy,
+                      aliases={"epochs": "finetune_epochs"})["train"]
+    if "cosine" not in legacy and train is None and legacy:
+        t = dataclasses.replace(t, cosine=False)  # the old keywords keep the old default: a constant rate
     _expect_quant_model(qmodel, "finetune")
     if qmodel.policy is None:
         raise PolicyError("finetune: quantization is off; call qmodel.set_policy(policy) (or set_uniform) first")
@@ -188,10 +188,19 @@ def finetune(
     if distill_from is not None:
         teacher = distill_from
         teacher.eval()
-        dev = pick_device(qmodel, device)
-        teacher.to(dev)
-    return run_training(qmodel, data, stage=Stage.FINETUNE, step_fn=_plain_step(teacher), epochs=epochs, lr=lr,
-                step_lr=step_lr, weight_decay=weight_decay, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
-                device=device, checkpoint=checkpoint, resume=resume, max_steps=max_steps, progress=progress,
-                batch_size=batch_size, extra_meta={"model_factory": model_factory, "model_kwargs": dict(model_kwargs or {})},
-                cosine=cosine, clip_grad_norm=clip_grad_norm, checkpoint_every=checkpoint_every)
+        teacher.to(pick_device(qmodel, t.device))
+    return run_training(
+        qmodel,
+        data,
+        t,
+        stage=Stage.FINETUNE,
+        step_fn=_plain_step(teacher),
+        epochs=("finetune_epochs", t.finetune_epochs),
+        lr=t.finetune_lr if t.finetune_lr is not None else t.lr,
+        cosine=t.cosine,
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        checkpoint=checkpoint,
+        resume=resume,
+        extra_meta={"model_factory": t.model_factory, "model_kwargs": dict(t.model_kwargs or {})},
+    )
