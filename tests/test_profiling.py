@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import PlainCNN, ResidualNet
+from models import PlainCNN, ResidualNet, TinyAttention
 
 import fxmpq
 from fxmpq.errors import HardwareSpecError, PolicyError
-from fxmpq.hardware.spec import FLOAT, LayerSignature, load_hardware
+from fxmpq.hardware.spec import FLOAT, LayerKind, LayerSignature, load_hardware
 from fxmpq.policy_search.baselines import random_indicators
 from fxmpq.profiling.profile import INT8, HardwareProfile, LayerProfile, ort_target
 
@@ -193,3 +193,52 @@ def test_a_chain_for_another_producer_is_refused(tmp_path):
     path.write_text(text.replace('after = "conv1"', 'after = "stem"'))
     with pytest.raises(HardwareSpecError, match=r"after: names no layer of this table \('stem'\)"):
         load_hardware(path)
+
+
+def _canonical(path) -> list:
+    """An ONNX file's nodes as a sorted list of (op, domain, attributes, inputs by content): equal for two files
+    that compute the same thing with the same constants, whatever their tensor names and node order."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+
+    def arg(t: str) -> tuple:
+        v = inits.get(t)
+        return ("tensor",) if v is None else (v.dtype.str, v.shape, v.tobytes())
+
+    return sorted(((n.op_type, n.domain, repr(sorted((a.name, repr(onnx.helper.get_attribute_value(a)))
+                                                      for a in n.attribute)), tuple(arg(t) for t in n.input))
+                   for n in g.node), key=repr)
+
+
+@pytest.mark.parametrize("model, shape", [(PlainCNN, (3, 16, 16)), (TinyAttention, (4, 8))])
+def test_bundled_exports_equal_one_export_per_model(tmp_path, model, shape):
+    """Profiling exports its one-layer and pair models as branches of one bundle and cuts them apart: each file
+    holds the nodes and constants that lowering the model alone writes (every format profiling times, a weight-only
+    linear, a matmul of two activations, a pair back to back in mixed formats)."""
+    from fxmpq.capture.record import records
+    from fxmpq.profiling import profile as prof
+    from fxmpq.profiling.bundle import Part, export_parts
+    from fxmpq.profiling.profile_models import one_layer_module, pair_module
+
+    torch.manual_seed(0)
+    hw = ort_target()
+    a = fxmpq.analyze(model().eval(), torch.randn(1, *shape), hardware=hw)
+    node_of = {r.name: n for n, r in records(a.graph_module)}
+    by_name = {r.name: r for r in a.layers}
+    parts = [Part(one_layer_module(a.graph_module, node_of[r.name]),
+                  prof._random(prof._input_shapes(r), torch.Generator().manual_seed(i)), [f], tmp_path / f"b{i}_{j}.onnx")
+             for i, r in enumerate(a.layers) for j, f in enumerate(prof._measured_formats(r, hw))]
+    pairs = [(r.input_layer, r.name) for r in a.layers if r.input_layer in by_name  # as profile_model pairs them
+             and LayerKind.MATMUL not in (r.kind, by_name[r.input_layer].kind)]
+    parts += [Part(pair_module(a.graph_module, node_of[u], node_of[v]), torch.randn(by_name[u].in_shape), [fu, fv],
+                   tmp_path / f"p{k}.onnx") for k, (u, v, fu, fv) in enumerate((u, v, fu, fv) for u, v in pairs
+                                                                               for fu in (INT8, FLOAT) for fv in (FLOAT, INT8))]
+    assert len({tuple(p.formats) for p in parts}) >= 3
+    export_parts(parts, hw)
+    for k, p in enumerate(parts):
+        alone = prof._lowered(p.module, p.inputs, p.formats[0] if len(p.formats) == 1 else p.formats,
+                              tmp_path / f"alone{k}.onnx", hw)
+        assert _canonical(p.path) == _canonical(alone), (p.path.name, p.formats)

@@ -10,7 +10,7 @@ EXPECTED = {
     "Analysis", "ArgumentError", "Budget", "BudgetError", "Candidate", "CandidateSet", "CheckpointError", "Cleaning", "DataError", "ExportError",
     "FxmpqError", "HardwareSpec", "HardwareSpecError", "IndicatorError", "Indicators", "InfeasibleBudget", "LayerKind",
     "LayerRecord", "LowerReport", "ModelSpecError",
-    "ParetoResult", "PassError", "Pins", "Policy", "PolicyError", "QuantModel", "QuantOptions", "QuantizedModel",
+    "ParetoResult", "PassError", "LowerOptions", "Pins", "Policy", "PolicyError", "QuantModel", "QuantOptions", "QuantizedModel",
     "SearchOptions", "SearchResult", "TrainOptions",
     "SearchStatus", "SolverError", "Storage",
     "TraceError", "TrainStats", "__version__", "accuracy", "analyze", "apply_policy", "builtin_hardware",

@@ -34,6 +34,7 @@ import math
 import shlex
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +45,12 @@ from torch import nn
 
 from ..capture.record import LayerRecord, records
 from ..core.cpuinfo import CpuInfo, cpu_info
+from ..core.options import LowerOptions
 from ..errors import ArgumentError
 from ..export.deploy import deployable
 from ..export.lower import lower
 from ..export.measure import TimingOptions, cpu_name, runtime_name, session, time_sessions
-from ..hardware.formats import format_name, integer_kernel
+from ..hardware.formats import integer_kernel
 from ..hardware.spec import (
     FLOAT,
     FLOAT_KEY,
@@ -61,6 +63,7 @@ from ..hardware.spec import (
 )
 from ..quant.storage import initializer_bytes
 from ..stages import analyze, apply_policy, prepare
+from .bundle import Part, export_parts
 from .profile_models import one_layer_module, pair_module, reads_elsewhere
 
 __all__ = ["A16", "INT8", "ORT_FORMATS", "SAME_KERNEL", "WEIGHT_ONLY", "HardwareProfile", "LayerProfile",
@@ -109,7 +112,7 @@ def _lowered(module: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], fmt:
     fmts = [fmt] * len(q.layer_names) if single else list(fmt)
     apply_policy(q, dict(zip(q.layer_names, fmts, strict=True)), x)
     q.eval()
-    lower(q, path, x, samples=2, check=False, measure=False, storage=storage)
+    lower(q, path, x, LowerOptions(samples=2, check=False, measure=False, storage=storage))
     return path
 
 
@@ -183,6 +186,7 @@ class HardwareProfile:
     cpu: str = field(default_factory=cpu_name)
     cpu_info: CpuInfo = field(default_factory=cpu_info)
     name: str = "ort_cpu"
+    wall_s: dict[str, float] = field(default_factory=dict)  # where profiling spent its time: export, sessions, timing
 
     def chains(self, fmt: Pair) -> float:
         """The sum of the chains when every layer runs in `fmt` (ms)."""
@@ -407,7 +411,8 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
         paths: dict[tuple[str, Pair], Path] = {}
         measured = {r.name: _measured_formats(r, hw) for r in recs}
         whole = {}
-        for fmt in ORT_FORMATS:  # first: a model that cannot be lowered fails before the layers' many exports
+        t0 = time.perf_counter()
+        for fmt in ORT_FORMATS:  # first: a model that cannot be lowered fails before the layers' exports
             whole[fmt] = _lowered(model, example, fmt, d / f"model_{_tag(fmt)}.onnx", hw)
         jobs = [(r, fmt, "int8") for r in recs for fmt in measured[r.name]]
         # W4A8 packed: its bytes, and widened its time (a matmul has no weight to pack)
@@ -417,25 +422,26 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
         bar = tqdm(total=len(jobs) + len(pair_jobs), desc="export", unit="model", disable=not progress,
                    file=sys.stderr)
         packed_paths: dict[str, Path] = {}
+        pair_paths: dict[tuple[str, Pair, Pair], Path] = {}
+        parts: dict[str, list[Part]] = {"int8": [], "packed": []}
         for i, (r, fmt, storage) in enumerate(jobs):
             x = _random(_input_shapes(r), torch.Generator().manual_seed(i))
             tag = _tag(fmt) + ("_packed" if storage == "packed" else "")
-            p = _lowered(one_layer_module(gm, node_of[r.name]), x, fmt, d / f"layer{i:03d}_{tag}.onnx", hw, storage)
+            p = d / f"layer{i:03d}_{tag}.onnx"
+            parts[storage].append(Part(one_layer_module(gm, node_of[r.name]), x, [fmt], p))
             if storage == "packed":
                 packed_paths[r.name] = p
             else:
                 paths[(r.name, fmt)] = p
-            bar.set_postfix_str(f"{r.name} {format_name(fmt)}{' packed' if storage == 'packed' else ''}")
-            bar.update(1)
-        pair_paths: dict[tuple[str, Pair, Pair], Path] = {}
         for i, (u, v, fu, fv) in enumerate(pair_jobs):
             x = torch.randn(by_name[u].in_shape, generator=torch.Generator().manual_seed(i))
-            tag = "_".join(_tag(f) for f in (fu, fv))
-            pm = pair_module(gm, node_of[u], node_of[v])
-            pair_paths[(v, fu, fv)] = _lowered(pm, x, (fu, fv), d / f"pair{i:03d}_{tag}.onnx", hw)
-            bar.set_postfix_str(f"{u} {format_name(fu)} -> {v} {format_name(fv)}")
-            bar.update(1)
+            p = d / f"pair{i:03d}_{'_'.join(_tag(f) for f in (fu, fv))}.onnx"
+            parts["int8"].append(Part(pair_module(gm, node_of[u], node_of[v]), x, [fu, fv], p))
+            pair_paths[(v, fu, fv)] = p
+        for storage, ps in parts.items():  # a few torch.onnx exports, each cut into its models
+            export_parts(ps, hw, storage, progress=bar)
         bar.close()
+        t1 = time.perf_counter()
         runs: dict[Any, tuple[Any, dict]] = {}
         shapes = {r.name: _input_shapes(r) for r in recs}
         gen = torch.Generator().manual_seed(0)
@@ -451,8 +457,10 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
         for fmt, p in whole.items():
             s = session(p, threads)
             runs[("<model>", fmt)] = (s, {s.get_inputs()[0].name: example.numpy()})
+        t2 = time.perf_counter()
         with tqdm(total=repeats, desc="time", unit="round", disable=not progress, file=sys.stderr) as tb:
             times = time_sessions(runs, timing, progress=tb, warm_inputs=warm_inputs)
+        wall_s = {"export": t1 - t0, "sessions": t2 - t1, "timing": time.perf_counter() - t2}
         layers = []
         for r in recs:
             fmts = measured[r.name]
@@ -485,4 +493,4 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
     return HardwareProfile(model=model_name, input=tuple(example.shape[1:]), batch=int(example.shape[0]),
                            threads=threads, repeats=repeats, clock=timing.resolved_clock.value, layers=layers,
                            float_model_ms=times[("<model>", FLOAT)].median_ms,
-                           int8_model_ms=times[("<model>", INT8)].median_ms, command=cmd)
+                           int8_model_ms=times[("<model>", INT8)].median_ms, command=cmd, wall_s=wall_s)

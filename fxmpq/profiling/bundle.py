@@ -1,0 +1,141 @@
+"""Many small models exported as one: the one-layer and pair models `fxmpq profile` times become the branches of
+one module, exported by one torch.onnx run (not one run each, which cost seconds apiece), then cut back apart
+with onnx's Extractor into files that hold the same nodes and initializers as separate exports would.
+
+Each branch reads its own inputs and ends in a ReduceMean that marks its output (a mean the optimizer cannot
+merge into the branch, unlike a reshape); the marker is not part of the extracted file. A bundle that fails to
+lower is exported again branch by branch, so that the error names the layer and not the bundle."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..capture.graph import as_input_tuple
+from ..core.options import LowerOptions
+from ..errors import FxmpqError
+from ..export.lower import lower, to_onnx
+from ..hardware.spec import HardwareSpec, Pair
+from ..passes import run_passes
+from ..quant.storage import as_storage
+from ..stages import apply_policy, lower_passes, prepare
+
+__all__ = ["Part", "bundle_module", "export_parts"]
+
+MAX_PARTS = 96  # branches per bundle: bounds the bundle's size (and memory) on large models
+MAX_PARAMS = 40_000_000  # float parameters per bundle
+
+
+class Part:
+    """One small model to export: the module, its example inputs, one format per quantizable layer (graph order),
+    and the file it goes to."""
+
+    def __init__(self, module: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], formats: Sequence[Pair],
+                 path: Path):
+        self.module, self.inputs, self.formats, self.path = module, as_input_tuple(inputs), list(formats), path
+
+
+def bundle_module(modules: Sequence[nn.Module], arity: Sequence[int]) -> fx.GraphModule:
+    """One module whose branch i runs `modules[i]` on its own `arity[i]` inputs; the output stacks each branch's
+    mean (the markers export_parts cuts at)."""
+    root = nn.Module()
+    root.parts = nn.ModuleList(modules)
+    g = fx.Graph()
+    marks, k = [], 0
+    for i, n in enumerate(arity):
+        xs = tuple(g.placeholder(f"x{k + j}") for j in range(n))
+        k += n
+        marks.append(g.call_method("mean", (g.call_module(f"parts.{i}", xs),)))
+    g.output(g.call_function(torch.stack, (marks,)))
+    return fx.GraphModule(root, g).eval()
+
+
+def _chunks(parts: Sequence[Part]) -> list[list[Part]]:
+    out: list[list[Part]] = [[]]
+    params = 0
+    for p in parts:
+        n = sum(t.numel() for t in p.module.parameters())
+        if out[-1] and (len(out[-1]) >= MAX_PARTS or params + n > MAX_PARAMS):
+            out.append([])
+            params = 0
+        out[-1].append(p)
+        params += n
+    return [c for c in out if c]
+
+
+def _export_bundle(parts: Sequence[Part], hw: HardwareSpec, storage: str) -> None:
+    import onnx
+    from onnx.utils import Extractor
+
+    bundle = bundle_module([copy.deepcopy(p.module) for p in parts], [len(p.inputs) for p in parts])
+    flat = tuple(t for p in parts for t in p.inputs)
+    q = prepare(bundle, flat, hardware=hw, bits=hw.weight_bits, act_bits=hw.act_bits)
+    formats = [f for p in parts for f in p.formats]
+    apply_policy(q, dict(zip(q.layer_names, formats, strict=True)), flat)
+    q.eval()
+    with torch.no_grad():
+        q(*flat)  # initialises every quantizer, as lower() does
+    passes = lower_passes(flat, accuracy_level=hw.matmul_nbits_accuracy_level)
+    lowered = run_passes(copy.deepcopy(q.graph_module).eval(), passes).graph_module
+    proto = to_onnx(lowered, flat, q.policy, as_storage(storage, "profile: storage"))[0]
+    inputs = [i.name for i in proto.graph.input]
+    owner = {}  # graph input name -> branch index
+    k = 0
+    for b, p in enumerate(parts):
+        for j in range(len(p.inputs)):
+            owner[inputs[k + j]] = b
+        k += len(p.inputs)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+
+    def branch_of(tensor: str) -> set[int]:
+        seen, todo, found = set(), [tensor], set()
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t in owner:
+                found.add(owner[t])
+            elif t in producer:
+                todo.extend(producer[t].input)
+        return found
+
+    out_of: dict[int, str] = {}
+    for n in proto.graph.node:
+        if n.op_type == "ReduceMean":
+            b = branch_of(n.input[0])
+            if len(b) != 1:
+                raise FxmpqError(f"profile: a branch marker reads {len(b)} branches' inputs")
+            out_of[b.pop()] = n.input[0]
+    if len(out_of) != len(parts):
+        raise FxmpqError(f"profile: found {len(out_of)} branch outputs in a bundle of {len(parts)}")
+    ex = Extractor(proto)
+    k = 0
+    for b, p in enumerate(parts):
+        names = inputs[k:k + len(p.inputs)]
+        k += len(p.inputs)
+        part = ex.extract_model(names, [out_of[b]])
+        part.producer_name = proto.producer_name
+        onnx.save_model(part, str(p.path))
+
+
+def export_parts(parts: Sequence[Part], hw: HardwareSpec, storage: str = "int8", progress: object = None) -> None:
+    """Write every part's ONNX file (prepared at the target's bits, fixed at its formats, lowered with `storage`),
+    a bundle of them per torch.onnx export; a bundle that fails is exported part by part with lower(), whose error
+    names the layer. `progress` (a tqdm bar) advances by one per part written."""
+    for chunk in _chunks(parts):
+        try:
+            _export_bundle(chunk, hw, storage)
+        except (FxmpqError, RuntimeError, ValueError):
+            for p in chunk:  # one by one: the failing part raises, naming its layer
+                q = prepare(p.module, p.inputs, hardware=hw, bits=hw.weight_bits, act_bits=hw.act_bits)
+                apply_policy(q, dict(zip(q.layer_names, p.formats, strict=True)), p.inputs)
+                q.eval()
+                lower(q, p.path, p.inputs, LowerOptions(samples=2, check=False, measure=False, storage=storage))
+        if progress is not None:
+            progress.update(len(chunk))
