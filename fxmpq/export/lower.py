@@ -295,14 +295,7 @@ def lower(
     them.
     """
     o = fold_keywords("lower", {"options": (LowerOptions, options)}, legacy)["options"]
-    samples, batch, max_steps, min_top1, rtol, seed = (
-        o.samples,
-        o.batch,
-        o.max_steps,
-        o.min_top1,
-        o.rtol,
-        o.seed,
-    )
+    samples, batch, max_steps, min_top1, rtol, seed = o.samples, o.batch, o.max_steps, o.min_top1, o.rtol, o.seed
     path = check_writable(path, "lower: path")
     storage = as_storage(o.storage, "lower: storage")
     ex = as_input_tuple(example_inputs)
