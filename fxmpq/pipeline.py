@@ -302,7 +302,7 @@ def quantize(
         files["indicators"] = ind_path
 
     # 3. ILP search; with validation data, candidate policies verified on the jointly trained model
-    chosen = select_policy(qmodel, indicators, goal, VerifyOptions(count, verify_batches, metric), alpha=alpha,
+    chosen = select_policy(qmodel, indicators, goal, VerifyOptions(count, verify_batches, metric, train.progress), alpha=alpha,
                            val_data=val_data, fp32_model=model, device=device,
                            saved=wd / CANDIDATES_JSON if wd is not None else None)
     result, policy = chosen.search, chosen.policy

@@ -31,11 +31,12 @@ __all__ = ["Selection", "VerifyOptions", "select_policy"]
 @dataclass(frozen=True)
 class VerifyOptions:
     """How quantize() verifies: at most `count` candidates (0: off), each on `batches` held-out batches (None: all
-    of the validation data), and for an accuracy target the cost `metric` it minimises."""
+    of the validation data), and for an accuracy target the cost `metric` it minimises; `progress`: a bar."""
 
     count: int
     batches: int | None = None
     metric: str | None = None
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -71,13 +72,14 @@ def select_policy(qmodel: QuantModel, indicators: Indicators, goal: Goal, option
     if cset is None:
         if goal.max_drop is None:
             cset = candidates(analysis, indicators, goal.budget, alpha=alpha, count=options.count)
-            cset = verify(qmodel, cset, val_data, max_batches=options.batches, device=device)
+            cset = verify(qmodel, cset, val_data, max_batches=options.batches, device=device,
+                          progress=options.progress)
         else:
             cset = front_candidates(analysis, indicators, options.metric, budget=goal.budget, alpha=alpha,
                                     points=options.count)
             reference = evaluate(fp32_model, held_out(val_data, options.batches, "val_data"), device=device)
             cset = verify(qmodel, cset, val_data, max_batches=options.batches, device=device,
-                          max_drop=goal.max_drop, reference_accuracy=reference.accuracy)
+                          max_drop=goal.max_drop, reference_accuracy=reference.accuracy, progress=options.progress)
         cset = replace(cset, meta=key)
     best = cset.best
     if goal.max_drop is None:

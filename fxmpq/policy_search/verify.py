@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import numbers
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..core.batches import check_reiterable, split_batch
 from ..core.devices import as_device
@@ -96,6 +98,7 @@ def verify(
     loss_fn: LossFn | None = None,
     max_drop: float | None = None,
     reference_accuracy: float | None = None,
+    progress: bool = True,
 ) -> CandidateSet:
     """`candidates` with each policy's estimated top-1 and loss on held-out batches, and the best one chosen.
 
@@ -106,7 +109,7 @@ def verify(
     `reference_accuracy` (the FP32 model's top-1 on the same batches), the candidates are walked in their order (an
     accuracy target's set is ordered by cost) and the first whose estimated drop is within `max_drop` is chosen; the
     rest are left unevaluated. When none is, the most accurate is chosen and `target_met` says so. The model's
-    quantizer switches and training mode are restored afterwards.
+    quantizer switches and training mode are restored afterwards. `progress`: a bar over the candidates (stderr).
 
     Raises ArgumentError (not a QuantModel, an empty set, a bad max_batches, a target without its reference),
     PolicyError (a model whose policy is already applied, a candidate it cannot run), DataError (bad batches).
@@ -135,18 +138,23 @@ def verify(
     scored: list[Candidate] = list(candidates)
     chosen = None
     samples = None
+    bar = tqdm(total=len(candidates), desc="verify", unit="policy", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
     try:
         for i, cand in enumerate(candidates):
+            bar.update(1)
             qmodel.set_policy(cand.policy)
             score = evaluate(qmodel, batches, loss_fn=loss_fn, device=dev, what="verify: val_data")
             samples = score.samples
             scored[i] = replace(cand, accuracy=score.accuracy, loss=score.loss)
             log.info("verify: candidate %d (%s): top-1 %.4f, loss %.4f", i, "; ".join(cand.sources), score.accuracy,
                      score.loss)
+            bar.set_postfix_str(f"top-1 {100 * score.accuracy:.2f} % ({'; '.join(cand.sources)})", refresh=False)
             if max_drop is not None and reference_accuracy - score.accuracy <= max_drop + 1e-12:
                 chosen = i  # the cheapest within the target: the walk stops here
                 break
     finally:
+        bar.close()
         if before is None:
             qmodel.disable_quant()
         else:
