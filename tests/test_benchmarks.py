@@ -308,3 +308,29 @@ def test_bench_peers_runs_a_peer_when_its_environment_exists(tmp_path, peer):
     for e in rows:
         assert e["cost"] <= e["limit"] * (1 + 1e-9) or e["fits"] is False
         assert runs[(e["key"], 0)]["export"]["passed"], runs[(e["key"], 0)]["export"]
+
+
+def test_fit_ort_cpu_writes_a_generic_target_that_prices_what_it_was_fitted_on(tmp_path):
+    """tools/fit_ort_cpu.py on the shipped resnet18 profile: the generic file it writes loads, offers ONNX Runtime's
+    CPU formats to every layer kind, and prices the fitted model's uniform policies close to the profiled file."""
+    import shutil
+
+    import fxmpq
+    from fxmpq.hardware.spec import FLOAT, LayerKind
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    shutil.copy(ROOT / "hardware" / "ort_cpu_resnet18.toml", profiles / "resnet18.toml")
+    out = tmp_path / "ort_cpu.toml"
+    proc = _tool("fit_ort_cpu.py", "--profiles", str(profiles), "--fit", "resnet18", "--test", "resnet18",
+                 "--policies", "4", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    hw = fxmpq.load_hardware(out)
+    assert hw.name == "ort_cpu" and hw.provenance.isa is not None
+    for kind in LayerKind:
+        assert {(8, 8), (4, 8), (2, 8), (8, 16), FLOAT} <= set(hw.formats(kind))
+    assert {(2, None), (4, None), (8, None)} <= set(hw.formats(LayerKind.LINEAR))
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| resnet18 | all ")]
+    assert len(rows) == 3
+    for row in rows:  # the uniform policies it was fitted on: within 5 %
+        assert abs(float(row.split("|")[5].strip(" %+"))) <= 5.0, row

@@ -1,0 +1,213 @@
+"""Fit the generic `ort_cpu` hardware file: a latency per MAC and per layer for each layer kind and format, fitted on
+the profiled files of several models, so that `quantize(..., hardware="ort_cpu")` prices any model without a
+profiling run; then its error against the profiled files of models it was not fitted on.
+
+    python tools/profile_hw.py MODEL --input 3x224x224 --threads 1 --out runs/profiles/MODEL.toml   # each model
+    python tools/fit_ort_cpu.py --profiles runs/profiles --fit resnet18,mobilenet_v2,... \\
+        --test resnet50,mobilenet_v3_large --out hardware/ort_cpu.toml
+
+Samples: each fitted model's profiled file priced (layers, chains and its constant) under uniform policies in
+every format and under random per-layer policies; the fit minimises the sum of relative errors (a linear program,
+highspy) with non-negative costs. The file's `latency` metric is then one `table` term per mac and one per layer
+for every layer kind; `bytes` is weight bits / 8. What it cannot know: a model's rest (pooling, adds) is spread
+over its layers, and a format boundary's conversion is averaged into the formats' costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import highspy
+import numpy as np
+import torch
+
+import fxmpq
+from fxmpq.core.cpuinfo import cpu_info
+from fxmpq.export.measure import cpu_name, runtime_name
+from fxmpq.hardware.spec import FLOAT, LayerKind, load_hardware, pair_name
+from fxmpq.models import build_model
+
+KINDS = (LayerKind.CONV, LayerKind.DEPTHWISE_CONV, LayerKind.LINEAR, LayerKind.MATMUL)
+# the formats of ONNX Runtime's CPU provider (fxmpq.profiling.profile.ort_target): W2A8/W4A8 run the W8A8 kernel
+PAIRS = ((2, 8), (4, 8), (8, 8), (8, 16))
+WEIGHT_ONLY = ((2, None), (4, None), (8, None))
+FORMATS = (*PAIRS, *WEIGHT_ONLY, FLOAT)
+
+
+def _key(f: tuple) -> str:
+    return "float" if f == FLOAT else pair_name(f)
+
+
+def _samples(spec: str, shape: tuple[int, ...], profile: Path, n_random: int, seed: int) -> list[tuple[dict, float]]:
+    """(features, latency) of `spec`'s profiled file under uniform and random policies; features: {(kind, format,
+    "mac"|"layer"): quantity}."""
+    model = build_model(spec).eval()
+    a = fxmpq.analyze(model, torch.randn(1, *shape), hardware=profile)
+    hw = a.hardware
+    rng = random.Random(seed)
+    offered = {r.name: [f for f in hw.formats(r.kind)] for r in a.layers}
+    policies = []
+    for f in FORMATS:  # uniform where a layer can run it, else W8A8
+        policies.append({r.name: f if f in offered[r.name] else (8, 8) for r in a.layers})
+    for _ in range(n_random):
+        policies.append({r.name: rng.choice(offered[r.name]) for r in a.layers})
+    out = []
+    for pol in policies:
+        feats: dict = {}
+        for r in a.layers:
+            f = pol[r.name]
+            f = (8, 8) if f in ((2, 8), (4, 8)) else f  # the same kernel
+            feats[(r.kind, f, "mac")] = feats.get((r.kind, f, "mac"), 0.0) + r.macs
+            feats[(r.kind, f, "layer")] = feats.get((r.kind, f, "layer"), 0.0) + 1.0
+        out.append((feats, a.cost(pol)["latency"]))
+    return out
+
+
+def _fit(samples: list[tuple[dict, float]]) -> dict:
+    """Non-negative costs per feature minimising the sum of |prediction - y| / y (an LP)."""
+    cols = sorted({k for feats, _ in samples for k in feats}, key=str)
+    idx = {k: j for j, k in enumerate(cols)}
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    inf = highspy.kHighsInf
+    # columns: one cost per feature (scaled to ms per unit), then one error per sample
+    scale = {k: max(max(f.get(k, 0.0) for f, _ in samples), 1.0) for k in cols}
+    for _ in cols:
+        h.addVar(0.0, inf)
+    for _ in samples:
+        h.addVar(0.0, inf)
+    n = len(cols)
+    h.changeColsCost(len(samples), np.arange(n, n + len(samples), dtype=np.int32), np.ones(len(samples)))
+    for i, (feats, y) in enumerate(samples):
+        ind = [idx[k] for k in feats] + [n + i]
+        val = [feats[k] / scale[k] / y for k in feats]
+        # pred/y - 1 <= e  and  1 - pred/y <= e
+        h.addRow(-inf, 1.0, len(ind), np.array(ind, dtype=np.int32), np.array([*val, -1.0]))
+        h.addRow(1.0, inf, len(ind), np.array(ind, dtype=np.int32), np.array([*val, 1.0]))
+    h.run()
+    x = h.getSolution().col_value
+    return {k: x[idx[k]] / scale[k] for k in cols}
+
+
+def _toml(coef: dict, fitted: list[str], shape: str, samples: int, err: float) -> str:
+    info = cpu_info()
+    q = json.dumps
+    lines = [
+        "# Generic ONNX Runtime CPU target: no profiling run needed. Latency per layer = a cost per MAC plus a cost",
+        "# per layer, for each layer kind and format, fitted (tools/fit_ort_cpu.py, least relative error, costs >= 0)",
+        f"# on the profiled files of {', '.join(fitted)} at {shape}, batch 1, 1 thread ({samples} policies;",
+        f"# mean relative error on them {100 * err:.1f} %). A model's rest (pooling, adds) is spread over its layers and",
+        "# a format boundary's conversion averaged into the formats' costs: for budgets you must hold to within 10 %,",
+        "# profile the model itself (fxmpq profile). Measured on the CPU in [provenance]; int8 speed depends on it.",
+        "# W2A8 and W4A8 run the W8A8 kernel (8-bit containers), so they cost what W8A8 costs.",
+        "",
+        "[target]",
+        'name = "ort_cpu"',
+        f"description = {q('ONNX Runtime CPU provider, generic costs per MAC and per layer fitted on profiled models, measured on ' + cpu_name())}",
+        f"sources = [{q('tools/fit_ort_cpu.py on ' + ', '.join(fitted) + ' (' + runtime_name() + ')')}]",
+        "weight_bits = [2, 4, 8]",
+        "act_bits = [8, 16]",
+        "pairs = [[2, 8], [4, 8], [8, 8], [8, 16]]",
+        'float_kinds = ["conv", "depthwise_conv", "linear", "matmul"]',
+        "weight_only_bits = [2, 4, 8]",
+        "",
+        "[pins]",
+        "first_layer = false",
+        "last_layer = false",
+        "",
+        "[metrics.latency]",
+        'unit = "ms"',
+        'description = "ONNX Runtime CPU latency, 1 thread, batch 1: a cost per MAC and per layer per kind and format"',
+    ]
+    for kind in KINDS:
+        fmts = [f for f in FORMATS if kind is LayerKind.LINEAR or f[1] is not None or f == FLOAT]
+        fmts = [f for f in fmts if not (f[1] is None and f != FLOAT and kind is not LayerKind.LINEAR)]
+        def value(f: tuple, per: str, kind: LayerKind = kind) -> float:
+            """The fitted cost; a kind never seen in a format takes a linear layer's (else a conv's) cost."""
+            g = (8, 8) if f in ((2, 8), (4, 8)) else f
+            for k in (kind, LayerKind.LINEAR, LayerKind.CONV):
+                if any(c[0] is k and c[1] == g for c in coef):
+                    return float(coef.get((k, g, per), 0.0))
+            return 0.0
+
+        for per, unit in (("mac", 1e-6), ("layer", 1.0)):
+            vals = ", ".join(f"{q(_key(f))} = {value(f, per) / unit!r}" for f in fmts)
+            lines += ["", "[[metrics.latency.terms]]", 'type = "table"', f'per = "{per}"', f"scale = {unit!r}",
+                      f"kinds = [{q(kind.value)}]", f"values = {{ {vals} }}"]
+    lines += [
+        "",
+        "[metrics.bytes]",
+        'unit = "bytes"',
+        'description = "weight bytes at the weight bit-widths (packed storage); float weights 4 bytes"',
+        "terms = [{ type = \"weight_bits\", scale = 0.125 }]",
+        "",
+        "[provenance]",
+        'tool = "tools/fit_ort_cpu.py"',
+        f"command = {q(' '.join(sys.argv))}",
+        f"notes = {q('generic (no model): fitted on ' + ', '.join(fitted) + ' at ' + shape + ', batch 1')}",
+        "threads = 1",
+        f"runtime = {q(runtime_name())}",
+        f"cpu = {q(cpu_name())}",
+        f"cpu_vendor = {q(info.vendor)}",
+        *([f"cpu_family = {info.family}"] if info.family is not None else []),
+        *([f"cpu_model = {info.model}"] if info.model is not None else []),
+        f"isa = [{', '.join(q(f) for f in info.features)}]",
+        'clock = "thread_cpu"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profiles", type=Path, required=True, help="folder of MODEL.toml files (tools/profile_hw.py)")
+    ap.add_argument("--fit", required=True, help="comma-separated models to fit on")
+    ap.add_argument("--test", default="", help="comma-separated models to test on (not fitted)")
+    ap.add_argument("--input", default="3x224x224")
+    ap.add_argument("--policies", type=int, default=40, help="random policies per model (besides the uniform ones)")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    shape = tuple(int(v) for v in args.input.split("x"))
+    fit = [m for m in args.fit.split(",") if m]
+    test = [m for m in args.test.split(",") if m]
+    samples = []
+    for i, m in enumerate(fit):
+        samples += _samples(m, shape, args.profiles / f"{m}.toml", args.policies, seed=i)
+        print(f"fit: {m} ({len(samples)} samples)", file=sys.stderr)
+    coef = _fit(samples)
+
+    def predict(feats: dict) -> float:
+        return sum(coef.get(k, 0.0) * v for k, v in feats.items())
+
+    err = float(np.mean([abs(predict(f) / y - 1) for f, y in samples]))
+    args.out.write_text(_toml(coef, fit, args.input, len(samples), err))
+    generic = load_hardware(args.out)
+    print(f"wrote {args.out}: mean relative error {100 * err:.1f} % on the {len(samples)} fitted policies\n")
+    print("| model | policy | profiled file ms | ort_cpu ms | error |\n|---|---|---:|---:|---:|")
+    worst = 0.0
+    for j, m in enumerate(test):
+        model = build_model(m).eval()
+        x = torch.randn(1, *shape)
+        prof = fxmpq.analyze(model, x, hardware=args.profiles / f"{m}.toml")
+        gen = fxmpq.analyze(model, x, hardware=generic)
+        rng = random.Random(100 + j)
+        offered = {r.name: list(prof.hardware.formats(r.kind)) for r in prof.layers}
+        policies = {"all W8A8": {r.name: (8, 8) for r in prof.layers},
+                    "all float": {r.name: FLOAT for r in prof.layers},
+                    "all W8A16": {r.name: (8, 16) for r in prof.layers}}
+        for k in range(2):
+            policies[f"random {k + 1}"] = {r.name: rng.choice(offered[r.name]) for r in prof.layers}
+        for label, pol in policies.items():
+            p, g = prof.cost(pol)["latency"], gen.cost(pol)["latency"]
+            worst = max(worst, abs(g / p - 1))
+            print(f"| {m} | {label} | {p:.2f} | {g:.2f} | {100 * (g / p - 1):+.1f} % |")
+    if test:
+        print(f"\nworst error on the test models: {100 * worst:.1f} %")
+
+
+if __name__ == "__main__":
+    main()
