@@ -1,4 +1,4 @@
-"""Fit the generic `ort_cpu` hardware file: a latency per MAC and per layer for each layer kind and format, fitted on
+"""Fit the generic `ort_cpu` hardware file: a latency per MAC, per parameter and per layer for each layer kind and format, fitted on
 the profiled files of several models, so that `quantize(..., hardware="ort_cpu")` prices any model without a
 profiling run; then its error against the profiled files of models it was not fitted on.
 
@@ -8,8 +8,8 @@ profiling run; then its error against the profiled files of models it was not fi
 
 Samples: each fitted model's profiled file priced (layers, chains and its constant) under uniform policies in
 every format and under random per-layer policies; the fit minimises the sum of relative errors (a linear program,
-highspy) with non-negative costs. The file's `latency` metric is then one `table` term per mac and one per layer
-for every layer kind; `bytes` is weight bits / 8. What it cannot know: a model's rest (pooling, adds) is spread
+highspy) with non-negative costs. The file's `latency` metric is then one `table` term per mac, per param and per
+layer for every layer kind; `bytes` is weight bits / 8. What it cannot know: a model's rest (pooling, adds) is spread
 over its layers, and a format boundary's conversion is averaged into the formats' costs.
 """
 
@@ -44,7 +44,7 @@ def _key(f: tuple) -> str:
 
 def _samples(spec: str, shape: tuple[int, ...], profile: Path, n_random: int, seed: int) -> list[tuple[dict, float]]:
     """(features, latency) of `spec`'s profiled file under uniform and random policies; features: {(kind, format,
-    "mac"|"layer"): quantity}."""
+    "mac"|"param"|"layer"): quantity}."""
     model = build_model(spec).eval()
     a = fxmpq.analyze(model, torch.randn(1, *shape), hardware=profile)
     hw = a.hardware
@@ -62,6 +62,7 @@ def _samples(spec: str, shape: tuple[int, ...], profile: Path, n_random: int, se
             f = pol[r.name]
             f = (8, 8) if f in ((2, 8), (4, 8)) else f  # the same kernel
             feats[(r.kind, f, "mac")] = feats.get((r.kind, f, "mac"), 0.0) + r.macs
+            feats[(r.kind, f, "param")] = feats.get((r.kind, f, "param"), 0.0) + r.params
             feats[(r.kind, f, "layer")] = feats.get((r.kind, f, "layer"), 0.0) + 1.0
         out.append((feats, a.cost(pol)["latency"]))
     return out
@@ -97,8 +98,8 @@ def _toml(coef: dict, fitted: list[str], shape: str, samples: int, err: float) -
     info = cpu_info()
     q = json.dumps
     lines = [
-        "# Generic ONNX Runtime CPU target: no profiling run needed. Latency per layer = a cost per MAC plus a cost",
-        "# per layer, for each layer kind and format, fitted (tools/fit_ort_cpu.py, least relative error, costs >= 0)",
+        "# Generic ONNX Runtime CPU target: no profiling run needed. Latency per layer = a cost per MAC, per",
+        "# parameter and per layer, for each layer kind and format, fitted (tools/fit_ort_cpu.py, least relative error, costs >= 0)",
         f"# on the profiled files of {', '.join(fitted)} at {shape}, batch 1, 1 thread ({samples} policies;",
         f"# mean relative error on them {100 * err:.1f} %). A model's rest (pooling, adds) is spread over its layers and",
         "# a format boundary's conversion averaged into the formats' costs: for budgets you must hold to within 10 %,",
@@ -134,7 +135,7 @@ def _toml(coef: dict, fitted: list[str], shape: str, samples: int, err: float) -
                     return float(coef.get((k, g, per), 0.0))
             return 0.0
 
-        for per, unit in (("mac", 1e-6), ("layer", 1.0)):
+        for per, unit in (("mac", 1e-6), ("param", 1e-6), ("layer", 1.0)):
             vals = ", ".join(f"{q(_key(f))} = {value(f, per) / unit!r}" for f in fmts)
             lines += ["", "[[metrics.latency.terms]]", 'type = "table"', f'per = "{per}"', f"scale = {unit!r}",
                       f"kinds = [{q(kind.value)}]", f"values = {{ {vals} }}"]
@@ -165,8 +166,9 @@ def _toml(coef: dict, fitted: list[str], shape: str, samples: int, err: float) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profiles", type=Path, required=True, help="folder of MODEL.toml files (tools/profile_hw.py)")
-    ap.add_argument("--fit", required=True, help="comma-separated models to fit on")
-    ap.add_argument("--test", default="", help="comma-separated models to test on (not fitted)")
+    ap.add_argument("--fit", required=True, help="comma-separated models to fit on (MODEL or MODEL@SHAPE for another "
+                                                 "input shape than --input)")
+    ap.add_argument("--test", default="", help="comma-separated models to test on (not fitted), as --fit")
     ap.add_argument("--input", default="3x224x224")
     ap.add_argument("--policies", type=int, default=40, help="random policies per model (besides the uniform ones)")
     ap.add_argument("--out", type=Path, required=True)
@@ -175,8 +177,13 @@ def main() -> None:
     fit = [m for m in args.fit.split(",") if m]
     test = [m for m in args.test.split(",") if m]
     samples = []
+    def spec_shape(m: str) -> tuple[str, tuple[int, ...]]:
+        name, _, s = m.partition("@")
+        return name, tuple(int(v) for v in s.split("x")) if s else shape
+
     for i, m in enumerate(fit):
-        samples += _samples(m, shape, args.profiles / f"{m}.toml", args.policies, seed=i)
+        name, sh = spec_shape(m)
+        samples += _samples(name, sh, args.profiles / f"{name}.toml", args.policies, seed=i)
         print(f"fit: {m} ({len(samples)} samples)", file=sys.stderr)
     coef = _fit(samples)
 
@@ -184,14 +191,15 @@ def main() -> None:
         return sum(coef.get(k, 0.0) * v for k, v in feats.items())
 
     err = float(np.mean([abs(predict(f) / y - 1) for f, y in samples]))
-    args.out.write_text(_toml(coef, fit, args.input, len(samples), err))
+    args.out.write_text(_toml(coef, [m.split("@")[0] for m in fit], args.input, len(samples), err))
     generic = load_hardware(args.out)
     print(f"wrote {args.out}: mean relative error {100 * err:.1f} % on the {len(samples)} fitted policies\n")
     print("| model | policy | profiled file ms | ort_cpu ms | error |\n|---|---|---:|---:|---:|")
     worst = 0.0
-    for j, m in enumerate(test):
+    for j, spec in enumerate(test):
+        m, sh = spec_shape(spec)
         model = build_model(m).eval()
-        x = torch.randn(1, *shape)
+        x = torch.randn(1, *sh)
         prof = fxmpq.analyze(model, x, hardware=args.profiles / f"{m}.toml")
         gen = fxmpq.analyze(model, x, hardware=generic)
         rng = random.Random(100 + j)
