@@ -147,6 +147,16 @@ def test_kinds_restrict_a_term_and_table_per_param_and_layer():
     assert hw.layer_cost(LayerInfo(LayerKind.CONV, 100, 7), 4, 4)["m"] == 1
 
 
+def test_table_per_activation_counts_the_input_elements_per_sample():
+    """per = "activation": the layer's input elements per sample (batch excluded), what Q/DQ and layout ops touch."""
+    doc = _with("metrics", {"m": {"terms": [{"type": "table", "per": "activation",
+                                             "values": {"4x4": 1, "4x8": 2, "8x4": 3, "8x8": 4}}]}})
+    hw = _load(doc)
+    conv = LayerInfo(LayerKind.CONV, 100, 7, in_shape=(2, 3, 4, 5))
+    assert hw.layer_cost(conv, 8, 8)["m"] == 4 * 60
+    assert hw.layer_cost(LayerInfo(LayerKind.CONV, 100, 7), 4, 8)["m"] == 2  # no shapes given: 1 element
+
+
 def test_explicit_pairs_and_pins_off():
     doc = _with("target.pairs", [[8, 8], [4, 8]])
     doc["pins"] = {"first_layer": False, "last_layer": False, "w_bits": 2, "a_bits": 2}
@@ -231,7 +241,7 @@ CASES = [
     ("metrics.bitops.terms[0]", {"type": "bitops", "brick_bits": 2},
      "t.toml: metrics.bitops.terms[0]: unknown key(s) 'brick_bits'; allowed: kinds, scale, type"),
     ("metrics.lat.terms[0].per", "tile",
-     "t.toml: metrics.lat.terms[0].per: expected one of mac, param, layer, found 'tile'"),
+     "t.toml: metrics.lat.terms[0].per: expected one of mac, param, layer, activation, found 'tile'"),
     ("metrics.lat.terms[0].values", DROP, "t.toml: metrics.lat.terms[0].values: missing required field"),
     ("metrics.lat.terms[0].values", {"4x4": 1, "4x8": 1, "8x4": 1, "8by8": 1},
      't.toml: metrics.lat.terms[0].values.8by8: expected a pair key "WxA" such as "4x8" '

@@ -1,4 +1,4 @@
-"""Fit the generic `ort_cpu` hardware file: a latency per MAC, per parameter and per layer for each layer kind and format, fitted on
+"""Fit the generic `ort_cpu` hardware file: a latency per MAC, per parameter, per input element and per layer for each layer kind and format, fitted on
 the profiled files of several models, so that `quantize(..., hardware="ort_cpu")` prices any model without a
 profiling run; then its error against the profiled files of models it was not fitted on.
 
@@ -8,8 +8,8 @@ profiling run; then its error against the profiled files of models it was not fi
 
 Samples: each fitted model's profiled file priced (layers, chains and its constant) under uniform policies in
 every format and under random per-layer policies; the fit minimises the sum of relative errors (a linear program,
-highspy) with non-negative costs. The file's `latency` metric is then one `table` term per mac, per param and per
-layer for every layer kind; `bytes` is weight bits / 8. What it cannot know: a model's rest (pooling, adds) is spread
+highspy) with non-negative costs. The file's `latency` metric is then one `table` term per mac, param, activation
+and layer for every layer kind; `bytes` is weight bits / 8. What it cannot know: a model's rest (pooling, adds) is spread
 over its layers, and a format boundary's conversion is averaged into the formats' costs.
 """
 
@@ -44,7 +44,7 @@ def _key(f: tuple) -> str:
 
 def _samples(spec: str, shape: tuple[int, ...], profile: Path, n_random: int, seed: int) -> list[tuple[dict, float]]:
     """(features, latency) of `spec`'s profiled file under uniform and random policies; features: {(kind, format,
-    "mac"|"param"|"layer"): quantity}."""
+    "mac"|"param"|"activation"|"layer"): quantity}."""
     model = build_model(spec).eval()
     a = fxmpq.analyze(model, torch.randn(1, *shape), hardware=profile)
     hw = a.hardware
@@ -63,6 +63,8 @@ def _samples(spec: str, shape: tuple[int, ...], profile: Path, n_random: int, se
             f = (8, 8) if f in ((2, 8), (4, 8)) else f  # the same kernel
             feats[(r.kind, f, "mac")] = feats.get((r.kind, f, "mac"), 0.0) + r.macs
             feats[(r.kind, f, "param")] = feats.get((r.kind, f, "param"), 0.0) + r.params
+            act = float(np.prod(r.in_shape[1:]))
+            feats[(r.kind, f, "activation")] = feats.get((r.kind, f, "activation"), 0.0) + act
             feats[(r.kind, f, "layer")] = feats.get((r.kind, f, "layer"), 0.0) + 1.0
         out.append((feats, a.cost(pol)["latency"]))
     return out
@@ -99,7 +101,7 @@ def _toml(coef: dict, fitted: list[str], shape: str, samples: int, err: float) -
     q = json.dumps
     lines = [
         "# Generic ONNX Runtime CPU target: no profiling run needed. Latency per layer = a cost per MAC, per",
-        "# parameter and per layer, for each layer kind and format, fitted (tools/fit_ort_cpu.py, least relative error, costs >= 0)",
+        "# parameter, per input element and per layer, for each layer kind and format, fitted (tools/fit_ort_cpu.py, least relative error, costs >= 0)",
         f"# on the profiled files of {', '.join(fitted)} at {shape}, batch 1, 1 thread ({samples} policies;",
         f"# mean relative error on them {100 * err:.1f} %). A model's rest (pooling, adds) is spread over its layers and",
         "# a format boundary's conversion averaged into the formats' costs: for budgets you must hold to within 10 %,",
@@ -135,7 +137,7 @@ def _toml(coef: dict, fitted: list[str], shape: str, samples: int, err: float) -
                     return float(coef.get((k, g, per), 0.0))
             return 0.0
 
-        for per, unit in (("mac", 1e-6), ("param", 1e-6), ("layer", 1.0)):
+        for per, unit in (("mac", 1e-6), ("param", 1e-6), ("activation", 1e-6), ("layer", 1.0)):
             vals = ", ".join(f"{q(_key(f))} = {value(f, per) / unit!r}" for f in fmts)
             lines += ["", "[[metrics.latency.terms]]", 'type = "table"', f'per = "{per}"', f"scale = {unit!r}",
                       f"kinds = [{q(kind.value)}]", f"values = {{ {vals} }}"]

@@ -53,6 +53,7 @@ class Per(enum.StrEnum):
     MAC = "mac"
     PARAM = "param"
     LAYER = "layer"
+    ACTIVATION = "activation"  # elements of the layer's input per sample (what quantize/dequantize and layout passes touch)
 
 
 class Layer(Protocol):
@@ -163,8 +164,7 @@ class Term:
         if kind not in self.kinds:
             return 0.0
         if a is None and self.type is TermType.TABLE:  # float or weight-only: looked up by its own key
-            base = {Per.MAC: macs, Per.PARAM: params, Per.LAYER: 1.0}[self.per]
-            return self.scale * base * self.values[(w, a)]
+            return self.scale * _per(self.per, layer) * self.values[(w, a)]
         w = FLOAT_BITS if w is None else w
         a = FLOAT_BITS if a is None else a
         if self.type is TermType.BITOPS:
@@ -178,8 +178,7 @@ class Term:
         elif self.type is TermType.PARAMS:
             q = params
         else:  # TABLE
-            base = {Per.MAC: macs, Per.PARAM: params, Per.LAYER: 1.0}[self.per]
-            q = base * self.values[(w, a)]
+            q = _per(self.per, layer) * self.values[(w, a)]
         return self.scale * q
 
     def check_layer(self, layer: Layer) -> LayerEntry | None:
@@ -221,6 +220,14 @@ class Term:
             priced = ", ".join(format_name(p) for p in entry.values)
             raise HardwareSpecError(f"{self.origin}.layers.{_key(layer.name)}: no value for layer {layer.name!r} "
                                     f"as {format_name((w, a))}; the file prices {priced}") from None
+
+
+def _per(per: Per, layer: Layer) -> float:
+    """The layer quantity a TABLE term multiplies: MACs, params, 1, or its input's elements per sample (1 for a
+    LayerInfo given without shapes)."""
+    if per is Per.ACTIVATION:
+        return float(math.prod(layer.in_shape[1:])) if layer.in_shape else 1.0
+    return {Per.MAC: layer.macs, Per.PARAM: layer.params, Per.LAYER: 1.0}[per]
 
 
 def _key(name: str) -> str:
