@@ -30,12 +30,16 @@ from fxmpq.core.cpuinfo import cpu_info
 from fxmpq.export.measure import cpu_name, runtime_name
 from fxmpq.hardware.spec import FLOAT, LayerKind, load_hardware, pair_name
 from fxmpq.models import build_model
+from fxmpq.profiling.profile import INT8, SAME_KERNEL, ort_target
 
 KINDS = (LayerKind.CONV, LayerKind.DEPTHWISE_CONV, LayerKind.LINEAR, LayerKind.MATMUL)
-# the formats of ONNX Runtime's CPU provider (fxmpq.profiling.profile.ort_target): W2A8/W4A8 run the W8A8 kernel
-PAIRS = ((2, 8), (4, 8), (8, 8), (8, 16))
-WEIGHT_ONLY = ((2, None), (4, None), (8, None))
-FORMATS = (*PAIRS, *WEIGHT_ONLY, FLOAT)
+TARGET = ort_target()  # the formats profiling prices, the one list of what ONNX Runtime's CPU provider runs
+FORMATS = TARGET.formats(LayerKind.LINEAR)  # every pair, weight-only, float
+
+
+def _kernel(f: tuple) -> tuple:
+    """The measured format whose kernel `f` runs (W2A8 and W4A8 run W8A8's)."""
+    return INT8 if f in SAME_KERNEL else f
 
 
 def _key(f: tuple) -> str:
@@ -60,7 +64,7 @@ def _samples(spec: str, shape: tuple[int, ...], profile: Path, n_random: int, se
         feats: dict = {}
         for r in a.layers:
             f = pol[r.name]
-            f = (8, 8) if f in ((2, 8), (4, 8)) else f  # the same kernel
+            f = _kernel(f)
             feats[(r.kind, f, "mac")] = feats.get((r.kind, f, "mac"), 0.0) + r.macs
             feats[(r.kind, f, "param")] = feats.get((r.kind, f, "param"), 0.0) + r.params
             act = float(np.prod(r.in_shape[1:]))
@@ -112,13 +116,13 @@ def _toml(coef: dict, fitted: list[str], shape: str, samples: int, err: float) -
         'name = "ort_cpu"',
         f"description = {q('ONNX Runtime CPU provider, generic costs per MAC and per layer fitted on profiled models, measured on ' + cpu_name())}",
         f"sources = [{q('tools/fit_ort_cpu.py on ' + ', '.join(fitted) + ' (' + runtime_name() + ')')}]",
-        "weight_bits = [2, 4, 8]",
-        "act_bits = [8, 16]",
-        "pairs = [[2, 8], [4, 8], [8, 8], [8, 16]]",
-        'float_kinds = ["conv", "depthwise_conv", "linear", "matmul"]',
-        "weight_only_bits = [2, 4, 8]",
+        f"weight_bits = {list(TARGET.weight_bits)}",
+        f"act_bits = {list(TARGET.act_bits)}",
+        f"pairs = {json.dumps([list(p) for p in TARGET.pairs])}",
+        f"float_kinds = {json.dumps(sorted(k.value for k in TARGET.float_kinds))}",
+        f"weight_only_bits = {list(TARGET.weight_only_bits)}",
         "",
-        "[pins]",
+        "[pins]  # none: the search decides the first and last layers like the others",
         "first_layer = false",
         "last_layer = false",
         "",
@@ -127,11 +131,10 @@ def _toml(coef: dict, fitted: list[str], shape: str, samples: int, err: float) -
         'description = "ONNX Runtime CPU latency, 1 thread, batch 1: a cost per MAC and per layer per kind and format"',
     ]
     for kind in KINDS:
-        fmts = [f for f in FORMATS if kind is LayerKind.LINEAR or f[1] is not None or f == FLOAT]
-        fmts = [f for f in fmts if not (f[1] is None and f != FLOAT and kind is not LayerKind.LINEAR)]
+        fmts = TARGET.formats(kind)
         def value(f: tuple, per: str, kind: LayerKind = kind) -> float:
             """The fitted cost; a kind never seen in a format takes a linear layer's (else a conv's) cost."""
-            g = (8, 8) if f in ((2, 8), (4, 8)) else f
+            g = _kernel(f)
             for k in (kind, LayerKind.LINEAR, LayerKind.CONV):
                 if any(c[0] is k and c[1] == g for c in coef):
                     return float(coef.get((k, g, per), 0.0))
