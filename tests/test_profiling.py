@@ -242,3 +242,24 @@ def test_bundled_exports_equal_one_export_per_model(tmp_path, model, shape):
         alone = prof._lowered(p.module, p.inputs, p.formats[0] if len(p.formats) == 1 else p.formats,
                               tmp_path / f"alone{k}.onnx", hw)
         assert _canonical(p.path) == _canonical(alone), (p.path.name, p.formats)
+
+
+def test_a_bundle_that_fails_is_exported_part_by_part(tmp_path, monkeypatch):
+    """When the bundle's export fails, every part is lowered alone (so a failing layer raises lower()'s own error,
+    naming it) and the files are still written."""
+    from fxmpq.profiling import bundle
+    from fxmpq.profiling.profile_models import one_layer_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the exporter choked on the bundle")
+
+    monkeypatch.setattr(bundle, "_export_bundle", broken)
+    hw = ort_target()
+    a = fxmpq.analyze(PlainCNN().eval(), torch.randn(1, 3, 16, 16), hardware=hw)
+    from fxmpq.capture.record import records
+
+    node = next(n for n, r in records(a.graph_module) if r.name == "conv2")
+    parts = [bundle.Part(one_layer_module(a.graph_module, node), torch.randn(1, 8, 16, 16), [f], tmp_path / f"{i}.onnx")
+             for i, f in enumerate((INT8, FLOAT))]
+    bundle.export_parts(parts, hw)
+    assert all(p.path.is_file() for p in parts)

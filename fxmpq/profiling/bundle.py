@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,13 +32,18 @@ MAX_PARTS = 96  # branches per bundle: bounds the bundle's size (and memory) on 
 MAX_PARAMS = 40_000_000  # float parameters per bundle
 
 
+@dataclass
 class Part:
     """One small model to export: the module, its example inputs, one format per quantizable layer (graph order),
     and the file it goes to."""
 
-    def __init__(self, module: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], formats: Sequence[Pair],
-                 path: Path):
-        self.module, self.inputs, self.formats, self.path = module, as_input_tuple(inputs), list(formats), path
+    module: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    formats: list[Pair]
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.inputs, self.formats = as_input_tuple(self.inputs), list(self.formats)
 
 
 def bundle_module(modules: Sequence[nn.Module], arity: Sequence[int]) -> fx.GraphModule:
@@ -131,8 +137,8 @@ def export_parts(parts: Sequence[Part], hw: HardwareSpec, storage: str = "int8",
     for chunk in _chunks(parts):
         try:
             _export_bundle(chunk, hw, storage)
-        except (FxmpqError, RuntimeError, ValueError):
-            for p in chunk:  # one by one: the failing part raises, naming its layer
+        except Exception:  # whatever failed (ours or the exporter's), one by one: the failing part raises as lower()
+            for p in chunk:  # raises for it alone, naming its layer
                 q = prepare(p.module, p.inputs, hardware=hw, bits=hw.weight_bits, act_bits=hw.act_bits)
                 apply_policy(q, dict(zip(q.layer_names, p.formats, strict=True)), p.inputs)
                 q.eval()
