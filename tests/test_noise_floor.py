@@ -237,7 +237,7 @@ def test_torchvision_transformers_are_written_and_judged_against_their_noise_flo
     strict rule fails, it passes as faithful with ONNX Runtime's spread and the noise floor side by side."""
     size, kw = _ZOO[name]
     q, x = _torchvision(name, size, policy)
-    rep = fxmpq.lower(q, tmp_path / "m.onnx", x, measure=False, **kw)
+    rep = fxmpq.lower(q, tmp_path / "m.onnx", x, LowerOptions(measure=False, **kw))
     print(rep.table())
     assert (tmp_path / "m.onnx").is_file() and rep.passed
     if rep.criterion == Criterion.NOISE_FLOOR:
