@@ -244,9 +244,9 @@ def quantize(
 
     The options come as objects: `quant=QuantOptions(bits, act_bits, per_channel)`,
     `search=SearchOptions(alpha, verify, verify_batches, minimize)`, `train=TrainOptions(indicator_epochs,
-    finetune_epochs, lr, finetune_lr, step_lr, weight_decay, distill, cosine, max_steps, clip_grad_norm, seed, device,
-    progress, checkpoint_every, batch_size, indicator_data, model_factory, model_kwargs)`; each field as a keyword of its own (`bits=...`) still works for one release,
-    with a DeprecationWarning.
+    finetune_epochs, lr, finetune_lr, step_lr, weight_decay, distill, cosine, max_steps, clip_grad_norm, seed,
+    device, progress, checkpoint_every, batch_size, indicator_data, model_factory, model_kwargs)`; each field as a
+    keyword of its own (`bits=...`) still works for one release, with a DeprecationWarning.
     """
     quant, search, train = _options(quant, search, train, legacy)
     bits, act_bits, per_channel = quant.bits, quant.act_bits, quant.per_channel
@@ -302,8 +302,8 @@ def quantize(
         files["indicators"] = ind_path
 
     # 3. ILP search; with validation data, candidate policies verified on the jointly trained model
-    chosen = select_policy(qmodel, indicators, goal, VerifyOptions(count, verify_batches, metric, train.progress), alpha=alpha,
-                           val_data=val_data, fp32_model=model, device=device,
+    chosen = select_policy(qmodel, indicators, goal, VerifyOptions(count, verify_batches, metric, train.progress),
+                           alpha=alpha, val_data=val_data, fp32_model=model, device=device,
                            saved=wd / CANDIDATES_JSON if wd is not None else None)
     result, policy = chosen.search, chosen.policy
     if wd is not None:

@@ -220,7 +220,7 @@ def test_bundled_exports_equal_one_export_per_model(tmp_path, model, shape):
     linear, a matmul of two activations, a pair back to back in mixed formats)."""
     from fxmpq.capture.record import records
     from fxmpq.profiling import profile as prof
-    from fxmpq.profiling.bundle import Part, export_parts
+    from fxmpq.profiling.bundle import Part, export_one, export_parts
     from fxmpq.profiling.profile_models import one_layer_module, pair_module
 
     torch.manual_seed(0)
@@ -239,8 +239,7 @@ def test_bundled_exports_equal_one_export_per_model(tmp_path, model, shape):
     assert len({tuple(p.formats) for p in parts}) >= 3
     export_parts(parts, hw)
     for k, p in enumerate(parts):
-        alone = prof._lowered(p.module, p.inputs, p.formats[0] if len(p.formats) == 1 else p.formats,
-                              tmp_path / f"alone{k}.onnx", hw)
+        alone = export_one(p.module, p.inputs, p.formats, tmp_path / f"alone{k}.onnx", hw)
         assert _canonical(p.path) == _canonical(alone), (p.path.name, p.formats)
 
 

@@ -26,7 +26,7 @@ from ..passes import run_passes
 from ..quant.storage import as_storage
 from ..stages import apply_policy, lower_passes, prepare
 
-__all__ = ["Part", "bundle_module", "export_parts"]
+__all__ = ["Part", "bundle_module", "export_one", "export_parts"]
 
 MAX_PARTS = 96  # branches per bundle: bounds the bundle's size (and memory) on large models
 MAX_PARAMS = 40_000_000  # float parameters per bundle
@@ -44,6 +44,20 @@ class Part:
 
     def __post_init__(self) -> None:
         self.inputs, self.formats = as_input_tuple(self.inputs), list(self.formats)
+
+
+def export_one(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...], fmt: Pair | Sequence[Pair],
+               path: Path, hw: HardwareSpec, storage: str = "int8") -> Path:
+    """`module` prepared at the target's bits, fixed at `fmt` (one format for every layer, or one per layer in
+    graph order) and lowered alone to `path` with `storage` (lower() without its parity judgement)."""
+    inputs = as_input_tuple(inputs)
+    q = prepare(module, inputs, hardware=hw, bits=hw.weight_bits, act_bits=hw.act_bits)
+    single = isinstance(fmt, tuple) and len(fmt) == 2 and not isinstance(fmt[0], tuple)
+    fmts = [fmt] * len(q.layer_names) if single else list(fmt)
+    apply_policy(q, dict(zip(q.layer_names, fmts, strict=True)), inputs)
+    q.eval()
+    lower(q, path, inputs, LowerOptions(samples=2, check=False, measure=False, storage=storage))
+    return path
 
 
 def bundle_module(modules: Sequence[nn.Module], arity: Sequence[int]) -> fx.GraphModule:
@@ -139,9 +153,6 @@ def export_parts(parts: Sequence[Part], hw: HardwareSpec, storage: str = "int8",
             _export_bundle(chunk, hw, storage)
         except Exception:  # whatever failed (ours or the exporter's), one by one: the failing part raises as lower()
             for p in chunk:  # raises for it alone, naming its layer
-                q = prepare(p.module, p.inputs, hardware=hw, bits=hw.weight_bits, act_bits=hw.act_bits)
-                apply_policy(q, dict(zip(q.layer_names, p.formats, strict=True)), p.inputs)
-                q.eval()
-                lower(q, p.path, p.inputs, LowerOptions(samples=2, check=False, measure=False, storage=storage))
+                export_one(p.module, p.inputs, p.formats, p.path, hw, storage)
         if progress is not None:
             progress.update(len(chunk))

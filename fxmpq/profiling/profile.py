@@ -45,10 +45,8 @@ from torch import nn
 
 from ..capture.record import LayerRecord, records
 from ..core.cpuinfo import CpuInfo, cpu_info
-from ..core.options import LowerOptions
 from ..errors import ArgumentError
 from ..export.deploy import deployable
-from ..export.lower import lower
 from ..export.measure import TimingOptions, cpu_name, runtime_name, session, time_sessions
 from ..hardware.formats import integer_kernel
 from ..hardware.spec import (
@@ -62,8 +60,8 @@ from ..hardware.spec import (
     pair_name,
 )
 from ..quant.storage import initializer_bytes
-from ..stages import analyze, apply_policy, prepare
-from .bundle import Part, export_parts
+from ..stages import analyze
+from .bundle import Part, export_one, export_parts
 from .profile_models import one_layer_module, pair_module, reads_elsewhere
 
 __all__ = ["A16", "INT8", "ORT_FORMATS", "SAME_KERNEL", "WEIGHT_ONLY", "HardwareProfile", "LayerProfile",
@@ -101,19 +99,6 @@ def ort_target() -> HardwareSpec:
     kernel), A16W8 (float conv between uint16 Q/DQ), float, and weight-only 2/4/8-bit linear layers (MatMulNBits);
     no pins (a pin would only take float away from the first and last layer)."""
     return loads_hardware(_TARGET, "ort_cpu (profiling target)")
-
-
-def _lowered(module: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], fmt: Pair | Sequence[Pair], path: Path,
-             hw: HardwareSpec, storage: str = "int8") -> Path:
-    """`module` prepared at the profiled bits, fixed at `fmt` (one format for every layer, or one per layer in graph
-    order) and lowered to `path` with `storage`."""
-    q = prepare(module, x, hardware=hw, bits=hw.weight_bits, act_bits=hw.act_bits)
-    single = isinstance(fmt, tuple) and len(fmt) == 2 and not isinstance(fmt[0], tuple)
-    fmts = [fmt] * len(q.layer_names) if single else list(fmt)
-    apply_policy(q, dict(zip(q.layer_names, fmts, strict=True)), x)
-    q.eval()
-    lower(q, path, x, LowerOptions(samples=2, check=False, measure=False, storage=storage))
-    return path
 
 
 def _weight_bytes(path: Path) -> int:
@@ -413,7 +398,7 @@ def profile_model(model: nn.Module, example: torch.Tensor, *, model_name: str, t
         whole = {}
         t0 = time.perf_counter()
         for fmt in ORT_FORMATS:  # first: a model that cannot be lowered fails before the layers' exports
-            whole[fmt] = _lowered(model, example, fmt, d / f"model_{_tag(fmt)}.onnx", hw)
+            whole[fmt] = export_one(model, example, fmt, d / f"model_{_tag(fmt)}.onnx", hw)
         jobs = [(r, fmt, "int8") for r in recs for fmt in measured[r.name]]
         # W4A8 packed: its bytes, and widened its time (a matmul has no weight to pack)
         jobs += [(r, SAME_KERNEL[-1], "packed") for r in recs if r.kind is not LayerKind.MATMUL]
