@@ -45,7 +45,7 @@ def test_fma_float32_rounds_once():
 
 
 def _ort_add(sa: float, za: int, sb: float, zb: int, sc: float, zc: int, fused: bool) -> ort.InferenceSession:
-    n = 256 * 256
+    n = "n"  # any length
     inits = [numpy_helper.from_array(np.array(v, np.float32), k) for v, k in ((sa, "sa"), (sb, "sb"), (sc, "sc"))]
     inits += [numpy_helper.from_array(np.array(v, np.uint8), k) for v, k in ((za, "za"), (zb, "zb"), (zc, "zc"))]
     if fused:  # what fxmpq exports: ONNX Runtime fuses it into QLinearAdd
@@ -69,7 +69,12 @@ def _ort_add(sa: float, za: int, sb: float, zb: int, sc: float, zc: int, fused: 
 def test_add_rounding_is_qlinear_add_bit_for_bit(seed):
     rng = random.Random(seed)
     a, b = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
+    # every pair once (the direct computation) or, for odd seeds, every pair twice in random order: over 65,536
+    # elements AddRounding looks the pairs up in a table it computes, which must give the same numbers
     a, b = a.ravel(), b.ravel()
+    if seed % 2:
+        order = np.random.default_rng(seed).permutation(2 * a.size)
+        a, b = np.concatenate([a, a])[order], np.concatenate([b, b])[order]
     for _ in range(6):
         sa, sb, sc = (float(np.float32(10 ** rng.uniform(-3, 0))) for _ in range(3))
         za, zb, zc = (rng.choice((0, 128)) for _ in range(3))  # fxmpq's zero points: unsigned 0, signed 128
@@ -92,3 +97,22 @@ def test_add_rounding_is_identity_in_training_and_before_the_step_is_set():
     assert m(y, y, y, s, s, s) is y
     m.eval()
     assert torch.equal(m(y, y, y, s, s, s, ready=torch.tensor(False)), y)
+
+
+def test_add_rounding_table_equals_the_direct_computation_with_broadcasting():
+    from fxmpq.quant import kernels
+
+    g = torch.Generator().manual_seed(0)
+    s = [torch.tensor(v) for v in (0.0213, 0.0071, 0.0302)]
+    for shape_a, shape_b in (((2, 8, 70, 70), (2, 8, 70, 70)), ((2, 8, 70, 70), (1, 8, 1, 1)),
+                             ((1, 8, 1, 70), (2, 8, 70, 70))):
+        xa = torch.randint(0, 256, shape_a, generator=g).float() * s[0]
+        xb = (torch.randint(0, 256, shape_b, generator=g).float() - 128) * s[1]
+        m = AddRounding(zero_points=(0, 128, 0)).eval()
+        got = m(xa + xb, xa, xb, *s)
+        qa, qb = torch.round(xa / s[0]), torch.round(xb / s[1]) + 128
+        ra, rb = s[0] / s[2], s[1] / s[2]
+        fixed = -(rb * 128)
+        n = torch.round(kernels.fma_float32(qa, ra, kernels.fma_float32(qb, rb, fixed.expand_as(qb))))
+        assert got.shape == (xa + xb).shape
+        assert torch.equal(got, n * s[2])

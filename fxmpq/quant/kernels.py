@@ -46,6 +46,8 @@ class BiasRounding(nn.Module):
             b_int = round_to_grid(b, b_scale)
             shape = [1] * y.dim()
             shape[self.channel_axis] = ch
+            if ready is not None and bool(ready):  # the output quantizer has its step (every batch after the
+                ready = None                        # first): no float fallback to compute and discard
             if s_out is None or ready is not None:
                 rounded = y + (b_int * b_scale - b).reshape(shape).to(y.dtype)
                 if s_out is None:
@@ -91,6 +93,12 @@ def fma_float32(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tens
     return r
 
 
+def _within(x: torch.Tensor, lo: float, hi: float) -> bool:
+    """Whether every element of `x` lies in [lo, hi] (one pass)."""
+    mn, mx = torch.aminmax(x)
+    return bool((mn >= lo) & (mx <= hi))
+
+
 class AddRounding(nn.Module):
     """In eval mode, what ONNX Runtime's QLinearAdd computes for a + b requantized to the step s_c; identity in
     training.
@@ -120,8 +128,17 @@ class AddRounding(nn.Module):
             qb = round_to_grid(b.float(), sb) + zb
             ra, rb = sa / sc, sb / sc
             fixed = zc - (ra * za + rb * zb)
-            n = torch.round(fma_float32(qa, ra, fma_float32(qb, rb, fixed.expand_as(qb))))
-            out = ((n - zc) * sc).to(y.dtype)
+            if qa.numel() > 65536 and _within(qa, 0, 255) and _within(qb, 0, 255):
+                # uint8 inputs (always, after 8-bit quantizers): the kernel's value for each of the 65,536 pairs,
+                # computed the long way once, then looked up: the same numbers in a fraction of the passes
+                grid = torch.arange(256, dtype=torch.float32, device=qa.device)
+                inner = fma_float32(grid, rb, fixed.expand(256))  # depends on B alone
+                n = torch.round(fma_float32(grid[:, None], ra, inner[None, :].expand(256, 256)))
+                table = ((n - zc) * sc).reshape(-1)
+                out = table.take(torch.add(qa.mul_(256), qb).long()).to(y.dtype)
+            else:
+                n = torch.round(fma_float32(qa, ra, fma_float32(qb, rb, fixed.expand_as(qb))))
+                out = ((n - zc) * sc).to(y.dtype)
             if ready is not None:  # the quantizer after the sum has no step size yet (its first batch)
                 out = torch.where(ready, out, y)
         return out
