@@ -1,7 +1,9 @@
 """Where lower() spends its time: the pass list, the ONNX translation, the PyTorch reference run, ONNX Runtime,
-the verdict, and the rest, on a torchvision model at a seeded random policy (or uniform W8A8).
+the verdict, the latency audit (with --measure, lower()'s default) and the rest, on a torchvision model at a seeded
+random policy (or uniform W8A8).
 
     python tools/bench_lower.py [--model resnet18] [--size 224] [--samples 64] [--policy w8a8|random] [--runs 3]
+                                [--measure]
 
 Each stage is timed by wrapping the function lower() calls (fxmpq.export.lower's names), `--runs` times in one
 process; the median of each is printed with its share of lower()'s median wall time. Threads: torch's default.
@@ -23,7 +25,8 @@ import torchvision
 import fxmpq
 import fxmpq.export.lower as L
 
-STAGES = ("run_passes", "to_onnx", "run_torch", "open_session", "run_ort", "judge")
+STAGES = ("propagate_shapes", "run_passes", "to_onnx", "run_torch", "open_session", "run_ort", "judge",
+          "qlinear_counts", "latency_audit")
 
 
 def main() -> None:
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--policy", choices=("w8a8", "random"), default="w8a8")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--measure", action="store_true", help="time the export in ONNX Runtime too (lower()'s default)")
     args = ap.parse_args()
     torch.manual_seed(0)
     x = torch.randn(1, 3, args.size, args.size)
@@ -56,7 +60,8 @@ def main() -> None:
         return wrapper
 
     for name in STAGES:
-        setattr(L, name, timed(name))
+        if hasattr(L, name):  # (an older fxmpq may lack one)
+            setattr(L, name, timed(name))
     walls = []
     with tempfile.TemporaryDirectory() as d:
         for _ in range(args.runs):
@@ -64,12 +69,13 @@ def main() -> None:
                 spent[name].append(0.0)
             t = time.perf_counter()
             rep = fxmpq.lower(
-                q, Path(d) / "m.onnx", x, fxmpq.LowerOptions(samples=args.samples, measure=False)
+                q, Path(d) / "m.onnx", x, fxmpq.LowerOptions(samples=args.samples, measure=args.measure)
             )
             walls.append(time.perf_counter() - t)
     wall = statistics.median(walls)
-    print(f"{args.model} {args.size}x{args.size}, {args.policy}, {args.samples} parity samples, torch threads "
-          f"{torch.get_num_threads()}, {args.runs} runs; parity {'PASS' if rep.passed else 'FAIL'}")
+    print(f"{args.model} {args.size}x{args.size}, {args.policy}, {args.samples} parity samples, measure "
+          f"{args.measure}, torch threads {torch.get_num_threads()}, {args.runs} runs; parity "
+          f"{'PASS' if rep.passed else 'FAIL'}")
     print("| stage | median s | share |\n|---|---|---|")
     for name in STAGES:
         s = statistics.median(spent[name])

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..capture.graph import NodeFailure, as_input_tuple, run_graph
+from ..capture.graph import NodeFailure, as_input_tuple, propagate_shapes
 from ..capture.record import quantizer_nodes, records
 from ..core.atomic import atomic_paths, check_writable
 from ..core.batches import check_inputs
@@ -323,13 +323,12 @@ def lower(
     was = qmodel.training
     qmodel.eval()
     try:
-        try:
-            with torch.no_grad():
-                run_graph(qmodel.graph_module, ex)  # initialises any quantizer that has not seen data yet
+        try:  # one run: initialises any quantizer that has not seen data yet and records the shapes the
+            propagate_shapes(qmodel.graph_module, ex)  # lowering reads (so the pass need not run the model again)
         except NodeFailure as f:
             raise DataError(f"lower: the model fails on example_inputs at {f.describe()}") from f.__cause__
         gm = copy.deepcopy(qmodel.graph_module).eval()
-        lowered = run_passes(gm, lower_passes(ex, accuracy_level=qmodel.hardware.matmul_nbits_accuracy_level)).graph_module
+        lowered = run_passes(gm, lower_passes(None, accuracy_level=qmodel.hardware.matmul_nbits_accuracy_level)).graph_module
         proto, layers, containers = to_onnx(lowered, ex, qmodel.policy, storage)
         if inputs is None:
             g = torch.Generator().manual_seed(seed)
