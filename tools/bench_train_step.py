@@ -1,4 +1,8 @@
-"""Wall (and CPU) time of one fake-quant training step vs one FP32 step, and of one joint LIMPQ step vs one plain QAT step."""
+"""Wall (and CPU) time of one fake-quant training step vs one FP32 step, and of one joint LIMPQ step vs one plain QAT step.
+
+"fq" uses fxmpq's fused LSQ CPU kernel (fxmpq/quant/fused_cpu.py) where it applies; "fq ops" is the same step with
+PyTorch's operators (`fused_cpu.disabled()`), in the same run.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torchvision
 from torch import nn
 
 import fxmpq
+from fxmpq.quant import fused_cpu
 from fxmpq.train.loop import _StepContext
 from fxmpq.train.trainings import _joint_step
 
@@ -42,6 +47,11 @@ def _sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.opt
     opt.step()
 
 
+def _ops_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+    with fused_cpu.disabled():
+        _sgd_step(model, x, y, opt)
+
+
 def bench(name: str, model: nn.Module, shape: tuple[int, ...], repeats: int, bits: tuple[int, ...]) -> dict:
     torch.manual_seed(0)
     x = torch.randn(*shape)
@@ -65,6 +75,7 @@ def bench(name: str, model: nn.Module, shape: tuple[int, ...], repeats: int, bit
     variants: dict[str, Callable[[], None]] = {
         "fp32": lambda: _sgd_step(fp, x, y, opt_fp),
         "fakequant_w4a4": lambda: _sgd_step(q, x, y, opt_q),
+        "fakequant_w4a4_ops": lambda: _ops_step(q, x, y, opt_q),
         f"joint_{len(bits)}bits+rand": joint_step,
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -88,7 +99,7 @@ def bench(name: str, model: nn.Module, shape: tuple[int, ...], repeats: int, bit
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--models", nargs="+", default=["small_cnn", "resnet18"], choices=["small_cnn", "resnet18"])
+    ap.add_argument("--models", nargs="+", default=["small_cnn", "resnet18", "mobilenet_v2"], choices=["small_cnn", "resnet18", "mobilenet_v2"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6])
     args = ap.parse_args(argv)
@@ -98,23 +109,24 @@ def main(argv: list[str] | None = None) -> None:
     cases = [
         ("small_cnn", SmallCNN(), (32, 3, 32, 32)),
         ("resnet18", torchvision.models.resnet18(num_classes=10), (16, 3, 64, 64)),
+        ("mobilenet_v2", torchvision.models.mobilenet_v2(num_classes=10), (16, 3, 64, 64)),  # depthwise
     ]
     cases = [c for c in cases if c[0] in args.models]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} steps")
-    head = (f"{'model':<10} {'input':<14} {'clock':<5} {'fp32 ms':>9} {'fq ms':>9} {'fq/fp32':>8} "
-            f"{'joint ms':>9} {'joint/qat':>9}")
+    head = (f"{'model':<12} {'input':<14} {'clock':<5} {'fp32 ms':>9} {'fq ms':>9} {'fq/fp32':>8} "
+            f"{'fq ops ms':>9} {'ops/fp32':>8} {'joint ms':>9} {'joint/qat':>9}")
     print(head)
     print("-" * len(head))
     for name, model, shape in cases:
         r = bench(name, model, shape, args.repeats, tuple(args.bits))
         for clock in ("wall", "cpu"):
             t = r[clock]
-            fp, fq = t["fp32"], t["fakequant_w4a4"]
+            fp, fq, ops = t["fp32"], t["fakequant_w4a4"], t["fakequant_w4a4_ops"]
             jt = next(v for k, v in t.items() if k.startswith("joint"))
-            print(f"{name:<10} {'x'.join(map(str, shape)):<14} {clock:<5} {fp * 1e3:9.1f} {fq * 1e3:9.1f} "
-                  f"{fq / fp:8.2f} {jt * 1e3:9.1f} {jt / fq:9.2f}", flush=True)
+            print(f"{name:<12} {'x'.join(map(str, shape)):<14} {clock:<5} {fp * 1e3:9.1f} {fq * 1e3:9.1f} "
+                  f"{fq / fp:8.2f} {ops * 1e3:9.1f} {ops / fp:8.2f} {jt * 1e3:9.1f} {jt / fq:9.2f}", flush=True)
     print(f"(joint = {len(args.bits)} uniform passes + 1 random policy, one optimizer step; qat = fakequant "
-          f"W4A4 step)")
+          f"W4A4 step; fused kernel {'built' if fused_cpu.fused_kernel() is not None else 'NOT built'})")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core.primitives import FakeQuantizer, fake_quantize, fake_quantize_with_mask, qrange
 from ..errors import ArgumentError, CheckpointError, PolicyError
+from . import fused_cpu
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,13 @@ class _LSQFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, s: torch.Tensor, g: float, qmin: int, qmax: int) -> torch.Tensor:
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.fused = fused_cpu.usable(x, s)
+        if ctx.fused:  # one pass each way; the backward recomputes what it needs from x (fxmpq/quant/fused_cpu.py)
+            ctx.g, ctx.qrange = g, (qmin, qmax)
+            ctx.save_for_backward(x, s)
+            return fused_cpu.fused_forward(x, s, qmin, qmax)
+        if not need:
             out, inside = fake_quantize(x, s, qmin, qmax), None
         else:
             out, inside = fake_quantize_with_mask(x, s, qmin, qmax)
@@ -54,6 +61,14 @@ class _LSQFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.fused:
+            x, s = ctx.saved_tensors
+            grad_x, total = fused_cpu.fused_backward(grad, x, s, *ctx.qrange, ctx.needs_input_grad[0],
+                                                     ctx.needs_input_grad[1])
+            grad_s = None
+            if total is not None:
+                grad_s = (total * ctx.g / s.detach().double().reshape(-1)).to(s.dtype).reshape(s.shape)
+            return grad_x, grad_s, None, None, None
         x, s, out, inside = ctx.saved_tensors
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_s = None
@@ -183,6 +198,8 @@ class LSQQuantizer(FakeQuantizer):
             n = x.numel()
             s = s.reshape(())
         if not torch.is_grad_enabled():  # inference: the same arithmetic, without the backward's saved mask
+            if fused_cpu.usable(x, s):
+                return fused_cpu.fused_forward(x, s, qmin, qmax)
             return fake_quantize(x, s, qmin, qmax)
         return _LSQFunction.apply(x, s, 1.0 / math.sqrt(n * qmax), qmin, qmax)
 
