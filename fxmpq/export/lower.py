@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -135,9 +136,11 @@ def _export(module: nn.Module, inputs: tuple[Any, ...], table: dict[Any, Any] | 
                    for x in inputs)
     names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     try:
-        prog = torch.onnx.export(module, inputs, dynamo=True, opset_version=OPSET, optimize=True,
-                                 custom_translation_table=table or None, dynamic_shapes=dyn, input_names=names,
-                                 output_names=["output"], verbose=False, report=False)
+        with warnings.catch_warnings():  # several inputs share the one batch Dim on purpose: not the user's concern
+            warnings.filterwarnings("ignore", message=r".*will not be used, since it shares the same shape")
+            prog = torch.onnx.export(module, inputs, dynamo=True, opset_version=OPSET, optimize=True,
+                                     custom_translation_table=table or None, dynamic_shapes=dyn, input_names=names,
+                                     output_names=["output"], verbose=False, report=False)
     except Exception as e:
         raise ExportError(f"torch.onnx could not express the lowered graph: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
