@@ -109,9 +109,13 @@ def render_report(plan: list[dict[str, Any]], done: dict[tuple[str, str, int], d
         except ImportError:
             pass
         t = p.times
-        lines += ["", f"Wall time ({net}): FP32 training {t.get('fp32_training', float('nan')):.0f} s, joint indicator "
-                  f"training {t.get('indicator_training', float('nan')):.0f} s (counted in fxmpq's search time), "
-                  f"Hessian indicators {t.get('hessian', float('nan')):.0f} s (in hessian's)."]
+        parts = [f"{what} {t[key]:.0f} s{why}" for key, what, why in (
+            ("fp32_training", "FP32 training", ""),
+            ("indicator_training", "joint indicator training", " (counted in fxmpq's search time)"),
+            ("hessian", "Hessian indicators", " (in hessian's)"),
+            ("measured", "measured sensitivities", " (in measured's)")) if key in t]  # (not timed: left out)
+        if parts:
+            lines += ["", f"Wall time ({net}): {', '.join(parts)}."]
     lines += ["", "### Where fxmpq wins, ties and loses against uniform and the peers (seeds as in the table)", ""]
     lines += [f"- {s}" for s in summary] or ["- (not enough finished runs yet)"]
     lines += ["", f"Wall time of this invocation: {wall / 60:.1f} min."]
