@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..capture.graph import as_input_tuple
+from ..capture.graph import as_input_tuple, propagate_shapes
 from ..core.options import LowerOptions
 from ..errors import FxmpqError
 from ..export.lower import lower, to_onnx
@@ -98,9 +98,8 @@ def _export_bundle(parts: Sequence[Part], hw: HardwareSpec, storage: str) -> Non
     formats = [f for p in parts for f in p.formats]
     apply_policy(q, dict(zip(q.layer_names, formats, strict=True)), flat)
     q.eval()
-    with torch.no_grad():
-        q(*flat)  # initialises every quantizer, as lower() does
-    passes = lower_passes(flat, accuracy_level=hw.matmul_nbits_accuracy_level)
+    propagate_shapes(q.graph_module, flat)  # initialises every quantizer and records the shapes, as lower() does
+    passes = lower_passes(None, accuracy_level=hw.matmul_nbits_accuracy_level)
     lowered = run_passes(copy.deepcopy(q.graph_module).eval(), passes).graph_module
     proto = to_onnx(lowered, flat, q.policy, as_storage(storage, "profile: storage"))[0]
     inputs = [i.name for i in proto.graph.input]
