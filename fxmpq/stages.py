@@ -27,6 +27,7 @@ from .passes import (
     AnnotateCostPass,
     ApplyPolicyPass,
     ContiguousBeforeReshapePass,
+    FoldFloatConstantsPass,
     InsertFakeQuantPass,
     LowerToQDQPass,
     PassBase,
@@ -61,8 +62,10 @@ def apply_passes(policy: Policy | Mapping[str, tuple[int, int]], *, output_bits:
 
 def lower_passes(example_inputs: Any = None, *, accuracy_level: int = 4) -> list[PassBase]:
     """Rewrite the fixed model into integer weights, int32 biases and QDQ ops, weight-only layers as MatMulNBits at
-    `accuracy_level` (the hardware's matmul_nbits_accuracy_level); the result is exactly the graph export translates."""
-    return [LowerToQDQPass(example_inputs=example_inputs, accuracy_level=accuracy_level), ContiguousBeforeReshapePass()]
+    `accuracy_level` (the hardware's matmul_nbits_accuracy_level), float constants computed once by PyTorch; the
+    result is exactly the graph export translates."""
+    return [LowerToQDQPass(example_inputs=example_inputs, accuracy_level=accuracy_level), FoldFloatConstantsPass(),
+            ContiguousBeforeReshapePass()]
 
 
 # ----------------------------------------------------------------------------------------------- the stages

@@ -17,7 +17,7 @@ from fxmpq.cost.policy import Policy, policy_problems
 from fxmpq.errors import PassError, PolicyError
 from fxmpq.hardware.formats import INTEGER_KERNEL_BITS, Format, format_of, integer_kernel
 from fxmpq.hardware.spec import HardwareSpec, LayerKind
-from fxmpq.quant.kernels import AddRounding, BiasRounding
+from fxmpq.quant.kernels import AddRounding, BiasRounding, MatMulRounding
 from fxmpq.quant.lsq import QUANT_LAYER_TYPES, LSQQuantizer, to_plain_layer
 
 from .patterns import (
@@ -26,6 +26,7 @@ from .patterns import (
     is_add_rounding,
     is_bias_rounding,
     is_bn,
+    is_matmul_rounding,
     is_max_pool,
     is_nonnegative,
     is_quantizer,
@@ -40,6 +41,7 @@ __all__ = ["OUTPUT_QUANTIZER", "ApplyPolicyPass"]
 
 OUTPUT_QUANTIZER = "output_quantizer"
 BIAS_ROUNDING = "bias_rounding"
+MATMUL_ROUNDING = "matmul_rounding"
 SUMS = "fxmpq_sums"  # container of the sums' modules (a sum belongs to no layer): <add node>.rounding, .output_quantizer
 
 
@@ -132,6 +134,8 @@ class ApplyPolicyPass(PassBase):
             set_record(node, dataclasses.replace(rec, applied=Applied(
                 fmt, w, a, out_q if out_q is not None else (prev.output_quantizer if prev else None))))
         for node, rec in list(records(gm)):
+            if rec.applied.format is Format.INTEGER and rec.kind is LayerKind.MATMUL:
+                modified |= self._matmul_rounding(gm, node, rec)
             if rec.applied.format is not Format.INTEGER or rec.kind is LayerKind.MATMUL:  # a matmul has no bias
                 continue
             path = self._bias_rounding(gm, node, rec)
@@ -387,6 +391,33 @@ class ApplyPolicyPass(PassBase):
             first.replace_input_with(node, rn)
             done += 1
         return done
+
+    @staticmethod
+    def _matmul_rounding(gm: fx.GraphModule, node: fx.Node, rec: LayerRecord) -> bool:
+        """Insert a MatMulRounding node after an integer matmul of two per-tensor quantizer outputs (what ONNX
+        Runtime's MatMulIntegerToFloat computes); whether one was added."""
+        site = rec.sites
+        a, b = layer_input(node), weight_arg(node)
+        if site is None or not site.act_quantizer or not all(
+                isinstance(t, fx.Node) and is_quantizer(gm, t) for t in (a, b)):
+            return False
+        qa, qb = gm.get_submodule(str(a.target)), gm.get_submodule(str(b.target))
+        if qa.channels or qb.channels or any(is_matmul_rounding(gm, u) for u in node.users):
+            return False
+        owner = site.weight_quantizer.rpartition(".")[0]
+        mod = MatMulRounding()
+        mod.train(gm.training)
+        gm.get_submodule(owner).add_module(MATMUL_ROUNDING, mod)
+        g = gm.graph
+        users = list(node.users)
+        order = {n: i for i, n in enumerate(g.nodes)}
+        first = min(users, key=order.__getitem__) if users else None
+        with g.inserting_before(first) if first is not None else g.inserting_after(node):
+            steps = (g.get_attr(f"{a.target}.step"), g.get_attr(f"{b.target}.step"))
+            rn = g.call_module(f"{owner}.{MATMUL_ROUNDING}", (node, a, b, *steps))
+        for u in users:
+            u.replace_input_with(node, rn)
+        return True
 
     @staticmethod
     def _bias_rounding(gm: fx.GraphModule, node: fx.Node, rec: LayerRecord) -> str | None:

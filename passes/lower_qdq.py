@@ -31,7 +31,7 @@ from fxmpq.core.primitives import INT32_MAX, container_zero_point, quantize, rou
 from fxmpq.errors import ExportError, TraceError
 from fxmpq.hardware.formats import Format, act_container_bits, integer_kernel
 from fxmpq.hardware.spec import MAX_ACT_BITS, LayerKind
-from fxmpq.quant.kernels import AddRounding, BiasRounding
+from fxmpq.quant.kernels import AddRounding, BiasRounding, MatMulRounding
 from fxmpq.quant.lsq import LSQQuantizer
 from fxmpq.quant.storage import NBITS_BLOCK, pack_nbits
 
@@ -140,13 +140,13 @@ class LowerToQDQPass(PassBase):
             propagate_shapes(gm, as_input_tuple(self.example_inputs))
         layers = list(records(gm))
         quantizers = [n for n in gm.graph.nodes if n.op == "call_module"
-                      and isinstance(gm.get_submodule(n.target), LSQQuantizer | BiasRounding | AddRounding)]
+                      and isinstance(gm.get_submodule(n.target), LSQQuantizer | BiasRounding | AddRounding | MatMulRounding)]
         if not layers and not quantizers:
             return PassResult(gm, False)
         if not hasattr(gm, LOWERED):
             gm.add_module(LOWERED, nn.Module())
-        for node in quantizers:  # the int32 bias and QLinearAdd realise what BiasRounding and AddRounding simulate
-            if isinstance(gm.get_submodule(node.target), BiasRounding | AddRounding):
+        for node in quantizers:  # the int32 bias, QLinearAdd and MatMulIntegerToFloat realise what BiasRounding,
+            if isinstance(gm.get_submodule(node.target), BiasRounding | AddRounding | MatMulRounding):  # ... simulate
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
         eliminate_dead_code(gm.graph)

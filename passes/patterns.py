@@ -20,7 +20,7 @@ from fxmpq.capture.value_ops import (
     SHAPE_METHODS,
     SHAPE_MODULES,
 )
-from fxmpq.quant.kernels import AddRounding, BiasRounding
+from fxmpq.quant.kernels import AddRounding, BiasRounding, MatMulRounding
 from fxmpq.quant.lsq import LSQQuantizer
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "is_add_rounding",
     "is_bias_rounding",
     "is_bn",
+    "is_matmul_rounding",
     "is_max_pool",
     "is_nonnegative",
     "is_quantizer",
@@ -172,6 +173,11 @@ def device_of(gm: fx.GraphModule) -> torch.device:
     """The device of the graph module's first parameter (CPU without parameters)."""
     p = next(gm.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def is_matmul_rounding(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` calls a MatMulRounding module."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), MatMulRounding)
 
 
 def is_bias_rounding(gm: fx.GraphModule, node: fx.Node) -> bool:

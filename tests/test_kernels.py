@@ -12,7 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from fxmpq.core.primitives import quantize
-from fxmpq.quant.kernels import AddRounding, fma_float32
+from fxmpq.quant.kernels import AddRounding, MatMulRounding, fma_float32
 
 
 def _exact_fma32(x: float, y: float, z: float) -> float:
@@ -116,3 +116,54 @@ def test_add_rounding_table_equals_the_direct_computation_with_broadcasting():
         n = torch.round(kernels.fma_float32(qa, ra, kernels.fma_float32(qb, rb, fixed.expand_as(qb))))
         assert got.shape == (xa + xb).shape
         assert torch.equal(got, n * s[2])
+
+
+def _ort_matmul(sa: float, za: int, sb: float, zb: int, shape_a: tuple[int, ...], shape_b: tuple[int, ...],
+                sy: float | None = None, zy: int = 0) -> ort.InferenceSession:
+    """DQ(A), DQ(B) -> MatMul (-> Q -> DQ with `sy`): what ONNX Runtime fuses into MatMulIntegerToFloat (or
+    QLinearMatMul)."""
+    init = [numpy_helper.from_array(np.array(v, t), n) for v, t, n in
+            ((sa, np.float32, "sa"), (za, np.uint8, "za"), (sb, np.float32, "sb"), (zb, np.uint8, "zb"))]
+    nodes = [helper.make_node("DequantizeLinear", ["A", "sa", "za"], ["da"]),
+             helper.make_node("DequantizeLinear", ["B", "sb", "zb"], ["db"]),
+             helper.make_node("MatMul", ["da", "db"], ["mm"])]
+    if sy is None:
+        nodes.append(helper.make_node("Identity", ["mm"], ["Y"]))
+    else:
+        init += [numpy_helper.from_array(np.array(sy, np.float32), "sy"), numpy_helper.from_array(np.array(zy, np.uint8), "zy")]
+        nodes += [helper.make_node("QuantizeLinear", ["mm", "sy", "zy"], ["q"]),
+                  helper.make_node("DequantizeLinear", ["q", "sy", "zy"], ["Y"])]
+    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("A", TensorProto.UINT8, list(shape_a)),
+                                            helper.make_tensor_value_info("B", TensorProto.UINT8, list(shape_b))],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matmul_rounding_is_matmul_integer_to_float_bit_for_bit(seed):
+    """Attention's q @ k^T in ONNX Runtime sums the integers exactly and scales once; PyTorch's float32 matmul of
+    the dequantized operands differs from it in most values, MatMulRounding in none (and with a quantizer after
+    it, QLinearMatMul's values too)."""
+    rng = np.random.default_rng(seed)
+    shape_a, shape_b = (2, 3, 64, 96), (2, 3, 96, 80)
+    a = rng.integers(0, 256, shape_a, dtype=np.uint8)
+    b = rng.integers(0, 256, shape_b, dtype=np.uint8)
+    sa, sb = (float(np.float32(10 ** rng.uniform(-3, -1))) for _ in range(2))
+    za, zb = (int(rng.choice((0, 128))) for _ in range(2))
+    s_a, s_b = torch.tensor(sa), torch.tensor(sb)
+    xa = (torch.from_numpy(a.astype(np.float32)) - za) * s_a  # the quantizers' outputs
+    xb = (torch.from_numpy(b.astype(np.float32)) - zb) * s_b
+    plain = torch.matmul(xa, xb)
+    y = MatMulRounding().eval()(plain, xa, xb, s_a, s_b)
+    want = _ort_matmul(sa, za, sb, zb, shape_a, shape_b).run(None, {"A": a, "B": b})[0]
+    assert np.array_equal(y.numpy(), want)
+    assert (plain.numpy() != want).mean() > 0.3  # the float32 matmul is not what ONNX Runtime computes
+    sy = float(np.float32(sa * sb * 10 ** rng.uniform(1.5, 2.5)))
+    want_q = _ort_matmul(sa, za, sb, zb, shape_a, shape_b, sy, 128).run(None, {"A": a, "B": b})[0]
+    got_q = quantize(y, torch.tensor(sy), -128, 127) * torch.tensor(sy)
+    assert np.array_equal(got_q.numpy(), want_q)
+    assert MatMulRounding().train()(plain, xa, xb, s_a, s_b) is plain  # identity in training

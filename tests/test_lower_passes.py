@@ -63,4 +63,5 @@ def test_lower_writes_exactly_the_pass_lists_graph(tmp_path) -> None:
 def test_lower_passes_default_keeps_the_hardware_default_level() -> None:
     """Without an accuracy level, the pass list uses ONNX Runtime's int8-compute level 4 (the schema's default)."""
     assert lower_passes()[0].accuracy_level == 4
-    assert [type(p).__name__ for p in lower_passes()] == ["LowerToQDQPass", "ContiguousBeforeReshapePass"]
+    assert [type(p).__name__ for p in lower_passes()] == ["LowerToQDQPass", "FoldFloatConstantsPass",
+                                                         "ContiguousBeforeReshapePass"]

@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.kernels import AddRounding, BiasRounding
+from ..quant.kernels import AddRounding, BiasRounding, MatMulRounding
 from ..quant.lsq import LSQQuantizer
 
 if TYPE_CHECKING:
@@ -40,13 +40,13 @@ __all__ = ["NoiseFloor", "float_op_nodes", "float_ops_before", "measure_noise_fl
 # single IEEE-754 operations); the walk goes through them to their tensor inputs
 _MOVE_METHODS = frozenset({
     "reshape", "view", "permute", "transpose", "flatten", "unflatten", "contiguous", "expand", "expand_as", "squeeze",
-    "unsqueeze", "unbind", "chunk", "split", "repeat", "roll", "narrow", "select", "clone", "detach", "relu", "relu_",
+    "unsqueeze", "unbind", "chunk", "split", "repeat", "roll", "narrow", "select", "clone", "detach", "relu", "relu_", "t",
     "clamp", "clamp_", "clip", "neg", "swapaxes", "movedim", "index_select", "masked_fill", "__getitem__",
 })
 _ARITH_METHODS = frozenset({"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "__add__", "__sub__",
                             "__mul__", "__truediv__"})
 _MOVE_FUNCTIONS = frozenset({
-    operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.cat, torch.concat,
+    operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.t, torch.cat, torch.concat,
     torch.stack, torch.roll, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.unbind,
     torch.swapaxes, torch.movedim, torch.relu, torch.clamp, torch.clip, torch.neg, operator.neg, torch.index_select,
     F.relu, F.relu6, F.hardtanh, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
@@ -61,7 +61,7 @@ _MOVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.
                  nn.AdaptiveMaxPool2d, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten, nn.Unflatten)
 # exact given their inputs: a quantizer, or an integer kernel simulated bit for bit (input 0 is the float value
 # the kernel reads: the layer's float accumulation, the float sum)
-_KERNEL_MODULES = (LSQQuantizer, AddRounding, BiasRounding)
+_KERNEL_MODULES = (LSQQuantizer, AddRounding, BiasRounding, MatMulRounding)
 
 
 def _kind(gm: fx.GraphModule, n: fx.Node) -> tuple[str, list[Any]]:
@@ -72,6 +72,8 @@ def _kind(gm: fx.GraphModule, n: fx.Node) -> tuple[str, list[Any]]:
         mod = gm.get_submodule(str(n.target))
         if isinstance(mod, LSQQuantizer):
             return "source", []
+        if isinstance(mod, MatMulRounding):  # the exact integer product of its two quantized operands
+            return "exact", list(n.args[1:3])
         if isinstance(mod, _KERNEL_MODULES):
             return "exact", [n.args[0]]
         if isinstance(mod, _MOVE_MODULES):
