@@ -17,6 +17,12 @@ unless another uniform candidate scored higher in phase 2), the greedy order is 
 first point whose cost measured by fxmpq (`Analysis.cost`) is <= `budget.limit` is taken; when none is, the
 cheapest point is taken and `fits` is false. The whole validation slice is the only data the callbacks see.
 
+A model that calls F.scaled_dot_product_attention (small_vit) is given to AIMET with that call written out as
+softmax(q @ k^T * scale) @ v (`attention_written_out`): aimet-torch 2.42 has no quantized definition of the op and
+stops otherwise. fxmpq's attention-matmul layers then have no AIMET module of their name (kept at 8/8), nor do the
+projections' inputs (AIMET quantizes the matmul's output before the transpose): the walk may not reach a tight
+BitOps budget, and the cheapest point is kept (`fits` false).
+
 Mapping AIMET's quantizer groups onto fxmpq layers (names: `fxmpq.analyze(model, x, hardware=...).layers`):
   * weight bits: the group holding the layer's weight quantizer. prepare_model keeps module qualnames, so an
     fxmpq conv/linear named "features.0.2.0" is the sim's module "features.0.2.0" (weight shape checked).
@@ -188,6 +194,54 @@ def import_peer() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ AIMET
+def attention_written_out(model: Any, dummy: Any) -> tuple[Any, int]:
+    """`model` with every F.scaled_dot_product_attention call written out as softmax(q @ k^T * scale) @ v (the
+    same function; fxmpq's own capture does the same rewrite), and how many; `model` itself when it has none.
+
+    aimet-torch 2.42 has no quantized definition of scaled_dot_product_attention: its QuantizationSimModel stops
+    and asks the user to register one (`@QuantizationMixin.implements(ScaledDotProductAttention)`). Written out,
+    the attention is two matmuls and a softmax, which AIMET quantizes (its MatMul and Softmax modules). Module
+    qualnames are kept, so the layers map onto fxmpq's as before; AIMET's matmul modules have no fxmpq name, so
+    fxmpq's attention-matmul layers stay at 8/8 in the mapped policy (a note says so)."""
+    import torch
+    import torch.fx as fx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from fxmpq.capture.attention import decompose_sdpa
+
+    if not _calls_sdpa(model, dummy):
+        return model, 0
+    gm = fx.symbolic_trace(copy.deepcopy(model).eval())
+    ShapeProp(gm).propagate(dummy)
+    n = decompose_sdpa(gm)
+    for node in gm.graph.nodes:  # AIMET makes an nn.Softmax of a functional softmax: its dim must be a keyword
+        if node.op == "call_function" and node.target is torch.softmax and len(node.args) == 2:
+            node.target, node.args, node.kwargs = torch.nn.functional.softmax, node.args[:1], {"dim": node.args[1]}
+    gm.recompile()
+    return gm, n
+
+
+def _calls_sdpa(model: Any, dummy: Any) -> bool:
+    """Whether a forward pass of `model` on `dummy` calls F.scaled_dot_product_attention."""
+    import torch
+    import torch.nn.functional as F
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(1)
+        return real(*args, **kwargs)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            model.eval()(dummy)
+    finally:
+        F.scaled_dot_product_attention = real
+    return bool(seen)
+
+
 def build_sim(aimet: dict[str, Any], model: Any, dummy: Any, calib_fn: Any, calib: Any) -> Any:
     """prepare_model -> fold_all_batch_norms -> QuantizationSimModel (W8A8) -> compute_encodings."""
     prepared = aimet["prepare_model"](copy.deepcopy(model).eval())  # fx shares modules: never touch the user's
@@ -503,6 +557,10 @@ def main(argv: list[str]) -> int:
     say(f"{job['net']} on {job['data']}: {len(analysis.layers)} fxmpq layers, candidates "
         f"{', '.join(f'W{w}A{a}' for w, a in pairs)}, budget {metric} <= {limit:.6g}")
     t0 = time.perf_counter()
+    model, written_out = attention_written_out(model, dummy)
+    if written_out:
+        say(f"{written_out} scaled_dot_product_attention calls written out as matmul-softmax-matmul for AIMET "
+            f"(it has no quantized definition of that op)")
     sim = build_sim(aimet, model, dummy, calib_fn, calib)
     groups = quantizer_groups(aimet, sim)
     layout = Layout(sim, groups, analysis, dummy)
