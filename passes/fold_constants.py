@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxmpq.core.dead_code import eliminate_dead_code
-from fxmpq.export.noise_floor import float_op_nodes
+from fxmpq.quant.float_ops import float_op_nodes
 
 from .lower_qdq import LOWERED
 from .qdq_ops import DQ_OP, NBITS_OP, QDQ_CHANNELS_OP, QDQ_OP
