@@ -30,7 +30,7 @@ from fxmpq.capture.graph import propagate_shapes
 from fxmpq.capture.record import quantizer_record_of
 from fxmpq.export.lower import to_onnx
 from fxmpq.export.noise_floor import float_ops_before
-from fxmpq.export.parity import open_session, output_step, qdq_nodes, run_ort
+from fxmpq.export.parity import activation_qdq_outputs, open_session, output_step, qdq_nodes, run_ort
 from fxmpq.passes import run_passes
 from fxmpq.quant.lsq import LSQQuantizer
 from fxmpq.quant.storage import as_storage
@@ -65,16 +65,7 @@ def flips_by_quantizer(q: fxmpq.QuantModel, x: torch.Tensor, samples: int, seed:
     g = torch.Generator().manual_seed(seed)
     inputs = torch.randn((samples, *x.shape[1:]), generator=g)
     qnodes = qdq_nodes(lowered)
-    producer = {o: n for n in proto.graph.node for o in n.output}
-    names = []
-    for n in proto.graph.node:
-        if n.op_type != "DequantizeLinear":
-            continue
-        src = producer.get(n.input[0])
-        if src is not None and src.op_type == "Clip":
-            src = producer.get(src.input[0])
-        if src is not None and src.op_type == "QuantizeLinear":
-            names.append(n.output[0])
+    names = activation_qdq_outputs(proto)
     if len(names) != len(qnodes):
         raise SystemExit(f"cannot align: {len(qnodes)} quantizers in PyTorch, {len(names)} QDQ pairs in ONNX")
     with tempfile.TemporaryDirectory() as d:

@@ -22,7 +22,7 @@ from ..quant.lsq import LSQQuantizer
 if TYPE_CHECKING:
     from ..quant.quant_model import QuantModel
 
-__all__ = ["StageParity", "lowering_parity", "open_session", "output_step", "qdq_nodes", "quantizer_parity", "run_ort",
+__all__ = ["StageParity", "activation_qdq_outputs", "lowering_parity", "open_session", "output_step", "qdq_nodes", "quantizer_parity", "run_ort",
            "run_torch"]
 
 
@@ -165,6 +165,23 @@ class StageParity:
     first_flip: str | None = None
 
 
+def activation_qdq_outputs(model: Any) -> list[str]:
+    """The activation quantize-dequantize pairs of an ONNX model, in graph order: the outputs of the
+    DequantizeLinear nodes fed (maybe through a Clip) by a QuantizeLinear; one per quantizer call of the lowered
+    graph (`qdq_nodes`)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    names = []
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear":
+            continue
+        src = producer.get(n.input[0])
+        if src is not None and src.op_type == "Clip":
+            src = producer.get(src.input[0])
+        if src is not None and src.op_type == "QuantizeLinear":
+            names.append(n.output[0])
+    return names
+
+
 def quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Tensor, ...], batch: int
                      ) -> StageParity:
     """Every activation quantizer, PyTorch vs ONNX Runtime, in graph order, on the first `batch` inputs.
@@ -179,18 +196,7 @@ def quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Te
     import onnx
 
     qnodes = qdq_nodes(lowered)
-    m = onnx.load(str(path))
-    # activation QDQs in the ONNX graph: DequantizeLinear nodes fed (maybe via Clip) by a QuantizeLinear
-    producer = {o: n for n in m.graph.node for o in n.output}
-    names = []
-    for n in m.graph.node:
-        if n.op_type != "DequantizeLinear":
-            continue
-        src = producer.get(n.input[0])
-        if src is not None and src.op_type == "Clip":
-            src = producer.get(src.input[0])
-        if src is not None and src.op_type == "QuantizeLinear":
-            names.append(n.output[0])
+    names = activation_qdq_outputs(onnx.load(str(path)))
     if len(names) != len(qnodes):
         return StageParity(f"cannot align intermediate outputs ({len(qnodes)} quantizers in PyTorch, {len(names)} "
                            f"QDQ pairs in ONNX)", None)
