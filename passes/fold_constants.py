@@ -58,14 +58,14 @@ class FoldFloatConstantsPass(PassBase):
         # a frontier node (constant, read by a non-constant one) is folded when a float op lies in its subgraph
         frontier = [n for n in g.nodes if n in const and n.op != "get_attr"
                     and any(u not in const for u in n.users)]
-        values: dict[fx.Node, Any] = {}
+        interp = fx.Interpreter(gm)  # evaluates constant nodes one by one, each once (its env caches them)
 
-        def value(n: Any) -> Any:
-            if not isinstance(n, fx.Node):
-                return n
-            if n not in values:
-                values[n] = _evaluate(gm, n, value)
-            return values[n]
+        def value(n: fx.Node) -> Any:
+            if n not in interp.env:
+                for a in n.all_input_nodes:
+                    value(a)
+                interp.env[n] = interp.run_node(n)
+            return interp.env[n]
 
         def has_float(n: fx.Node, seen: set[fx.Node]) -> bool:
             if n in seen:
@@ -108,19 +108,3 @@ class FoldFloatConstantsPass(PassBase):
         log.info("folded %d constant float subgraphs into buffers (computed by PyTorch)", folded)
         return PassResult(gm, True)
 
-
-def _evaluate(gm: fx.GraphModule, n: fx.Node, value: Any) -> Any:
-    """The value of constant node `n`, its inputs evaluated by `value`."""
-    args = fx.node.map_arg(n.args, value)
-    kwargs = fx.node.map_arg(n.kwargs, value)
-    if n.op == "get_attr":
-        obj: Any = gm
-        for part in str(n.target).split("."):
-            obj = getattr(obj, part)
-        return obj
-    if n.op == "call_function":
-        return n.target(*args, **kwargs)
-    if n.op == "call_method":
-        self_obj, *rest = args
-        return getattr(self_obj, str(n.target))(*rest, **kwargs)
-    return gm.get_submodule(str(n.target))(*args, **kwargs)

@@ -52,6 +52,7 @@ __all__ = ["DQ_OP", "LOWERED", "NBITS_OP", "QDQ_CHANNELS_OP", "QDQ_OP", "LowerTo
            "quantize_dequantize", "quantize_dequantize_channels"]
 
 LOWERED = "fxmpq_lowered"  # container module of the integer buffers
+_SIMULATED = (BiasRounding, AddRounding, MatMulRounding)  # PyTorch's stand-ins for ONNX Runtime's integer kernels
 
 
 
@@ -140,13 +141,13 @@ class LowerToQDQPass(PassBase):
             propagate_shapes(gm, as_input_tuple(self.example_inputs))
         layers = list(records(gm))
         quantizers = [n for n in gm.graph.nodes if n.op == "call_module"
-                      and isinstance(gm.get_submodule(n.target), LSQQuantizer | BiasRounding | AddRounding | MatMulRounding)]
+                      and isinstance(gm.get_submodule(n.target), (LSQQuantizer, *_SIMULATED))]
         if not layers and not quantizers:
             return PassResult(gm, False)
         if not hasattr(gm, LOWERED):
             gm.add_module(LOWERED, nn.Module())
-        for node in quantizers:  # the int32 bias, QLinearAdd and MatMulIntegerToFloat realise what BiasRounding,
-            if isinstance(gm.get_submodule(node.target), BiasRounding | AddRounding | MatMulRounding):  # ... simulate
+        for node in quantizers:  # the int32 bias, QLinearAdd and MatMulIntegerToFloat realise what these simulate
+            if isinstance(gm.get_submodule(node.target), _SIMULATED):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
         eliminate_dead_code(gm.graph)

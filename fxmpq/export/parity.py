@@ -22,8 +22,8 @@ from ..quant.lsq import LSQQuantizer
 if TYPE_CHECKING:
     from ..quant.quant_model import QuantModel
 
-__all__ = ["StageParity", "activation_qdq_outputs", "lowering_parity", "open_session", "output_step", "qdq_nodes", "quantizer_parity", "run_ort",
-           "run_torch"]
+__all__ = ["StageParity", "activation_qdq_outputs", "lowering_parity", "open_session", "output_step", "qdq_nodes",
+           "quantizer_parity", "run_ort", "run_torch"]
 
 
 def open_session(path: Path, extra_outputs: Sequence[str] = ()) -> Any:
