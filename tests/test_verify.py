@@ -144,3 +144,20 @@ def test_measured_indicators_refuse_bad_input(case) -> None:
         fxmpq.measured_indicators(qm, data, batches=0)
     with pytest.raises(ArgumentError, match="jointly trained QuantModel"):
         fxmpq.measured_indicators(Mlp(), data)
+
+
+def test_measured_rows_continue_by_the_noise_model_where_nothing_is_resolved() -> None:
+    """Increases within 2 standard errors of zero say nothing: above the highest resolved bit the row falls 4x per
+    bit (never a flat floor that makes the lower bits free), ties break toward more bits, a row with nothing
+    resolved starts at its lowest bit's noise level."""
+    from fxmpq.policy_search.sensitivity import repair_row
+
+    row = {2: (1.0, 0.1), 3: (0.3, 0.05), 4: (0.01, 0.02), 6: (-0.02, 0.02), 8: (0.0, 0.0)}
+    out = repair_row(row, floor=1e-9)
+    assert out[2] == 1.0 and out[3] == 0.3  # resolved: the measurement itself
+    assert out[4] == pytest.approx(0.3 / 4) and out[6] == pytest.approx(0.3 / 64) and out[8] == pytest.approx(0.3 / 1024)
+    tied = repair_row({2: (0.5, 0.1), 3: (0.4, 0.1), 4: (0.6, 0.1), 8: (0.0, 0.0)}, floor=1e-9)
+    assert tied[4] == 0.6 and tied[3] == pytest.approx(0.6 * 1.01) and tied[2] == pytest.approx(0.6 * 1.01 ** 2)
+    none = repair_row({2: (0.01, 0.05), 4: (-0.01, 0.05), 8: (0.0, 0.0)}, floor=1e-9)
+    assert none[2] == pytest.approx(0.1) and none[4] == pytest.approx(0.1 / 16) and none[8] == pytest.approx(0.1 / 4 ** 6)
+    assert repair_row({2: (0.0, 0.0), 8: (0.0, 0.0)}, floor=1e-6) == {2: 1e-6, 8: 1e-6}  # no noise known: the floor

@@ -1,4 +1,9 @@
-"""Measured sensitivities as indicators: the held-out loss increase when one layer alone drops to b bits."""
+"""Measured sensitivities as indicators: the held-out loss increase when one layer alone drops to b bits.
+
+Each increase comes with its standard error (paired over the held-out samples). Where an increase is not told
+apart from zero, the measurement says nothing, so the row continues from its last resolved bit by the quantization
+noise model (the error power falls 4x per bit), instead of a floor that makes every unresolved bit look free.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from ..core.batches import split_batch
 from ..core.devices import as_device
-from ..errors import ArgumentError, PolicyError
+from ..errors import ArgumentError, DataError, PolicyError, first_line
 from ..quant.quant_model import QuantModel
 from .indicators import Indicators
-from .verify import evaluate, held_out
+from .verify import held_out
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +28,54 @@ __all__ = ["measured_indicators"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _FLOOR = 1e-6  # the smallest indicator, relative to the largest loss increase (indicators must be positive)
+_Z = 2.0  # an increase is resolved when it exceeds _Z standard errors
+_DECAY = 4.0  # quantization error power per bit (a step half as large): the row's slope where nothing is resolved
+_TIE = 1.01  # resolved rows strictly decreasing: a lower bit at least 1 % worse than the next higher one
+
+
+def _sample_losses(qmodel: torch.nn.Module, held: Any, loss_fn: LossFn | None, dev: torch.device) -> torch.Tensor:
+    """Per-sample cross-entropy (default) or, with a custom `loss_fn` (one number per batch), per-batch losses of
+    `qmodel` in eval mode over `held`, in float64: the units the paired standard errors are taken over."""
+    out_losses = []
+    for i, batch in enumerate(held):
+        inputs, y = split_batch(batch, i, what="measured_indicators: data", class_targets=True)
+        try:
+            out = qmodel(*(x.to(dev) for x in inputs))
+        except Exception as e:
+            raise DataError(f"measured_indicators: data: the model fails on batch {i}: {type(e).__name__}: "
+                            f"{first_line(e)}") from e
+        y = y.to(out.device)
+        if loss_fn is None:
+            out_losses.append(F.cross_entropy(out, y, reduction="none").detach().double().reshape(-1).cpu())
+        else:
+            out_losses.append(torch.tensor([float(loss_fn(out, y))], dtype=torch.float64))
+    if not out_losses or sum(t.numel() for t in out_losses) == 0:
+        raise DataError("measured_indicators: data yielded no samples")
+    return torch.cat(out_losses)
+
+
+def repair_row(rise: dict[int, tuple[float, float]], floor: float) -> dict[int, float]:
+    """One layer's indicators from its measured (increase, standard error) per bit: non-increasing in the bits
+    (the largest increase at this or any higher bit, so noise never makes a lower bit look safer), strictly so
+    (`_TIE`), and above the highest bit whose increase exceeds `_Z` standard errors it falls `_DECAY`-fold per bit
+    (quantization error power); a row with no resolved bit starts at its lowest bit's noise level `_Z * se`."""
+    bits = sorted(rise)
+    resolved = [b for b in bits if rise[b][0] > _Z * rise[b][1]]
+    out: dict[int, float] = {}
+    if resolved:
+        top_r = max(resolved)
+        running = 0.0
+        for b in sorted((b for b in bits if b <= top_r), reverse=True):
+            running = max(running * _TIE, rise[b][0])
+            out[b] = running
+        anchor, start = out[top_r], top_r
+    else:
+        anchor, start = max(_Z * rise[bits[0]][1], floor), bits[0]
+        out[start] = anchor
+    for b in bits:
+        if b > start:
+            out[b] = anchor * _DECAY ** -(b - start)
+    return {b: max(out[b], floor) for b in bits}
 
 
 def measured_indicators(
@@ -38,9 +93,15 @@ def measured_indicators(
     (pinned layers at their pins), in eval mode, on the first `batches` batches of `data` (kept, so every
     measurement sees the same samples). For layer l and weight bit b, l's weight quantizer and its BatchNorm switch
     to b (the activation stays at the highest bit) and the mean `loss_fn` (default cross-entropy) is measured again;
-    likewise for l's input quantizer at each activation bit. Each row is then made non-increasing in the bits (the
-    largest increase at this or any higher bit, so noise never makes a lower bit look safer) and floored at 1e-6 of
-    the largest increase (an indicator is positive; the highest bit's increase is 0 by definition).
+    likewise for l's input quantizer at each activation bit. Each increase has a paired standard error over the
+    samples (default loss; over the batches with a custom `loss_fn`, which returns one number per batch). Each row
+    is then made non-increasing in the bits (the largest increase at this or any higher bit, so noise never makes a
+    lower bit look safer, and 1 % more per bit down, so a tie never makes a lower bit free); above the row's highest
+    bit whose increase exceeds 2 standard errors the measurement cannot tell the bits apart, so the row falls 4x per
+    bit from there (quantization error power halves its step per bit); a row with nothing resolved starts from
+    its lowest bit's noise level (2 standard errors). Floored at 1e-6 of the largest increase (an indicator is
+    positive). Measured on the benchmark nets, the floor alone left whole rows equal, and the search then gave such
+    layers 2-bit activations for free (docs/search.md).
 
     The search uses them unchanged (`fxmpq.search`, `fxmpq.candidates`): weight and activation terms are in the
     same unit (loss), so use alpha=1. Their `meta` records the source, the batches and the reference loss. The
@@ -57,56 +118,68 @@ def measured_indicators(
         raise PolicyError(f"measured_indicators: the model's policy is already applied (layers "
                           f"{', '.join(applied[:3])}...); measure the jointly trained model before apply_policy")
     held = held_out(data, int(batches), "measured_indicators: data")
-    dev = as_device(device, "measured_indicators: device")
+    dev = as_device(device, "measured_indicators: device") or next(
+        (p.device for p in qmodel.parameters()), torch.device("cpu"))
     names = qmodel.searchable_names
     w_top, a_top = max(qmodel.bits), max(qmodel.act_bits)
     before, was = qmodel.policy, qmodel.training
 
-    def loss() -> float:
-        return evaluate(qmodel, held, loss_fn=loss_fn, device=dev, what="measured_indicators: data").loss
+    base_losses = torch.zeros(0, dtype=torch.float64)
 
-    rise: dict[tuple[str, str], dict[int, float]] = {}
+    def rise_now() -> tuple[float, float]:
+        """(mean increase over the reference, its paired standard error) with the quantizers as they are now."""
+        d = _sample_losses(qmodel, held, loss_fn, dev) - base_losses
+        se = float(d.std(unbiased=True)) / d.numel() ** 0.5 if d.numel() > 1 else 0.0
+        return float(d.mean()), se
+
+    rise: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
+    was_grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
     try:
+        qmodel.eval()
         qmodel.set_uniform(w_top, a_top)
-        base = evaluate(qmodel, held, loss_fn=loss_fn, device=dev, what="measured_indicators: data")
+        base_losses = _sample_losses(qmodel, held, loss_fn, dev)
         for n in names:
             wq, aq, bn = qmodel.weight_quantizer(n), qmodel.act_quantizer(n), qmodel.batchnorm(n)
-            rise[(n, "w")] = {w_top: 0.0}
+            rise[(n, "w")] = {w_top: (0.0, 0.0)}
             for b in wq.bits:
                 if b != w_top:
                     wq.set_bits(b)
                     if bn is not None:
                         bn.set_bits(b)
-                    rise[(n, "w")][b] = loss() - base.loss
+                    rise[(n, "w")][b] = rise_now()
             wq.set_bits(w_top)
             if bn is not None:
                 bn.set_bits(w_top)
-            rise[(n, "a")] = {a_top: 0.0}
+            rise[(n, "a")] = {a_top: (0.0, 0.0)}
             for b in aq.bits:
                 if b != a_top:
                     aq.set_bits(b)
-                    rise[(n, "a")][b] = loss() - base.loss
+                    rise[(n, "a")][b] = rise_now()
             aq.set_bits(a_top)
     finally:
+        torch.set_grad_enabled(was_grad)
         if before is None:
             qmodel.disable_quant()
         else:
             qmodel.set_policy(before)
         qmodel.train(was)
-    top = max((v for row in rise.values() for v in row.values()), default=0.0)
+    top = max((m for row in rise.values() for m, _ in row.values()), default=0.0)
     floor = _FLOOR * top if top > 0 else 1e-12
     table: dict[str, dict[str, dict[int, float]]] = {"w": {}, "a": {}}
     for (n, kind), row in rise.items():
-        out, running = {}, 0.0
-        for b in sorted(row, reverse=True):  # highest bit first: the largest increase at b or any higher bit
-            running = max(running, row[b])
-            out[b] = max(running, floor)
-        table[kind][n] = out
+        table[kind][n] = repair_row(row, floor)
+    unresolved = sum(1 for row in rise.values() for b, (m, se) in row.items() if m <= _Z * se and b != max(row))
+    total = sum(len(row) - 1 for row in rise.values())
+    ref_loss = float(base_losses.mean())
+    samples = int(sum(int(split_batch(bt, i, what="measured_indicators: data", class_targets=True)[1].numel())
+                      for i, bt in enumerate(held)))
     meta = {"source": "fxmpq.measured_indicators", "hardware": qmodel.analysis.hardware.name,
-            "method": f"loss increase with one layer at b bits, the rest at W{w_top}A{a_top}, on {base.samples} "
-                      f"held-out samples ({batches} batches); rows non-increasing in the bits, floored at "
-                      f"{floor:.3g}",
-            "reference_loss": f"{base.loss:.6g}"}
-    log.info("measured_indicators: reference loss %.4f on %d samples; largest increase %.4f", base.loss,
-             base.samples, top)
+            "method": f"loss increase with one layer at b bits, the rest at W{w_top}A{a_top}, on {samples} "
+                      f"held-out samples ({batches} batches); rows non-increasing in the bits; above a row's "
+                      f"highest increase beyond {_Z:g} standard errors, {_DECAY:g}x smaller per bit "
+                      f"({unresolved} of {total} increases unresolved); floored at {floor:.3g}",
+            "reference_loss": f"{ref_loss:.6g}"}
+    log.info("measured_indicators: reference loss %.4f on %d samples; largest increase %.4f; %d of %d increases "
+             "within %g standard errors of zero", ref_loss, samples, top, unresolved, total, _Z)
     return Indicators(layers=tuple(names), bits=qmodel.all_bits, weight=table["w"], act=table["a"], meta=meta)
