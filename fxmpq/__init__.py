@@ -32,6 +32,7 @@ from .export.lower import LowerReport, lower
 from .hardware.spec import HardwareSpec, LayerKind, Pins, builtin_hardware, load_hardware
 from .pipeline import QuantizedModel, accuracy, quantize
 from .policy_search.api import ParetoResult, SearchResult, SearchStatus, pareto, search
+from .policy_search.blend import blend_indicators
 from .policy_search.candidates import Candidate, CandidateSet, candidates
 from .policy_search.hessian import hessian_indicators
 from .policy_search.indicators import Cleaning, Indicators
@@ -89,6 +90,7 @@ __all__ = [
     "accuracy",
     "analyze",
     "apply_policy",
+    "blend_indicators",
     "builtin_hardware",
     "candidates",
     "finetune",

@@ -14,7 +14,7 @@ EXPECTED = {
     "SearchOptions", "SearchResult", "TrainOptions",
     "SearchStatus", "SolverError", "Storage",
     "TraceError", "TrainStats", "__version__", "accuracy", "analyze", "apply_policy", "builtin_hardware",
-    "candidates", "finetune", "hessian_indicators", "indicators_from_model", "load_hardware", "lower", "measured_indicators", "models", "ort_session", "pareto", "prepare", "quantize",
+    "blend_indicators", "candidates", "finetune", "hessian_indicators", "indicators_from_model", "load_hardware", "lower", "measured_indicators", "models", "ort_session", "pareto", "prepare", "quantize",
     "search", "trace", "train_indicators", "verify",
 }
 

@@ -82,7 +82,7 @@ class Recipe:
     finetune_lr: float = 0.01
     batch_size: int = 64
     val_images: int = 1000  # of the validation split, for the jointly trained model's accuracy per policy
-    measure_batches: int = 1  # validation batches for the measured sensitivities (each layer x bit x w/a: many evals)
+    measure_batches: int = 4  # validation batches for the measured sensitivities (each layer x bit x w/a: many evals)
     val_batch: int = 250
     verify_count: int = 16
     test_samples: int | None = None
@@ -422,6 +422,8 @@ def plan_net(p: Prepared, args: argparse.Namespace, r: Recipe, hw: Path, data_na
                    "inverted": (inverted_indicators(p.indicators), 2.0, 0.0)}
         if p.measured is not None:
             sources["measured"] = (p.measured, 1.0, p.times.get("indicator_training", 0.0) + p.times.get("measured", 0.0))
+            sources["blend"] = (fxmpq.blend_indicators([(p.indicators, 2.0), (p.measured, 1.0)]), 1.0,
+                                p.times.get("indicator_training", 0.0) + p.times.get("measured", 0.0))
         verified = verify_at(p, budget, bud, valid, hw, r)
         if verified is not None:
             pol, secs = verified
@@ -567,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
                          "Hessian objective": -objective(p.hessian, pol, 1.0, layers)}
             if p.measured is not None:
                 e["pred"]["measured-sensitivity objective"] = -objective(p.measured, pol, 1.0, layers)
+                e["pred"]["blend (learned + measured)"] = -objective(
+                    fxmpq.blend_indicators([(p.indicators, 2.0), (p.measured, 1.0)]), pol, 1.0, layers)
             if e["key"] in jacc:
                 e["pred"]["joint-model top-1"] = jacc[e["key"]]
             if sens is not None:
