@@ -17,7 +17,14 @@ from .core.atomic import check_writable, remove_stale_temps
 from .core.batches import check_data, split_batch
 from .core.devices import as_device
 from .core.jsonio import dump_json
-from .core.options import LowerOptions, QuantOptions, SearchOptions, TrainOptions, fold_keywords
+from .core.options import (
+    MEASURE_BATCHES,
+    LowerOptions,
+    QuantOptions,
+    SearchOptions,
+    TrainOptions,
+    fold_keywords,
+)
 from .core.workdir import (
     ARTEFACTS,
     AUDIT_JSON,
@@ -25,6 +32,7 @@ from .core.workdir import (
     FINETUNE_CKPT,
     INDICATORS_CKPT,
     INDICATORS_JSON,
+    MEASURED_JSON,
     MODEL_ONNX,
     POLICY_JSON,
     SEARCH_JSON,
@@ -37,10 +45,12 @@ from .errors import ArgumentError, CheckpointError, DataError, FxmpqError, Indic
 from .export.lower import LowerReport, lower
 from .hardware.spec import HardwareSpec, load_hardware
 from .policy_search.api import SearchResult, check_feasible, pareto
+from .policy_search.blend import blend_indicators
 from .policy_search.candidates import DEFAULT_COUNT, CandidateSet, as_result
 from .policy_search.indicators import Indicators
 from .policy_search.report import plot_bits, plot_indicators, plot_pareto
 from .policy_search.selection import VerifyOptions, select_policy
+from .policy_search.sensitivity import measured_indicators
 from .policy_search.targets import check_goal, parse_goal
 from .quant.quant_model import QuantModel
 from .stages import apply_policy, prepare
@@ -250,7 +260,8 @@ def quantize(
     """
     quant, search, train = _options(quant, search, train, legacy)
     bits, act_bits, per_channel = quant.bits, quant.act_bits, quant.per_channel
-    alpha, verify, verify_batches, minimize = search.alpha, search.verify, search.verify_batches, search.minimize
+    alpha, verify, verify_batches, minimize = (search.resolved_alpha, search.verify, search.verify_batches,
+                                               search.minimize)
     finetune_epochs, distill, device, indicator_data = (train.finetune_epochs, train.distill, train.device,
                                                         train.indicator_data)
     if isinstance(model, nn.Module):
@@ -266,6 +277,9 @@ def quantize(
                                        or verify_batches < 1):
         raise ArgumentError(f"quantize: verify_batches must be None or an integer >= 1, found {verify_batches!r}")
     metric = check_goal(goal, hw, minimize=minimize, has_val=val_data is not None, verify=count)
+    if search.indicators != "learned" and val_data is None:
+        raise ArgumentError(f"quantize: indicators={search.indicators!r} measures each layer's sensitivity on the "
+                            f"jointly trained model and needs val_data; give val_data or use indicators='learned'")
     device = as_device(device, "quantize: device")
     train = dataclasses.replace(train, device=device)
     example = as_input_tuple(example_inputs)
@@ -300,6 +314,16 @@ def quantize(
             indicators.to_json(ind_path)
     if ind_path is not None:
         files["indicators"] = ind_path
+
+    # 2b. measured sensitivities on the jointly trained model, searched alone or blended with the learned ones
+    learned = indicators
+    if search.indicators != "learned":
+        measured = measured_indicators(qmodel, val_data, batches=MEASURE_BATCHES, device=device)
+        if wd is not None:
+            measured.to_json(wd / MEASURED_JSON)
+            files["measured"] = wd / MEASURED_JSON
+        indicators = (measured if search.indicators == "measured"
+                      else blend_indicators([(learned, 2.0), (measured, 1.0)]))
 
     # 3. ILP search; with validation data, candidate policies verified on the jointly trained model
     chosen = select_policy(qmodel, indicators, goal, VerifyOptions(count, verify_batches, metric, train.progress),
@@ -340,7 +364,8 @@ def quantize(
     if wd is not None:
         summary = {"budget": str(budget), "limits": budget_limits, "totals": chosen.chosen.totals,
                    "objective": chosen.chosen.objective, "status": chosen.chosen.status, "fp32_accuracy": fp32_acc,
-                   "accuracy": q_acc, "average_bits": policy.average_bits(qmodel.analysis)}
+                   "accuracy": q_acc, "average_bits": policy.average_bits(qmodel.analysis),
+                   "indicators": search.indicators, "alpha": alpha}
         if chosen.candidates is not None:
             c = chosen.candidates
             summary["verified"] = {"candidates": len(c), "chosen": c.chosen, "sources": list(c.best.sources),

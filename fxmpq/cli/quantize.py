@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from torch.utils.data import Subset
 
 from ..core.devices import as_device
-from ..core.options import CHECKPOINT_EVERY, QuantOptions, SearchOptions, TrainOptions
+from ..core.options import CHECKPOINT_EVERY, INDICATOR_SOURCES, QuantOptions, SearchOptions, TrainOptions
 from ..errors import ArgumentError, BudgetError, CheckpointError, DataError, FxmpqError, IndicatorError
 from ..hardware.spec import load_hardware
 from ..models import build_model, parse_model_kwargs
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace, label: str | None) -> int:
                      val_data=val, work_dir=wd, export=not args.no_export,
                      quant=QuantOptions(bits=bits, per_channel=args.per_channel),
                      search=SearchOptions(alpha=args.alpha, verify=verify, verify_batches=args.verify_batches,
-                                          minimize=args.minimize),
+                                          minimize=args.minimize, indicators=args.indicators),
                      train=TrainOptions(indicator_epochs=args.indicator_epochs, finetune_epochs=args.finetune_epochs,
                                         lr=args.lr, finetune_lr=args.finetune_lr, distill=not args.no_distill,
                                         max_steps=args.max_steps, seed=args.seed, device=device,
@@ -173,7 +173,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default --lr)")
-    ap.add_argument("--alpha", type=float, default=2.0, help="weight of the activation indicators (default 2)")
+    ap.add_argument("--alpha", type=float, help="weight of the weight indicators against the activation ones "
+                    "(default 2 for learned indicators, 1 for measured and blend)")
+    ap.add_argument("--indicators", choices=INDICATOR_SOURCES, default="learned",
+                    help="what the search minimises: learned step sizes (default), measured sensitivities on the "
+                         "jointly trained model, or a blend of both (the last two need validation data)")
     ap.add_argument("--per-channel", action="store_true", help="per-output-channel weight step sizes")
     ap.add_argument("--no-distill", action="store_true", help="train on the labels instead of distilling from FP32")
     ap.add_argument("--no-export", action="store_true", help="stop after fine-tuning (export later: fxmpq lower)")

@@ -15,6 +15,8 @@ from ..errors import ArgumentError
 __all__ = [
     "CHECKPOINT_EVERY",
     "DEFAULT_COUNT",
+    "INDICATOR_SOURCES",
+    "MEASURE_BATCHES",
     "LowerOptions",
     "QuantOptions",
     "SearchOptions",
@@ -26,6 +28,10 @@ __all__ = [
 # a run killed mid-epoch loses at most this many steps. Measured cost: docs/RESULTS.md (checkpoint cost).
 CHECKPOINT_EVERY = 100
 DEFAULT_COUNT = 16  # candidates verified by default: 16 validation passes, small next to any fine-tuning
+# What the search minimises: the learned step sizes (LIMPQ), the loss increases measured on the jointly trained
+# model (fxmpq.measured_indicators), or both, each scaled to its range (fxmpq.blend_indicators)
+INDICATOR_SOURCES = ("learned", "measured", "blend")
+MEASURE_BATCHES = 4  # validation batches quantize() measures sensitivities on
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,10 @@ class QuantOptions:
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """The search: `alpha` weighs weight indicators against activation ones; with validation data, `verify`
+    """The search: `indicators` is what it minimises ("learned": the joint training's step sizes, the paper's
+    indicators; "measured": each layer's loss increase at each bit on the jointly trained model, measured on
+    MEASURE_BATCHES batches of validation data; "blend": both, each scaled to its range; the last two need
+    `val_data`); `alpha` weighs weight indicators against activation ones (None: 2 for learned, 1 otherwise); with validation data, `verify`
     candidate policies (0 or False: off; True: DEFAULT_COUNT) are measured on `verify_batches` batches (None: all)
     on the jointly trained model and the best is fine-tuned; `minimize` is the metric an accuracy target minimizes
     (None: the hardware's first).
@@ -51,10 +60,27 @@ class SearchOptions:
     the jointly trained model's top-1 ranks fine-tuned policies worse than the learned objective does (Spearman
     +0.54 against +0.76 over 16 policies) and the verified pick lost about 2 points at both BitOps budgets."""
 
-    alpha: float = 2.0
+    alpha: float | None = None
     verify: int | bool | None = None
     verify_batches: int | None = None
     minimize: str | None = None
+    indicators: str = "learned"
+
+    def __post_init__(self) -> None:
+        if self.indicators not in INDICATOR_SOURCES:
+            raise ArgumentError(f"SearchOptions: indicators={self.indicators!r}: expected one of "
+                                f"{', '.join(INDICATOR_SOURCES)}")
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float)
+                                       or not self.alpha > 0):
+            raise ArgumentError(f"SearchOptions: alpha must be None or a number > 0, found {self.alpha!r}")
+
+    @property
+    def resolved_alpha(self) -> float:
+        """`alpha`, or the source's own: 2 for the learned step sizes (the paper's setting, docs/search.md), 1 for
+        measured sensitivities and the blend (their weight and activation terms are already in one unit)."""
+        if self.alpha is not None:
+            return float(self.alpha)
+        return 2.0 if self.indicators == "learned" else 1.0
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,12 @@ INDICATORS_JSON = "indicators.json"
 INDICATORS_CKPT = "indicators.ckpt"
 SEARCH_JSON = "search.json"
 CANDIDATES_JSON = "candidates.json"
+MEASURED_JSON = "measured.json"  # measured sensitivities, when the search uses them (SearchOptions.indicators)
 POLICY_JSON = "policy.json"
 FINETUNE_CKPT = "finetune.pt"
 SUMMARY_JSON = "summary.json"
 AUDIT_JSON = "audit.json"
 PLOTS = ("bits_per_layer.png", "indicators.png", "pareto.png")
 MODEL_ONNX = "model.onnx"
-ARTEFACTS = (INDICATORS_JSON, INDICATORS_CKPT, SEARCH_JSON, CANDIDATES_JSON, POLICY_JSON, FINETUNE_CKPT, SUMMARY_JSON,
-             *PLOTS, MODEL_ONNX, AUDIT_JSON)
+ARTEFACTS = (INDICATORS_JSON, INDICATORS_CKPT, SEARCH_JSON, CANDIDATES_JSON, MEASURED_JSON, POLICY_JSON, FINETUNE_CKPT,
+             SUMMARY_JSON, *PLOTS, MODEL_ONNX, AUDIT_JSON)
