@@ -123,7 +123,7 @@ def test_the_search_minimises_the_chosen_indicator_source(digits, tmp_path, sour
 
 def test_a_measured_source_without_validation_data_is_refused_before_training(digits) -> None:
     train, _ = digits
-    with pytest.raises(fxmpq.ArgumentError, match="indicators='blend' measures .* needs val_data"):
+    with pytest.raises(fxmpq.ArgumentError, match=r"indicators='blend' measures .* needs val_data"):
         fxmpq.quantize(_model(), "w4a4", train, X, search=fxmpq.SearchOptions(indicators="blend"), **KW)
     with pytest.raises(fxmpq.ArgumentError, match="indicators='hessian': expected one of learned, measured, blend"):
         fxmpq.SearchOptions(indicators="hessian")
