@@ -138,8 +138,21 @@ def test_measured_indicators_find_the_destroyed_layer(case) -> None:
     assert res.policy["fc2"][0] != 2
 
 
+def test_kl_sensitivities_find_the_destroyed_layer(case) -> None:
+    """metric="kl": the outputs' KL divergence from the reference model's, per sample (never negative)."""
+    _, qm, data = case
+    ind = fxmpq.measured_indicators(qm, data, batches=2, metric="kl")
+    assert ind.meta["metric"] == "kl" and "KL divergence" in ind.meta["method"]
+    assert ind.weight["fc2"][2] == max(v for row in ind.weight.values() for v in row.values())
+    assert ind.weight["fc2"][2] > 3 * ind.weight["fc1"][2]  # near-uniform outputs of a random MLP: small KLs
+    loss = fxmpq.measured_indicators(qm, data, batches=2)
+    assert loss.meta["metric"] == "loss" and ind != loss
+
+
 def test_measured_indicators_refuse_bad_input(case) -> None:
     _, qm, data = case
+    with pytest.raises(ArgumentError, match="metric='mse': expected 'loss'"):
+        fxmpq.measured_indicators(qm, data, metric="mse")
     with pytest.raises(ArgumentError, match="batches must be an integer >= 1"):
         fxmpq.measured_indicators(qm, data, batches=0)
     with pytest.raises(ArgumentError, match="jointly trained QuantModel"):

@@ -217,6 +217,7 @@ class Prepared:
     hessian: fxmpq.Indicators
     measured: fxmpq.Indicators | None
     times: dict[str, float]
+    kl: fxmpq.Indicators | None = None
 
 
 def prepare_net(net: str, data: ImageData, valid: ImageData, out: Path, hw: Path, r: Recipe) -> Prepared:
@@ -283,9 +284,21 @@ def prepare_net(net: str, data: ImageData, valid: ImageData, out: Path, hw: Path
                                              valid.loader("train", r.val_batch, shuffle=False), batches=r.measure_batches)
         times["measured"] = time.time() - t
         measured.to_json(mea_path)
+    kl_path = folder / "measured_kl.json"
+    kl = None
+    if kl_path.is_file():
+        kl = fxmpq.Indicators.from_json(kl_path)
+    elif (folder / "joint.pt").is_file():
+        print(f"[{net}] measured sensitivities (KL of the outputs) on the jointly trained model", flush=True)
+        t = time.time()
+        kl = fxmpq.measured_indicators(joint_model(net, kwargs, fp32_path, folder, valid, hw),
+                                       valid.loader("train", r.val_batch, shuffle=False), batches=r.measure_batches,
+                                       metric="kl")
+        times["measured_kl"] = time.time() - t
+        kl.to_json(kl_path)
     times_path.write_text(json.dumps(times, indent=1))
     analysis = fxmpq.analyze(model, data.train_x[:1], hardware=hw)
-    return Prepared(net, kwargs, folder, fp32_path, fp32_acc, analysis, indicators, hessian, measured, times)
+    return Prepared(net, kwargs, folder, fp32_path, fp32_acc, analysis, indicators, hessian, measured, times, kl)
 
 
 def joint_model(net: str, kwargs: dict[str, Any], fp32_path: Path, folder: Path, valid: ImageData,
@@ -424,6 +437,8 @@ def plan_net(p: Prepared, args: argparse.Namespace, r: Recipe, hw: Path, data_na
             sources["measured"] = (p.measured, 1.0, p.times.get("indicator_training", 0.0) + p.times.get("measured", 0.0))
             sources["blend"] = (fxmpq.blend_indicators([(p.indicators, 2.0), (p.measured, 1.0)]), 1.0,
                                 p.times.get("indicator_training", 0.0) + p.times.get("measured", 0.0))
+        if p.kl is not None:
+            sources["kl"] = (p.kl, 1.0, p.times.get("indicator_training", 0.0) + p.times.get("measured_kl", 0.0))
         verified = verify_at(p, budget, bud, valid, hw, r)
         if verified is not None:
             pol, secs = verified
@@ -571,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
                 e["pred"]["measured-sensitivity objective"] = -objective(p.measured, pol, 1.0, layers)
                 e["pred"]["blend (learned + measured)"] = -objective(
                     fxmpq.blend_indicators([(p.indicators, 2.0), (p.measured, 1.0)]), pol, 1.0, layers)
+            if p.kl is not None:
+                e["pred"]["measured KL objective"] = -objective(p.kl, pol, 1.0, layers)
             if e["key"] in jacc:
                 e["pred"]["joint-model top-1"] = jacc[e["key"]]
             if sens is not None:

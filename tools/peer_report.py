@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-ORDER = ("fxmpq", "fxmpq-verify", "measured", "blend", "uniform", "aimet", "modelopt", "hessian", "random-1", "random-2",
+ORDER = ("fxmpq", "fxmpq-verify", "measured", "blend", "kl", "uniform", "aimet", "modelopt", "hessian", "random-1", "random-2",
          "inverted")
 
 

@@ -33,10 +33,15 @@ _DECAY = 4.0  # quantization error power per bit (a step half as large): the row
 _TIE = 1.01  # resolved rows strictly decreasing: a lower bit at least 1 % worse than the next higher one
 
 
-def _sample_losses(qmodel: torch.nn.Module, held: Any, loss_fn: LossFn | None, dev: torch.device) -> torch.Tensor:
-    """Per-sample cross-entropy (default) or, with a custom `loss_fn` (one number per batch), per-batch losses of
-    `qmodel` in eval mode over `held`, in float64: the units the paired standard errors are taken over."""
-    out_losses = []
+def _sample_values(qmodel: torch.nn.Module, held: Any, loss_fn: LossFn | None, dev: torch.device,
+                   reference: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`qmodel`'s per-unit values over `held` (eval mode, float64) and its log-probabilities per batch.
+
+    Without `reference`: the loss per sample (cross-entropy) or, with a custom `loss_fn` (one number per batch),
+    per batch. With `reference` (the reference model's log-probabilities per batch): the KL divergence of this
+    model's output distribution from the reference's, per sample. These are the units the paired standard errors
+    are taken over."""
+    values, logps = [], []
     for i, batch in enumerate(held):
         inputs, y = split_batch(batch, i, what="measured_indicators: data", class_targets=True)
         try:
@@ -45,13 +50,18 @@ def _sample_losses(qmodel: torch.nn.Module, held: Any, loss_fn: LossFn | None, d
             raise DataError(f"measured_indicators: data: the model fails on batch {i}: {type(e).__name__}: "
                             f"{first_line(e)}") from e
         y = y.to(out.device)
-        if loss_fn is None:
-            out_losses.append(F.cross_entropy(out, y, reduction="none").detach().double().reshape(-1).cpu())
+        logp = F.log_softmax(out.detach().double(), dim=-1).cpu()
+        logps.append(logp)
+        if reference is not None:
+            ref = reference[i]
+            values.append((ref.exp() * (ref - logp)).sum(-1).reshape(-1))
+        elif loss_fn is None:
+            values.append(F.cross_entropy(out, y, reduction="none").detach().double().reshape(-1).cpu())
         else:
-            out_losses.append(torch.tensor([float(loss_fn(out, y))], dtype=torch.float64))
-    if not out_losses or sum(t.numel() for t in out_losses) == 0:
+            values.append(torch.tensor([float(loss_fn(out, y))], dtype=torch.float64))
+    if not values or sum(t.numel() for t in values) == 0:
         raise DataError("measured_indicators: data yielded no samples")
-    return torch.cat(out_losses)
+    return torch.cat(values), logps
 
 
 def repair_row(rise: dict[int, tuple[float, float]], floor: float) -> dict[int, float]:
@@ -85,6 +95,7 @@ def measured_indicators(
     batches: int = 4,
     loss_fn: LossFn | None = None,
     device: str | torch.device | None = None,
+    metric: str = "loss",
 ) -> Indicators:
     """Per searchable layer and candidate bit: the loss increase on held-out batches when that layer alone runs at
     that bit-width, on the jointly trained model; weights and input activations measured separately.
@@ -117,6 +128,9 @@ def measured_indicators(
     if applied:
         raise PolicyError(f"measured_indicators: the model's policy is already applied (layers "
                           f"{', '.join(applied[:3])}...); measure the jointly trained model before apply_policy")
+    if metric not in ("loss", "kl"):
+        raise ArgumentError(f"measured_indicators: metric={metric!r}: expected 'loss' (the loss increase) or 'kl' "
+                            f"(the output distribution's KL divergence from the reference's)")
     held = held_out(data, int(batches), "measured_indicators: data")
     dev = as_device(device, "measured_indicators: device") or next(
         (p.device for p in qmodel.parameters()), torch.device("cpu"))
@@ -125,10 +139,14 @@ def measured_indicators(
     before, was = qmodel.policy, qmodel.training
 
     base_losses = torch.zeros(0, dtype=torch.float64)
+    base_logp: list[torch.Tensor] = []
 
     def rise_now() -> tuple[float, float]:
         """(mean increase over the reference, its paired standard error) with the quantizers as they are now."""
-        d = _sample_losses(qmodel, held, loss_fn, dev) - base_losses
+        if metric == "kl":
+            d = _sample_values(qmodel, held, None, dev, base_logp)[0]
+        else:
+            d = _sample_values(qmodel, held, loss_fn, dev, None)[0] - base_losses
         se = float(d.std(unbiased=True)) / d.numel() ** 0.5 if d.numel() > 1 else 0.0
         return float(d.mean()), se
 
@@ -138,7 +156,7 @@ def measured_indicators(
     try:
         qmodel.eval()
         qmodel.set_uniform(w_top, a_top)
-        base_losses = _sample_losses(qmodel, held, loss_fn, dev)
+        base_losses, base_logp = _sample_values(qmodel, held, loss_fn, dev, None)
         for n in names:
             wq, aq, bn = qmodel.weight_quantizer(n), qmodel.act_quantizer(n), qmodel.batchnorm(n)
             rise[(n, "w")] = {w_top: (0.0, 0.0)}
@@ -174,11 +192,12 @@ def measured_indicators(
     ref_loss = float(base_losses.mean())
     samples = int(sum(int(split_batch(bt, i, what="measured_indicators: data", class_targets=True)[1].numel())
                       for i, bt in enumerate(held)))
-    meta = {"source": "fxmpq.measured_indicators", "hardware": qmodel.analysis.hardware.name,
-            "method": f"loss increase with one layer at b bits, the rest at W{w_top}A{a_top}, on {samples} "
-                      f"held-out samples ({batches} batches); rows non-increasing in the bits; above a row's "
-                      f"highest increase beyond {_Z:g} standard errors, {_DECAY:g}x smaller per bit "
-                      f"({unresolved} of {total} increases unresolved); floored at {floor:.3g}",
+    meta = {"source": "fxmpq.measured_indicators", "metric": metric, "hardware": qmodel.analysis.hardware.name,
+            "method": f"{'loss increase' if metric == 'loss' else 'KL divergence of the outputs'} with one layer "
+                      f"at b bits, the rest at W{w_top}A{a_top}, on {samples} held-out samples ({batches} "
+                      f"batches); rows non-increasing in the bits; above a row's highest increase beyond "
+                      f"{_Z:g} standard errors, {_DECAY:g}x smaller per bit ({unresolved} of {total} increases "
+                      f"unresolved); floored at {floor:.3g}",
             "reference_loss": f"{ref_loss:.6g}"}
     log.info("measured_indicators: reference loss %.4f on %d samples; largest increase %.4f; %d of %d increases "
              "within %g standard errors of zero", ref_loss, samples, top, unresolved, total, _Z)
