@@ -260,7 +260,8 @@ def quantize(
     """
     quant, search, train = _options(quant, search, train, legacy)
     bits, act_bits, per_channel = quant.bits, quant.act_bits, quant.per_channel
-    alpha, verify, verify_batches, minimize = (search.resolved_alpha, search.verify, search.verify_batches,
+    source = search.source(val_data is not None)
+    alpha, verify, verify_batches, minimize = (search.alpha_for(source), search.verify, search.verify_batches,
                                                search.minimize)
     finetune_epochs, distill, device, indicator_data = (train.finetune_epochs, train.distill, train.device,
                                                         train.indicator_data)
@@ -277,8 +278,8 @@ def quantize(
                                        or verify_batches < 1):
         raise ArgumentError(f"quantize: verify_batches must be None or an integer >= 1, found {verify_batches!r}")
     metric = check_goal(goal, hw, minimize=minimize, has_val=val_data is not None, verify=count)
-    if search.indicators != "learned" and val_data is None:
-        raise ArgumentError(f"quantize: indicators={search.indicators!r} measures each layer's sensitivity on the "
+    if source != "learned" and val_data is None:
+        raise ArgumentError(f"quantize: indicators={source!r} measures each layer's sensitivity on the "
                             f"jointly trained model and needs val_data; give val_data or use indicators='learned'")
     device = as_device(device, "quantize: device")
     train = dataclasses.replace(train, device=device)
@@ -317,13 +318,13 @@ def quantize(
 
     # 2b. measured sensitivities on the jointly trained model, searched alone or blended with the learned ones
     learned = indicators
-    if search.indicators != "learned":
-        measured = measured_indicators(qmodel, val_data, batches=MEASURE_BATCHES, device=device)
+    if source != "learned":
+        measured = measured_indicators(qmodel, val_data, batches=MEASURE_BATCHES, device=device,
+                                       metric="kl" if source == "kl" else "loss", progress=train.progress)
         if wd is not None:
             measured.to_json(wd / MEASURED_JSON)
             files["measured"] = wd / MEASURED_JSON
-        indicators = (measured if search.indicators == "measured"
-                      else blend_indicators([(learned, 2.0), (measured, 1.0)]))
+        indicators = measured if source != "blend" else blend_indicators([(learned, 2.0), (measured, 1.0)])
 
     # 3. ILP search; with validation data, candidate policies verified on the jointly trained model
     chosen = select_policy(qmodel, indicators, goal, VerifyOptions(count, verify_batches, metric, train.progress),
@@ -365,7 +366,7 @@ def quantize(
         summary = {"budget": str(budget), "limits": budget_limits, "totals": chosen.chosen.totals,
                    "objective": chosen.chosen.objective, "status": chosen.chosen.status, "fp32_accuracy": fp32_acc,
                    "accuracy": q_acc, "average_bits": policy.average_bits(qmodel.analysis),
-                   "indicators": search.indicators, "alpha": alpha}
+                   "indicators": source, "alpha": alpha}
         if chosen.candidates is not None:
             c = chosen.candidates
             summary["verified"] = {"candidates": len(c), "chosen": c.chosen, "sources": list(c.best.sources),

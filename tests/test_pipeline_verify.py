@@ -104,26 +104,37 @@ def test_cli_drop_target_with_a_held_out_fraction(tmp_path, capsys) -> None:
     assert "; ".join(cs.best.sources) in report
 
 
-@pytest.mark.parametrize("source", ["measured", "blend"])
+@pytest.mark.parametrize("source", ["measured", "kl", "blend", None])
 def test_the_search_minimises_the_chosen_indicator_source(digits, tmp_path, source) -> None:
     """indicators="measured" searches the loss increases measured on the jointly trained model (written to
-    measured.json), "blend" those and the learned step sizes; indicators.json keeps the learned ones (resume)."""
+    measured.json), "kl" its outputs' KL divergence, "blend" the loss increases and the learned step sizes (the
+    default with validation data); indicators.json keeps the learned ones (resume)."""
     train, val = digits
     r = fxmpq.quantize(_model(), "w4a4", train, X, val_data=val, work_dir=tmp_path,
                        search=fxmpq.SearchOptions(indicators=source, verify=False), **KW)
     measured = fxmpq.Indicators.from_json(tmp_path / "measured.json")
     learned = fxmpq.Indicators.from_json(tmp_path / "indicators.json")
     assert measured.meta["source"] == "fxmpq.measured_indicators" != learned.meta.get("source")
-    want = measured if source == "measured" else fxmpq.blend_indicators([(learned, 2.0), (measured, 1.0)])
+    assert measured.meta["metric"] == ("kl" if source == "kl" else "loss")
+    want = measured if source in ("measured", "kl") else fxmpq.blend_indicators([(learned, 2.0), (measured, 1.0)])
     assert r.indicators == want
     assert r.policy == fxmpq.search(r.analysis, want, fxmpq.Budget.uniform(4, 4), alpha=1.0).policy
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["indicators"] == source and summary["alpha"] == 1.0
+    assert summary["indicators"] == (source or "blend") and summary["alpha"] == 1.0
+
+
+def test_without_validation_data_the_learned_indicators_are_searched(digits, tmp_path) -> None:
+    train, _ = digits
+    r = fxmpq.quantize(_model(), "w4a4", train, X, work_dir=tmp_path, **KW)
+    assert r.indicators == fxmpq.Indicators.from_json(tmp_path / "indicators.json")
+    assert not (tmp_path / "measured.json").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["indicators"] == "learned" and summary["alpha"] == 2.0
 
 
 def test_a_measured_source_without_validation_data_is_refused_before_training(digits) -> None:
     train, _ = digits
     with pytest.raises(fxmpq.ArgumentError, match=r"indicators='blend' measures .* needs val_data"):
         fxmpq.quantize(_model(), "w4a4", train, X, search=fxmpq.SearchOptions(indicators="blend"), **KW)
-    with pytest.raises(fxmpq.ArgumentError, match="indicators='hessian': expected one of learned, measured, blend"):
+    with pytest.raises(fxmpq.ArgumentError, match="indicators='hessian': expected one of learned, measured, kl, blend"):
         fxmpq.SearchOptions(indicators="hessian")

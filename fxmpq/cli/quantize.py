@@ -175,9 +175,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default --lr)")
     ap.add_argument("--alpha", type=float, help="weight of the weight indicators against the activation ones "
                     "(default 2 for learned indicators, 1 for measured and blend)")
-    ap.add_argument("--indicators", choices=INDICATOR_SOURCES, default="learned",
-                    help="what the search minimises: learned step sizes (default), measured sensitivities on the "
-                         "jointly trained model, or a blend of both (the last two need validation data)")
+    ap.add_argument("--indicators", choices=INDICATOR_SOURCES,
+                    help="what the search minimises: learned step sizes, loss increases or output KL measured on "
+                         "the jointly trained model, or a blend of learned and measured (default: blend with "
+                         "validation data, learned without)")
     ap.add_argument("--per-channel", action="store_true", help="per-output-channel weight step sizes")
     ap.add_argument("--no-distill", action="store_true", help="train on the labels instead of distilling from FP32")
     ap.add_argument("--no-export", action="store_true", help="stop after fine-tuning (export later: fxmpq lower)")

@@ -15,6 +15,7 @@ from ..errors import ArgumentError
 __all__ = [
     "CHECKPOINT_EVERY",
     "DEFAULT_COUNT",
+    "DEFAULT_SOURCE_WITH_VAL",
     "INDICATOR_SOURCES",
     "MEASURE_BATCHES",
     "LowerOptions",
@@ -29,8 +30,12 @@ __all__ = [
 CHECKPOINT_EVERY = 100
 DEFAULT_COUNT = 16  # candidates verified by default: 16 validation passes, small next to any fine-tuning
 # What the search minimises: the learned step sizes (LIMPQ), the loss increases measured on the jointly trained
-# model (fxmpq.measured_indicators), or both, each scaled to its range (fxmpq.blend_indicators)
-INDICATOR_SOURCES = ("learned", "measured", "blend")
+# model (fxmpq.measured_indicators), the KL divergence of its outputs measured the same way (metric="kl"), or the
+# learned and the measured loss increases, each scaled to its range (fxmpq.blend_indicators)
+INDICATOR_SOURCES = ("learned", "measured", "kl", "blend")
+# The source quantize() searches when it has validation data (without: "learned"); chosen by the side-by-side
+# benchmark (docs/search.md, "Which defaults, and why")
+DEFAULT_SOURCE_WITH_VAL = "blend"
 MEASURE_BATCHES = 4  # validation batches quantize() measures sensitivities on
 
 
@@ -49,8 +54,10 @@ class QuantOptions:
 class SearchOptions:
     """The search: `indicators` is what it minimises ("learned": the joint training's step sizes, the paper's
     indicators; "measured": each layer's loss increase at each bit on the jointly trained model, measured on
-    MEASURE_BATCHES batches of validation data; "blend": both, each scaled to its range; the last two need
-    `val_data`); `alpha` weighs weight indicators against activation ones (None: 2 for learned, 1 otherwise); with validation data, `verify`
+    MEASURE_BATCHES batches of validation data; "kl": its outputs' KL divergence, measured the same way; "blend":
+    learned and measured, each scaled to its range; all but "learned" need `val_data`; None: "blend" with
+    validation data, "learned" without); `alpha` weighs weight indicators against activation ones (None: 2 for
+    learned, 1 otherwise); with validation data, `verify`
     candidate policies (0 or False: off; True: DEFAULT_COUNT) are measured on `verify_batches` batches (None: all)
     on the jointly trained model and the best is fine-tuned; `minimize` is the metric an accuracy target minimizes
     (None: the hardware's first).
@@ -64,23 +71,29 @@ class SearchOptions:
     verify: int | bool | None = None
     verify_batches: int | None = None
     minimize: str | None = None
-    indicators: str = "learned"
+    indicators: str | None = None
 
     def __post_init__(self) -> None:
-        if self.indicators not in INDICATOR_SOURCES:
+        if self.indicators is not None and self.indicators not in INDICATOR_SOURCES:
             raise ArgumentError(f"SearchOptions: indicators={self.indicators!r}: expected one of "
                                 f"{', '.join(INDICATOR_SOURCES)}")
         if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float)
                                        or not self.alpha > 0):
             raise ArgumentError(f"SearchOptions: alpha must be None or a number > 0, found {self.alpha!r}")
 
-    @property
-    def resolved_alpha(self) -> float:
+    def source(self, has_val: bool) -> str:
+        """The indicator source searched: `indicators`, or by default DEFAULT_SOURCE_WITH_VAL with validation data
+        (its measured half needs held-out batches) and "learned" without."""
+        if self.indicators is not None:
+            return self.indicators
+        return DEFAULT_SOURCE_WITH_VAL if has_val else "learned"
+
+    def alpha_for(self, source: str) -> float:
         """`alpha`, or the source's own: 2 for the learned step sizes (the paper's setting, docs/search.md), 1 for
         measured sensitivities and the blend (their weight and activation terms are already in one unit)."""
         if self.alpha is not None:
             return float(self.alpha)
-        return 2.0 if self.indicators == "learned" else 1.0
+        return 2.0 if source == "learned" else 1.0
 
 
 @dataclass(frozen=True)

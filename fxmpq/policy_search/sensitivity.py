@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import numbers
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..core.batches import split_batch
 from ..core.devices import as_device
@@ -96,6 +98,7 @@ def measured_indicators(
     loss_fn: LossFn | None = None,
     device: str | torch.device | None = None,
     metric: str = "loss",
+    progress: bool = False,
 ) -> Indicators:
     """Per searchable layer and candidate bit: the loss increase on held-out batches when that layer alone runs at
     that bit-width, on the jointly trained model; weights and input activations measured separately.
@@ -114,7 +117,8 @@ def measured_indicators(
     positive). Measured on the benchmark nets, the floor alone left whole rows equal, and the search then gave such
     layers 2-bit activations for free (docs/search.md).
 
-    The search uses them unchanged (`fxmpq.search`, `fxmpq.candidates`): weight and activation terms are in the
+    `progress`: a bar over the layers (stderr); each layer costs (weight bits + activation bits - 2) passes over
+    the batches. The search uses them unchanged (`fxmpq.search`, `fxmpq.candidates`): weight and activation terms are in the
     same unit (loss), so use alpha=1. Their `meta` records the source, the batches and the reference loss. The
     model's quantizer switches and training mode are restored. Raises ArgumentError (not a QuantModel, a bad
     `batches`), PolicyError (a model whose policy is already applied), DataError (bad batches).
@@ -157,7 +161,8 @@ def measured_indicators(
         qmodel.eval()
         qmodel.set_uniform(w_top, a_top)
         base_losses, base_logp = _sample_values(qmodel, held, loss_fn, dev, None)
-        for n in names:
+        for n in tqdm(names, desc="measured sensitivities", unit="layer", disable=not progress, file=sys.stderr,
+                      leave=False):
             wq, aq, bn = qmodel.weight_quantizer(n), qmodel.act_quantizer(n), qmodel.batchnorm(n)
             rise[(n, "w")] = {w_top: (0.0, 0.0)}
             for b in wq.bits:
