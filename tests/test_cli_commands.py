@@ -187,3 +187,24 @@ def test_finetune_joint_must_name_an_indicator_checkpoint(tmp_path, capfd):
     err = capfd.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert f"--joint {tmp_path / 'nojoint'}: folder {tmp_path / 'nojoint'} holds no indicators.ckpt" in err
+
+
+def test_quantize_builds_the_model_from_the_seed(tmp_path, monkeypatch, capsys):
+    """Two fresh `fxmpq quantize` runs with one --seed start from the same initial weights (the model used to be
+    built before anything was seeded, so two runs trained two different FP32 models)."""
+    import fxmpq.cli.quantize as cli_quantize
+    from fxmpq.errors import ArgumentError
+
+    seen = []
+
+    def build(spec, kwargs):
+        seen.append(torch.rand(4))
+        raise ArgumentError("stop here")
+    monkeypatch.setattr(cli_quantize, "build_model", build)
+    argv = ["quantize", "small_mobilenet", "--dataset", "digits", "--input", "1x16x16", "--budget", "w3a3", "--seed", "3",
+            "--work-dir", str(tmp_path / "w")]
+    torch.rand(7)  # the global generator is anywhere before the call
+    assert main(argv) == 2
+    assert main(argv) == 2
+    capsys.readouterr()
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])

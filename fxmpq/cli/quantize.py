@@ -22,6 +22,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
+import torch
 from torch.utils.data import Subset
 
 from ..core.devices import as_device
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace, label: str | None) -> int:
         raise ArgumentError(f"--budget {args.budget}: an accuracy target is met by measuring candidate policies on "
                             f"the validation data, which --verify 0 turns off; give --verify N (N >= 1)")
     device = as_device(args.device, "--device") if args.device else None
+    torch.manual_seed(args.seed)  # the initial weights depend on --seed alone: two fresh runs train one FP32 model
     model = build_model(args.model, kwargs)
     if args.weights:
         load_weights(model, args.weights, args.model)
