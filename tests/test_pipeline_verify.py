@@ -107,20 +107,20 @@ def test_cli_drop_target_with_a_held_out_fraction(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("source", ["measured", "kl", "blend", None])
 def test_the_search_minimises_the_chosen_indicator_source(digits, tmp_path, source) -> None:
     """indicators="measured" searches the loss increases measured on the jointly trained model (written to
-    measured.json), "kl" its outputs' KL divergence, "blend" the loss increases and the learned step sizes (the
-    default with validation data); indicators.json keeps the learned ones (resume)."""
+    measured.json), "kl" its outputs' KL divergence (the default with validation data), "blend" the loss increases
+    and the learned step sizes; indicators.json keeps the learned ones (resume)."""
     train, val = digits
     r = fxmpq.quantize(_model(), "w4a4", train, X, val_data=val, work_dir=tmp_path,
                        search=fxmpq.SearchOptions(indicators=source, verify=False), **KW)
     measured = fxmpq.Indicators.from_json(tmp_path / "measured.json")
     learned = fxmpq.Indicators.from_json(tmp_path / "indicators.json")
     assert measured.meta["source"] == "fxmpq.measured_indicators" != learned.meta.get("source")
-    assert measured.meta["metric"] == ("kl" if source == "kl" else "loss")
-    want = measured if source in ("measured", "kl") else fxmpq.blend_indicators([(learned, 2.0), (measured, 1.0)])
+    assert measured.meta["metric"] == ("kl" if source in ("kl", None) else "loss")
+    want = measured if source in ("measured", "kl", None) else fxmpq.blend_indicators([(learned, 2.0), (measured, 1.0)])
     assert r.indicators == want
     assert r.policy == fxmpq.search(r.analysis, want, fxmpq.Budget.uniform(4, 4), alpha=1.0).policy
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["indicators"] == (source or "blend") and summary["alpha"] == 1.0
+    assert summary["indicators"] == (source or "kl") and summary["alpha"] == 1.0
 
 
 def test_without_validation_data_the_learned_indicators_are_searched(digits, tmp_path) -> None:

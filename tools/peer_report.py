@@ -91,7 +91,7 @@ def render_report(plan: list[dict[str, Any]], done: dict[tuple[str, str, int], d
                 lines.append(f"| {budget} | {' = '.join(same)} | {100 * e['cost'] / e['limit']:.1f} %{fit} | "
                              f"{w:.2f} / {a:.2f} | {100 * mean:.2f} | {100 * sd:.2f} | "
                              f"{len(accs)}/{seeds} | {vs} | {e['search_s']:.1f} | {exp} |")
-            for ours in ("fxmpq", "fxmpq-verify"):
+            for ours in ("fxmpq", "kl", "fxmpq-verify"):
                 mine = next((e for e in brows if e["method"] == ours), None)
                 mine_accs = _accs(done, net, mine["key"], seeds) if mine else []
                 for e in brows:
@@ -113,7 +113,8 @@ def render_report(plan: list[dict[str, Any]], done: dict[tuple[str, str, int], d
             ("fp32_training", "FP32 training", ""),
             ("indicator_training", "joint indicator training", " (counted in fxmpq's search time)"),
             ("hessian", "Hessian indicators", " (in hessian's)"),
-            ("measured", "measured sensitivities", " (in measured's)")) if key in t]  # (not timed: left out)
+            ("measured", "measured sensitivities", " (in measured's and blend's)"),
+            ("measured_kl", "measured KL sensitivities", " (in kl's)")) if key in t]  # (not timed: left out)
         if parts:
             lines += ["", f"Wall time ({net}): {', '.join(parts)}."]
     lines += ["", "### Where fxmpq wins, ties and loses against uniform and the peers (seeds as in the table)", ""]

@@ -179,7 +179,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     "(default 2 for learned indicators, 1 for measured and blend)")
     ap.add_argument("--indicators", choices=INDICATOR_SOURCES,
                     help="what the search minimises: learned step sizes, loss increases or output KL measured on "
-                         "the jointly trained model, or a blend of learned and measured (default: blend with "
+                         "the jointly trained model, or a blend of learned and measured (default: kl with "
                          "validation data, learned without)")
     ap.add_argument("--per-channel", action="store_true", help="per-output-channel weight step sizes")
     ap.add_argument("--no-distill", action="store_true", help="train on the labels instead of distilling from FP32")

@@ -35,7 +35,7 @@ DEFAULT_COUNT = 16  # candidates verified by default: 16 validation passes, smal
 INDICATOR_SOURCES = ("learned", "measured", "kl", "blend")
 # The source quantize() searches when it has validation data (without: "learned"); chosen by the side-by-side
 # benchmark (docs/search.md, "Which defaults, and why")
-DEFAULT_SOURCE_WITH_VAL = "blend"
+DEFAULT_SOURCE_WITH_VAL = "kl"
 MEASURE_BATCHES = 4  # validation batches quantize() measures sensitivities on
 
 
@@ -55,7 +55,7 @@ class SearchOptions:
     """The search: `indicators` is what it minimises ("learned": the joint training's step sizes, the paper's
     indicators; "measured": each layer's loss increase at each bit on the jointly trained model, measured on
     MEASURE_BATCHES batches of validation data; "kl": its outputs' KL divergence, measured the same way; "blend":
-    learned and measured, each scaled to its range; all but "learned" need `val_data`; None: "blend" with
+    learned and measured, each scaled to its range; all but "learned" need `val_data`; None: "kl" with
     validation data, "learned" without); `alpha` weighs weight indicators against activation ones (None: 2 for
     learned, 1 otherwise); with validation data, `verify`
     candidate policies (0 or False: off; True: DEFAULT_COUNT) are measured on `verify_batches` batches (None: all)
