@@ -166,7 +166,7 @@ class QuantizedModel:
             met = final <= c.max_drop + 1e-12
             line += f"; final drop {100 * final:.2f} pp: " + ("within the target" if met else "MISSES the target")
         if c.target_met is False:
-            line += " (no candidate was estimated within it: the most accurate was taken)"
+            line += " (no candidate was estimated within it: the most expensive was taken)"
         return [line]
 
 

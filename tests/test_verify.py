@@ -100,8 +100,13 @@ def test_a_drop_target_walks_in_order_and_stops_at_the_first_within(case) -> Non
     tight = fxmpq.verify(qm, _set(qm, order), data, max_drop=0.2, reference_accuracy=1.0)
     assert tight.best.policy == Policy(HIGH) and tight.target_met
     missed = fxmpq.verify(qm, _set(qm, order[:2]), data, max_drop=0.0, reference_accuracy=1.0)
-    assert missed.target_met is False and missed.chosen == 1  # none within: the most accurate
-    assert "MISSES the target" in missed.table()
+    assert missed.target_met is False and missed.chosen == 1  # none within: the last, the most expensive
+    assert "MISSES the target (the most expensive candidate was taken)" in missed.table()
+    # even where the jointly trained model estimates it lower: its estimates are what missed the target
+    lower_last = fxmpq.verify(qm, _set(qm, [LOW_FIRST, DESTROYED]), data, max_drop=0.0, reference_accuracy=1.0)
+    assert lower_last.chosen == 1 and lower_last[0].accuracy > lower_last[1].accuracy
+    # without a target, the most accurate
+    assert fxmpq.verify(qm, _set(qm, [LOW_FIRST, DESTROYED]), data).chosen == 0
 
 
 def test_verify_refuses_bad_input(case) -> None:

@@ -273,29 +273,24 @@ def prepare_net(net: str, data: ImageData, valid: ImageData, out: Path, hw: Path
                                      probes=r.hessian_probes, seed=0)
         times["hessian"] = time.time() - t
         hessian.to_json(hes_path)
-    mea_path = folder / "measured.json"
-    measured = None
-    if mea_path.is_file():
-        measured = fxmpq.Indicators.from_json(mea_path)
-    elif (folder / "joint.pt").is_file():
-        print(f"[{net}] measured sensitivities on the jointly trained model", flush=True)
+    def measured_source(name: str, metric: str, what: str) -> fxmpq.Indicators | None:
+        """measured_indicators on the jointly trained model with `metric`, cached in <net>/<name>.json."""
+        path = folder / f"{name}.json"
+        if path.is_file():
+            return fxmpq.Indicators.from_json(path)
+        if not (folder / "joint.pt").is_file():
+            return None
+        print(f"[{net}] {what} on the jointly trained model", flush=True)
         t = time.time()
-        measured = fxmpq.measured_indicators(joint_model(net, kwargs, fp32_path, folder, valid, hw),
-                                             valid.loader("train", r.val_batch, shuffle=False), batches=r.measure_batches)
-        times["measured"] = time.time() - t
-        measured.to_json(mea_path)
-    kl_path = folder / "measured_kl.json"
-    kl = None
-    if kl_path.is_file():
-        kl = fxmpq.Indicators.from_json(kl_path)
-    elif (folder / "joint.pt").is_file():
-        print(f"[{net}] measured sensitivities (KL of the outputs) on the jointly trained model", flush=True)
-        t = time.time()
-        kl = fxmpq.measured_indicators(joint_model(net, kwargs, fp32_path, folder, valid, hw),
-                                       valid.loader("train", r.val_batch, shuffle=False), batches=r.measure_batches,
-                                       metric="kl")
-        times["measured_kl"] = time.time() - t
-        kl.to_json(kl_path)
+        ind = fxmpq.measured_indicators(joint_model(net, kwargs, fp32_path, folder, valid, hw),
+                                        valid.loader("train", r.val_batch, shuffle=False), batches=r.measure_batches,
+                                        metric=metric)
+        times[name] = time.time() - t
+        ind.to_json(path)
+        return ind
+
+    measured = measured_source("measured", "loss", "measured sensitivities")
+    kl = measured_source("measured_kl", "kl", "measured sensitivities (KL of the outputs)")
     times_path.write_text(json.dumps(times, indent=1))
     analysis = fxmpq.analyze(model, data.train_x[:1], hardware=hw)
     return Prepared(net, kwargs, folder, fp32_path, fp32_acc, analysis, indicators, hessian, measured, times, kl)

@@ -134,7 +134,7 @@ class CandidateSet:
                          + ("" if self.reference_accuracy is None else
                             f" ({100 * self.reference_accuracy:.2f} % on the same samples)")
                          + ("" if drop is None else f"; chosen: estimated drop {100 * drop:.2f} pp, "
-                            + ("within the target" if self.target_met else "MISSES the target (the most accurate "
+                            + ("within the target" if self.target_met else "MISSES the target (the most expensive "
                                                                            "candidate was taken)")))
         return "\n".join(lines)
 
