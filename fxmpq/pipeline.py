@@ -234,6 +234,10 @@ def quantize(
     Pareto front of `minimize` (a metric of the hardware, default its first) and the uniform policies are measured
     on the jointly trained model from the cheapest up, the first within the target is fine-tuned, and the report
     gives its estimated and its final drop side by side.
+    What the search minimises (`SearchOptions.indicators`): with `val_data`, by default, each layer's measured
+    sensitivity on the jointly trained model (the KL divergence of the outputs with that layer alone at each
+    bit-width, fxmpq.measured_indicators, written to <work_dir>/measured.json), which measured best on the
+    side-by-side benchmark (docs/search.md); without it, the learned step sizes (the paper's indicators).
     Verification (with `val_data`; by default only for an accuracy target, since under a cost budget the search's
     optimum measured better, docs/RESULTS.md section 6): after the search, up to `verify` (True: 16; 0 or False: off)
     distinct candidate policies within the budget (fxmpq.candidates: optima at several alphas, the ILP's
