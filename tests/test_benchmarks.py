@@ -260,7 +260,7 @@ def test_bench_weight_only_smoke(tmp_path):
     assert all(f"| MatMulNBits {b}-bit, accuracy_level 4 |" in proc.stdout for b in (2, 4, 8))
 
 
-PEER_FREE = {"uniform", "fxmpq", "fxmpq-verify", "measured", "blend", "hessian", "random-1", "random-2", "inverted"}
+PEER_FREE = {"uniform", "fxmpq", "fxmpq-verify", "measured", "blend", "kl", "hessian", "random-1", "random-2", "inverted"}
 
 
 def test_bench_peers_smoke_without_peers(tmp_path):
