@@ -307,7 +307,8 @@ def quantize(
 
     # 2. joint indicator training (skipped when the work dir holds indicators)
     ind_path = wd / INDICATORS_JSON if wd is not None else None
-    if ind_path is not None and ind_path.is_file():
+    resumed_joint = ind_path is not None and ind_path.is_file()
+    if resumed_joint:
         indicators = _work_dir_indicators(ind_path, qmodel)
         _resume_joint_state(qmodel, wd / INDICATORS_CKPT)
         log.info("indicators read from %s; indicator training skipped", ind_path)
@@ -323,10 +324,17 @@ def quantize(
     # 2b. measured sensitivities on the jointly trained model, searched alone or blended with the learned ones
     learned = indicators
     if source != "learned":
-        measured = measured_indicators(qmodel, val_data, batches=MEASURE_BATCHES, device=device,
-                                       metric="kl" if source == "kl" else "loss", progress=train.progress)
+        metric_kind = "kl" if source == "kl" else "loss"
+        measured = (_work_dir_measured(wd / MEASURED_JSON, qmodel, metric_kind)
+                    if wd is not None and resumed_joint else None)
+        if measured is None:
+            measured = measured_indicators(qmodel, val_data, batches=MEASURE_BATCHES, device=device,
+                                           metric=metric_kind, progress=train.progress)
+            if wd is not None:
+                measured.to_json(wd / MEASURED_JSON)
+        else:
+            log.info("measured sensitivities read from %s; measurement skipped", wd / MEASURED_JSON)
         if wd is not None:
-            measured.to_json(wd / MEASURED_JSON)
             files["measured"] = wd / MEASURED_JSON
         indicators = measured if source != "blend" else blend_indicators([(learned, 2.0), (measured, 1.0)])
 
@@ -441,6 +449,20 @@ def _work_dir_indicators(path: Path, qmodel: QuantModel) -> Indicators:
         text = text if text.startswith(str(path)) else f"{path}: {text}"
         raise IndicatorError(f"{text}. The work dir holds indicators this run cannot use: {remedy}") from None
     return indicators
+
+
+def _work_dir_measured(path: Path, qmodel: QuantModel, metric: str) -> Indicators | None:
+    """The measured sensitivities a previous run of the same joint training left in the work dir, when they are
+    of `metric` and cover this model; None (measure again) otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        measured = Indicators.from_json(path)
+        measured.check_covers([m.name for m in qmodel.analysis.searchable], qmodel.bits, qmodel.act_bits)
+    except IndicatorError as e:
+        log.warning("%s cannot be reused (%s): measuring again", path, e)
+        return None
+    return measured if measured.meta.get("metric", "loss") == metric else None
 
 
 def _resume_joint_state(qmodel: QuantModel, ckpt: Path) -> None:

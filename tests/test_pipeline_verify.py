@@ -138,3 +138,22 @@ def test_a_measured_source_without_validation_data_is_refused_before_training(di
         fxmpq.quantize(_model(), "w4a4", train, X, search=fxmpq.SearchOptions(indicators="blend"), **KW)
     with pytest.raises(fxmpq.ArgumentError, match="indicators='hessian': expected one of learned, measured, kl, blend"):
         fxmpq.SearchOptions(indicators="hessian")
+
+
+def test_a_resumed_run_reads_the_measured_sensitivities_back(digits, tmp_path, monkeypatch) -> None:
+    """The measurement depends on the joint training only: a re-run that reads indicators.json reads measured.json
+    too (of the same metric) instead of measuring again, and searches the same policy."""
+    import fxmpq.pipeline as pipeline
+
+    train, val = digits
+    opts = fxmpq.SearchOptions(indicators="kl", verify=False)
+    first = fxmpq.quantize(_model(), "w4a4", train, X, val_data=val, work_dir=tmp_path, search=opts, **KW)
+
+    def no_measure(*a, **k):
+        raise AssertionError("measured again although the work dir holds this joint training's measurement")
+    monkeypatch.setattr(pipeline, "measured_indicators", no_measure)
+    again = fxmpq.quantize(_model(), "w4a4", train, X, val_data=val, work_dir=tmp_path, search=opts, **KW)
+    assert again.indicators == first.indicators and again.policy == first.policy
+    with pytest.raises(AssertionError, match="measured again"):  # another metric is measured anew
+        fxmpq.quantize(_model(), "w4a4", train, X, val_data=val, work_dir=tmp_path,
+                       search=fxmpq.SearchOptions(indicators="measured", verify=False), **KW)

@@ -35,15 +35,18 @@ _DECAY = 4.0  # quantization error power per bit (a step half as large): the row
 _TIE = 1.01  # resolved rows strictly decreasing: a lower bit at least 1 % worse than the next higher one
 
 
+@torch.no_grad()
 def _sample_values(qmodel: torch.nn.Module, held: Any, loss_fn: LossFn | None, dev: torch.device,
-                   reference: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """`qmodel`'s per-unit values over `held` (eval mode, float64) and its log-probabilities per batch.
+                   reference: list[torch.Tensor] | None, keep_logp: bool = False
+                   ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """`qmodel`'s per-unit values over `held` (eval mode, float64), its log-probabilities per batch when
+    `keep_logp`, and the number of samples.
 
     Without `reference`: the loss per sample (cross-entropy) or, with a custom `loss_fn` (one number per batch),
     per batch. With `reference` (the reference model's log-probabilities per batch): the KL divergence of this
     model's output distribution from the reference's, per sample. These are the units the paired standard errors
     are taken over."""
-    values, logps = [], []
+    values, logps, samples = [], [], 0
     for i, batch in enumerate(held):
         inputs, y = split_batch(batch, i, what="measured_indicators: data", class_targets=True)
         try:
@@ -52,18 +55,20 @@ def _sample_values(qmodel: torch.nn.Module, held: Any, loss_fn: LossFn | None, d
             raise DataError(f"measured_indicators: data: the model fails on batch {i}: {type(e).__name__}: "
                             f"{first_line(e)}") from e
         y = y.to(out.device)
-        logp = F.log_softmax(out.detach().double(), dim=-1).cpu()
-        logps.append(logp)
+        samples += int(y.numel())
+        logp = F.log_softmax(out.double(), dim=-1).cpu() if keep_logp or reference is not None else None
+        if keep_logp:
+            logps.append(logp)
         if reference is not None:
             ref = reference[i]
             values.append((ref.exp() * (ref - logp)).sum(-1).reshape(-1))
         elif loss_fn is None:
-            values.append(F.cross_entropy(out, y, reduction="none").detach().double().reshape(-1).cpu())
+            values.append(F.cross_entropy(out, y, reduction="none").double().reshape(-1).cpu())
         else:
             values.append(torch.tensor([float(loss_fn(out, y))], dtype=torch.float64))
     if not values or sum(t.numel() for t in values) == 0:
         raise DataError("measured_indicators: data yielded no samples")
-    return torch.cat(values), logps
+    return torch.cat(values), logps, samples
 
 
 def repair_row(rise: dict[int, tuple[float, float]], floor: float) -> dict[int, float]:
@@ -144,6 +149,7 @@ def measured_indicators(
 
     base_losses = torch.zeros(0, dtype=torch.float64)
     base_logp: list[torch.Tensor] = []
+    samples = 0
 
     def rise_now() -> tuple[float, float]:
         """(mean increase over the reference, its paired standard error) with the quantizers as they are now."""
@@ -155,12 +161,10 @@ def measured_indicators(
         return float(d.mean()), se
 
     rise: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
-    was_grad = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
     try:
         qmodel.eval()
         qmodel.set_uniform(w_top, a_top)
-        base_losses, base_logp = _sample_values(qmodel, held, loss_fn, dev, None)
+        base_losses, base_logp, samples = _sample_values(qmodel, held, loss_fn, dev, None, keep_logp=metric == "kl")
         for n in tqdm(names, desc="measured sensitivities", unit="layer", disable=not progress, file=sys.stderr,
                       leave=False):
             wq, aq, bn = qmodel.weight_quantizer(n), qmodel.act_quantizer(n), qmodel.batchnorm(n)
@@ -181,7 +185,6 @@ def measured_indicators(
                     rise[(n, "a")][b] = rise_now()
             aq.set_bits(a_top)
     finally:
-        torch.set_grad_enabled(was_grad)
         if before is None:
             qmodel.disable_quant()
         else:
@@ -195,8 +198,6 @@ def measured_indicators(
     unresolved = sum(1 for row in rise.values() for b, (m, se) in row.items() if m <= _Z * se and b != max(row))
     total = sum(len(row) - 1 for row in rise.values())
     ref_loss = float(base_losses.mean())
-    samples = int(sum(int(split_batch(bt, i, what="measured_indicators: data", class_targets=True)[1].numel())
-                      for i, bt in enumerate(held)))
     meta = {"source": "fxmpq.measured_indicators", "metric": metric, "hardware": qmodel.analysis.hardware.name,
             "method": f"{'loss increase' if metric == 'loss' else 'KL divergence of the outputs'} with one layer "
                       f"at b bits, the rest at W{w_top}A{a_top}, on {samples} held-out samples ({batches} "
