@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,6 +29,7 @@ __all__ = [
     "SwitchableBatchNorm1d",
     "SwitchableBatchNorm2d",
     "lsq_fake_quant",
+    "without_input_step_adjoint",
 ]
 
 
@@ -87,6 +90,82 @@ class _LSQFunction(torch.autograd.Function):
 def lsq_fake_quant(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, grad_scale: float = 1.0) -> torch.Tensor:
     """LSQ fake quantization of `x` with step `s` (broadcastable to x) onto the integer grid [qmin, qmax]."""
     return _LSQFunction.apply(x, s, grad_scale, qmin, qmax)
+
+
+# ----------------------------------------------------------------------------------------------- input steps
+class _InputStepAdjoint(torch.autograd.Function):
+    """The step gradient of a quantizer on a model input, without the layer's input gradient.
+
+    For xq = fq(x, s) with x needing no gradient (the data), ds = sum(dL/dxq * dxq/ds) needs dL/dxq, which
+    costs the layer a backward-data pass (resnet18's 3-channel stem: 6x its forward on CPU, the largest part of
+    the fake-quant step's overhead). The layer is linear in its input: sum(layer^T(dy) * G) = sum(dy * layer(G))
+    with G = dxq/ds, one forward of the layer (no bias) on G instead. Identity on y, which the layer computed
+    from xq detached (marked dirty, not copied, so an in-place op after it stays legal).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, s: torch.Tensor, x: torch.Tensor, wq: torch.Tensor,
+                layer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], g: float, qmin: int,
+                qmax: int) -> torch.Tensor:
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, s, wq)
+        ctx.layer, ctx.g, ctx.qrange = layer, g, (qmin, qmax)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, s, wq = ctx.saved_tensors
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            with torch.no_grad():
+                s_ = s.detach()
+                out, inside = fake_quantize_with_mask(x, s_, *ctx.qrange)
+                # dxq/ds * s, as _LSQFunction's backward has it: (out - x)/s inside the range, out/s outside
+                diff = torch.addcmul(out, x, inside, value=-1)
+                del out, inside
+                z = ctx.layer(diff, wq.detach())
+                grad_s = torch.dot(z.reshape(-1).float(), dy.reshape(-1).float()).mul_(ctx.g).div_(s_.reshape(()).float())
+                grad_s = grad_s.to(s.dtype).reshape(s.shape)
+        return dy, grad_s, None, None, None, None, None, None
+
+
+_no_adjoint = threading.local()
+
+
+@contextmanager
+def without_input_step_adjoint() -> Iterator[None]:
+    """Within the block (this thread), a model input's quantizer gets its step gradient through the layer's input
+    gradient, as every other quantizer does: the reference the adjoint is tested against."""
+    was = getattr(_no_adjoint, "on", False)
+    _no_adjoint.on = True
+    try:
+        yield
+    finally:
+        _no_adjoint.on = was
+
+
+def _tracing() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()))
+
+
+def _mark_input_step(out: torch.Tensor, x: torch.Tensor, s: torch.Tensor, g: float, qmin: int, qmax: int) -> None:
+    """Tag a training-mode quantizer output whose input needs no gradient, for the layer reading it."""
+    if x.requires_grad or not s.requires_grad or s.dim() != 0 or getattr(_no_adjoint, "on", False) or _tracing():
+        return
+    out._fxmpq_input_step = (x, s, g, qmin, qmax)  # type: ignore[attr-defined]
+
+
+def _layer_with_input_step(layer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                           wq: torch.Tensor, bias: torch.Tensor | None,
+                           run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+    """`run(x, wq, bias)`, through _InputStepAdjoint when x is a tagged input quantizer's output."""
+    src = getattr(x, "_fxmpq_input_step", None)
+    if src is None or not torch.is_grad_enabled() or getattr(_no_adjoint, "on", False):
+        return run(x, wq, bias)
+    raw, s, g, qmin, qmax = src
+    y = run(x.detach(), wq, bias)
+    return _InputStepAdjoint.apply(y, s, raw, wq, layer, g, qmin, qmax)
 
 
 def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -201,7 +280,11 @@ class LSQQuantizer(FakeQuantizer):
             if fused_cpu.usable(x, s):
                 return fused_cpu.fused_forward(x, s, qmin, qmax)
             return fake_quantize(x, s, qmin, qmax)
-        return _LSQFunction.apply(x, s, 1.0 / math.sqrt(n * qmax), qmin, qmax)
+        g = 1.0 / math.sqrt(n * qmax)
+        out = _LSQFunction.apply(x, s, g, qmin, qmax)
+        if self.training:
+            _mark_input_step(out, x, s, g, qmin, qmax)
+        return out
 
     def extra_repr(self) -> str:
         per = f", channels={self.channels}, axis={self.axis}" if self.channels else ""
@@ -284,8 +367,12 @@ class QuantConv1d(nn.Conv1d):
 
     weight_quantizer: LSQQuantizer
 
+    def _no_bias(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, w, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+        return _layer_with_input_step(self._no_bias, x, self.weight_quantizer(self.weight), self.bias,
+                                      self._conv_forward)
 
 
 class QuantConv2d(nn.Conv2d):
@@ -293,8 +380,12 @@ class QuantConv2d(nn.Conv2d):
 
     weight_quantizer: LSQQuantizer
 
+    def _no_bias(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, w, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+        return _layer_with_input_step(self._no_bias, x, self.weight_quantizer(self.weight), self.bias,
+                                      self._conv_forward)
 
 
 class QuantLinear(nn.Linear):
@@ -303,7 +394,7 @@ class QuantLinear(nn.Linear):
     weight_quantizer: LSQQuantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_quantizer(self.weight), self.bias)
+        return _layer_with_input_step(F.linear, x, self.weight_quantizer(self.weight), self.bias, F.linear)
 
 
 QUANT_LAYER_TYPES: Mapping[type[nn.Module], type[nn.Module]] = {
