@@ -28,6 +28,7 @@ from ..cost.policy import Policy
 from ..errors import ArgumentError, CheckpointError, DataError, PolicyError, first_line
 from ..policy_search.indicators import Indicators
 from ..quant.quant_model import QuantModel
+from .allocator import keep_freed_memory, release_freed_memory
 from .ddp import dist_on, make_loader, pick_device, rank, world_size
 from .train_state import (
     Position,
@@ -170,6 +171,8 @@ def run_training(
     dev = pick_device(qmodel, t.device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    if dev.type == "cpu":
+        keep_freed_memory()  # the fake-quant step's fresh tensors otherwise page-fault every step (allocator.py)
     qmodel.to(dev)
     loader = make_loader(data, batch_size=t.batch_size, seed=t.seed, what=f"{stage}: data")
     if checkpoint is not None:
@@ -207,6 +210,7 @@ def run_training(
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+        release_freed_memory()
 
 
 def _check_counts(stage: Stage, **counts: int | None) -> None:
