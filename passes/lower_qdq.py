@@ -27,7 +27,7 @@ from fxmpq.capture.record import (
     set_record,
 )
 from fxmpq.core.dead_code import eliminate_dead_code
-from fxmpq.core.primitives import INT32_MAX, container_zero_point, quantize, round_to_grid
+from fxmpq.core.primitives import bias_fits_int32, container_zero_point, quantize, round_to_grid
 from fxmpq.errors import ExportError, TraceError
 from fxmpq.hardware.formats import Format, act_container_bits, integer_kernel
 from fxmpq.hardware.spec import MAX_ACT_BITS, LayerKind
@@ -226,6 +226,20 @@ class LowerToQDQPass(PassBase):
             if isinstance(aq, LSQQuantizer) and aq.active_bits is not None:
                 s_x = float(aq.step_size().detach().float())
                 a_bits = aq.active_bits
+        b_int = b_scale = None
+        if s_x is not None:
+            with torch.no_grad():
+                b_scale = (scale * s_x).float()
+                b_int = round_to_grid(b_f, b_scale)
+            if not bias_fits_int32(b_int):
+                # s_x * s_w so small that the bias overflows the integer kernel's int32 accumulator (a degenerate
+                # input step): the layer runs in float on its quantized weights, as BiasRounding simulates it
+                # then; the audit reports it as run otherwise than priced
+                log.warning("layer %s: its bias does not fit int32 at scale s_x*s_w (input step %.3g): exported "
+                            "as a float layer on its quantized weights", name, s_x)
+                self._lower_float(gm, node, rec, q_w * s_b, bias,
+                                  note="float: the bias does not fit int32 at s_x*s_w")
+                return
         mname = _mangle(name)
         holder = gm.get_submodule(LOWERED)
         as_conv = linear_runs_as_conv(rec)
@@ -234,13 +248,7 @@ class LowerToQDQPass(PassBase):
         holder.register_buffer(f"{mname}_weight", (q_w[:, :, None, None] if as_conv else q_w).to(torch.int8))
         holder.register_buffer(f"{mname}_weight_scale", (scale[0].clone() if per_tensor else scale).contiguous())
         int_bias = False
-        if s_x is not None:
-            with torch.no_grad():
-                b_scale = (scale * s_x).float()
-                b_int = round_to_grid(b_f, b_scale)
-            if bool((b_int.abs() > INT32_MAX).any()) or not bool(torch.isfinite(b_int).all()):
-                raise ExportError(f"layer {name}: the bias does not fit int32 at scale s_x*s_w; "
-                                  f"the input step size is probably degenerate")
+        if b_int is not None:
             holder.register_buffer(f"{mname}_bias", b_int.to(torch.int32))
             holder.register_buffer(f"{mname}_bias_scale", b_scale.contiguous())
             int_bias = True
@@ -368,7 +376,7 @@ class LowerToQDQPass(PassBase):
 
     @staticmethod
     def _lower_float(gm: fx.GraphModule, node: fx.Node, rec: LayerRecord, weight: torch.Tensor,
-                     bias: torch.Tensor | None) -> None:
+                     bias: torch.Tensor | None, note: str = "float") -> None:
         """A float layer: the same op on float weights, the BatchNorm after it folded in, no Q/DQ around it."""
         g = gm.graph
         out_ch = weight.shape[0]
@@ -393,7 +401,7 @@ class LowerToQDQPass(PassBase):
         g.erase_node(node)
         log.info("layer %s lowered in float", rec.name)
         set_record(new, dataclasses.replace(rec, lowered=Lowered(None, None, None, fold is not None, False,
-                                                                 f"{LOWERED}.{mname}_weight", notes=("float",))))
+                                                                 f"{LOWERED}.{mname}_weight", notes=(note,))))
 
     # ------------------------------------------------------------------ activations
     @staticmethod

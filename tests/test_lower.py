@@ -610,3 +610,25 @@ def test_an_in_place_op_whose_result_is_unused_survives_capture_and_lowering(tmp
     rep = lower(q, tmp_path / "inplace.onnx", x[:1], inputs=x)
     assert rep.passed, rep.table()
     assert any(n.op == "call_method" and n.target == "mul_" for n in fxmpq.trace(m, x[:1]).graph.nodes)
+
+
+def test_a_bias_that_overflows_int32_exports_the_layer_in_float_and_says_so(tmp_path):
+    """A degenerate input step (fc reads values ~1e-6) puts the bias beyond int32 at s_x*s_w: the layer runs in float on
+    its quantized weights, in PyTorch (BiasRounding) as in ONNX Runtime, and the audit names it as not run as priced."""
+    torch.manual_seed(0)
+    m = PlainCNN().eval()
+    with torch.no_grad():
+        m.conv2.weight.mul_(1e-5)
+        m.fc.bias.zero_()
+        m.fc.bias[0] = 1e4  # one large bias: beyond int32 at s_x*s_w ~ 1e-7; the other outputs stay W.x
+    x = torch.randn(2, 3, 16, 16)
+    q = prepare(m, x, bits=(8,))
+    apply_policy(q, {n: (8, 8) for n in q.searchable_names}, torch.randn(16, 3, 16, 16))
+    q.eval()
+    rep = lower(q, tmp_path / "m.onnx", x, LowerOptions(samples=16, repeats=3))
+    assert rep.passed and rep.max_diff_steps <= 1.0
+    assert rep.quantized_layers == rep.fused_layers == 2  # conv1, conv2 integer; fc float
+    assert len(rep.format_mismatches) == 1 and rep.format_mismatches[0].startswith(
+        "fc: priced as W8A8, exported in float (float: the bias does not fit int32 at s_x*s_w)")
+    inits = {t.name: t for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    assert inits["fxmpq_lowered.fc_bias"].data_type == onnx.TensorProto.FLOAT

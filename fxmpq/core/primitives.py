@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["INT32_MAX", "FakeQuantizer", "container_zero_point", "fake_quantize", "fake_quantize_with_mask", "qrange", "quantize",
+__all__ = ["INT32_MAX", "FakeQuantizer", "bias_fits_int32", "container_zero_point", "fake_quantize", "fake_quantize_with_mask", "qrange", "quantize",
            "round_to_grid"]
 
 INT32_MAX = 2**31 - 1
@@ -42,6 +42,12 @@ def fake_quantize(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> 
 def round_to_grid(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """round(x / step) without clipping (an int32 bias at scale s_x * s_w, an accumulator)."""
     return torch.round(torch.div(x, step))
+
+
+def bias_fits_int32(b_int: torch.Tensor) -> bool:
+    """Whether a bias rounded to the grid s_x * s_w fits the integer kernels' int32 (finite, |b| <= 2^31 - 1): a
+    degenerate input step makes it overflow, and the layer then runs in float (BiasRounding and the lowering agree)."""
+    return bool(torch.isfinite(b_int).all()) and not bool((b_int.abs() > INT32_MAX).any())
 
 
 def container_zero_point(signed: bool, container_bits: int = 8) -> int:

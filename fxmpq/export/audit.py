@@ -113,6 +113,9 @@ def latency_audit(qmodel: QuantModel, path: Path, recs: Sequence[LayerRecord], f
         flag = None
         if not ran:
             flag = "not found in ONNX Runtime's graph"
+        elif fmt[0] is None and r.applied is not None and r.applied.w_bits is not None:
+            priced = format_name((r.applied.w_bits, r.applied.a_bits))
+            flag = f"priced as {priced}, exported in float ({'; '.join(low.notes)}), ORT ran {'+'.join(kernels)}"
         elif low.matmul_nbits and "MatMulNBits" not in kernels:
             flag = f"priced weight-only ({format_name(fmt)}), ORT ran {'+'.join(kernels)}"
         elif low.integer_kernel and not integer:

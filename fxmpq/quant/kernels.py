@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.primitives import round_to_grid
+from ..core.primitives import bias_fits_int32, round_to_grid
 
 __all__ = ["AddRounding", "BiasRounding", "MatMulRounding", "fma_float32", "int8_activation_bound"]
 
@@ -44,6 +44,8 @@ class BiasRounding(nn.Module):
             sx = s_x.detach().float().reshape(())
             b_scale = scale * sx
             b_int = round_to_grid(b, b_scale)
+            if not bias_fits_int32(b_int):  # the export runs this layer in float (passes/lower_qdq.py)
+                return y
             shape = [1] * y.dim()
             shape[self.channel_axis] = ch
             if ready is not None and bool(ready):  # the output quantizer has its step (every batch after the
