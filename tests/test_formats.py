@@ -222,6 +222,43 @@ def test_float_layers_reading_one_tensor_share_one_dequantize(tmp_path, hw) -> N
     assert stages.diverging is None and stages.forced_max_steps <= 1 and len(qdq_nodes(lowered)) >= 2
 
 
+def test_the_diagnosis_aligns_quantizers_whose_pairs_onnx_merged_or_renamed(tmp_path, hw) -> None:
+    """Two identical per-channel quantize-dequantize nodes (one per float reader, as the lowering once emitted them):
+    ONNX's optimizer merges them into one pair, and the last quantizer's output is renamed to the graph's output.
+    The diagnosis pairs quantizers by name, else by their scale initializer: all aligned, none compared wrongly."""
+    import copy
+
+    import onnx
+
+    from fxmpq.export.lower import to_onnx
+    from fxmpq.export.parity import activation_qdq_outputs, align_quantizers, qdq_nodes, quantizer_parity
+    from fxmpq.passes import run_passes
+    from fxmpq.passes.lower_qdq import QDQ_CHANNELS_OP
+    from fxmpq.quant.storage import as_storage
+    from fxmpq.stages import lower_passes
+
+    x = torch.randn(8, 3, 16, 16)
+    q = fxmpq.prepare(ResidualNet().eval(), x, hardware=hw, bits=(2, 4, 8))
+    fxmpq.apply_policy(q, {"conv1": FLOAT, "conv2": (4, 4), "shortcut": FLOAT}, x)
+    q.eval()
+    lowered = run_passes(copy.deepcopy(q.graph_module).eval(), lower_passes((x[:1],))).graph_module
+    shared = next(n for n in lowered.graph.nodes if n.target is QDQ_CHANNELS_OP)
+    second = list(shared.users)[1]
+    with lowered.graph.inserting_after(shared):
+        twin = lowered.graph.call_function(QDQ_CHANNELS_OP, shared.args)
+    twin.meta.update(shared.meta)
+    second.replace_input_with(shared, twin)
+    lowered.recompile()
+    proto, _, _ = to_onnx(lowered, (x[:1],), q.policy, as_storage("int8", "test"))
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    qnodes = qdq_nodes(lowered)
+    assert len(activation_qdq_outputs(proto)) < len(qnodes)  # merged: the old diagnosis could not align these
+    aligned = align_quantizers(qnodes, proto)
+    assert set(aligned) == {n.name for n in qnodes} and aligned[twin.name] == aligned[shared.name]
+    stages = quantizer_parity(lowered, tmp_path / "m.onnx", (x,), 8)
+    assert stages.diverging is None and stages.forced_max_steps <= 1 and stages.unaligned == 0
+
+
 def test_a_max_pool_of_float_values_stays_float_in_onnx_runtime(tmp_path) -> None:
     """stem in float, the block after the pool W8A8: the sum reads the pool's float output, so the pool keeps two
     readers and ONNX Runtime does not move the block's QuantizeLinear in front of it (a uint8 NCHW max pool, 30x

@@ -87,6 +87,7 @@ class LowerReport:
     stage_values: int | None = None
     first_flip: str | None = None
     first_flip_ops: tuple[str, ...] = ()
+    unaligned_quantizers: int = 0  # quantizers whose quantize-dequantize pair ONNX's optimizer removed (not compared)
     # how the weights are stored (fxmpq.quant.storage.Storage): "int8", or "packed" (<= 4-bit weights in INT4/UINT4
     # initializers); each quantized layer's container ("int8", "int4", "uint4", also in the ONNX metadata
     # `fxmpq.weight_containers`) and the bytes its weight initializers take in the file. With packed storage
@@ -148,7 +149,9 @@ class LowerReport:
                             f" (the noise floor's perturbation: {self.noise_floor.stage_flips} of "
                             f"{self.noise_floor.stage_values})")
                          + (f", the first at {self.first_flip}" if self.first_flip else "")
-                         + (f" after {', '.join(self.first_flip_ops[:3])}" if self.first_flip_ops else "") + ")")
+                         + (f" after {', '.join(self.first_flip_ops[:3])}" if self.first_flip_ops else "")
+                         + (f"; {self.unaligned_quantizers} quantizer(s) without a pair in the ONNX graph, not "
+                            f"compared" if self.unaligned_quantizers else "") + ")")
         if self.measured_latency_ms is not None:
             pred = (f"predicted {self.predicted_latency_ms:.3f} ms (measured/predicted "
                     f"{self.measured_latency_ms / self.predicted_latency_ms:.3f})"

@@ -22,7 +22,7 @@ from ..quant.lsq import LSQQuantizer
 if TYPE_CHECKING:
     from ..quant.quant_model import QuantModel
 
-__all__ = ["StageParity", "activation_qdq_outputs", "lowering_parity", "open_session", "output_step", "qdq_nodes",
+__all__ = ["StageParity", "activation_qdq_outputs", "align_quantizers", "lowering_parity", "open_session", "output_step", "qdq_nodes",
            "quantizer_parity", "run_ort", "run_torch"]
 
 
@@ -163,6 +163,7 @@ class StageParity:
     flips: int = 0
     values: int = 0
     first_flip: str | None = None
+    unaligned: int = 0  # quantizers with no quantize-dequantize pair left in the ONNX graph (not compared)
 
 
 def activation_qdq_outputs(model: Any) -> list[str]:
@@ -182,6 +183,42 @@ def activation_qdq_outputs(model: Any) -> list[str]:
     return names
 
 
+def align_quantizers(qnodes: list[fx.Node], model: Any) -> dict[str, str]:
+    """The ONNX value (a DequantizeLinear output) of each lowered quantize-dequantize node.
+
+    Pairs are matched by the scale initializer their QuantizeLinear reads (the node's own scale buffer, exported under
+    its name) and by per channel or not, in graph order within each such group. Nodes of a group that quantize the
+    same value alike are one pair to ONNX's optimizer, which merges identical pairs: they share the pair. A group
+    whose counts still differ (ONNX Runtime removed a pair) is left out. The names of the values cannot serve:
+    torch.export renames the nodes."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    onnx_groups: dict[tuple[str, bool], list[str]] = {}
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear":
+            continue
+        src = producer.get(n.input[0])
+        if src is not None and src.op_type == "Clip":
+            src = producer.get(src.input[0])
+        if src is not None and src.op_type == "QuantizeLinear" and len(src.input) > 1:
+            channels = len(n.input) > 1 and n.input[1] != src.input[1]  # a per-channel DQ has its own scale
+            onnx_groups.setdefault((src.input[1], channels), []).append(n.output[0])
+    torch_groups: dict[tuple[str, bool], dict[tuple, list[str]]] = {}  # group -> distinct args -> node names
+    for n in qnodes:
+        if len(n.args) < 2 or not isinstance(n.args[1], fx.Node) or n.args[1].op != "get_attr":
+            continue
+        key = (n.args[1].target, n.target is not QDQ_OP)
+        torch_groups.setdefault(key, {}).setdefault(tuple(map(str, n.args)), []).append(n.name)
+    out: dict[str, str] = {}
+    for key, distinct in torch_groups.items():
+        pairs = onnx_groups.get(key, [])
+        if len(pairs) != len(distinct):
+            continue
+        for names, pair in zip(distinct.values(), pairs):
+            for name in names:
+                out[name] = pair
+    return out
+
+
 def quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Tensor, ...], batch: int
                      ) -> StageParity:
     """Every activation quantizer, PyTorch vs ONNX Runtime, in graph order, on the first `batch` inputs.
@@ -196,13 +233,14 @@ def quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Te
     import onnx
 
     qnodes = qdq_nodes(lowered)
-    names = activation_qdq_outputs(onnx.load(str(path)))
-    if len(names) != len(qnodes):
-        return StageParity(f"cannot align intermediate outputs ({len(qnodes)} quantizers in PyTorch, {len(names)} "
-                           f"QDQ pairs in ONNX)", None)
+    aligned = align_quantizers(qnodes, onnx.load(str(path)))
+    if not aligned and qnodes:
+        return StageParity(f"cannot align intermediate outputs (none of {len(qnodes)} quantizers in PyTorch found in "
+                           f"the ONNX graph)", None)
+    names = list(dict.fromkeys(aligned.values()))
     x = tuple(t[:batch] for t in inputs)
-    ys = run_ort(open_session(path, names), x, batch, names)
-    ort_out = dict(zip((n.name for n in qnodes), ys))
+    ys = dict(zip(names, run_ort(open_session(path, names), x, batch, names)))
+    ort_out = {k: ys[v] for k, v in aligned.items()}
     steps = {n.name: float(lowered.get_buffer(n.args[1].target)) for n in qnodes}
 
     def steps_apart(n: fx.Node, r: torch.Tensor) -> tuple[float, np.ndarray]:
@@ -235,7 +273,7 @@ def quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Te
         def run_node(self, n: fx.Node) -> Any:
             r = super().run_node(n)
             qrec = quantizer_record_of(n)
-            if qrec is None:
+            if qrec is None or n.name not in ort_out:  # not a quantizer, or one ONNX Runtime has no pair for
                 return r
             d, y = steps_apart(n, r)
             if self.force:
@@ -257,4 +295,4 @@ def quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Te
     out = out[0] if isinstance(out, tuple | list) else out
     out_np = out.detach().float().numpy() if isinstance(out, torch.Tensor) else None
     return StageParity(first[0] if first else None, max(forced, default=0.0), out_np, flips[0], flips[1],
-                       first_flip[0] if first_flip else None)
+                       first_flip[0] if first_flip else None, len(qnodes) - len(aligned))

@@ -98,7 +98,7 @@ def judge(qmodel: QuantModel, lowered: fx.GraphModule, onnx_path: Path, inputs: 
     forced = stages.forced_max_steps
     fields.update(diverging=stages.diverging or "every quantizer agrees within 1 step", forced_max_steps=forced,
                   lowered_max_steps=low_steps, lowered_diverging=low_div, stage_flips=stages.flips,
-                  stage_values=stages.values, first_flip=stages.first_flip,
+                  stage_values=stages.values, first_flip=stages.first_flip, unaligned_quantizers=stages.unaligned,
                   first_flip_ops=float_ops_before(qmodel.graph_module).get(stages.first_flip, ())
                   if stages.first_flip else ())
     faithful = forced is not None and forced <= 1.0 + _EPS and low_steps <= 1.0 + _EPS
