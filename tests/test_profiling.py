@@ -262,3 +262,44 @@ def test_a_bundle_that_fails_is_exported_part_by_part(tmp_path, monkeypatch):
              for i, f in enumerate((INT8, FLOAT))]
     bundle.export_parts(parts, hw)
     assert all(p.path.is_file() for p in parts)
+
+
+def test_bundles_export_in_forked_workers_to_the_same_files(tmp_path, monkeypatch):
+    """Two processes export the bundles at once: the files equal those of one process; an error in a worker comes
+    back with its class and message (the layer named)."""
+    from fxmpq.capture.record import records
+    from fxmpq.errors import ExportError
+    from fxmpq.profiling import bundle
+    from fxmpq.profiling import profile as prof
+    from fxmpq.profiling.profile_models import one_layer_module
+
+    if not bundle.can_fork():
+        pytest.skip("no fork on this platform")
+    monkeypatch.setattr(bundle, "MAX_PARTS", 2)
+    hw = ort_target()
+    a = fxmpq.analyze(PlainCNN().eval(), torch.randn(1, 3, 16, 16), hardware=hw)
+    node_of = {r.name: n for n, r in records(a.graph_module)}
+
+    def parts(d):
+        d.mkdir()
+        return [bundle.Part(one_layer_module(a.graph_module, node_of[r.name]),
+                            prof._random(prof._input_shapes(r), torch.Generator().manual_seed(i)), [f], d / f"{i}_{j}.onnx")
+                for i, r in enumerate(a.layers) for j, f in enumerate((INT8, FLOAT))]
+
+    one, two = parts(tmp_path / "one"), parts(tmp_path / "two")
+    assert len(bundle._chunks(two)) >= 3
+    bundle.export_parts(one, hw, workers=1)
+    bundle.export_parts(two, hw, workers=2)
+    for p, q in zip(one, two):
+        assert _canonical(p.path) == _canonical(q.path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the exporter choked on the bundle")
+
+    def refuse(module, inputs, formats, path, hw, storage="int8"):
+        raise ExportError(f"layer conv2: refused for {path.name}")
+
+    monkeypatch.setattr(bundle, "_export_bundle", broken)
+    monkeypatch.setattr(bundle, "export_one", refuse)
+    with pytest.raises(ExportError, match="layer conv2: refused"):
+        bundle.export_parts(parts(tmp_path / "three"), hw, workers=2)

@@ -9,7 +9,11 @@ lower is exported again branch by branch, so that the error names the layer and 
 from __future__ import annotations
 
 import copy
+import multiprocessing
+import os
+import sys
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +30,7 @@ from ..passes import run_passes
 from ..quant.storage import as_storage
 from ..stages import apply_policy, lower_passes, prepare
 
-__all__ = ["Part", "bundle_module", "export_one", "export_parts"]
+__all__ = ["Part", "bundle_module", "export_one", "export_parts", "export_workers"]
 
 MAX_PARTS = 96  # branches per bundle: bounds the bundle's size (and memory) on large models
 MAX_PARAMS = 40_000_000  # float parameters per bundle
@@ -143,15 +147,75 @@ def _export_bundle(parts: Sequence[Part], hw: HardwareSpec, storage: str) -> Non
         onnx.save_model(part, str(p.path))
 
 
-def export_parts(parts: Sequence[Part], hw: HardwareSpec, storage: str = "int8", progress: object = None) -> None:
+def _export_chunk(chunk: Sequence[Part], hw: HardwareSpec, storage: str) -> None:
+    try:
+        _export_bundle(chunk, hw, storage)
+    except Exception:  # whatever failed (ours or the exporter's), one by one: the failing part raises as lower()
+        for p in chunk:  # raises for it alone, naming its layer
+            export_one(p.module, p.inputs, p.formats, p.path, hw, storage)
+
+
+def export_workers(chunks: int) -> int:
+    """Processes that export bundles at once: one per CPU this process may run on, at most 4 (each holds a bundle's
+    export in memory) and at most one per bundle; 1 where fork is unavailable or FXMPQ_EXPORT_WORKERS=1 says so.
+    torch.onnx's exporter is single-threaded Python, so on 2 cores two bundles export in about the time of one."""
+    env = os.environ.get("FXMPQ_EXPORT_WORKERS")
+    if env is not None and env.strip().isdigit():
+        cap = max(1, int(env))
+    else:
+        cap = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    return max(1, min(cap, chunks)) if can_fork() else 1
+
+
+def can_fork() -> bool:
+    """Whether workers can be forked here (Linux; elsewhere fork is unavailable or unsafe with torch)."""
+    return sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
+
+
+_JOB: tuple[list[list[Part]], HardwareSpec, str] | None = None  # what forked workers export (copied by fork)
+
+
+def _export_chunk_at(i: int) -> tuple[type[BaseException], str] | None:
+    """In a forked worker: bundle `i` of _JOB; an error comes back as (class, message), so that its class survives."""
+    torch.set_num_threads(1)
+    chunks, hw, storage = _JOB
+    try:
+        _export_chunk(chunks[i], hw, storage)
+    except FxmpqError as e:
+        return type(e), str(e)
+    except Exception as e:  # reported in the parent
+        return FxmpqError, f"profile: exporting bundle {i} failed: {type(e).__name__}: {e}"
+    return None
+
+
+def export_parts(parts: Sequence[Part], hw: HardwareSpec, storage: str = "int8", progress: object = None,
+                 workers: int | None = None) -> None:
     """Write every part's ONNX file (prepared at the target's bits, fixed at its formats, lowered with `storage`),
     a bundle of them per torch.onnx export; a bundle that fails is exported part by part with lower(), whose error
-    names the layer. `progress` (a tqdm bar) advances by one per part written."""
-    for chunk in _chunks(parts):
-        try:
-            _export_bundle(chunk, hw, storage)
-        except Exception:  # whatever failed (ours or the exporter's), one by one: the failing part raises as lower()
-            for p in chunk:  # raises for it alone, naming its layer
-                export_one(p.module, p.inputs, p.formats, p.path, hw, storage)
-        if progress is not None:
-            progress.update(len(chunk))
+    names the layer. Bundles export in `workers` forked processes at once (default `export_workers`); the files are
+    the same either way. `progress` (a tqdm bar) advances by one per part written."""
+    global _JOB
+    chunks = _chunks(parts)
+    n = export_workers(len(chunks)) if workers is None else max(1, min(workers, len(chunks)))
+    n = n if can_fork() else 1
+    if n == 1:
+        for chunk in chunks:
+            _export_chunk(chunk, hw, storage)
+            if progress is not None:
+                progress.update(len(chunk))
+        return
+    _JOB = (chunks, hw, storage)
+    try:
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = {pool.submit(_export_chunk_at, i): i for i in range(len(chunks))}
+            for f in as_completed(futures):
+                err = f.result()
+                if err is not None:
+                    for other in futures:
+                        other.cancel()
+                    cls, msg = err
+                    raise cls(msg)
+                if progress is not None:
+                    progress.update(len(chunks[futures[f]]))
+    finally:
+        _JOB = None
