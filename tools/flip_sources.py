@@ -65,7 +65,7 @@ def flips_by_quantizer(q: fxmpq.QuantModel, x: torch.Tensor, samples: int, seed:
     g = torch.Generator().manual_seed(seed)
     inputs = torch.randn((samples, *x.shape[1:]), generator=g)
     qnodes = qdq_nodes(lowered)
-    aligned = align_quantizers(qnodes, proto)  # quantizers ONNX Runtime has no pair for are not compared
+    aligned = align_quantizers(qnodes, proto, lowered)  # quantizers ONNX Runtime has no pair for are not compared
     names = list(dict.fromkeys(aligned.values()))
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "m.onnx"

@@ -183,16 +183,30 @@ def activation_qdq_outputs(model: Any) -> list[str]:
     return names
 
 
-def align_quantizers(qnodes: list[fx.Node], model: Any) -> dict[str, str]:
+def align_quantizers(qnodes: list[fx.Node], model: Any, lowered: fx.GraphModule | None = None) -> dict[str, str]:
     """The ONNX value (a DequantizeLinear output) of each lowered quantize-dequantize node.
 
-    Pairs are matched by the scale initializer their QuantizeLinear reads (the node's own scale buffer, exported under
-    its name) and by per channel or not, in graph order within each such group. Nodes of a group that quantize the
-    same value alike are one pair to ONNX's optimizer, which merges identical pairs: they share the pair. A group
-    whose counts still differ (ONNX Runtime removed a pair) is left out. The names of the values cannot serve:
-    torch.export renames the nodes."""
+    Both lists are in graph order; a node is paired with the next Q/DQ pair of its kind (per channel or not) whose
+    QuantizeLinear reads its scale: by name, or by value (the exporter merges equal initializers under one name),
+    looking a few pairs ahead. A node whose arguments repeat an earlier node's (ONNX's optimizer merges identical
+    pairs) shares that node's pair; a node with no pair (ONNX Runtime removed it) is left out. Value names cannot
+    serve: torch.export renames the nodes."""
+    from onnx import numpy_helper
+
     producer = {o: n for n in model.graph.node for o in n.output}
-    onnx_groups: dict[tuple[str, bool], list[str]] = {}
+    consts = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = n.attribute[0].t
+
+    def scalar(name: str) -> float | None:
+        t = consts.get(name)
+        if t is None:
+            return None
+        v = numpy_helper.to_array(t)
+        return float(v.reshape(-1)[0]) if v.size == 1 else None
+
+    pairs: list[tuple[str, str, bool]] = []  # (DQ output, Q's scale, per channel)
     for n in model.graph.node:
         if n.op_type != "DequantizeLinear":
             continue
@@ -200,22 +214,31 @@ def align_quantizers(qnodes: list[fx.Node], model: Any) -> dict[str, str]:
         if src is not None and src.op_type == "Clip":
             src = producer.get(src.input[0])
         if src is not None and src.op_type == "QuantizeLinear" and len(src.input) > 1:
-            channels = len(n.input) > 1 and n.input[1] != src.input[1]  # a per-channel DQ has its own scale
-            onnx_groups.setdefault((src.input[1], channels), []).append(n.output[0])
-    torch_groups: dict[tuple[str, bool], dict[tuple, list[str]]] = {}  # group -> distinct args -> node names
+            pairs.append((n.output[0], src.input[1], len(n.input) > 1 and n.input[1] != src.input[1]))
+    out: dict[str, str] = {}
+    by_args: dict[tuple, str] = {}
+    j = 0
     for n in qnodes:
+        key = tuple(map(str, n.args))
+        if key in by_args:
+            out[n.name] = by_args[key]
+            continue
         if len(n.args) < 2 or not isinstance(n.args[1], fx.Node) or n.args[1].op != "get_attr":
             continue
-        key = (n.args[1].target, n.target is not QDQ_OP)
-        torch_groups.setdefault(key, {}).setdefault(tuple(map(str, n.args)), []).append(n.name)
-    out: dict[str, str] = {}
-    for key, distinct in torch_groups.items():
-        pairs = onnx_groups.get(key, [])
-        if len(pairs) != len(distinct):
-            continue
-        for names, pair in zip(distinct.values(), pairs):
-            for name in names:
-                out[name] = pair
+        target = n.args[1].target
+        value = None
+        if lowered is not None:
+            try:
+                value = float(lowered.get_buffer(target).reshape(-1)[0])
+            except AttributeError:
+                value = None
+        channels = n.target is not QDQ_OP
+        for k in range(j, min(j + 4, len(pairs))):
+            dq, scale, ch = pairs[k]
+            if ch == channels and (scale == target or (value is not None and scalar(scale) == value)):
+                out[n.name] = by_args[key] = dq
+                j = k + 1
+                break
     return out
 
 
@@ -233,7 +256,7 @@ def quantizer_parity(lowered: fx.GraphModule, path: Path, inputs: tuple[torch.Te
     import onnx
 
     qnodes = qdq_nodes(lowered)
-    aligned = align_quantizers(qnodes, onnx.load(str(path)))
+    aligned = align_quantizers(qnodes, onnx.load(str(path)), lowered)
     if not aligned and qnodes:
         return StageParity(f"cannot align intermediate outputs (none of {len(qnodes)} quantizers in PyTorch found in "
                            f"the ONNX graph)", None)
