@@ -170,8 +170,13 @@ def activation_qdq_outputs(model: Any) -> list[str]:
     """The activation quantize-dequantize pairs of an ONNX model, in graph order: the outputs of the
     DequantizeLinear nodes fed (maybe through a Clip) by a QuantizeLinear; one per quantizer call of the lowered
     graph (`qdq_nodes`)."""
+    return [dq.output[0] for dq, _ in _qdq_pairs(model)]
+
+
+def _qdq_pairs(model: Any) -> list[tuple[Any, Any]]:
+    """(DequantizeLinear, the QuantizeLinear feeding it, maybe through a Clip) of an ONNX model, in graph order."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    names = []
+    pairs = []
     for n in model.graph.node:
         if n.op_type != "DequantizeLinear":
             continue
@@ -179,8 +184,8 @@ def activation_qdq_outputs(model: Any) -> list[str]:
         if src is not None and src.op_type == "Clip":
             src = producer.get(src.input[0])
         if src is not None and src.op_type == "QuantizeLinear":
-            names.append(n.output[0])
-    return names
+            pairs.append((n, src))
+    return pairs
 
 
 def align_quantizers(qnodes: list[fx.Node], model: Any, lowered: fx.GraphModule | None = None) -> dict[str, str]:
@@ -193,7 +198,6 @@ def align_quantizers(qnodes: list[fx.Node], model: Any, lowered: fx.GraphModule 
     serve: torch.export renames the nodes."""
     from onnx import numpy_helper
 
-    producer = {o: n for n in model.graph.node for o in n.output}
     consts = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
@@ -206,15 +210,9 @@ def align_quantizers(qnodes: list[fx.Node], model: Any, lowered: fx.GraphModule 
         v = numpy_helper.to_array(t)
         return float(v.reshape(-1)[0]) if v.size == 1 else None
 
-    pairs: list[tuple[str, str, bool]] = []  # (DQ output, Q's scale, per channel)
-    for n in model.graph.node:
-        if n.op_type != "DequantizeLinear":
-            continue
-        src = producer.get(n.input[0])
-        if src is not None and src.op_type == "Clip":
-            src = producer.get(src.input[0])
-        if src is not None and src.op_type == "QuantizeLinear" and len(src.input) > 1:
-            pairs.append((n.output[0], src.input[1], len(n.input) > 1 and n.input[1] != src.input[1]))
+    # (DQ output, Q's scale, per channel: a per-channel DQ has a scale of its own)
+    pairs = [(dq.output[0], q.input[1], len(dq.input) > 1 and dq.input[1] != q.input[1])
+             for dq, q in _qdq_pairs(model) if len(q.input) > 1]
     out: dict[str, str] = {}
     by_args: dict[tuple, str] = {}
     j = 0

@@ -22,11 +22,12 @@ import logging
 import os
 import platform
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
+
+from ..core.switches import ThreadSwitch
 
 log = logging.getLogger(__name__)
 
@@ -147,18 +148,12 @@ std::vector<at::Tensor> lsq_backward(const at::Tensor& grad, const at::Tensor& x
 _lock = threading.Lock()
 _module: Any = None
 _tried = False
-_off = threading.local()  # `disabled()` in this thread
+_off = ThreadSwitch()  # `disabled()` in this thread
 
 
-@contextmanager
-def disabled() -> Iterator[None]:
+def disabled() -> AbstractContextManager[None]:
     """Within the block (this thread), fake quantization takes PyTorch's operators: for comparisons and tests."""
-    was = getattr(_off, "on", False)
-    _off.on = True
-    try:
-        yield
-    finally:
-        _off.on = was
+    return _off.block()
 
 
 def fused_kernel() -> Any:
@@ -202,7 +197,7 @@ def usable(x: torch.Tensor, s: torch.Tensor) -> bool:
     """Whether the fused kernel applies: a contiguous float32 CPU tensor of at least 4096 elements, one step or one
     per slice along dim 0 (a weight's output channels), and the kernel built."""
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() >= 4096
-            and s.dtype == torch.float32 and not getattr(_off, "on", False)):
+            and s.dtype == torch.float32 and not _off.on):
         return False
     if s.numel() != 1 and not (x.dim() > 0 and s.numel() == x.shape[0] and s.dim() == x.dim()
                                and s.shape[0] == x.shape[0]):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.primitives import FakeQuantizer, fake_quantize, fake_quantize_with_mask, qrange
+from ..core.switches import ThreadSwitch
 from ..errors import ArgumentError, CheckpointError, PolicyError
 from . import fused_cpu
 
@@ -129,19 +129,13 @@ class _InputStepAdjoint(torch.autograd.Function):
         return dy, grad_s, None, None, None, None, None, None
 
 
-_no_adjoint = threading.local()
+_no_adjoint = ThreadSwitch()
 
 
-@contextmanager
-def without_input_step_adjoint() -> Iterator[None]:
+def without_input_step_adjoint() -> AbstractContextManager[None]:
     """Within the block (this thread), a model input's quantizer gets its step gradient through the layer's input
     gradient, as every other quantizer does: the reference the adjoint is tested against."""
-    was = getattr(_no_adjoint, "on", False)
-    _no_adjoint.on = True
-    try:
-        yield
-    finally:
-        _no_adjoint.on = was
+    return _no_adjoint.block()
 
 
 def _tracing() -> bool:
@@ -151,7 +145,7 @@ def _tracing() -> bool:
 
 def _mark_input_step(out: torch.Tensor, x: torch.Tensor, s: torch.Tensor, g: float, qmin: int, qmax: int) -> None:
     """Tag a training-mode quantizer output whose input needs no gradient, for the layer reading it."""
-    if x.requires_grad or not s.requires_grad or s.dim() != 0 or getattr(_no_adjoint, "on", False) or _tracing():
+    if x.requires_grad or not s.requires_grad or s.dim() != 0 or _no_adjoint.on or _tracing():
         return
     out._fxmpq_input_step = (x, s, g, qmin, qmax)  # type: ignore[attr-defined]
 
@@ -161,7 +155,7 @@ def _layer_with_input_step(layer: Callable[[torch.Tensor, torch.Tensor], torch.T
                            run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
     """`run(x, wq, bias)`, through _InputStepAdjoint when x is a tagged input quantizer's output."""
     src = getattr(x, "_fxmpq_input_step", None)
-    if src is None or not torch.is_grad_enabled() or getattr(_no_adjoint, "on", False):
+    if src is None or not torch.is_grad_enabled() or _no_adjoint.on:
         return run(x, wq, bias)
     raw, s, g, qmin, qmax = src
     y = run(x.detach(), wq, bias)
