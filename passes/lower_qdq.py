@@ -232,9 +232,8 @@ class LowerToQDQPass(PassBase):
                 b_scale = (scale * s_x).float()
                 b_int = round_to_grid(b_f, b_scale)
             if not bias_fits_int32(b_int):
-                # s_x * s_w so small that the bias overflows the integer kernel's int32 accumulator (a degenerate
-                # input step): the layer runs in float on its quantized weights, as BiasRounding simulates it
-                # then; the audit reports it as run otherwise than priced
+                # s_x * s_w so small (a degenerate input step) that the bias overflows int32: the layer runs in
+                # float on its quantized weights, as BiasRounding simulates it; the audit says it is not as priced
                 log.warning("layer %s: its bias does not fit int32 at scale s_x*s_w (input step %.3g): exported "
                             "as a float layer on its quantized weights", name, s_x)
                 self._lower_float(gm, node, rec, q_w * s_b, bias,
