@@ -119,6 +119,6 @@ def _print_summary(prof: HardwareProfile, out: Path) -> None:
         print(f"W4A8 packed and widened (fxmpq.ort_session) alone / W8A8 alone: median {ratio:.3f}x (the same kernel)")
     if prof.wall_s:
         print(f"time: {sum(prof.wall_s.values()):.1f} s = " + ", ".join(f"{k} {v:.1f} s" for k, v in prof.wall_s.items())
-              + f" ({len(prof.layers)} layers; bundles exported by up to {export_workers(1 << 20)} processes at once, "
+              + f" ({len(prof.layers)} layers; bundles exported by up to {export_workers()} processes at once, "
               f"FXMPQ_EXPORT_WORKERS)")
     print(f"wrote {out}")

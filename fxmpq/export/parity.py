@@ -3,6 +3,7 @@ runs (the QuantModel against the lowered graph, and each quantizer against ONNX 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,7 @@ def align_quantizers(qnodes: list[fx.Node], model: Any, lowered: fx.GraphModule 
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             consts[n.output[0]] = n.attribute[0].t
 
+    @functools.cache
     def scalar(name: str) -> float | None:
         t = consts.get(name)
         if t is None:

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,16 +156,19 @@ def _export_chunk(chunk: Sequence[Part], hw: HardwareSpec, storage: str) -> None
             export_one(p.module, p.inputs, p.formats, p.path, hw, storage)
 
 
-def export_workers(chunks: int) -> int:
+def export_workers(chunks: int | None = None) -> int:
     """Processes that export bundles at once: one per CPU this process may run on, at most 4 (each holds a bundle's
-    export in memory) and at most one per bundle; 1 where fork is unavailable or FXMPQ_EXPORT_WORKERS=1 says so.
-    torch.onnx's exporter is single-threaded Python, so on 2 cores two bundles export in about the time of one."""
+    export in memory) and at most one per bundle (`chunks`; None: the cap alone); 1 where fork is unavailable or
+    FXMPQ_EXPORT_WORKERS=1 says so. torch.onnx's exporter is single-threaded Python, so on 2 cores two bundles
+    export in about the time of one."""
+    if not can_fork():
+        return 1
     env = os.environ.get("FXMPQ_EXPORT_WORKERS")
     if env is not None and env.strip().isdigit():
         cap = max(1, int(env))
     else:
         cap = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-    return max(1, min(cap, chunks)) if can_fork() else 1
+    return cap if chunks is None else max(1, min(cap, chunks))
 
 
 def can_fork() -> bool:
@@ -197,8 +201,7 @@ def export_parts(parts: Sequence[Part], hw: HardwareSpec, storage: str = "int8",
     global _JOB
     chunks = _chunks(parts)
     n = export_workers(len(chunks)) if workers is None else max(1, min(workers, len(chunks)))
-    n = n if can_fork() else 1
-    if n == 1:
+    if n == 1 or not can_fork():
         for chunk in chunks:
             _export_chunk(chunk, hw, storage)
             if progress is not None:
@@ -209,7 +212,11 @@ def export_parts(parts: Sequence[Part], hw: HardwareSpec, storage: str = "int8",
         with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as pool:
             futures = {pool.submit(_export_chunk_at, i): i for i in range(len(chunks))}
             for f in as_completed(futures):
-                err = f.result()
+                try:
+                    err = f.result()
+                except BrokenProcessPool:
+                    raise FxmpqError("profile: an export worker process died (out of memory?); "
+                                     "FXMPQ_EXPORT_WORKERS=1 exports in this process alone") from None
                 if err is not None:
                     for other in futures:
                         other.cancel()

@@ -155,7 +155,7 @@ def _layer_with_input_step(layer: Callable[[torch.Tensor, torch.Tensor], torch.T
                            run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
     """`run(x, wq, bias)`, through _InputStepAdjoint when x is a tagged input quantizer's output."""
     src = getattr(x, "_fxmpq_input_step", None)
-    if src is None or not torch.is_grad_enabled() or _no_adjoint.on:
+    if src is None or not torch.is_grad_enabled():
         return run(x, wq, bias)
     raw, s, g, qmin, qmax = src
     y = run(x.detach(), wq, bias)
