@@ -157,6 +157,30 @@ def test_table_per_activation_counts_the_input_elements_per_sample():
     assert hw.layer_cost(LayerInfo(LayerKind.CONV, 100, 7), 4, 8)["m"] == 2  # no shapes given: 1 element
 
 
+def test_table_chain_prices_a_format_boundary_per_input_element():
+    """A table term's `chain[f][g]`: added per unit when the layer runs as f and the layer it reads back to back
+    as g (a generic target's dequantize/quantize between float and integer layers); pairs not listed add 0."""
+    doc = _with("metrics", {"m": {"terms": [{"type": "table", "per": "activation",
+                                             "values": {"4x4": 1, "4x8": 2, "8x4": 3, "8x8": 4},
+                                             "chain": {"8x8": {"4x4": 0.5, "8x4": -0.25}}}]}})
+    hw = _load(doc)
+    assert hw.chained and not _load(_with("metrics", {"m": {"terms": [{"type": "bitops"}]}})).chained
+    conv2 = LayerInfo(LayerKind.CONV, 100, 7, name="conv2", in_shape=(1, 3, 4, 5), input_layer="conv1")
+    assert hw.chain_cost(conv2, (8, 8), (4, 4)) == {"m": 0.5 * 60}
+    assert hw.chain_cost(conv2, (8, 8), (8, 4)) == {"m": -0.25 * 60}
+    assert hw.chain_cost(conv2, (8, 8), (8, 8)) == {"m": 0.0}  # not listed
+    assert hw.chain_cost(conv2, (4, 8), (4, 4)) == {"m": 0.0}
+    assert hw.layer_cost(conv2, 8, 8) == {"m": 4 * 60}  # the layer's own cost is unchanged
+    bad = copy.deepcopy(doc)
+    bad["metrics"]["m"]["terms"][0]["chain"] = {"2x2": {"8x8": 1}}
+    with pytest.raises(HardwareSpecError, match=r"t.toml: metrics.m.terms\[0\].chain.2x2: format 2x2 has no value in "
+                                                r"`values`: a chain prices a format the term prices"):
+        _load(bad)
+    bad["metrics"]["m"]["terms"][0]["chain"] = {"8x8": {"4x4": "slow"}}
+    with pytest.raises(HardwareSpecError, match=r"chain.8x8.4x4: expected a number, found a string 'slow'"):
+        _load(bad)
+
+
 def test_explicit_pairs_and_pins_off():
     doc = _with("target.pairs", [[8, 8], [4, 8]])
     doc["pins"] = {"first_layer": False, "last_layer": False, "w_bits": 2, "a_bits": 2}

@@ -146,6 +146,9 @@ class Term:
     values: Mapping[Pair, float] = field(default_factory=lambda: MappingProxyType({}))
     layers: Mapping[str, LayerEntry] = field(default_factory=lambda: MappingProxyType({}))
     value: float = 0.0  # CONSTANT
+    # TABLE: chain[f][g] x quantity, added when the layer runs as f and the layer it reads back to back as g (what a
+    # format boundary costs: a dequantize, a quantize, a float conversion); pairs it does not list add nothing
+    chain: Mapping[Pair, Mapping[Pair, float]] = field(default_factory=lambda: MappingProxyType({}))
     origin: str = field(default="<memory>", compare=False)  # "file: key path", for error messages
 
     def evaluate(self, layer: Layer, w: int | None, a: int | None) -> float:
@@ -206,8 +209,12 @@ class Term:
 
     def chain_delta(self, layer: Layer, fmt: Pair, after: Pair) -> float:
         """What this term adds to `layer`'s cost in `fmt` when the layer it reads back to back runs in `after`
-        (a LAYER_TABLE entry's `chain[fmt][after]`; 0 otherwise)."""
-        if self.type is not TermType.LAYER_TABLE or layer.kind not in self.kinds:
+        (a LAYER_TABLE entry's `chain[fmt][after]`, a TABLE's `chain[fmt][after]` x its quantity; 0 otherwise)."""
+        if layer.kind not in self.kinds:
+            return 0.0
+        if self.type is TermType.TABLE:
+            return self.scale * _per(self.per, layer) * self.chain.get(fmt, {}).get(after, 0.0) if self.chain else 0.0
+        if self.type is not TermType.LAYER_TABLE:
             return 0.0
         entry = self.check_layer(layer)
         return self.scale * entry.chain.get(fmt, {}).get(after, 0.0)
@@ -259,8 +266,9 @@ class Metric:
 
     @property
     def chained(self) -> bool:
-        """Whether any layer's cost depends on the format of the layer it reads (a `chain` in a layer table)."""
-        return any(e.chain for t in self.terms if t.type is TermType.LAYER_TABLE for e in t.layers.values())
+        """Whether any layer's cost depends on the format of the layer it reads (a `chain` in a layer table or in
+        a table term)."""
+        return any(bool(t.chain) or any(e.chain for e in t.layers.values()) for t in self.terms)
 
     @property
     def constant(self) -> float:

@@ -137,6 +137,22 @@ def parse_term(t: Table, offer: Offer) -> Term:
         if missing:
             raise vt.fail(None, f"no value for supported pair(s) {', '.join(missing)}")
         kwargs["values"] = MappingProxyType(values)
+        if "chain" in t.data:  # what a format boundary adds per unit: chain.<own format>.<format of the layer read>
+            ct = t.table("chain")
+            chain = {}
+            for key in ct.data:
+                own = parse_pair_key(ct, key)
+                if own not in values:
+                    raise ct.fail(key, f"format {spell(own)} has no value in `values`: a chain prices a format the "
+                                  f"term prices")
+                inner = ct.table(key)
+                chain[own] = MappingProxyType({parse_pair_key(inner, k2): number(inner, k2, negative=True)
+                                               for k2 in inner.data})
+                inner.finish()
+            ct.finish()
+            kwargs["chain"] = MappingProxyType(chain)
+        else:
+            t.used.add("chain")  # optional: named among the allowed keys all the same
     t.finish()
     return Term(type=ttype, scale=scale, kinds=kinds, **kwargs)
 
