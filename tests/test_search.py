@@ -291,3 +291,17 @@ def test_cli_search(tmp_path) -> None:
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "search.py"), "--indicators", str(FIXTURE),
                           "--model", "resnet50", "--budget", "w3a4&x"], capture_output=True, text=True, timeout=240)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_plot_bits_draws_weight_only_and_float_layers(tmp_path):
+    """A weight-only layer (w-bit weights, float activations) draws its activation bar as float, beside float and
+    integer layers (it used to fail on the float activation's None)."""
+    from fxmpq.policy_search.report import plot_bits
+
+    a = fxmpq.analyze(ResidualNet(), torch.randn(1, 3, 16, 16), hardware="ort_cpu")
+    names = a.names
+    policy = {n: (8, 8) for n in names}
+    policy[names[0]] = (None, None)
+    policy[names[-1]] = (4, None)  # the classifier, weight-only
+    out = plot_bits(fxmpq.Policy(policy), a, tmp_path / "bits.png")
+    assert out.stat().st_size > 0

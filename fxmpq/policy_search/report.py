@@ -29,7 +29,7 @@ def _pyplot():
 
 def plot_bits(policy: Policy, analysis: Analysis, path: str | Path) -> Path:
     """Bar chart of weight and activation bits per layer (graph order); pinned layers hatched; a float layer is a
-    grey bar at 9 ("float", above every integer width)."""
+    grey bar at 9 ("float", above every integer width), as is a weight-only layer's activation bar."""
     plt = _pyplot()
     from matplotlib.patches import Patch
     full = policy.complete(analysis)
@@ -38,8 +38,10 @@ def plot_bits(policy: Policy, analysis: Analysis, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.25), 4))
     pinned = [m.pinned for m in analysis.layers]
     handles = []
-    floats = [full[n][0] is None for n in names]
+    any_float = False
     for offset, idx, label in ((-0.2, 0, "weight bits"), (0.2, 1, "activation bits")):
+        floats = [full[n][idx] is None for n in names]  # float layers; weight-only ones' float activations
+        any_float |= any(floats)
         bars = ax.bar([i + offset for i in x], [_FLOAT_BAR if f else full[n][idx] for n, f in zip(names, floats)],
                       width=0.4)
         handles.append(Patch(facecolor=bars[0].get_facecolor(), label=label))  # unhatched, whatever comes first
@@ -48,7 +50,7 @@ def plot_bits(policy: Policy, analysis: Analysis, path: str | Path) -> Path:
                 bar.set_hatch("//")
             if f:
                 bar.set_color("lightgrey")
-    if any(floats):
+    if any_float:
         handles.append(Patch(facecolor="lightgrey", label=f"float (drawn at {_FLOAT_BAR})"))
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=90, fontsize=6)
