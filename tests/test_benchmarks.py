@@ -326,7 +326,9 @@ def test_fit_ort_cpu_writes_a_generic_target_that_prices_what_it_was_fitted_on(t
                  "--policies", "4", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     hw = fxmpq.load_hardware(out)
-    assert hw.name == "ort_cpu" and hw.provenance.isa is not None
+    profiled = fxmpq.load_hardware(profiles / "resnet18.toml").provenance
+    assert hw.name == "ort_cpu" and hw.provenance.isa == profiled.isa  # the profiled CPU's, not this machine's
+    assert hw.provenance.cpu == profiled.cpu and hw.chained  # format boundaries priced per input element
     for kind in LayerKind:
         assert {(8, 8), (4, 8), (2, 8), (8, 16), FLOAT} <= set(hw.formats(kind))
     assert {(2, None), (4, None), (8, None)} <= set(hw.formats(LayerKind.LINEAR))

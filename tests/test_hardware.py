@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import re
 import tomllib
@@ -179,6 +180,30 @@ def test_table_chain_prices_a_format_boundary_per_input_element():
     bad["metrics"]["m"]["terms"][0]["chain"] = {"8x8": {"4x4": "slow"}}
     with pytest.raises(HardwareSpecError, match=r"chain.8x8.4x4: expected a number, found a string 'slow'"):
         _load(bad)
+
+
+def test_ort_cpu_loads_the_variant_fitted_on_this_cpus_int8_features(monkeypatch, caplog):
+    """`ort_cpu` is fitted per CPU: the name loads the variant whose recorded int8 features are this machine's,
+    else the nearest one, with the warning any file measured on another CPU gives."""
+    import fxmpq.hardware.spec as spec_mod
+    from fxmpq.core.cpuinfo import CpuInfo
+
+    variants = {v: load_hardware(v) for v in spec_mod.PER_ISA["ort_cpu"]}
+    assert "ort_cpu" in builtin_hardware() and all(v in builtin_hardware() for v in variants)
+    for name, hw in variants.items():
+        pv = hw.provenance
+        here = CpuInfo(pv.cpu_vendor, pv.cpu_family, pv.cpu_model, pv.cpu, tuple(pv.isa))
+        monkeypatch.setattr(spec_mod, "cpu_info", lambda here=here: here)
+        picked = load_hardware("ort_cpu")
+        assert picked.path == f"{name}.toml (shipped)" and picked.name == "ort_cpu" and picked.chained
+    zen1 = CpuInfo("AuthenticAMD", 23, 1, "AMD EPYC 7571", ("avx2",))  # AVX2 only: the nearest is without AMX
+    monkeypatch.setattr(spec_mod, "cpu_info", lambda: zen1)
+    spec_mod._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="fxmpq.hardware.spec"):
+        picked = load_hardware("ort_cpu")
+    assert picked.path == "ort_cpu_avx512_vnni.toml (shipped)"
+    assert "this machine is AMD EPYC 7571 (AuthenticAMD family 23 model 1; avx2)" in caplog.text
+    spec_mod._WARNED.clear()
 
 
 def test_explicit_pairs_and_pins_off():

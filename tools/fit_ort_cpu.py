@@ -8,9 +8,13 @@ profiling run; then its error against the profiled files of models it was not fi
 
 Samples: each fitted model's profiled file priced (layers, chains and its constant) under uniform policies in
 every format and under random per-layer policies; the fit minimises the sum of relative errors (a linear program,
-highspy) with non-negative costs. The file's `latency` metric is then one `table` term per mac, param, activation
-and layer for every layer kind; `bytes` is weight bits / 8. What it cannot know: a model's rest (pooling, adds) is spread
-over its layers, and a format boundary's conversion is averaged into the formats' costs.
+highspy) with non-negative costs, a model's uniform policies weighing as much in all as its random ones. The file's `latency` metric is then one `table` term per mac, param, activation
+and layer for every layer kind; `bytes` is weight bits / 8. A format boundary (a layer
+reading a layer back to back whose activations are of another type: float, int8, int16) costs per input element,
+fitted too, and written as the activation term's `chain`. Linear and matmul layers' MACs and input elements take a
+conv's costs (a 1x1 convolution on their tokens; weight-only as float) when the fitted models have fewer than
+MIN_LINEAR of them, as CNNs do (one classifier each). What it cannot know: a model's rest (pooling, adds) is
+spread over its layers.
 """
 
 from __future__ import annotations
@@ -26,9 +30,7 @@ import numpy as np
 import torch
 
 import fxmpq
-from fxmpq.core.cpuinfo import cpu_info
-from fxmpq.export.measure import cpu_name, runtime_name
-from fxmpq.hardware.spec import FLOAT, LayerKind, load_hardware, pair_name
+from fxmpq.hardware.spec import FLOAT, LayerKind, Provenance, load_hardware, pair_name
 from fxmpq.models import build_model
 from fxmpq.profiling.profile import INT8, SAME_KERNEL, ort_target
 
@@ -40,6 +42,17 @@ FORMATS = TARGET.formats(LayerKind.LINEAR)  # every pair, weight-only, float
 def _kernel(f: tuple) -> tuple:
     """The measured format whose kernel `f` runs (W2A8 and W4A8 run W8A8's)."""
     return INT8 if f in SAME_KERNEL else f
+
+
+def _act_class(f: tuple) -> str:
+    """What a layer's input is in format `f`: float (float and weight-only), 8-bit or 16-bit integers."""
+    return "float" if f[1] is None else "int8" if f[1] <= 8 else "int16"
+
+
+def _boundary(f: tuple, g: tuple) -> bool:
+    """Whether a layer in `f` reading a layer in `g` back to back converts between them (a quantize, a
+    dequantize): their activations differ in kind."""
+    return _act_class(f) != _act_class(g)
 
 
 def _key(f: tuple) -> str:
@@ -70,12 +83,34 @@ def _samples(spec: str, shape: tuple[int, ...], profile: Path, n_random: int, se
             act = float(np.prod(r.in_shape[1:]))
             feats[(r.kind, f, "activation")] = feats.get((r.kind, f, "activation"), 0.0) + act
             feats[(r.kind, f, "layer")] = feats.get((r.kind, f, "layer"), 0.0) + 1.0
+            if r.input_layer in pol and _boundary(f, g := _kernel(pol[r.input_layer])):
+                feats[(r.kind, f, "chain", g)] = feats.get((r.kind, f, "chain", g), 0.0) + act
         out.append((feats, a.cost(pol)["latency"]))
     return out
 
 
-def _fit(samples: list[tuple[dict, float]]) -> dict:
-    """Non-negative costs per feature minimising the sum of |prediction - y| / y (an LP)."""
+MIN_LINEAR = 10  # fewer linear/matmul layers than this in the fitted models: they take a conv's costs
+
+
+def _linear_as_conv(samples: list[tuple[dict, float]]) -> list[tuple[dict, float]]:
+    """The samples with linear and matmul layers' MACs and input elements (what grows with their tokens) counted
+    as a convolution's (a linear layer is a 1x1 convolution on its tokens; weight-only as float): a CNN's one
+    classifier, where MACs equal parameters, cannot tell a cost per MAC from one per parameter, and a transformer's
+    linear layers run on hundreds of tokens. Parameters, layers and boundaries keep their own costs."""
+    out = []
+    for feats, y in samples:
+        new: dict = {}
+        for k, v in feats.items():
+            if k[0] in (LayerKind.LINEAR, LayerKind.MATMUL) and k[2] in ("mac", "activation"):
+                weight_only = k[1][0] is not None and k[1][1] is None
+                k = (LayerKind.CONV, FLOAT if weight_only else k[1], k[2])
+            new[k] = new.get(k, 0.0) + v
+        out.append((new, y))
+    return out
+
+
+def _fit(samples: list[tuple[dict, float]], weights: list[float]) -> dict:
+    """Non-negative costs per feature minimising the weighted sum of |prediction - y| / y (an LP)."""
     cols = sorted({k for feats, _ in samples for k in feats}, key=str)
     idx = {k: j for j, k in enumerate(cols)}
     h = highspy.Highs()
@@ -88,7 +123,7 @@ def _fit(samples: list[tuple[dict, float]]) -> dict:
     for _ in samples:
         h.addVar(0.0, inf)
     n = len(cols)
-    h.changeColsCost(len(samples), np.arange(n, n + len(samples), dtype=np.int32), np.ones(len(samples)))
+    h.changeColsCost(len(samples), np.arange(n, n + len(samples), dtype=np.int32), np.array(weights, dtype=float))
     for i, (feats, y) in enumerate(samples):
         ind = [idx[k] for k in feats] + [n + i]
         val = [feats[k] / scale[k] / y for k in feats]
@@ -100,22 +135,42 @@ def _fit(samples: list[tuple[dict, float]]) -> dict:
     return {k: x[idx[k]] / scale[k] for k in cols}
 
 
-def _toml(coef: dict, fitted: list[str], shape: str, samples: int, err: float) -> str:
-    info = cpu_info()
+def _provenance(paths: list[Path]) -> Provenance:
+    """The CPU and runtime the profiled files were measured on (all the same, else SystemExit naming the two)."""
+    first = None
+    for p in paths:
+        pv = load_hardware(p).provenance
+        if pv is None or pv.isa is None:
+            raise SystemExit(f"{p}: no [provenance] with the CPU's isa: re-profile it with tools/profile_hw.py")
+        key = (pv.cpu_vendor, pv.cpu_family, pv.cpu_model, tuple(sorted(pv.isa)), pv.runtime)
+        if first is None:
+            first = (p, key, pv)
+        elif key != first[1]:
+            raise SystemExit(f"{p} was profiled on {key}, {first[0]} on {first[1]}: fit one CPU's files at a time "
+                             f"(a generic file is per CPU)")
+    return first[2]
+
+
+def _toml(coef: dict, fitted: list[str], shape: str, samples: int, err: float, pv: Provenance, name: str,
+          pooled: bool) -> str:
     q = json.dumps
     lines = [
         "# Generic ONNX Runtime CPU target: no profiling run needed. Latency per layer = a cost per MAC, per",
-        "# parameter, per input element and per layer, for each layer kind and format, fitted (tools/fit_ort_cpu.py, least relative error, costs >= 0)",
+        "# parameter, per input element and per layer, for each layer kind and format, and per input element where a layer",
+        "# reads a layer of another activation type back to back (float, int8, int16: the `chain` of the activation term),",
+        "# fitted (tools/fit_ort_cpu.py, least relative error, costs >= 0)",
         f"# on the profiled files of {', '.join(fitted)} at {shape}, batch 1, 1 thread ({samples} policies;",
-        f"# mean relative error on them {100 * err:.1f} %). A model's rest (pooling, adds) is spread over its layers and",
-        "# a format boundary's conversion averaged into the formats' costs: for budgets you must hold to within 10 %,",
+        f"# mean relative error on them {100 * err:.1f} %). A model's rest (pooling, adds) is spread over its layers:",
+        "# for budgets you must hold to within 10 %,",
         "# profile the model itself (fxmpq profile). Measured on the CPU in [provenance]; int8 speed depends on it.",
         "# W2A8 and W4A8 run the W8A8 kernel (8-bit containers), so they cost what W8A8 costs.",
+        *(["# Linear and matmul layers' MACs and input elements cost a conv's (1x1 convolutions on their tokens;",
+           "# weight-only as float): the fitted models had too few of them to tell."] if pooled else []),
         "",
         "[target]",
-        'name = "ort_cpu"',
-        f"description = {q('ONNX Runtime CPU provider, generic costs per MAC and per layer fitted on profiled models, measured on ' + cpu_name())}",
-        f"sources = [{q('tools/fit_ort_cpu.py on ' + ', '.join(fitted) + ' (' + runtime_name() + ')')}]",
+        f"name = {q(name)}",
+        f"description = {q('ONNX Runtime CPU provider, generic costs per MAC and per layer fitted on profiled models, measured on ' + pv.cpu)}",
+        f"sources = [{q('tools/fit_ort_cpu.py on ' + ', '.join(fitted) + ' (' + pv.runtime + ')')}]",
         f"weight_bits = {list(TARGET.weight_bits)}",
         f"act_bits = {list(TARGET.act_bits)}",
         f"pairs = {json.dumps([list(p) for p in TARGET.pairs])}",
@@ -135,15 +190,34 @@ def _toml(coef: dict, fitted: list[str], shape: str, samples: int, err: float) -
         def value(f: tuple, per: str, kind: LayerKind = kind) -> float:
             """The fitted cost; a kind never seen in a format takes a linear layer's (else a conv's) cost."""
             g = _kernel(f)
+            if pooled and kind in (LayerKind.LINEAR, LayerKind.MATMUL) and per in ("mac", "activation"):
+                return float(coef.get((LayerKind.CONV, FLOAT if g[0] is not None and g[1] is None else g, per), 0.0))
             for k in (kind, LayerKind.LINEAR, LayerKind.CONV):
                 if any(c[0] is k and c[1] == g for c in coef):
                     return float(coef.get((k, g, per), 0.0))
+            return 0.0
+
+        def boundary(f: tuple, g: tuple, kind: LayerKind = kind) -> float:
+            """The fitted cost per input element of a layer in `f` reading a layer in `g` (0 where no fitted
+            model had that boundary)."""
+            for k in (kind, LayerKind.LINEAR, LayerKind.CONV):
+                if (k, _kernel(f), "chain", _kernel(g)) in coef:
+                    return float(coef[(k, _kernel(f), "chain", _kernel(g))])
             return 0.0
 
         for per, unit in (("mac", 1e-6), ("param", 1e-6), ("activation", 1e-6), ("layer", 1.0)):
             vals = ", ".join(f"{q(_key(f))} = {value(f, per) / unit!r}" for f in fmts)
             lines += ["", "[[metrics.latency.terms]]", 'type = "table"', f'per = "{per}"', f"scale = {unit!r}",
                       f"kinds = [{q(kind.value)}]", f"values = {{ {vals} }}"]
+            if per == "activation":  # a format boundary: per element of the input it converts
+                chain = []
+                for f in fmts:
+                    inner = ", ".join(f"{q(_key(g))} = {boundary(f, g) / unit!r}" for g in FORMATS
+                                      if _boundary(f, g) and boundary(f, g) > 0)
+                    if inner:
+                        chain.append(f"{q(_key(f))} = {{ {inner} }}")
+                if chain:
+                    lines.append(f"chain = {{ {', '.join(chain)} }}")
     lines += [
         "",
         "[metrics.bytes]",
@@ -156,12 +230,12 @@ def _toml(coef: dict, fitted: list[str], shape: str, samples: int, err: float) -
         f"command = {q(' '.join(sys.argv))}",
         f"notes = {q('generic (no model): fitted on ' + ', '.join(fitted) + ' at ' + shape + ', batch 1')}",
         "threads = 1",
-        f"runtime = {q(runtime_name())}",
-        f"cpu = {q(cpu_name())}",
-        f"cpu_vendor = {q(info.vendor)}",
-        *([f"cpu_family = {info.family}"] if info.family is not None else []),
-        *([f"cpu_model = {info.model}"] if info.model is not None else []),
-        f"isa = [{', '.join(q(f) for f in info.features)}]",
+        f"runtime = {q(pv.runtime)}",
+        f"cpu = {q(pv.cpu)}",
+        f"cpu_vendor = {q(pv.cpu_vendor)}",
+        *([f"cpu_family = {pv.cpu_family}"] if pv.cpu_family is not None else []),
+        *([f"cpu_model = {pv.cpu_model}"] if pv.cpu_model is not None else []),
+        f"isa = [{', '.join(q(f) for f in pv.isa)}]",
         'clock = "thread_cpu"',
         "",
     ]
@@ -177,26 +251,41 @@ def main() -> None:
     ap.add_argument("--input", default="3x224x224")
     ap.add_argument("--policies", type=int, default=40, help="random policies per model (besides the uniform ones)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--name", default="ort_cpu", help="the target's name in the file (default ort_cpu)")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.input.split("x"))
     fit = [m for m in args.fit.split(",") if m]
     test = [m for m in args.test.split(",") if m]
-    samples = []
+    samples, weights = [], []
+    # a model's uniform policies (its two measured ends among them) weigh as much in all as its random mixtures
+    uniform_weight = max(1.0, args.policies / len(FORMATS))
     def spec_shape(m: str) -> tuple[str, tuple[int, ...]]:
         name, _, s = m.partition("@")
         return name, tuple(int(v) for v in s.split("x")) if s else shape
 
+    n_linear = 0
     for i, m in enumerate(fit):
         name, sh = spec_shape(m)
-        samples += _samples(name, sh, args.profiles / f"{name}.toml", args.policies, seed=i)
+        mine = _samples(name, sh, args.profiles / f"{name}.toml", args.policies, seed=i)
+        n_linear += int(sum(v for k, v in mine[0][0].items()
+                            if k[0] in (LayerKind.LINEAR, LayerKind.MATMUL) and k[2] == "layer"))
+        samples += mine
+        weights += [uniform_weight] * len(FORMATS) + [1.0] * (len(mine) - len(FORMATS))
         print(f"fit: {m} ({len(samples)} samples)", file=sys.stderr)
-    coef = _fit(samples)
+    pooled = n_linear < MIN_LINEAR
+    if pooled:
+        print(f"fit: {n_linear} linear/matmul layers in the fitted models (< {MIN_LINEAR}): their MACs and input "
+              f"elements take a conv's costs", file=sys.stderr)
+        samples = _linear_as_conv(samples)
+    coef = _fit(samples, weights)
 
     def predict(feats: dict) -> float:
         return sum(coef.get(k, 0.0) * v for k, v in feats.items())
 
     err = float(np.mean([abs(predict(f) / y - 1) for f, y in samples]))
-    args.out.write_text(_toml(coef, [m.split("@")[0] for m in fit], args.input, len(samples), err))
+    pv = _provenance([args.profiles / f"{spec_shape(m)[0]}.toml" for m in fit])
+    args.out.write_text(_toml(coef, [m.split("@")[0] for m in fit], args.input, len(samples), err, pv, args.name,
+                              pooled))
     generic = load_hardware(args.out)
     print(f"wrote {args.out}: mean relative error {100 * err:.1f} % on the {len(samples)} fitted policies\n")
     print("| model | policy | profiled file ms | ort_cpu ms | error |\n|---|---|---:|---:|---:|")

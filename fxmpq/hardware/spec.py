@@ -328,10 +328,37 @@ def parse_hardware(data: Mapping[str, Any], file: str = "<memory>") -> HardwareS
                         matmul_nbits_accuracy_level=level, path=file, provenance=provenance)
 
 
+# A generic target fitted per CPU: its name loads the variant fitted on a CPU with this machine's int8 features
+# (else the nearest, with the warning any file measured on another CPU gives). Each variant is also a name.
+PER_ISA = {"ort_cpu": ("ort_cpu_avx512_vnni_amx", "ort_cpu_avx512_vnni")}
+
+
 def builtin_hardware() -> list[str]:
     """Names of the hardware descriptions shipped with fxmpq."""
     files = resources.files(_PACKAGE).iterdir()
-    return sorted(f.name[:-5] for f in files if f.name.endswith(".toml"))
+    return sorted([f.name[:-5] for f in files if f.name.endswith(".toml")] + list(PER_ISA))
+
+
+def _shipped(name: str) -> HardwareSpec:
+    ref = resources.files(_PACKAGE) / f"{name}.toml"
+    if not ref.is_file():
+        raise HardwareSpecError(f"unknown hardware {name!r}: shipped targets are "
+                                f"{', '.join(builtin_hardware())}; or give the path of a .toml file")
+    return loads_hardware(ref.read_bytes(), f"{name}.toml (shipped)", check_cpu=False)
+
+
+def _for_this_cpu(name: str) -> HardwareSpec:
+    """The variant of a per-CPU target (PER_ISA) fitted on this machine's int8 features, else the nearest one
+    (fewest features differing, then most shared)."""
+    here = set(cpu_info().features)
+
+    def distance(spec: HardwareSpec) -> tuple[int, int]:
+        isa = set(spec.provenance.isa or ()) if spec.provenance else set()
+        return len(isa ^ here), -len(isa & here)
+
+    spec = min((_shipped(v) for v in PER_ISA[name]), key=distance)
+    _check_cpu(spec)
+    return spec
 
 
 def load_hardware(name_or_path: str | Path | HardwareSpec) -> HardwareSpec:
@@ -353,18 +380,18 @@ def load_hardware(name_or_path: str | Path | HardwareSpec) -> HardwareSpec:
             raise HardwareSpecError(f"{text_path}: cannot read the hardware description file "
                                     f"({e.strerror or type(e).__name__})") from None
         file = str(p)
+    elif text_path in PER_ISA:
+        return _for_this_cpu(text_path)
     else:
-        ref = resources.files(_PACKAGE) / f"{text_path}.toml"
-        if not ref.is_file():
-            raise HardwareSpecError(f"unknown hardware {text_path!r}: shipped targets are "
-                                    f"{', '.join(builtin_hardware())}; or give the path of a .toml file")
-        raw = ref.read_bytes()
-        file = f"{text_path}.toml (shipped)"
+        spec = _shipped(text_path)
+        _check_cpu(spec)
+        return spec
     return loads_hardware(raw, file)
 
 
-def loads_hardware(raw: bytes | str, file: str = "<memory>") -> HardwareSpec:
-    """Parse the text of a hardware description; `file` names it in error messages."""
+def loads_hardware(raw: bytes | str, file: str = "<memory>", *, check_cpu: bool = True) -> HardwareSpec:
+    """Parse the text of a hardware description; `file` names it in error messages. A file measured on a CPU
+    whose int8 features differ from this machine's is warned about once (unless `check_cpu` is False)."""
     if not isinstance(raw, bytes | str):
         raise HardwareSpecError(f"{file}: expected the text of a TOML file (str or bytes), found {type(raw).__name__}")
     try:
@@ -384,5 +411,6 @@ def loads_hardware(raw: bytes | str, file: str = "<memory>") -> HardwareSpec:
         spec = parse_hardware(data, file)
     except RecursionError:  # a value nested deep enough that printing it in a message recurses too far
         raise HardwareSpecError(f"{file}: a value is nested too deeply to be a hardware description") from None
-    _check_cpu(spec)
+    if check_cpu:
+        _check_cpu(spec)
     return spec
