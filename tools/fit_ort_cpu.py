@@ -4,7 +4,7 @@ profiling run; then its error against the profiled files of models it was not fi
 
     python tools/profile_hw.py MODEL --input 3x224x224 --threads 1 --out runs/profiles/MODEL.toml   # each model
     python tools/fit_ort_cpu.py --profiles runs/profiles --fit resnet18,mobilenet_v2,... \\
-        --test resnet50,mobilenet_v3_large --out hardware/ort_cpu.toml
+        --test resnet50,mobilenet_v3_large --name ort_cpu_ISA --out hardware/ort_cpu_ISA.toml   # one file per CPU
 
 Samples: each fitted model's profiled file priced (layers, chains and its constant) under uniform policies in
 every format and under random per-layer policies; the fit minimises the sum of relative errors (a linear program,
