@@ -632,3 +632,34 @@ def test_a_bias_that_overflows_int32_exports_the_layer_in_float_and_says_so(tmp_
         "fc: priced as W8A8, exported in float (float: the bias does not fit int32 at s_x*s_w)")
     inits = {t.name: t for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
     assert inits["fxmpq_lowered.fc_bias"].data_type == onnx.TensorProto.FLOAT
+
+
+def test_the_graph_cleanup_equals_torch_onnx_optimize(tmp_path, monkeypatch):
+    """fxmpq.export.onnx_optimize (torch.onnx's cleanup without the SlicesSplit rule) writes the same ONNX graph and
+    initializers as torch.onnx's own optimize, here on a net with slices (TinyAttention's heads); and where
+    onnxscript has moved its pieces it falls back to that optimize."""
+    from models import TinyAttention
+
+    import fxmpq.export.lower as lower_module
+    import fxmpq.export.onnx_optimize as cleanup
+
+    q, x, _ = _quantized(TinyAttention(), (1, 4, 8), per_channel=True)
+
+    def graph(path):
+        m = onnx.load(str(path))
+        return ([(n.op_type, tuple(n.input), tuple(n.output)) for n in m.graph.node],
+                sorted((t.name, t.SerializeToString()) for t in m.graph.initializer))
+
+    lower(q, tmp_path / "ours.onnx", x, LowerOptions(samples=2, check=False))
+    monkeypatch.setattr(lower_module, "optimize", lambda program: program.optimize())
+    lower(q, tmp_path / "torch.onnx", x, LowerOptions(samples=2, check=False))
+    assert graph(tmp_path / "ours.onnx") == graph(tmp_path / "torch.onnx")
+    called = []
+
+    class Program:
+        def optimize(self):
+            called.append(True)
+
+    monkeypatch.setattr(cleanup, "_passes", lambda: None)
+    cleanup.optimize(Program())
+    assert called == [True]
