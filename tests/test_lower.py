@@ -636,7 +636,7 @@ def test_a_bias_that_overflows_int32_exports_the_layer_in_float_and_says_so(tmp_
 
 def test_the_graph_cleanup_equals_torch_onnx_optimize(tmp_path, monkeypatch):
     """fxmpq.export.onnx_optimize (torch.onnx's cleanup without the SlicesSplit rule) writes the same ONNX graph and
-    initializers as torch.onnx's own optimize, here on a net with slices (TinyAttention's heads); and where
+    initializers as torch.onnx's own optimize, here on an attention net (its qkv output chunked in three); and where
     onnxscript has moved its pieces it falls back to that optimize."""
     from models import TinyAttention
 
