@@ -1,5 +1,5 @@
-"""Fit the generic `ort_cpu` hardware file: a latency per MAC, per parameter, per input element and per layer for each layer kind and format, fitted on
-the profiled files of several models, so that `quantize(..., hardware="ort_cpu")` prices any model without a
+"""Fit a generic `ort_cpu` hardware file for one CPU: a latency per MAC, per parameter, per input element and per
+layer for each layer kind and format, and per format boundary, fitted on the profiled files of several models, so that `quantize(..., hardware="ort_cpu")` prices any model without a
 profiling run; then its error against the profiled files of models it was not fitted on.
 
     python tools/profile_hw.py MODEL --input 3x224x224 --threads 1 --out runs/profiles/MODEL.toml   # each model
@@ -8,13 +8,14 @@ profiling run; then its error against the profiled files of models it was not fi
 
 Samples: each fitted model's profiled file priced (layers, chains and its constant) under uniform policies in
 every format and under random per-layer policies; the fit minimises the sum of relative errors (a linear program,
-highspy) with non-negative costs, a model's uniform policies weighing as much in all as its random ones. The file's `latency` metric is then one `table` term per mac, param, activation
-and layer for every layer kind; `bytes` is weight bits / 8. A format boundary (a layer
-reading a layer back to back whose activations are of another type: float, int8, int16) costs per input element,
-fitted too, and written as the activation term's `chain`. Linear and matmul layers' MACs and input elements take a
-conv's costs (a 1x1 convolution on their tokens; weight-only as float) when the fitted models have fewer than
-MIN_LINEAR of them, as CNNs do (one classifier each). What it cannot know: a model's rest (pooling, adds) is
-spread over its layers.
+highspy) with non-negative costs, a model's uniform policies weighing as much in all as its random ones. The
+file's `latency` metric is then one `table` term per mac, param, activation and layer for every layer kind;
+`bytes` is weight bits / 8. A format boundary (a layer reading a layer back to back whose activations are of
+another type: float, int8, int16) costs per input element, fitted too, and written as the activation term's
+`chain`. Linear and matmul layers' MACs and input elements take a conv's costs (a 1x1 convolution on their
+tokens; weight-only as float) when the fitted models have fewer than MIN_LINEAR of them, as CNNs do (one
+classifier each). What it cannot know: a model's rest (pooling, adds, unfused activations) is spread over its
+layers. The file records the CPU of the profiled files (one CPU per fit): int8 speed depends on it.
 """
 
 from __future__ import annotations
