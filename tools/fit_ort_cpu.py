@@ -1,6 +1,7 @@
 """Fit a generic `ort_cpu` hardware file for one CPU: a latency per MAC, per parameter, per input element and per
-layer for each layer kind and format, and per format boundary, fitted on the profiled files of several models, so that `quantize(..., hardware="ort_cpu")` prices any model without a
-profiling run; then its error against the profiled files of models it was not fitted on.
+layer for each layer kind and format, and per format boundary, fitted on the profiled files of several models, so
+that `quantize(..., hardware="ort_cpu")` prices any model without a profiling run; then its error against the
+profiled files of models it was not fitted on.
 
     python tools/profile_hw.py MODEL --input 3x224x224 --threads 1 --out runs/profiles/MODEL.toml   # each model
     python tools/fit_ort_cpu.py --profiles runs/profiles --fit resnet18,mobilenet_v2,... \\
