@@ -57,6 +57,12 @@ def _boundary(f: tuple, g: tuple) -> bool:
     return _act_class(f) != _act_class(g)
 
 
+def _as_conv(f: tuple) -> tuple:
+    """The conv format whose per-MAC and per-element costs a linear layer in `f` takes when they are pooled
+    (`_linear_as_conv`): its own, or float for weight-only (float activations, a float GEMM after dequantizing)."""
+    return FLOAT if f[0] is not None and f[1] is None else f
+
+
 def _key(f: tuple) -> str:
     return "float" if f == FLOAT else pair_name(f)
 
@@ -104,8 +110,7 @@ def _linear_as_conv(samples: list[tuple[dict, float]]) -> list[tuple[dict, float
         new: dict = {}
         for k, v in feats.items():
             if k[0] in (LayerKind.LINEAR, LayerKind.MATMUL) and k[2] in ("mac", "activation"):
-                weight_only = k[1][0] is not None and k[1][1] is None
-                k = (LayerKind.CONV, FLOAT if weight_only else k[1], k[2])
+                k = (LayerKind.CONV, _as_conv(k[1]), k[2])
             new[k] = new.get(k, 0.0) + v
         out.append((new, y))
     return out
@@ -193,7 +198,7 @@ def _toml(coef: dict, fitted: list[str], shape: str, samples: int, err: float, p
             """The fitted cost; a kind never seen in a format takes a linear layer's (else a conv's) cost."""
             g = _kernel(f)
             if pooled and kind in (LayerKind.LINEAR, LayerKind.MATMUL) and per in ("mac", "activation"):
-                return float(coef.get((LayerKind.CONV, FLOAT if g[0] is not None and g[1] is None else g, per), 0.0))
+                return float(coef.get((LayerKind.CONV, _as_conv(g), per), 0.0))
             for k in (kind, LayerKind.LINEAR, LayerKind.CONV):
                 if any(c[0] is k and c[1] == g for c in coef):
                     return float(coef.get((k, g, per), 0.0))
@@ -258,13 +263,15 @@ def main() -> None:
     shape = tuple(int(v) for v in args.input.split("x"))
     fit = [m for m in args.fit.split(",") if m]
     test = [m for m in args.test.split(",") if m]
-    samples, weights = [], []
-    # a model's uniform policies (its two measured ends among them) weigh as much in all as its random mixtures
-    uniform_weight = max(1.0, args.policies / len(FORMATS))
+
     def spec_shape(m: str) -> tuple[str, tuple[int, ...]]:
         name, _, s = m.partition("@")
         return name, tuple(int(v) for v in s.split("x")) if s else shape
 
+    pv = _provenance([args.profiles / f"{spec_shape(m)[0]}.toml" for m in fit])  # one CPU, checked first
+    samples, weights = [], []
+    # a model's uniform policies (its two measured ends among them) weigh as much in all as its random mixtures
+    uniform_weight = max(1.0, args.policies / len(FORMATS))
     n_linear = 0
     for i, m in enumerate(fit):
         name, sh = spec_shape(m)
@@ -285,7 +292,6 @@ def main() -> None:
         return sum(coef.get(k, 0.0) * v for k, v in feats.items())
 
     err = float(np.mean([abs(predict(f) / y - 1) for f, y in samples]))
-    pv = _provenance([args.profiles / f"{spec_shape(m)[0]}.toml" for m in fit])
     args.out.write_text(_toml(coef, [m.split("@")[0] for m in fit], args.input, len(samples), err, pv, args.name,
                               pooled))
     generic = load_hardware(args.out)
