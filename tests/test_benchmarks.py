@@ -260,7 +260,7 @@ def test_bench_weight_only_smoke(tmp_path):
     assert all(f"| MatMulNBits {b}-bit, accuracy_level 4 |" in proc.stdout for b in (2, 4, 8))
 
 
-PEER_FREE = {"uniform", "fxmpq", "fxmpq-verify", "measured", "blend", "kl", "hessian", "random-1", "random-2", "inverted"}
+PEER_FREE = {"uniform", "fxmpq", "fxmpq-sandwich", "fxmpq-verify", "measured", "blend", "kl", "hessian", "random-1", "random-2", "inverted"}
 
 
 def test_bench_peers_smoke_without_peers(tmp_path):
@@ -281,7 +281,8 @@ def test_bench_peers_smoke_without_peers(tmp_path):
     assert all(runs[(e["key"], 0)]["export"]["passed"] for e in fx)
     rank = [e for e in plan if e["budget"] == "bitops-w4a4" and e["method"].startswith("random-")]
     assert len({e["key"] for e in rank}) >= 3 and all(
-        {"LIMPQ objective", "Hessian objective", "joint-model top-1"} <= set(e["pred"]) for e in rank)
+        {"LIMPQ objective", "LIMPQ objective, sandwich joint step", "Hessian objective", "joint-model top-1"}
+        <= set(e["pred"]) for e in rank)
     report = (tmp_path / "bp/results.md").read_text()
     assert "Rank correlation at bitops-w4a4" in report and "Where fxmpq wins, ties and loses" in report
     assert (tmp_path / "bp/accuracy_vs_cost_small_mobilenet.png").is_file()

@@ -44,6 +44,24 @@ def test_joint_training_moves_every_step_size_and_orders_them() -> None:
     assert Indicators.from_json(ind.to_json()) == ind
 
 
+def test_sandwich_joint_step_runs_highest_one_middle_lowest_then_a_random_policy(monkeypatch) -> None:
+    torch.manual_seed(0)
+    q = fxmpq.prepare(TinyNet(), torch.randn(2, 3, 8, 8), bits=(2, 3, 4, 5, 8))
+    calls: list[object] = []  # the passes in order: a uniform pass's weight bits, "random" for a random policy
+    real_uniform, real_policy = type(q).set_uniform, type(q).set_policy
+    monkeypatch.setattr(type(q), "set_uniform", lambda self, w, a=None: (calls.append(w), real_uniform(self, w, a)))
+    monkeypatch.setattr(type(q), "set_policy", lambda self, p: (calls.append("random"), real_policy(self, p)))
+    ind = fxmpq.train_indicators(q, random_batches(12), TrainOptions(joint_passes="sandwich", progress=False))
+    steps = [calls[i:i + 4] for i in range(0, 48, 4)]
+    assert len(calls) == 48  # 12 steps of 4 passes (the policy before the call was none: nothing restored)
+    for s in steps:  # highest, a middle one, lowest, then the random policy
+        assert s[0] == 8 and s[1] in (3, 4, 5) and s[2] == 2 and s[3] == "random", s
+    assert {s[1] for s in steps} == {3, 4, 5}  # every middle bit-width is drawn over the run
+    assert ind.bits == (2, 3, 4, 5, 8)
+    with pytest.raises(ArgumentError, match="joint_passes must be one of 'all', 'sandwich', found 'half'"):
+        fxmpq.train_indicators(q, random_batches(1), TrainOptions(joint_passes="half", progress=False))
+
+
 def test_deterministic_for_fixed_seed() -> None:
     a = fxmpq.train_indicators(
         _prepare(), random_batches(2), TrainOptions(indicator_epochs=1, seed=3, progress=False)

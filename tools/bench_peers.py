@@ -18,6 +18,8 @@ and these policies, each priced by fxmpq's own cost analysis (never the peer's n
   fxmpq-verify  fxmpq.candidates (16: alphas, uniform and near-uniform, next-best) verified on the jointly trained
                 model with the validation split (fxmpq.verify), the most accurate kept
   measured      fxmpq.measured_indicators (one layer's loss increase per bit on the jointly trained model), alpha 1
+  fxmpq-sandwich  as fxmpq, its joint training with the sandwich rule (the highest, one middle and the lowest
+                uniform pass per step: TrainOptions(joint_passes="sandwich"))
   modelopt      ModelOpt auto_quantize: effective bits (its size budget) bisected until fxmpq's measured size, or
                 at a BitOps budget (which it cannot express) BitOps, fits; W=A formats there, WbA8 at size
 
@@ -218,6 +220,7 @@ class Prepared:
     measured: fxmpq.Indicators | None
     times: dict[str, float]
     kl: fxmpq.Indicators | None = None
+    sandwich: fxmpq.Indicators | None = None  # joint training with the sandwich rule (TrainOptions.joint_passes)
 
 
 def prepare_net(net: str, data: ImageData, valid: ImageData, out: Path, hw: Path, r: Recipe) -> Prepared:
@@ -262,6 +265,22 @@ def prepare_net(net: str, data: ImageData, valid: ImageData, out: Path, hw: Path
         torch.save(q.state_dict(), folder / "joint.pt")
         indicators.to_json(ind_path)
         times_path.write_text(json.dumps(times, indent=1))
+    sw_path = folder / "indicators_sandwich.json"
+    if sw_path.is_file():
+        sandwich = fxmpq.Indicators.from_json(sw_path)
+    else:
+        print(f"[{net}] joint indicator training with the sandwich rule, {r.indicator_steps} steps", flush=True)
+        q = fxmpq.prepare(model, data.train_x[:2], hardware=hw, bits=BITS)
+        t = time.time()
+        sandwich = fxmpq.train_indicators(
+            q,
+            data.loader("train", r.batch_size, seed=1),
+            TrainOptions(indicator_epochs=1, lr=0.01, seed=0, max_steps=r.indicator_steps, progress=False,
+                         joint_passes="sandwich"),
+        )
+        times["indicator_training_sandwich"] = time.time() - t
+        sandwich.to_json(sw_path)
+        times_path.write_text(json.dumps(times, indent=1))
     hes_path = folder / "hessian.json"
     if hes_path.is_file():
         hessian = fxmpq.Indicators.from_json(hes_path)
@@ -293,7 +312,8 @@ def prepare_net(net: str, data: ImageData, valid: ImageData, out: Path, hw: Path
     kl = measured_source("measured_kl", "kl", "measured sensitivities (KL of the outputs)")
     times_path.write_text(json.dumps(times, indent=1))
     analysis = fxmpq.analyze(model, data.train_x[:1], hardware=hw)
-    return Prepared(net, kwargs, folder, fp32_path, fp32_acc, analysis, indicators, hessian, measured, times, kl)
+    return Prepared(net, kwargs, folder, fp32_path, fp32_acc, analysis, indicators, hessian, measured, times, kl,
+                    sandwich)
 
 
 def joint_model(net: str, kwargs: dict[str, Any], fp32_path: Path, folder: Path, valid: ImageData,
@@ -432,6 +452,8 @@ def plan_net(p: Prepared, args: argparse.Namespace, r: Recipe, hw: Path, data_na
             sources["measured"] = (p.measured, 1.0, p.times.get("indicator_training", 0.0) + p.times.get("measured", 0.0))
             sources["blend"] = (fxmpq.blend_indicators([(p.indicators, 2.0), (p.measured, 1.0)]), 1.0,
                                 p.times.get("indicator_training", 0.0) + p.times.get("measured", 0.0))
+        if p.sandwich is not None:
+            sources["fxmpq-sandwich"] = (p.sandwich, 2.0, p.times.get("indicator_training_sandwich", 0.0))
         if p.kl is not None:
             sources["kl"] = (p.kl, 1.0, p.times.get("indicator_training", 0.0) + p.times.get("measured_kl", 0.0))
         verified = verify_at(p, budget, bud, valid, hw, r)
@@ -581,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
                 e["pred"]["measured-sensitivity objective"] = -objective(p.measured, pol, 1.0, layers)
                 e["pred"]["blend (learned + measured)"] = -objective(
                     fxmpq.blend_indicators([(p.indicators, 2.0), (p.measured, 1.0)]), pol, 1.0, layers)
+            if p.sandwich is not None:
+                e["pred"]["LIMPQ objective, sandwich joint step"] = -objective(p.sandwich, pol, 2.0, layers)
             if p.kl is not None:
                 e["pred"]["measured KL objective"] = -objective(p.kl, pol, 1.0, layers)
             if e["key"] in jacc:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-ORDER = ("fxmpq", "fxmpq-verify", "measured", "blend", "kl", "uniform", "aimet", "modelopt", "hessian", "random-1", "random-2",
+ORDER = ("fxmpq", "fxmpq-sandwich", "fxmpq-verify", "measured", "blend", "kl", "uniform", "aimet", "modelopt", "hessian", "random-1", "random-2",
          "inverted")
 
 
@@ -112,6 +112,8 @@ def render_report(plan: list[dict[str, Any]], done: dict[tuple[str, str, int], d
         parts = [f"{what} {t[key]:.0f} s{why}" for key, what, why in (
             ("fp32_training", "FP32 training", ""),
             ("indicator_training", "joint indicator training", " (counted in fxmpq's search time)"),
+            ("indicator_training_sandwich", "joint indicator training with the sandwich rule",
+             " (in fxmpq-sandwich's)"),
             ("hessian", "Hessian indicators", " (in hessian's)"),
             ("measured", "measured sensitivities", " (in measured's and blend's)"),
             ("measured_kl", "measured KL sensitivities", " (in kl's)")) if key in t]  # (not timed: left out)

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Subset
 
 from ..core.devices import as_device
-from ..core.options import CHECKPOINT_EVERY, INDICATOR_SOURCES, QuantOptions, SearchOptions, TrainOptions
+from ..core.options import CHECKPOINT_EVERY, INDICATOR_SOURCES, JOINT_PASSES, QuantOptions, SearchOptions, TrainOptions
 from ..errors import ArgumentError, BudgetError, CheckpointError, DataError, FxmpqError, IndicatorError
 from ..hardware.spec import load_hardware
 from ..models import build_model, parse_model_kwargs
@@ -122,7 +122,8 @@ def run(args: argparse.Namespace, label: str | None) -> int:
                                         lr=args.lr, finetune_lr=args.finetune_lr, distill=not args.no_distill,
                                         max_steps=args.max_steps, seed=args.seed, device=device,
                                         progress=not args.quiet, checkpoint_every=args.checkpoint_every,
-                                        indicator_data=ind_train, model_factory=args.model, model_kwargs=kwargs))
+                                        indicator_data=ind_train, model_factory=args.model, model_kwargs=kwargs,
+                                        joint_passes=args.joint_passes))
     except FxmpqError as e:  # a budget no policy meets, data the model refuses, ... are still bad input
         bad_input = (ArgumentError, BudgetError, CheckpointError, DataError, IndicatorError)
         return fail(e, 2 if isinstance(e, bad_input) else 1, prog=label)
@@ -167,6 +168,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--bits", help="candidate bit-widths such as 2,3,4,5,6 (default: the paper's 2..6 that the "
                     "hardware runs)")
     ap.add_argument("--indicator-epochs", type=int, default=1)
+    ap.add_argument("--joint-passes", choices=JOINT_PASSES, default="all",
+                    help="uniform passes per joint training step: every candidate bit-width (the paper's) or the "
+                    "sandwich rule (highest, lowest, one between at random); default all")
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--max-steps", type=int, help="stop each training after this many optimizer steps")
     ap.add_argument("--samples", type=int, help="train on the first N samples only")

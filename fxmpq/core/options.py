@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_COUNT",
     "DEFAULT_SOURCE_WITH_VAL",
     "INDICATOR_SOURCES",
+    "JOINT_PASSES",
     "MEASURE_BATCHES",
     "LowerOptions",
     "QuantOptions",
@@ -104,7 +105,10 @@ class TrainOptions:
     training (from its highest bit-width), fine-tuning's half-cosine schedule, a cap on optimizer steps per
     training, the gradient-norm clip, the seed, the device, progress bars, checkpoint frequency, the batch size a
     Dataset is batched at, `indicator_data` (quantize()'s data for joint training; None: the training data), and
-    the model's factory spec and kwargs recorded in checkpoints (so `fxmpq lower <work_dir>` can rebuild it)."""
+    the model's factory spec and kwargs recorded in checkpoints (so `fxmpq lower <work_dir>` can rebuild it).
+    `joint_passes`: the uniform passes of each joint step, "all" (every candidate bit-width, the paper's scheme)
+    or "sandwich" (the highest, the lowest and one between at random: 4 passes instead of n + 1; docs/RESULTS.md
+    3.9 compares the two)."""
 
     indicator_epochs: int = 1
     finetune_epochs: int = 1
@@ -124,6 +128,10 @@ class TrainOptions:
     indicator_data: Any = None
     model_factory: str | None = None
     model_kwargs: Mapping[str, Any] | None = None
+    joint_passes: str = "all"
+
+
+JOINT_PASSES = ("all", "sandwich")
 
 
 @dataclass(frozen=True)

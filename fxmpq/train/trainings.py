@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.options import TrainOptions, fold_keywords
-from ..errors import PolicyError
+from ..core.options import JOINT_PASSES, TrainOptions, fold_keywords
+from ..errors import ArgumentError, PolicyError
 from ..policy_search.indicators import Indicators
 from ..quant.quant_model import QuantModel
 from .ddp import pick_device
@@ -47,11 +47,21 @@ def _kl(student: torch.Tensor, teacher_prob: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- the two trainings
-def _joint_step(distill: bool) -> StepFn:
+def joint_pairs(pairs: list[tuple[int, int]], mode: str, rng: random.Random) -> list[tuple[int, int]]:
+    """The uniform (w, a) passes of one joint step, highest first: every pair ("all"), or the highest, one of
+    those between at random and the lowest ("sandwich", the rule of slimmable networks; all of them when there
+    are at most three)."""
+    if mode == "all" or len(pairs) <= 3:
+        return list(pairs)
+    return [pairs[0], rng.choice(pairs[1:-1]), pairs[-1]]
+
+
+def _joint_step(distill: bool, mode: str = "all") -> StepFn:
     def step(ctx: _StepContext, inputs: tuple[torch.Tensor, ...], targets: Any) -> dict[str, float]:
         qm = ctx.qmodel
-        passes: list[tuple[int, int] | None] = [*qm.uniform_pairs, None]  # None: the random policy
         rng = random.Random(ctx.seed * 1_000_003 + ctx.step)
+        # None: the random policy. "all" draws nothing here, so its policies are those of before the option
+        passes: list[tuple[int, int] | None] = [*joint_pairs(qm.uniform_pairs, mode, rng), None]
         teacher = None
         losses: dict[str, float] = {}
         for i, b in enumerate(passes):
@@ -104,7 +114,8 @@ def train_indicators(
 
     Each step (the LIMPQ scheme): for every candidate bit b, highest first, run the whole model at uniform
     b, compute the loss and backpropagate (gradients accumulate); then one random per-layer policy; then one
-    optimizer step. `train` (fxmpq.TrainOptions) holds the settings: `indicator_epochs`, `lr`, `distill`, `seed`,
+    optimizer step. `joint_passes="sandwich"` runs only the highest, one random middle and the lowest uniform
+    pass (fewer passes per step; each middle bit-width's step sizes then learn from a third of the uniform passes). `train` (fxmpq.TrainOptions) holds the settings: `indicator_epochs`, `lr`, `distill`, `seed`,
     ... (each as a keyword of its own, `epochs=` for `indicator_epochs`, still works for one release with a
     DeprecationWarning). With `distill`, the lower bits and the random policy learn from the highest bit's soft
     output (KL divergence over the last dim of the logits, in-place distillation) instead of the labels. `data`
@@ -123,6 +134,9 @@ def train_indicators(
     t = fold_keywords("train_indicators", {"train": (TrainOptions, train)}, legacy,
                       aliases={"epochs": "indicator_epochs"})["train"]
     _expect_quant_model(qmodel, "train_indicators")
+    if t.joint_passes not in JOINT_PASSES:
+        raise ArgumentError(f"train_indicators: joint_passes must be one of {', '.join(map(repr, JOINT_PASSES))}, "
+                            f"found {t.joint_passes!r}")
     before = qmodel.policy
     try:
         run_training(
@@ -130,7 +144,7 @@ def train_indicators(
             data,
             t,
             stage=Stage.INDICATORS,
-            step_fn=_joint_step(t.distill),
+            step_fn=_joint_step(t.distill, t.joint_passes),
             epochs=("indicator_epochs", t.indicator_epochs),
             lr=t.lr,
             cosine=False,
@@ -142,6 +156,7 @@ def train_indicators(
                 "model_factory": t.model_factory,
                 "model_kwargs": dict(t.model_kwargs or {}),
                 "distill": t.distill,
+                "joint_passes": t.joint_passes,
             },
         )
     finally:
