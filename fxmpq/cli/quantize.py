@@ -26,7 +26,14 @@ import torch
 from torch.utils.data import Subset
 
 from ..core.devices import as_device
-from ..core.options import CHECKPOINT_EVERY, INDICATOR_SOURCES, JOINT_PASSES, QuantOptions, SearchOptions, TrainOptions
+from ..core.options import (
+    CHECKPOINT_EVERY,
+    INDICATOR_SOURCES,
+    JOINT_PASSES,
+    QuantOptions,
+    SearchOptions,
+    TrainOptions,
+)
 from ..errors import ArgumentError, BudgetError, CheckpointError, DataError, FxmpqError, IndicatorError
 from ..hardware.spec import load_hardware
 from ..models import build_model, parse_model_kwargs
