@@ -103,7 +103,7 @@ def test_bench_search_smoke(tmp_path):
 def test_bench_train_step_smoke(tmp_path):
     proc = _tool("bench_train_step.py", "--models", "small_cnn", "--repeats", "1", "--bits", "2", "4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "small_cnn" in proc.stdout and "fq/fp32" in proc.stdout
+    assert "small_cnn" in proc.stdout and "fq/fp32" in proc.stdout and "sandw/joint" in proc.stdout
 
 
 def test_bench_export_smoke(tmp_path):

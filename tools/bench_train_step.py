@@ -1,4 +1,5 @@
-"""Wall (and CPU) time of one fake-quant training step vs one FP32 step, and of one joint LIMPQ step vs one plain QAT step.
+"""Wall (and CPU) time of one fake-quant training step vs one FP32 step, of one joint LIMPQ step vs one plain QAT step,
+and of one joint step with the sandwich rule (TrainOptions(joint_passes="sandwich")) vs the full joint step.
 
 "fq" uses fxmpq's fused LSQ CPU kernel (fxmpq/quant/fused_cpu.py) where it applies; "fq ops" is the same step with
 PyTorch's operators (`fused_cpu.disabled()`), and "no adj" the fused step with the model input's quantizer taking its
@@ -69,12 +70,16 @@ def bench(name: str, model: nn.Module, shape: tuple[int, ...], repeats: int, bit
     fp = copy.deepcopy(model).train()
     q = fxmpq.prepare(model, x, bits=bits).train()
     qj = fxmpq.prepare(model, x, bits=bits).train()
+    qs = fxmpq.prepare(model, x, bits=bits).train()
     opt_fp = torch.optim.SGD(fp.parameters(), lr=1e-3, momentum=0.9)
     opt_q = torch.optim.SGD(q.parameters(), lr=1e-3, momentum=0.9)
     opt_j = torch.optim.SGD(qj.parameters(), lr=1e-3, momentum=0.9)
+    opt_s = torch.optim.SGD(qs.parameters(), lr=1e-3, momentum=0.9)
     q.set_uniform(4)
     joint = _joint_step(distill=True)
     ctx = _StepContext(net=qj, qmodel=qj, loss_fn=nn.functional.cross_entropy, seed=0)
+    sandwich = _joint_step(distill=True, mode="sandwich")
+    ctx_s = _StepContext(net=qs, qmodel=qs, loss_fn=nn.functional.cross_entropy, seed=0)
 
     def joint_step() -> None:
         opt_j.zero_grad(set_to_none=True)
@@ -82,12 +87,19 @@ def bench(name: str, model: nn.Module, shape: tuple[int, ...], repeats: int, bit
         opt_j.step()
         ctx.step += 1
 
+    def sandwich_step() -> None:
+        opt_s.zero_grad(set_to_none=True)
+        sandwich(ctx_s, (x,), y)
+        opt_s.step()
+        ctx_s.step += 1
+
     variants: dict[str, Callable[[], None]] = {
         "fp32": lambda: _sgd_step(fp, x, y, opt_fp),
         "fakequant_w4a4": lambda: _sgd_step(q, x, y, opt_q),
         "fakequant_w4a4_ops": lambda: _ops_step(q, x, y, opt_q),
         "fakequant_w4a4_noadj": lambda: _noadj_step(q, x, y, opt_q),
         f"joint_{len(bits)}bits+rand": joint_step,
+        "sandwich": sandwich_step,
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
@@ -136,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
           f"({args.repeats} rounds of {max(2, args.block)} consecutive, the first untimed), "
           f"malloc {'tuned as in training (fxmpq.train.allocator)' if tuned else 'untouched'}")
     head = (f"{'model':<12} {'input':<14} {'clock':<5} {'fp32 ms':>9} {'fq ms':>9} {'fq/fp32':>8} "
-            f"{'fq ops ms':>9} {'ops/fp32':>8} {'no adj ms':>9} {'noadj/fp32':>10} {'joint ms':>9} {'joint/qat':>9}")
+            f"{'fq ops ms':>9} {'ops/fp32':>8} {'no adj ms':>9} {'noadj/fp32':>10} {'joint ms':>9} {'joint/qat':>9} "
+            f"{'sandw ms':>9} {'sandw/joint':>11}")
     print(head)
     print("-" * len(head))
     for name, model, shape in cases:
@@ -147,9 +160,9 @@ def main(argv: list[str] | None = None) -> None:
             jt = next(v for k, v in t.items() if k.startswith("joint"))
             print(f"{name:<12} {'x'.join(map(str, shape)):<14} {clock:<5} {fp * 1e3:9.1f} {fq * 1e3:9.1f} "
                   f"{fq / fp:8.2f} {ops * 1e3:9.1f} {ops / fp:8.2f} {na * 1e3:9.1f} {na / fp:10.2f} {jt * 1e3:9.1f} "
-                  f"{jt / fq:9.2f}", flush=True)
-    print(f"(joint = {len(args.bits)} uniform passes + 1 random policy, one optimizer step; qat = fakequant "
-          f"W4A4 step; fused kernel {'built' if fused_cpu.fused_kernel() is not None else 'NOT built'})")
+                  f"{jt / fq:9.2f} {t['sandwich'] * 1e3:9.1f} {t['sandwich'] / jt:11.2f}", flush=True)
+    print(f"(joint = {len(args.bits)} uniform passes + 1 random policy, one optimizer step; sandw = the sandwich rule, "
+          f"{min(3, len(args.bits))} uniform passes + 1 random policy; qat = fakequant W4A4 step; fused kernel {'built' if fused_cpu.fused_kernel() is not None else 'NOT built'})")
 
 
 if __name__ == "__main__":
