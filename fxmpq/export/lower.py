@@ -38,6 +38,7 @@ from .audit import INTEGER_KERNELS, LayerTiming, latency_audit, latency_ms
 from .deploy import deployable
 from .lower_report import LowerReport
 from .measure import TimingOptions
+from .onnx_decompose import skip_needless_decomposition
 from .onnx_optimize import optimize
 from .parity import open_session, run_ort, run_torch
 from .verdict import judge, mismatch
@@ -139,9 +140,10 @@ def _export(module: nn.Module, inputs: tuple[Any, ...], table: dict[Any, Any] | 
     try:
         with warnings.catch_warnings():  # several inputs share the one batch Dim on purpose: not the user's concern
             warnings.filterwarnings("ignore", message=r".*will not be used, since it shares the same shape")
-            prog = torch.onnx.export(module, inputs, dynamo=True, opset_version=OPSET, optimize=False,
-                                     custom_translation_table=table or None, dynamic_shapes=dyn, input_names=names,
-                                     output_names=["output"], verbose=False, report=False)
+            with skip_needless_decomposition():  # one trace, not two, where nothing needs decomposing
+                prog = torch.onnx.export(module, inputs, dynamo=True, opset_version=OPSET, optimize=False,
+                                         custom_translation_table=table or None, dynamic_shapes=dyn,
+                                         input_names=names, output_names=["output"], verbose=False, report=False)
             optimize(prog)  # torch.onnx's cleanup but for its slowest rewrite rule (fxmpq.export.onnx_optimize)
     except Exception as e:
         raise ExportError(f"torch.onnx could not express the lowered graph: {type(e).__name__}: "
