@@ -19,27 +19,33 @@ def _targets(ep: torch.export.ExportedProgram) -> list[object]:
 class _Head(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(8)  # after a concat, as in densenet: no conv to fold it into
         self.act = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(0.2, inplace=True)
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(torch.flatten(self.pool(self.act(self.conv(x))), 1)))
+        y = self.conv(x)
+        return self.fc(self.drop(torch.flatten(self.pool(self.act(self.bn(torch.cat([y, y], 1)))), 1)))
 
 
 def test_rewrite_makes_what_the_decomposition_would_and_keeps_the_numbers() -> None:
     m = _Head().eval()
+    m.bn.running_mean.uniform_(-1, 1)
+    m.bn.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 3, 9, 9)
     ep = torch.export.export(m, (x,))
-    assert {aten.relu_.default, aten.adaptive_avg_pool2d.default, aten.dropout_.default} <= set(_targets(ep))
+    assert {aten.relu_.default, aten.adaptive_avg_pool2d.default, aten.dropout_.default,
+            aten.batch_norm.default} <= set(_targets(ep))
     want = ep.module()(x)
     assert rewrite(ep.graph)
     ep.graph_module.recompile()
     t = _targets(ep)
-    assert aten.relu.default in t and aten.mean.dim in t
-    assert not {aten.relu_.default, aten.adaptive_avg_pool2d.default, aten.dropout_.default, aten.dropout.default} & set(t)
+    assert {aten.relu.default, aten.mean.dim, aten._native_batch_norm_legit_no_training.default} <= set(t)
+    assert not {aten.relu_.default, aten.adaptive_avg_pool2d.default, aten.dropout_.default, aten.dropout.default,
+                aten.batch_norm.default} & set(t)
     torch.testing.assert_close(ep.module()(x), want, rtol=0, atol=0)
 
 

@@ -5,7 +5,8 @@ tensors, symbolic shapes) to decompose the ops its ONNX registry cannot translat
 about half of `lower()` on small models (docs/RESULTS.md 3.9). fxmpq's lowered graphs need that for a handful of
 ops only: activations a model runs in place (nn.ReLU(inplace=True) in float layers), dropout in eval mode and
 global average pooling. `skip_needless_decomposition()` rewrites those to what the decomposition would make of
-them (the out-of-place op, nothing, a mean over H and W), and hands the program on untraced when every op left is
+them (the out-of-place op, nothing, a mean over H and W, the inference kernel of a BatchNorm kept after float
+layers), and hands the program on untraced when every op left is
 one the registry translates and none mutates; otherwise it runs torch.onnx's own step. The parity check of every
 export stays the guard.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -49,6 +51,8 @@ def _exclusive(node: torch.fx.Node) -> bool:
     constants and ops without a schema count as shared."""
     if len(node.users) != 1 or node.op != "call_function":
         return False
+    if node.target is operator.getitem:  # one output of a multi-output op (the inference BatchNorm above)
+        return isinstance(node.args[0], torch.fx.Node) and _exclusive(node.args[0])
     schema = getattr(node.target, "_schema", None)
     if schema is None:
         return False
@@ -82,10 +86,36 @@ def rewrite(graph: torch.fx.Graph) -> bool:
                 return False  # the program's output signature names this node
             n.replace_all_uses_with(n.args[0])  # eval-mode dropout is the identity
             graph.erase_node(n)
-        elif (n.target == aten.adaptive_avg_pool2d.default and isinstance(n.args[0], torch.fx.Node)
-              and [int(s) for s in n.args[1]] == [1, 1]):
-            n.target, n.args = aten.mean.dim, (n.args[0], [-1, -2], True)  # global average pooling
+        elif n.target == aten.adaptive_avg_pool2d.default and isinstance(n.args[0], torch.fx.Node):
+            out = [int(s) for s in n.args[1]]
+            if out == [1, 1]:
+                n.target, n.args = aten.mean.dim, (n.args[0], [-1, -2], True)  # global average pooling
+                continue
+            val = n.args[0].meta.get("val")
+            size = list(val.shape[-2:]) if val is not None else []
+            if len(size) != 2 or not all(isinstance(i, int) and i % o == 0 for i, o in zip(size, out)):
+                return False  # an uneven window: the decomposition's index arithmetic
+            stride = [i // o for i, o in zip(size, out)]  # as torch's decomposition: an even window is avg_pool2d
+            n.target, n.args = aten.avg_pool2d.default, (n.args[0], stride, stride)
+        elif n.target == aten.batch_norm.default and len(n.args) >= 8 and n.args[5] is False:
+            if any(u.op == "output" for u in n.users) or "val" not in n.meta:
+                return False
+            _inference_batch_norm(graph, n)
     return True
+
+
+def _inference_batch_norm(graph: torch.fx.Graph, n: torch.fx.Node) -> None:
+    """batch_norm(..., training=False) as its decomposition writes it: the inference kernel's first output."""
+    x, weight, bias, mean, var, _, momentum, eps = n.args[:8]
+    with graph.inserting_before(n):
+        bn = graph.call_function(torch.ops.aten._native_batch_norm_legit_no_training.default,
+                                 (x, weight, bias, mean, var, momentum, eps))
+        out = graph.call_function(operator.getitem, (bn, 0))
+    val = n.meta["val"]
+    bn.meta = {**n.meta, "val": (val, val.new_empty((0,)), val.new_empty((0,)))}
+    out.meta = dict(n.meta)
+    n.replace_all_uses_with(out)
+    graph.erase_node(n)
 
 
 def _assertions() -> set[Any]:
