@@ -288,6 +288,9 @@ def test_bench_peers_smoke_without_peers(tmp_path):
     assert (tmp_path / "bp/accuracy_vs_cost_small_mobilenet.png").is_file()
     again = _tool("bench_peers.py", *args, cwd=tmp_path)
     assert again.returncode == 0 and ", 0 to do" in again.stdout, again.stdout[-2000:]
+    drift = _tool("indicator_drift.py", "--smoke", "--out", str(tmp_path / "bp"), "--nets", "small_mobilenet",
+                  cwd=tmp_path)
+    assert drift.returncode == 0 and "| small_mobilenet | " in drift.stdout, drift.stdout[-2000:] + drift.stderr[-2000:]
 
 
 @pytest.mark.slow

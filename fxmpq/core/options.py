@@ -108,7 +108,7 @@ class TrainOptions:
     the model's factory spec and kwargs recorded in checkpoints (so `fxmpq lower <work_dir>` can rebuild it).
     `joint_passes`: the uniform passes of each joint step, "all" (every candidate bit-width, the paper's scheme)
     or "sandwich" (the highest, the lowest and one between at random: 4 passes instead of n + 1; docs/RESULTS.md
-    3.9 compares the two)."""
+    3.11 compares the two)."""
 
     indicator_epochs: int = 1
     finetune_epochs: int = 1
