@@ -3,12 +3,12 @@
 torch.onnx.export traces the model with torch.export, then re-traces the whole program (functionalisation, fake
 tensors, symbolic shapes) to decompose the ops its ONNX registry cannot translate: two traces, and the second was
 about half of `lower()` on small models (docs/RESULTS.md 3.9). fxmpq's lowered graphs need that for a handful of
-ops only: activations a model runs in place (nn.ReLU(inplace=True) in float layers), dropout in eval mode and
-global average pooling. `skip_needless_decomposition()` rewrites those to what the decomposition would make of
-them (the out-of-place op, nothing, a mean over H and W, the inference kernel of a BatchNorm kept after float
-layers), and hands the program on untraced when every op left is
-one the registry translates and none mutates; otherwise it runs torch.onnx's own step. The parity check of every
-export stays the guard.
+ops only: activations a model runs in place (nn.ReLU(inplace=True) in float layers), dropout in eval mode,
+adaptive average pooling and a BatchNorm kept after float layers. `skip_needless_decomposition()` rewrites those
+as the decomposition would (the out-of-place op where nothing else reads the tensor, nothing, a mean over H and W
+or avg_pool2d for an even window, the inference BatchNorm kernel) and hands the program on untraced when every op
+left is one the registry translates and none mutates; otherwise torch.onnx's own step runs (on the rewritten
+program: each rewrite keeps its values). The parity check of every export stays the guard.
 """
 
 from __future__ import annotations
@@ -155,10 +155,10 @@ def skip_needless_decomposition() -> Iterator[None]:
             log.debug("decomposition rewrite skipped: %r", e)
             safe, left = False, ["?"]
         _LAST["left"] = left if safe else left or ["an in-place op on a shared tensor"]
+        exported_program.graph_module.recompile()
         if not safe or left:
             log.debug("running torch.onnx's decomposition for %s", _LAST["left"])
             return real(exported_program, registry)
-        exported_program.graph_module.recompile()
         return exported_program
 
     with _LOCK:
