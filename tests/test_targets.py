@@ -70,10 +70,13 @@ def no_training(monkeypatch):
     ({"budget": "w4a4", "verify": -1}, ArgumentError, "verify must be a number of candidate policies >= 0"),
     ({"budget": "w4a4", "verify": "yes"}, ArgumentError, "verify must be a number"),
     ({"budget": "w4a4", "verify_batches": 0}, ArgumentError, "verify_batches must be None or an integer >= 1"),
+    ({"budget": "w4a4", "train": fxmpq.TrainOptions(joint_passes="half", progress=False)}, ArgumentError,
+     "joint_passes must be one of 'all', 'sandwich', found 'half'"),
 ])
 def test_quantize_refuses_before_training(kwargs, cls, match, no_training, capfd) -> None:
     with pytest.raises(cls, match=match):
-        fxmpq.quantize(PlainCNN(), data=DATA, example_inputs=X, progress=False, **kwargs)
+        fxmpq.quantize(PlainCNN(), data=DATA, example_inputs=X, **({"progress": False} if "train" not in kwargs else {}),
+                       **kwargs)
     assert capfd.readouterr() == ("", "")
 
 

@@ -115,7 +115,8 @@ def train_indicators(
     Each step (the LIMPQ scheme): for every candidate bit b, highest first, run the whole model at uniform
     b, compute the loss and backpropagate (gradients accumulate); then one random per-layer policy; then one
     optimizer step. `joint_passes="sandwich"` runs only the highest, one random middle and the lowest uniform
-    pass (fewer passes per step; each middle bit-width's step sizes then learn from a third of the uniform passes). `train` (fxmpq.TrainOptions) holds the settings: `indicator_epochs`, `lr`, `distill`, `seed`,
+    pass (fewer passes per step; a middle bit-width's step sizes learn in the steps that draw it and from the
+    random policies). `train` (fxmpq.TrainOptions) holds the settings: `indicator_epochs`, `lr`, `distill`, `seed`,
     ... (each as a keyword of its own, `epochs=` for `indicator_epochs`, still works for one release with a
     DeprecationWarning). With `distill`, the lower bits and the random policy learn from the highest bit's soft
     output (KL divergence over the last dim of the logits, in-place distillation) instead of the labels. `data`
