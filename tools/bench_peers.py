@@ -248,39 +248,28 @@ def prepare_net(net: str, data: ImageData, valid: ImageData, out: Path, hw: Path
     else:
         fp32_acc = fxmpq.accuracy(model, data.loader("test", 1000, limit=r.test_samples))
         acc_path.write_text(json.dumps({"acc": fp32_acc}))
-    train = data.loader("train", r.batch_size, seed=1)
-    ind_path = folder / "indicators.json"
-    if ind_path.is_file():
-        indicators = fxmpq.Indicators.from_json(ind_path)
-    else:
-        print(f"[{net}] joint indicator training, {r.indicator_steps} steps of {r.batch_size}", flush=True)
+
+    def joint(mode: str, path: Path, key: str, what: str) -> fxmpq.Indicators:
+        """Joint indicator training with `mode` (TrainOptions.joint_passes), cached in `path`; the full one also
+        keeps its jointly trained model (joint.pt) for the sources measured on it."""
+        if path.is_file():
+            return fxmpq.Indicators.from_json(path)
+        print(f"[{net}] {what}, {r.indicator_steps} steps of {r.batch_size}", flush=True)
         q = fxmpq.prepare(model, data.train_x[:2], hardware=hw, bits=BITS)
         t = time.time()
-        indicators = fxmpq.train_indicators(
-            q,
-            train,
-            TrainOptions(indicator_epochs=1, lr=0.01, seed=0, max_steps=r.indicator_steps, progress=False),
-        )
-        times["indicator_training"] = time.time() - t
-        torch.save(q.state_dict(), folder / "joint.pt")
-        indicators.to_json(ind_path)
+        ind = fxmpq.train_indicators(q, data.loader("train", r.batch_size, seed=1),
+                                     TrainOptions(indicator_epochs=1, lr=0.01, seed=0, max_steps=r.indicator_steps,
+                                                  progress=False, joint_passes=mode))
+        times[key] = time.time() - t
+        if mode == "all":
+            torch.save(q.state_dict(), folder / "joint.pt")
+        ind.to_json(path)
         times_path.write_text(json.dumps(times, indent=1))
-    sw_path = folder / "indicators_sandwich.json"
-    if sw_path.is_file():
-        sandwich = fxmpq.Indicators.from_json(sw_path)
-    else:
-        print(f"[{net}] joint indicator training with the sandwich rule, {r.indicator_steps} steps", flush=True)
-        q = fxmpq.prepare(model, data.train_x[:2], hardware=hw, bits=BITS)
-        t = time.time()
-        sandwich = fxmpq.train_indicators(
-            q,
-            data.loader("train", r.batch_size, seed=1),
-            TrainOptions(indicator_epochs=1, lr=0.01, seed=0, max_steps=r.indicator_steps, progress=False,
-                         joint_passes="sandwich"),
-        )
-        times["indicator_training_sandwich"] = time.time() - t
-        sandwich.to_json(sw_path)
-        times_path.write_text(json.dumps(times, indent=1))
+        return ind
+
+    indicators = joint("all", folder / "indicators.json", "indicator_training", "joint indicator training")
+    sandwich = joint("sandwich", folder / "indicators_sandwich.json", "indicator_training_sandwich",
+                     "joint indicator training with the sandwich rule")
     hes_path = folder / "hessian.json"
     if hes_path.is_file():
         hessian = fxmpq.Indicators.from_json(hes_path)
