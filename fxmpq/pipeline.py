@@ -18,12 +18,12 @@ from .core.batches import check_data, split_batch
 from .core.devices import as_device
 from .core.jsonio import dump_json
 from .core.options import (
-    JOINT_PASSES,
     MEASURE_BATCHES,
     LowerOptions,
     QuantOptions,
     SearchOptions,
     TrainOptions,
+    check_joint_passes,
     fold_keywords,
 )
 from .core.workdir import (
@@ -282,9 +282,7 @@ def quantize(
     if verify_batches is not None and (isinstance(verify_batches, bool) or not isinstance(verify_batches, int)
                                        or verify_batches < 1):
         raise ArgumentError(f"quantize: verify_batches must be None or an integer >= 1, found {verify_batches!r}")
-    if train.joint_passes not in JOINT_PASSES:
-        raise ArgumentError(f"quantize: joint_passes must be one of {', '.join(map(repr, JOINT_PASSES))}, "
-                            f"found {train.joint_passes!r}")
+    check_joint_passes(train.joint_passes, "quantize")
     metric = check_goal(goal, hw, minimize=minimize, has_val=val_data is not None, verify=count)
     if source != "learned" and val_data is None:
         raise ArgumentError(f"quantize: indicators={source!r} measures each layer's sensitivity on the "

@@ -23,6 +23,7 @@ __all__ = [
     "QuantOptions",
     "SearchOptions",
     "TrainOptions",
+    "check_joint_passes",
     "fold_keywords",
 ]
 
@@ -132,6 +133,13 @@ class TrainOptions:
 
 
 JOINT_PASSES = ("all", "sandwich")
+
+
+def check_joint_passes(value: Any, caller: str) -> None:
+    """ArgumentError naming `caller` when `value` is not one of JOINT_PASSES."""
+    if value not in JOINT_PASSES:
+        raise ArgumentError(f"{caller}: joint_passes must be one of {', '.join(map(repr, JOINT_PASSES))}, "
+                            f"found {value!r}")
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.options import JOINT_PASSES, TrainOptions, fold_keywords
-from ..errors import ArgumentError, PolicyError
+from ..core.options import TrainOptions, check_joint_passes, fold_keywords
+from ..errors import PolicyError
 from ..policy_search.indicators import Indicators
 from ..quant.quant_model import QuantModel
 from .ddp import pick_device
@@ -135,9 +135,7 @@ def train_indicators(
     t = fold_keywords("train_indicators", {"train": (TrainOptions, train)}, legacy,
                       aliases={"epochs": "indicator_epochs"})["train"]
     _expect_quant_model(qmodel, "train_indicators")
-    if t.joint_passes not in JOINT_PASSES:
-        raise ArgumentError(f"train_indicators: joint_passes must be one of {', '.join(map(repr, JOINT_PASSES))}, "
-                            f"found {t.joint_passes!r}")
+    check_joint_passes(t.joint_passes, "train_indicators")
     before = qmodel.policy
     try:
         run_training(
